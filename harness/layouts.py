@@ -1,0 +1,497 @@
+"""The parallel layouts the harness runs LoRA at, and what each one means.
+
+One job: say, for a ``ParallelLayout`` (tp, ep, etp, pp, sp), whether
+megatron-core can lay it out, in which world sizes, which ranks megatron puts
+in each process group (computed here by plain arithmetic, independently of
+megatron), and bring megatron-core's ``parallel_state`` into that layout in
+an already initialised torch.distributed process.
+
+Rules taken from megatron-core 0.19.2 (``parallel_state.initialize_model_parallel``
+and ``ModelParallelConfig.__post_init__``):
+
+* Dense ranks are a grid tp x cp x dp x pp and expert ranks a grid
+  etp x ep x edp x pp over the same world, both numbered in the order
+  "tp-cp-ep-dp-pp" (first axis varies fastest; the dense grid has ep = 1, the
+  expert grid has cp = 1).  So the world must be divisible by tp*cp*pp and by
+  etp*ep*pp; the smallest such world is pp * lcm(tp*cp, etp*ep).
+* No size has to be a power of two; megatron only asks for divisibility.
+  (Divisibility of heads, hidden sizes and expert counts is a model matter.)
+* ``sequence_parallel`` with tensor parallel size 1 is rejected by
+  ``ModelParallelConfig`` ("Cannot use sequence parallelism without tensor
+  parallelism"), so a layout with sp and tp == 1 is invalid here too.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+__all__ = [
+    "GROUP_KINDS",
+    "LayoutError",
+    "ParallelLayout",
+    "current_megatron_groups",
+    "destroy_megatron",
+    "enumerate_layouts",
+]
+
+# Megatron's rank order for both of its rank generators.  Passed explicitly to
+# initialize_model_parallel so the arithmetic below and megatron cannot drift
+# apart if a later version changes the default.
+MEGATRON_ORDER = "tp-cp-ep-dp-pp"
+
+# Context parallelism is not a field of ParallelLayout (the harness does not
+# exercise it); the arithmetic keeps it as an axis of size 1 so the groups
+# that megatron builds with it ("dp-cp", "tp-cp", ...) are still described.
+_CP = 1
+
+
+class LayoutError(ValueError):
+    """A parallel layout that megatron-core cannot build, or a world it does not fit."""
+
+
+# kind -> (generator, axes of that generator's grid the group spans,
+#          parallel_state getter returning the caller's group, getter kwargs).
+# "dense" is megatron's decoder rank generator, "expert" its expert one; on the
+# expert grid "tp" is etp and "dp" is edp, hence the renamed kinds.
+_GROUP_SPECS: dict[str, tuple[str, tuple[str, ...], str, dict[str, Any]]] = {
+    "tp": ("dense", ("tp",), "get_tensor_model_parallel_group", {}),
+    "cp": ("dense", ("cp",), "get_context_parallel_group", {}),
+    "dp": ("dense", ("dp",), "get_data_parallel_group", {"with_context_parallel": False}),
+    "dp-cp": ("dense", ("dp", "cp"), "get_data_parallel_group", {"with_context_parallel": True}),
+    "pp": ("dense", ("pp",), "get_pipeline_model_parallel_group", {}),
+    # megatron's "model parallel" group
+    "tp-pp": ("dense", ("tp", "pp"), "get_model_parallel_group", {}),
+    "tp-cp": ("dense", ("tp", "cp"), "get_tensor_and_context_parallel_group", {}),
+    "tp-dp": ("dense", ("tp", "dp"), "get_tensor_and_data_parallel_group", {}),
+    "tp-dp-cp": (
+        "dense",
+        ("tp", "dp", "cp"),
+        "get_tensor_and_data_parallel_group",
+        {"with_context_parallel": True},
+    ),
+    "ep": ("expert", ("ep",), "get_expert_model_parallel_group", {}),
+    "etp": ("expert", ("tp",), "get_expert_tensor_parallel_group", {}),
+    "edp": ("expert", ("dp",), "get_expert_data_parallel_group", {}),
+    # megatron's "expert tensor and model parallel" group (its 'tp-ep' token)
+    "etp-ep": ("expert", ("tp", "ep"), "get_expert_tensor_and_model_parallel_group", {}),
+    "etp-ep-pp": ("expert", ("tp", "ep", "pp"), "get_expert_tensor_model_pipeline_parallel_group", {}),
+}
+
+#: The group kinds ``expected_groups`` and ``groups_of`` return, in a fixed order.
+GROUP_KINDS: tuple[str, ...] = tuple(_GROUP_SPECS)
+
+
+def _orthogonal_groups(grid: list[tuple[str, int]], axes: tuple[str, ...]) -> list[list[int]]:
+    """Rank groups of a mixed-radix rank grid that vary exactly along ``axes``.
+
+    ``grid`` lists (axis, size) with the first axis varying fastest, so a rank
+    is sum(index[a] * stride[a]) with stride = product of the sizes before a.
+    A group holds all ranks that agree on every other axis; ranks within a
+    group and the groups themselves are both listed with the first axis
+    varying fastest, which is the order megatron lists them in.
+    """
+    strides: dict[str, int] = {}
+    stride = 1
+    for name, size in grid:
+        strides[name] = stride
+        stride *= size
+    inside = [(size, strides[name]) for name, size in grid if name in axes]
+    outside = [(size, strides[name]) for name, size in grid if name not in axes]
+
+    def offsets(dims: list[tuple[int, int]]) -> list[int]:
+        # itertools.product varies its last argument fastest; reverse so the
+        # first (lowest-stride) axis does.
+        return [
+            sum(i * d for i, (_, d) in zip(reversed(idx), dims))
+            for idx in product(*(range(s) for s, _ in reversed(dims)))
+        ]
+
+    members = offsets(inside)
+    return [[base + m for m in members] for base in offsets(outside)]
+
+
+def _grids(tp: int, cp: int, etp: int, ep: int, pp: int, world_size: int) -> dict[str, list[tuple[str, int]]]:
+    """Megatron's dense and expert rank grids, axes in MEGATRON_ORDER."""
+    dp = world_size // (tp * cp * pp)
+    edp = world_size // (etp * ep * pp)
+    return {
+        "dense": [("tp", tp), ("cp", cp), ("ep", 1), ("dp", dp), ("pp", pp)],
+        "expert": [("tp", etp), ("cp", 1), ("ep", ep), ("dp", edp), ("pp", pp)],
+    }
+
+
+def _expected_groups(
+    tp: int, cp: int, etp: int, ep: int, pp: int, world_size: int
+) -> dict[str, list[list[int]]]:
+    """Every group kind for given sizes; the caller has checked the world fits.
+
+    Separate from ParallelLayout so tests can check the arithmetic at pp and
+    cp values the layout type does not accept yet.
+    """
+    grids = _grids(tp, cp, etp, ep, pp, world_size)
+    return {
+        kind: _orthogonal_groups(grids[gen], axes)
+        for kind, (gen, axes, _getter, _kw) in _GROUP_SPECS.items()
+    }
+
+
+def _check_size(name: str, value: Any) -> None:
+    # bool is an int subclass; True as a parallel size is a bug, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LayoutError(f"ParallelLayout.{name}={value!r} is invalid: sizes must be integers >= 1")
+
+
+@dataclass(frozen=True, eq=False)
+class ParallelLayout:
+    """A megatron-core parallel layout: how one model is split over ranks.
+
+    ``etp=None`` means "same as tp" (megatron's default); ``etp_size`` resolves
+    it.  Two layouts are equal when they resolve to the same sizes, so
+    ``ParallelLayout(tp=2) == ParallelLayout(tp=2, etp=2)``.
+    """
+
+    tp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    pp: int = 1
+    sp: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validity -----------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise LayoutError naming the field, its value and the rule it breaks."""
+        _check_size("tp", self.tp)
+        _check_size("ep", self.ep)
+        if self.etp is not None:
+            _check_size("etp", self.etp)
+        _check_size("pp", self.pp)
+        if not isinstance(self.sp, bool):
+            raise LayoutError(f"ParallelLayout.sp={self.sp!r} is invalid: sp must be True or False")
+        if self.pp != 1:
+            raise LayoutError(
+                f"ParallelLayout.pp={self.pp} is not supported: pipeline parallel size must be 1 "
+                "for now (the harness has no pipeline schedule)"
+            )
+        if self.sp and self.tp == 1:
+            # Same rule as megatron-core's ModelParallelConfig, which raises
+            # "Cannot use sequence parallelism without tensor parallelism".
+            raise LayoutError(
+                "ParallelLayout.sp=True is invalid with tp=1: sequence parallelism requires "
+                "tp > 1 (megatron-core's ModelParallelConfig rejects it)"
+            )
+
+    @property
+    def etp_size(self) -> int:
+        """Expert tensor parallel size, with None resolved to tp as megatron does."""
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def moe_trainable(self) -> bool:
+        """Whether megatron's MoELayer will run this layout in training mode.
+
+        MoELayer.forward raises in training when the attention TP group has
+        more than one rank and sequence parallelism is off.
+        """
+        return self.tp == 1 or self.sp
+
+    # -- world sizes --------------------------------------------------------
+
+    @property
+    def min_world_size(self) -> int:
+        """Smallest world megatron can lay this out in: pp * lcm(tp*cp, etp*ep)."""
+        return self.pp * math.lcm(self.tp * _CP, self.etp_size * self.ep)
+
+    def fits(self, world_size: int) -> bool:
+        """Whether megatron can lay this out in a world of ``world_size`` ranks."""
+        _check_world(world_size)
+        return world_size % self.min_world_size == 0
+
+    def _require_fit(self, world_size: int) -> None:
+        if not self.fits(world_size):
+            raise LayoutError(
+                f"layout {self} does not fit world_size={world_size}: the world must be a "
+                f"multiple of {self.min_world_size} = pp*lcm(tp*cp, etp*ep) = "
+                f"{self.pp}*lcm({self.tp}*{_CP}, {self.etp_size}*{self.ep})"
+            )
+
+    def dp(self, world_size: int) -> int:
+        """Data parallel size of the dense part in a world of ``world_size`` ranks."""
+        self._require_fit(world_size)
+        return world_size // (self.tp * _CP * self.pp)
+
+    def expert_dp(self, world_size: int) -> int:
+        """Expert data parallel size in a world of ``world_size`` ranks."""
+        self._require_fit(world_size)
+        return world_size // (self.etp_size * self.ep * self.pp)
+
+    # -- rank groups --------------------------------------------------------
+
+    def expected_groups(self, world_size: int) -> dict[str, list[list[int]]]:
+        """The rank groups megatron-core builds for this layout, per kind in GROUP_KINDS.
+
+        Each kind's groups partition range(world_size) and are listed in
+        megatron's order.
+        """
+        self._require_fit(world_size)
+        return _expected_groups(self.tp, _CP, self.etp_size, self.ep, self.pp, world_size)
+
+    def groups_of(self, rank: int, world_size: int) -> dict[str, list[int]]:
+        """The group containing ``rank``, per kind in GROUP_KINDS."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise LayoutError(f"rank={rank!r} is not a rank of a world of size {world_size}")
+        return {
+            kind: next(g for g in groups if rank in g)
+            for kind, groups in self.expected_groups(world_size).items()
+        }
+
+    # -- megatron -----------------------------------------------------------
+
+    def model_parallel_config_kwargs(self) -> dict[str, Any]:
+        """The ModelParallelConfig / TransformerConfig fields this layout sets."""
+        return {
+            "tensor_model_parallel_size": self.tp,
+            "pipeline_model_parallel_size": self.pp,
+            "expert_model_parallel_size": self.ep,
+            "expert_tensor_parallel_size": self.etp_size,
+            "sequence_parallel": self.sp,
+        }
+
+    def initialize_megatron(
+        self,
+        world_size: int | None = None,
+        *,
+        seed: int | None = None,
+        create_gloo_process_groups: bool | None = None,
+    ) -> bool:
+        """Bring megatron-core's parallel_state into this layout; return whether groups were built.
+
+        The torch.distributed default group must already be initialised.
+        Building megatron's groups costs tens of milliseconds each, so a call
+        for the layout parallel_state already holds (built by this function,
+        on the same default group) only reseeds; otherwise the old groups are
+        destroyed and new ones built.  ``sp`` is not a parallel_state matter
+        (it lives in TransformerConfig), so layouts differing only in sp share
+        groups.
+
+        ``create_gloo_process_groups=None`` creates megatron's extra gloo
+        copies of the data parallel groups only when the world's backend is
+        not gloo: on a gloo world its ordinary groups already are gloo groups,
+        and the copies (read only by the distributed optimizer) would double
+        the cost of every initialisation.
+
+        ``seed``, when given, is handed to ``harness.cpu.seed_model_parallel``
+        (megatron's model-parallel RNG tracker), on every call.
+        """
+        global _built
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "initialize_megatron needs an initialised torch.distributed default group; "
+                "call torch.distributed.init_process_group first (the harness rank runner does)"
+            )
+        actual_world = dist.get_world_size()
+        if world_size is None:
+            world_size = actual_world
+        elif world_size != actual_world:
+            raise LayoutError(
+                f"world_size={world_size} was asked for but the torch.distributed world has "
+                f"{actual_world} ranks"
+            )
+        self._require_fit(world_size)
+        if create_gloo_process_groups is None:
+            create_gloo_process_groups = str(dist.get_backend()) != "gloo"
+
+        key = (self.tp, _CP, self.etp_size, self.ep, self.pp, world_size, create_gloo_process_groups)
+        cached = _built
+        built = not (
+            cached is not None
+            and cached.key == key
+            and cached.world_group is dist.group.WORLD
+            and parallel_state.model_parallel_is_initialized()
+            # someone else re-initialising parallel_state replaces this group
+            and parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+            is cached.tp_group
+        )
+        if built:
+            _built = None
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=self.tp,
+                pipeline_model_parallel_size=self.pp,
+                context_parallel_size=_CP,
+                expert_model_parallel_size=self.ep,
+                expert_tensor_parallel_size=self.etp_size,
+                order=MEGATRON_ORDER,
+                create_gloo_process_groups=create_gloo_process_groups,
+            )
+            _built = _BuiltState(
+                key=key,
+                world_group=dist.group.WORLD,
+                tp_group=parallel_state.get_tensor_model_parallel_group(),
+            )
+        if seed is not None:
+            _seed_model_parallel(seed)
+        return built
+
+    # -- names --------------------------------------------------------------
+
+    def describe(self) -> str:
+        """Short stable name, e.g. "tp2-ep1-etp2-pp1-sp"; used as test id and report key."""
+        name = f"tp{self.tp}-ep{self.ep}-etp{self.etp_size}-pp{self.pp}"
+        return name + "-sp" if self.sp else name
+
+    __str__ = describe
+
+    @classmethod
+    def parse(cls, text: str) -> ParallelLayout:
+        """Inverse of describe().  Parts after tp may be left out: "tp2-sp", "tp2-ep2"."""
+        m = _NAME.fullmatch(text.strip()) if isinstance(text, str) else None
+        if m is None:
+            raise LayoutError(
+                f"cannot parse layout {text!r}: expected 'tp<N>[-ep<N>][-etp<N>][-pp<N>][-sp]', "
+                "e.g. 'tp2-ep1-etp2-pp1-sp'"
+            )
+        tp, ep, etp, pp, sp = m.groups()
+        tp = int(tp)
+        etp_value = None if etp is None or int(etp) == tp else int(etp)
+        return cls(
+            tp=tp,
+            ep=1 if ep is None else int(ep),
+            etp=etp_value,
+            pp=1 if pp is None else int(pp),
+            sp=sp is not None,
+        )
+
+    # -- identity -----------------------------------------------------------
+
+    @property
+    def _key(self) -> tuple:
+        return (self.tp, self.ep, self.etp_size, self.pp, self.sp)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ParallelLayout):
+            return NotImplemented
+        return self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    @property
+    def sort_key(self) -> tuple:
+        """Cheapest first: by smallest world, then tp, ep, etp, pp, sp."""
+        return (self.min_world_size, *self._key)
+
+
+_NAME = re.compile(r"tp(\d+)(?:-ep(\d+))?(?:-etp(\d+))?(?:-pp(\d+))?(-sp)?")
+
+
+def _check_world(world_size: Any) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise LayoutError(f"world_size={world_size!r} is invalid: it must be an integer >= 1")
+
+
+# -- megatron state ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BuiltState:
+    key: tuple
+    world_group: Any  # torch.distributed default group the groups were built on
+    tp_group: Any  # the tensor parallel group built, to notice re-initialisation by others
+
+
+_built: _BuiltState | None = None
+
+
+def destroy_megatron() -> None:
+    """Destroy megatron-core's parallel_state groups and forget the cached layout."""
+    global _built
+    from megatron.core import parallel_state
+
+    _built = None
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def current_megatron_groups() -> dict[str, list[int]]:
+    """The global ranks of the calling rank's megatron-core groups, per kind in GROUP_KINDS.
+
+    Compare with ``layout.groups_of(rank, world_size)`` to check megatron built
+    what this module expects.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    out = {}
+    for kind, (_gen, _axes, getter, kwargs) in _GROUP_SPECS.items():
+        group = getattr(parallel_state, getter)(**kwargs)
+        out[kind] = list(dist.get_process_group_ranks(group))
+    return out
+
+
+def _seed_model_parallel(seed: int) -> None:
+    # The RNG tracker belongs to harness.cpu; this is only the hook.
+    try:
+        from harness.cpu import seed_model_parallel
+    except ImportError as exc:
+        raise ImportError(
+            "ParallelLayout.initialize_megatron(seed=...) needs harness.cpu.seed_model_parallel "
+            f"(megatron's model-parallel RNG seeding on CPU), which could not be imported: {exc}"
+        ) from exc
+    seed_model_parallel(seed)
+
+
+# -- the layout set ----------------------------------------------------------
+
+
+def _powers_of_two_upto(n: int) -> list[int]:
+    return [1 << k for k in range(n.bit_length()) if 1 << k <= n]
+
+
+def enumerate_layouts(
+    max_tp: int,
+    max_ep: int = 1,
+    *,
+    world_sizes: list[int] | tuple[int, ...] | None = None,
+    include_sp: bool = True,
+    vary_etp: bool = True,
+) -> list[ParallelLayout]:
+    """The layout set for ``--tp max_tp --ep max_ep``, cheapest first.
+
+    tp and ep run over the powers of two up to their maxima (the harness
+    models have power-of-two widths and expert counts; other sizes are valid
+    ParallelLayouts but not generated).  etp is tp (megatron's default) and,
+    with ``vary_etp``, also 1 (experts unsharded inside the TP group, the other
+    common MoE choice).  Sequence parallelism is added for tp > 1 when
+    ``include_sp``.  Layouts with ep > 1 and tp > 1 but no sp are left out:
+    ep > 1 means a MoE model and megatron's MoELayer refuses to train those
+    (see ``ParallelLayout.moe_trainable``).  With ``world_sizes``, only layouts
+    that fit at least one of them are kept.  Sorted by ``sort_key``.
+    """
+    _check_size("max_tp", max_tp)
+    _check_size("max_ep", max_ep)
+    if world_sizes is not None:
+        for w in world_sizes:
+            _check_world(w)
+    found = set()
+    for tp in _powers_of_two_upto(max_tp):
+        for ep in _powers_of_two_upto(max_ep):
+            for etp in sorted({tp, 1} if vary_etp else {tp}):
+                for sp in (False, True) if include_sp and tp > 1 else (False,):
+                    layout = ParallelLayout(tp=tp, ep=ep, etp=None if etp == tp else etp, sp=sp)
+                    if ep > 1 and not layout.moe_trainable:
+                        continue
+                    if world_sizes is not None and not any(layout.fits(w) for w in world_sizes):
+                        continue
+                    found.add(layout)
+    return sorted(found, key=lambda layout: layout.sort_key)
