@@ -1,0 +1,25 @@
+"""Silence the known, harmless start-up noise of megatron-core and torch on CPU in rank processes.
+
+Imported first in every rank process (forkserver preload) so that a failing
+example's report is not buried under hundreds of lines of "Apex is not
+installed" from every rank. Only these specific messages are filtered.
+"""
+
+import logging
+import warnings
+
+_MESSAGES = (
+    r".*Apex is not installed.*",
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*absl\.logging is not installed.*",
+    r".*full scope is deprecated.*",
+    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+    r".*all_gather_into_tensor. is deprecated.*",
+    r".*reduce_scatter_tensor. is deprecated.*",
+)
+
+for _pattern in _MESSAGES:
+    warnings.filterwarnings("ignore", message=_pattern)
+
+for _name in ("torch.utils.cpp_extension", "megatron.core.models.gpt.gpt_model"):
+    logging.getLogger(_name).setLevel(logging.ERROR)

@@ -1,0 +1,365 @@
+"""Run megatron-core on CPU with gloo: the few CUDA-only calls it makes, redirected.
+
+megatron-core assumes a GPU in a handful of places: it allocates collective
+outputs on ``torch.cuda.current_device()``, keeps its RNG tracker in CUDA
+generator state, and creates CUDA streams and events in the MoE token
+dispatchers. This module answers those calls on CPU, and nothing else.
+
+Scope is the point. ``activate()`` does not touch the global ``torch.cuda``:
+it rebinds the name ``torch`` inside megatron-core's own modules to a proxy
+whose ``cuda`` attribute is a CPU stand-in and which forwards everything else
+to the real torch. Code outside megatron-core (the harness, the user's tests,
+torch itself) still sees the real ``torch.cuda``. ``deactivate()`` restores
+every binding it changed.
+
+RNG semantics: on CPU every random op draws from the CPU default generator,
+so the "CUDA default generator" of megatron's tracker *is* the CPU default
+generator here. ``CudaRNGStatesTracker.add(name, seed)`` stores a seeded CPU
+generator state per name and ``fork(name)`` swaps it into the CPU default
+generator for the region and saves the advanced state back, exactly as the
+tracker does with CUDA state. A forked region therefore draws from its own
+seeded per-name stream, which is what makes dropout comparable across
+layouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import threading
+import types
+from typing import Any, Iterator
+
+import torch
+
+__all__ = [
+    "activate",
+    "deactivate",
+    "is_active",
+    "cpu_mode",
+    "patch_loaded_modules",
+    "seed_model_parallel",
+    "rank_initializer",
+    "CUDA_SHIM",
+]
+
+# Megatron modules that use CUDA-only calls on paths the harness exercises.
+# They are imported on activation so that their ``torch`` binding is patched
+# before any layer is built; others are patched when ``patch_loaded_modules``
+# next runs (it is cheap and idempotent).
+_KNOWN_MODULES = (
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.parallel_state",
+    "megatron.core.utils",
+    "megatron.core.transformer.module",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.mlp",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.shared_experts",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.language_model_embedding",
+    "megatron.core.models.gpt.gpt_model",
+)
+
+_CPU = torch.device("cpu")
+
+
+class _Stream:
+    """A CPU stand-in for ``torch.cuda.Stream``: CPU work is already ordered."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **_: Any) -> None:
+        self.device = _CPU
+        self.priority = priority
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> "_Event":
+        event = event if event is not None else _Event()
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self) -> "_Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class _Event:
+    """A CPU stand-in for ``torch.cuda.Event``: recorded work is complete."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
+        self.enable_timing = enable_timing
+
+    def record(self, stream: Any = None) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: "_Event") -> float:
+        return 0.0
+
+
+_DEFAULT_STREAM = _Stream()
+
+
+class _Nvtx:
+    """No-op NVTX ranges (profiling markers only)."""
+
+    @staticmethod
+    def range_push(msg: str) -> int:
+        return 0
+
+    @staticmethod
+    def range_pop() -> int:
+        return 0
+
+    @staticmethod
+    @contextlib.contextmanager
+    def range(msg: str, *args: Any, **kwargs: Any) -> Iterator[None]:
+        yield
+
+    @staticmethod
+    def mark(msg: str) -> None:
+        return None
+
+
+def _get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    torch.set_rng_state(new_state)
+
+
+def _manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+class _CudaRandomShim(types.SimpleNamespace):
+    pass
+
+
+class _CudaShim:
+    """What megatron-core sees as ``torch.cuda`` while CPU mode is active.
+
+    Only the calls megatron makes on CPU-reachable paths are answered here;
+    every other attribute falls through to the real ``torch.cuda`` so that an
+    unexpected CUDA-only call still fails loudly instead of silently lying.
+    """
+
+    Stream = _Stream
+    Event = _Event
+    nvtx = _Nvtx()
+    random = _CudaRandomShim(get_rng_state=_get_rng_state, set_rng_state=_set_rng_state, manual_seed=_manual_seed)
+
+    @staticmethod
+    def current_device() -> torch.device:
+        return _CPU
+
+    @staticmethod
+    def current_stream(device: Any = None) -> _Stream:
+        return _DEFAULT_STREAM
+
+    @staticmethod
+    def default_stream(device: Any = None) -> _Stream:
+        return _DEFAULT_STREAM
+
+    @staticmethod
+    @contextlib.contextmanager
+    def stream(stream: Any = None) -> Iterator[Any]:
+        yield stream
+
+    @staticmethod
+    def set_stream(stream: Any) -> None:
+        return None
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        return None
+
+    @staticmethod
+    def empty_cache() -> None:
+        return None
+
+    @staticmethod
+    def is_current_stream_capturing() -> bool:
+        return False
+
+    manual_seed = staticmethod(_manual_seed)
+    manual_seed_all = staticmethod(_manual_seed)
+    get_rng_state = staticmethod(_get_rng_state)
+    set_rng_state = staticmethod(_set_rng_state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+CUDA_SHIM = _CudaShim()
+
+
+class _TorchProxy(types.ModuleType):
+    """The real ``torch`` module, except that ``.cuda`` is the CPU shim."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.__dict__["cuda"] = CUDA_SHIM
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+_TORCH_PROXY = _TorchProxy()
+
+# module name -> {global name: original object}; what deactivate() restores.
+_patched: dict[str, dict[str, Any]] = {}
+_lock = threading.RLock()
+_active = False
+
+
+def _cpu_get_cuda_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    # torch.get_rng_state() already returns a fresh copy.
+    return torch.get_rng_state()
+
+
+def _cpu_set_cuda_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    # The CUDA build's version queues the update with _lazy_call, which never
+    # runs without a GPU: the tracker would silently never switch streams.
+    torch.set_rng_state(new_state)
+
+
+# Replacements for module-level functions, beyond the ``torch`` rebinding.
+_FUNCTION_OVERRIDES = {
+    "megatron.core.tensor_parallel.random": {
+        "_get_cuda_rng_state": _cpu_get_cuda_rng_state,
+        "_set_cuda_rng_state": _cpu_set_cuda_rng_state,
+    },
+}
+
+
+def _patch_module(mod_name: str, module: types.ModuleType) -> None:
+    saved = _patched.setdefault(mod_name, {})
+    glb = module.__dict__
+    if glb.get("torch") is torch and "torch" not in saved:
+        saved["torch"] = torch
+        glb["torch"] = _TORCH_PROXY
+    for fn_name, replacement in _FUNCTION_OVERRIDES.get(mod_name, {}).items():
+        if fn_name in glb and fn_name not in saved and glb[fn_name] is not replacement:
+            saved[fn_name] = glb[fn_name]
+            glb[fn_name] = replacement
+    if not saved:
+        del _patched[mod_name]
+
+
+def patch_loaded_modules() -> int:
+    """Patch every loaded megatron-core module not yet patched; returns how many are patched.
+
+    Call again after importing megatron modules that were not loaded at
+    activation (for example a model family the harness did not preload).
+    """
+    with _lock:
+        if not _active:
+            raise RuntimeError("harness.cpu: patch_loaded_modules() called while CPU mode is not active; call activate() first")
+        for mod_name, module in list(sys.modules.items()):
+            if module is None or not (mod_name == "megatron.core" or mod_name.startswith("megatron.core.")):
+                continue
+            _patch_module(mod_name, module)
+        return len(_patched)
+
+
+def activate(import_known: bool = True) -> None:
+    """Enter CPU mode for megatron-core in this process (idempotent)."""
+    global _active
+    with _lock:
+        if import_known:
+            for name in _KNOWN_MODULES:
+                try:
+                    importlib.import_module(name)
+                except ImportError:
+                    # A module that moved in another megatron-core version;
+                    # it is patched later if it turns up under another name.
+                    pass
+        _active = True
+        patch_loaded_modules()
+
+
+def deactivate() -> None:
+    """Leave CPU mode: restore every binding ``activate`` changed."""
+    global _active
+    with _lock:
+        for mod_name, saved in _patched.items():
+            module = sys.modules.get(mod_name)
+            if module is None:
+                continue
+            for name, original in saved.items():
+                module.__dict__[name] = original
+        _patched.clear()
+        _active = False
+
+
+def is_active() -> bool:
+    return _active
+
+
+@contextlib.contextmanager
+def cpu_mode() -> Iterator[None]:
+    """CPU mode for the duration of a block; restores the previous state after."""
+    was_active = _active
+    activate()
+    try:
+        yield
+    finally:
+        if not was_active:
+            deactivate()
+
+
+def seed_model_parallel(seed: int) -> None:
+    """Seed torch and megatron's RNG tracker the way megatron training does.
+
+    ``model_parallel_cuda_manual_seed`` registers the model-parallel,
+    expert-parallel and data-parallel streams with per-rank offsets; in CPU
+    mode they are CPU generator states. The CPU default generator is seeded
+    with ``seed`` as well so that layouts start from the same state.
+    """
+    from megatron.core import tensor_parallel
+
+    if not torch.cuda.is_available() and not _active:
+        activate()
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    torch.manual_seed(seed)
+
+
+def rank_initializer(ctx: Any) -> None:
+    """Rank-pool initializer: CPU mode on a gloo world, nothing on NCCL."""
+    if getattr(ctx, "backend", "gloo") == "gloo":
+        activate()

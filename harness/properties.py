@@ -1,0 +1,260 @@
+"""The properties: a sharded LoRA computes what the single-device reference computes.
+
+Shared by the pytest suite and the ``lora-harness`` CLI. For one drawn
+``GPTCase`` the ``Verifier`` runs the implementation under test at the
+case's layout on a pool of that layout's world size, and ``lora.reference``
+on the same full weights in a world of size 1; then each property compares
+one aspect:
+
+* ``forward_matches``: the logits on every rank equal the reference logits;
+* ``backward_matches``: the input gradient on every rank, and every adapter
+  parameter's gradient (shards put back together per SPEC.md's TP table,
+  for each data-parallel replica) equal the reference gradients; base
+  parameters are frozen and adapter parameters trainable.
+
+``check_property`` runs one property for one layout under hypothesis and
+returns a ``PropertyOutcome`` carrying hypothesis's minimal falsifying
+example; ``require_property`` raises instead (for pytest).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from hypothesis import HealthCheck, given, settings as hsettings
+
+from harness.compare import ErrorStats, compare_tensors, tolerance_for
+from harness.layouts import ParallelLayout
+from harness.sharding import unshard
+from harness.tasks import GPTCase, run_gpt_case
+
+__all__ = [
+    "PROPERTIES",
+    "Check",
+    "PropertyOutcome",
+    "PropertyFailure",
+    "Verifier",
+    "check_property",
+    "require_property",
+    "REFERENCE_IMPL",
+]
+
+REFERENCE_IMPL = "lora.reference"
+REFERENCE_LAYOUT = ParallelLayout()
+
+
+class PropertyFailure(AssertionError):
+    """A property does not hold for an example; the message says where and by how much."""
+
+
+@dataclass
+class Check:
+    """The verdict of one property on one example, with its error statistics."""
+
+    prop: str
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    stats: dict[str, ErrorStats] = field(default_factory=dict)
+
+    def message(self, case: GPTCase) -> str:
+        head = f"{self.prop} failed for impl {case.impl} at layout {case.layout}:"
+        return "\n  ".join([head, *self.failures])
+
+
+def _assemble(results: list[dict[str, Any]], layout: ParallelLayout, world_size: int) -> list[dict[str, Any]]:
+    """Per data-parallel replica: full adapter gradients put back together from TP shards."""
+    groups = layout.expected_groups(world_size)["tp"]
+    replicas = []
+    for ranks in groups:
+        members = sorted((results[r] for r in ranks), key=lambda res: res["tp_rank"])
+        layout_info = members[0]["adapter_layout"]
+        full: dict[str, Any] = {}
+        for pname, (_, part, _shape) in layout_info.items():
+            pieces = [m["adapter_grads"].get(pname) for m in members]
+            full[pname] = None if any(p is None for p in pieces) else unshard(pieces, part)
+        replicas.append({"ranks": ranks, "adapter_grads": full})
+    return replicas
+
+
+def forward_matches(case: GPTCase, ref: dict[str, Any], results: list[dict[str, Any]], layout: ParallelLayout) -> Check:
+    tol = tolerance_for(case.lora.get("lora_dtype"))
+    check = Check("forward_matches", True)
+    for res in results:
+        stats = compare_tensors(res["output"], ref["output"], tol)
+        check.stats[f"output@rank{res['rank']}"] = stats
+        if not stats.passed:
+            check.failures.append(f"logits on rank {res['rank']} (TP rank {res['tp_rank']}): {stats.reason}")
+    check.passed = not check.failures
+    return check
+
+
+def backward_matches(case: GPTCase, ref: dict[str, Any], results: list[dict[str, Any]], layout: ParallelLayout) -> Check:
+    tol = tolerance_for(case.lora.get("lora_dtype"))
+    check = Check("backward_matches", True)
+    for res in results:
+        stats = compare_tensors(res["input_grad"], ref["input_grad"], tol)
+        check.stats[f"input_grad@rank{res['rank']}"] = stats
+        if not stats.passed:
+            check.failures.append(f"input gradient on rank {res['rank']}: {stats.reason}")
+        for violation in res["frozen_violations"]:
+            check.failures.append(f"rank {res['rank']}: trainable set wrong: {violation}")
+    ref_names = set(ref["adapter_grads"])
+    for replica in _assemble(results, layout, len(results)):
+        got = replica["adapter_grads"]
+        if set(got) != ref_names:
+            missing, extra = sorted(ref_names - set(got)), sorted(set(got) - ref_names)
+            check.failures.append(f"adapted parameters differ from the reference: missing {missing}, unexpected {extra}")
+            continue
+        for pname in sorted(got):
+            stats = compare_tensors(got[pname], ref["adapter_grads"][pname], tol)
+            check.stats[f"{pname}.grad@ranks{replica['ranks']}"] = stats
+            if not stats.passed:
+                check.failures.append(f"gradient of {pname} (gathered over ranks {replica['ranks']}): {stats.reason}")
+    check.passed = not check.failures
+    return check
+
+
+PROPERTIES: dict[str, Callable[..., Check]] = {
+    "forward_matches": forward_matches,
+    "backward_matches": backward_matches,
+}
+
+
+class Verifier:
+    """Runs cases on rank pools and keeps the reference results it has computed."""
+
+    def __init__(self, backend: str = "gloo", reference_cache_size: int = 64, timeout: Optional[float] = None) -> None:
+        self.backend = backend
+        self.timeout = timeout
+        self._ref_cache: "collections.OrderedDict[tuple, dict[str, Any]]" = collections.OrderedDict()
+        self._cache_size = reference_cache_size
+
+    def _pool(self, world_size: int) -> Any:
+        from harness.runner import get_pool
+
+        return get_pool(
+            world_size,
+            self.backend,
+            initializer="harness.cpu:rank_initializer",
+            preload=("harness._quiet", "torch", "megatron.core", "harness.tasks"),
+        )
+
+    def reference(self, case: GPTCase) -> dict[str, Any]:
+        key = case.reference_key()
+        if key in self._ref_cache:
+            self._ref_cache.move_to_end(key)
+            return self._ref_cache[key]
+        ref_case = case.with_(impl=REFERENCE_IMPL, layout=REFERENCE_LAYOUT.describe())
+        result = self._pool(1).run(run_gpt_case, ref_case, timeout=self.timeout)[0]
+        self._ref_cache[key] = result
+        while len(self._ref_cache) > self._cache_size:
+            self._ref_cache.popitem(last=False)
+        return result
+
+    def run(self, case: GPTCase) -> list[dict[str, Any]]:
+        layout = ParallelLayout.parse(case.layout)
+        return self._pool(layout.min_world_size).run(run_gpt_case, case, timeout=self.timeout)
+
+    def check(self, prop: str, case: GPTCase) -> Check:
+        if prop not in PROPERTIES:
+            raise ValueError(f"unknown property {prop!r}; known: {', '.join(PROPERTIES)}")
+        ref = self.reference(case)
+        results = self.run(case)
+        return PROPERTIES[prop](case, ref, results, ParallelLayout.parse(case.layout))
+
+
+_DEFAULT_VERIFIER: Optional[Verifier] = None
+
+
+def default_verifier() -> Verifier:
+    global _DEFAULT_VERIFIER
+    if _DEFAULT_VERIFIER is None:
+        _DEFAULT_VERIFIER = Verifier()
+    return _DEFAULT_VERIFIER
+
+
+@dataclass
+class PropertyOutcome:
+    """One property at one layout for one implementation, over all drawn examples."""
+
+    prop: str
+    layout: str
+    impl: str
+    passed: bool
+    examples: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    falsifying_example: str = ""
+    worst: dict[str, float] = field(default_factory=dict)
+    exception: Optional[BaseException] = field(default=None, repr=False)
+
+    def summary_line(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        worst = max(self.worst.values(), default=0.0)
+        return f"{verdict}  {self.prop:<18} {self.layout:<22} {self.examples:>4} examples  worst rel err {worst:.2e}  {self.seconds:6.1f}s"
+
+
+def check_property(
+    prop: str,
+    layout: ParallelLayout,
+    impl: str = "lora.megatron",
+    *,
+    settings: Optional[hsettings] = None,
+    verifier: Optional[Verifier] = None,
+) -> PropertyOutcome:
+    """Run one property for one layout under hypothesis; never raises for a failure.
+
+    ``settings`` defaults to the active hypothesis profile. A failure carries
+    hypothesis's minimal falsifying example (shrunk) in ``falsifying_example``.
+    """
+    from harness.strategies import gpt_cases
+
+    if prop not in PROPERTIES:
+        raise ValueError(f"unknown property {prop!r}; known: {', '.join(PROPERTIES)}")
+    verifier = verifier or default_verifier()
+    outcome = PropertyOutcome(prop=prop, layout=layout.describe(), impl=impl, passed=True)
+    base = settings if settings is not None else hsettings()
+    run_settings = hsettings(
+        base,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+    )
+
+    @run_settings
+    @given(case=gpt_cases(layout, impl))
+    def _property(case: GPTCase) -> None:
+        outcome.examples += 1
+        result = verifier.check(prop, case)
+        for key, stats in result.stats.items():
+            kind = key.split("@")[0]
+            outcome.worst[kind] = max(outcome.worst.get(kind, 0.0), stats.max_rel)
+        if not result.passed:
+            raise PropertyFailure(result.message(case))
+
+    # Distinct database keys per property, layout and implementation, so a
+    # failure recorded for one is replayed only for that one.
+    _property.hypothesis.inner_test.__qualname__ = f"{prop}[{layout.describe()}][{impl}]"
+    start = time.monotonic()
+    try:
+        _property()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
+        outcome.passed = False
+        outcome.exception = exc
+        outcome.error = f"{type(exc).__name__}: {exc}"
+        notes = getattr(exc, "__notes__", [])
+        outcome.falsifying_example = "\n".join(n for n in notes if n)
+    outcome.seconds = time.monotonic() - start
+    return outcome
+
+
+def require_property(prop: str, layout: ParallelLayout, impl: str = "lora.megatron", **kw: Any) -> PropertyOutcome:
+    """``check_property`` that raises the failure (with hypothesis's example) for pytest."""
+    outcome = check_property(prop, layout, impl, **kw)
+    if not outcome.passed:
+        assert outcome.exception is not None
+        raise outcome.exception
+    return outcome

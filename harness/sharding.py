@@ -1,0 +1,228 @@
+"""Full weights <-> per-rank shards, for base models and for LoRA adapters.
+
+The harness makes every weight from a seed as a full, unsharded tensor, gives
+each rank its slice, and puts per-rank gradients back together into full
+tensors. Two sources of truth:
+
+* base megatron parameters carry megatron's own ``tensor_model_parallel`` /
+  ``partition_dim`` attributes; a gated ``linear_fc1`` holds, on each TP rank,
+  its gate slice followed by its up slice;
+* adapter parameters follow SPEC.md's TP table, decided from the kind of the
+  base layer (``<module>.to_wrap``), never from attributes the implementation
+  under test set, so an implementation that lays its shards out differently
+  is caught rather than trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Partition",
+    "REPLICATED",
+    "shard",
+    "unshard",
+    "full_shape",
+    "seeded_tensor",
+    "base_partition",
+    "adapter_partitions",
+    "load_full_base_weights",
+    "load_full_adapter_weights",
+    "adapter_modules",
+    "SpecViolation",
+]
+
+
+class SpecViolation(AssertionError):
+    """The implementation under test breaks SPEC.md's parameter contract."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How a full tensor is split over a TP group: along ``dim``, gated or not."""
+
+    dim: Optional[int]  # None: replicated
+    gated: bool = False
+
+    def describe(self) -> str:
+        if self.dim is None:
+            return "replicated"
+        return f"split dim {self.dim}" + (" (gate/up per rank)" if self.gated else "")
+
+
+REPLICATED = Partition(None)
+
+
+def shard(full: torch.Tensor, part: Partition, rank: int, size: int) -> torch.Tensor:
+    if part.dim is None or size == 1:
+        return full
+    if full.shape[part.dim] % (2 * size if part.gated else size):
+        raise ValueError(f"cannot split a tensor of shape {tuple(full.shape)} ({part.describe()}) over {size} ranks")
+    if part.gated:
+        gate, up = torch.chunk(full, 2, dim=part.dim)
+        return torch.cat(
+            [torch.chunk(gate, size, dim=part.dim)[rank], torch.chunk(up, size, dim=part.dim)[rank]], dim=part.dim
+        )
+    return torch.chunk(full, size, dim=part.dim)[rank]
+
+
+def unshard(pieces: list[torch.Tensor], part: Partition) -> torch.Tensor:
+    """Inverse of ``shard``: pieces in TP-rank order."""
+    if part.dim is None or len(pieces) == 1:
+        return pieces[0]
+    if part.gated:
+        halves = [torch.chunk(p, 2, dim=part.dim) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=part.dim)
+    return torch.cat(pieces, dim=part.dim)
+
+
+def full_shape(local_shape: Iterable[int], part: Partition, size: int) -> tuple[int, ...]:
+    shape = list(local_shape)
+    if part.dim is not None:
+        shape[part.dim] *= size
+    return tuple(shape)
+
+
+def seeded_tensor(seed: int, name: str, shape: tuple[int, ...], *, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+    """A float32 normal tensor that depends only on (seed, name, shape)."""
+    digest = hashlib.sha256(f"{seed}/{name}/{shape}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.randn(shape, generator=gen, dtype=torch.float32) * std + mean
+
+
+def _owner_and_leaf(name: str) -> tuple[str, str]:
+    owner, _, leaf = name.rpartition(".")
+    return owner, leaf
+
+
+def _is_gated_fc1(module: nn.Module, module_name: str) -> bool:
+    config = getattr(module, "config", None)
+    return module_name.rsplit(".", 1)[-1] == "linear_fc1" and bool(getattr(config, "gated_linear_unit", False))
+
+
+def base_partition(model: nn.Module, name: str, param: torch.Tensor) -> Partition:
+    """How a base megatron parameter is split over TP, from megatron's attributes."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return REPLICATED
+    owner_name, _ = _owner_and_leaf(name)
+    owner = model.get_submodule(owner_name) if owner_name else model
+    return Partition(int(param.partition_dim), gated=_is_gated_fc1(owner, _canonical(owner_name)))
+
+
+def _canonical(name: str) -> str:
+    """A base parameter's name without the LoRA wrapper's ``to_wrap`` level."""
+    return name.replace(".to_wrap.", ".").replace(".to_wrap", "")
+
+
+def _init_std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name and leaf == "weight":
+        return 0.1, 1.0
+    if leaf == "bias":
+        return 0.1, 0.0
+    fan_in = shape[1] if len(shape) == 2 else shape[0]
+    return 1.0 / fan_in**0.5, 0.0
+
+
+@torch.no_grad()
+def load_full_base_weights(model: nn.Module, seed: int, tp_rank: int, tp_size: int) -> dict[str, tuple[int, ...]]:
+    """Fill every base parameter with its slice of a seeded full tensor; returns full shapes."""
+    shapes = {}
+    for name, param in model.named_parameters():
+        if ".adapter." in f".{name}":
+            continue
+        part = base_partition(model, name, param)
+        shape = full_shape(param.shape, part, tp_size)
+        canonical = _canonical(name)
+        std, mean = _init_std(canonical, shape)
+        full = seeded_tensor(seed, canonical, shape, std=std, mean=mean)
+        param.copy_(shard(full, part, tp_rank, tp_size).to(param.dtype))
+        shapes[canonical] = shape
+    return shapes
+
+
+def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that hold an adapter per SPEC naming: name -> wrapper (has to_wrap and adapter)."""
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "to_wrap") and hasattr(module, "adapter"):
+            found[name] = module
+    return found
+
+
+def _base_kind(base: nn.Module) -> str:
+    weight = getattr(base, "weight", None)
+    if getattr(weight, "tensor_model_parallel", False):
+        return "column" if int(weight.partition_dim) == 0 else "row"
+    return "plain"
+
+
+def _base_full_io(base: nn.Module, kind: str, tp_size: int) -> tuple[int, int]:
+    out_local, in_local = base.weight.shape
+    if kind == "column":
+        return out_local * tp_size, in_local
+    if kind == "row":
+        return out_local, in_local * tp_size
+    return out_local, in_local
+
+
+def adapter_partitions(wrapper: nn.Module, wrapper_name: str) -> dict[str, Partition]:
+    """SPEC.md's TP table for the two adapter matrices of one wrapped module."""
+    kind = _base_kind(wrapper.to_wrap)
+    gated = _is_gated_fc1(wrapper.to_wrap, wrapper_name)
+    if kind == "column":
+        return {"linear_in": Partition(0), "linear_out": Partition(0, gated=gated)}
+    if kind == "row":
+        return {"linear_in": Partition(1), "linear_out": Partition(0)}
+    return {"linear_in": REPLICATED, "linear_out": REPLICATED}
+
+
+def adapter_full_shapes(wrapper: nn.Module, tp_size: int, dim: int) -> dict[str, tuple[int, int]]:
+    kind = _base_kind(wrapper.to_wrap)
+    out_full, in_full = _base_full_io(wrapper.to_wrap, kind, tp_size)
+    return {"linear_in": (dim, in_full), "linear_out": (out_full, dim)}
+
+
+@torch.no_grad()
+def load_full_adapter_weights(
+    model: nn.Module, seed: int, tp_rank: int, tp_size: int, dim: int
+) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
+    """Set every adapter's A and B to slices of seeded full matrices (B non-zero).
+
+    Checks each parameter's name and local shape against SPEC.md and raises
+    ``SpecViolation`` naming the module when they differ. Returns, per
+    parameter name, (canonical module name, partition, full shape).
+    """
+    layout = {}
+    wrappers = adapter_modules(model)
+    if not wrappers:
+        raise SpecViolation("no module with `to_wrap` and `adapter` children: no adapter was applied (SPEC naming)")
+    for wname, wrapper in wrappers.items():
+        parts = adapter_partitions(wrapper, wname)
+        shapes = adapter_full_shapes(wrapper, tp_size, dim)
+        for which in ("linear_in", "linear_out"):
+            pname = f"{wname}.adapter.{which}.weight"
+            try:
+                param = model.get_parameter(pname)
+            except AttributeError as exc:
+                raise SpecViolation(f"{wname}: missing adapter parameter {pname} (SPEC names A and B adapter.linear_in/linear_out)") from exc
+            part, shape = parts[which], shapes[which]
+            expected = full_shape(shape, Partition(part.dim), 1)
+            local = shard(torch.empty(expected, device="meta"), part, tp_rank, tp_size).shape if part.dim is not None else expected
+            if tuple(param.shape) != tuple(local):
+                raise SpecViolation(
+                    f"{pname}: local shape {tuple(param.shape)} on TP rank {tp_rank}/{tp_size}, SPEC expects "
+                    f"{tuple(local)} (full {shape}, {part.describe()})"
+                )
+            # A scaled like xavier over the full matrix; B non-zero so the
+            # adapter really contributes and a wrong shard shows up.
+            std = 1.0 / shape[1] ** 0.5
+            full = seeded_tensor(seed, f"{wname}.{which}", shape, std=std)
+            param.copy_(shard(full, part, tp_rank, tp_size).to(param.dtype))
+            layout[pname] = (wname, part, shape)
+    return layout

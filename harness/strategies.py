@@ -1,0 +1,101 @@
+"""Hypothesis strategies: model shapes, LoRA configs, seeds and whole cases for a layout.
+
+Everything here is drawn in the parent (pytest or the CLI); ranks only
+execute. Strategies draw only *valid* examples for the layout they are given
+(shapes TP can shard, ranks TP can split); invalid inputs have their own
+error-message tests. Sizes are small on purpose: a sharding bug shows at
+hidden size 16 as well as at 4096, and shrinking needs small examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+from harness.layouts import ParallelLayout
+from harness.models import GPTShape
+from harness.tasks import GPTCase
+from lora._common import DEFAULT_TARGET_MODULES, INIT_METHODS
+
+__all__ = ["gpt_shapes", "lora_configs", "gpt_cases", "target_patterns"]
+
+# Patterns that select linears only (a pattern that selects e.g. a whole
+# attention block is a TypeError by SPEC, tested separately).
+_WILDCARD_TARGETS = (
+    "*.layers.0.*.linear_qkv",
+    "*.layers.*.mlp.linear_fc*",
+    "*linear_proj",
+    "decoder.layers.1.self_attention.linear_qkv",
+)
+
+
+@st.composite
+def gpt_shapes(draw: Any, tp: int = 1) -> GPTShape:
+    """A tiny GPT that TP=tp can shard: heads, query groups, ffn and vocab divisible by tp."""
+    groups = tp * draw(st.integers(1, 2))
+    heads = groups * draw(st.sampled_from([1, 2]))
+    head_dim = draw(st.sampled_from([2, 4, 8]))  # RoPE rotates pairs: even
+    return GPTShape(
+        num_layers=draw(st.integers(1, 2)),
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=tp * draw(st.integers(1, 6)) * 2,
+        vocab_size=tp * draw(st.integers(2, 8)),
+        seq_length=draw(st.integers(1, 6)),
+        micro_batch_size=draw(st.integers(1, 2)),
+        gated_linear_unit=draw(st.booleans()),
+        add_bias_linear=draw(st.booleans()),
+    )
+
+
+def target_patterns() -> st.SearchStrategy[dict[str, list[str]]]:
+    """target_modules / exclude_modules pairs, in both modes, with wildcards."""
+    subsets = st.lists(st.sampled_from(DEFAULT_TARGET_MODULES), min_size=1, max_size=4, unique=True)
+    wild = st.lists(st.sampled_from(_WILDCARD_TARGETS), min_size=1, max_size=2, unique=True)
+    target_mode = st.one_of(
+        st.just(list(DEFAULT_TARGET_MODULES)), subsets, wild
+    ).map(lambda t: {"target_modules": t, "exclude_modules": []})
+    # Exclude mode adapts every linear-type module, the output layer included.
+    exclude_mode = st.lists(st.sampled_from(DEFAULT_TARGET_MODULES + ["output_layer"]), min_size=1, max_size=3, unique=True).map(
+        lambda e: {"target_modules": [], "exclude_modules": e}
+    )
+    return st.one_of(target_mode, exclude_mode)
+
+
+@st.composite
+def lora_configs(draw: Any, tp: int = 1) -> dict[str, Any]:
+    """LoRA keyword arguments valid at TP=tp (dim divisible by tp)."""
+    cfg = draw(target_patterns())
+    cfg.update(
+        dim=tp * draw(st.integers(1, 4)),
+        alpha=draw(st.sampled_from([1, 2, 8, 16, 32])),
+        dropout_position=draw(st.sampled_from(["pre", "post"])),
+        lora_A_init_method=draw(st.sampled_from(INIT_METHODS)),
+        lora_B_init_method=draw(st.sampled_from(INIT_METHODS)),
+        lora_dtype=draw(st.sampled_from([None, "float32", "float64", "bfloat16"])),
+    )
+    return cfg
+
+
+@st.composite
+def gpt_cases(draw: Any, layout: ParallelLayout, impl: str = "lora.megatron") -> GPTCase:
+    """One example for a layout: shape, LoRA config, seed, train/eval mode.
+
+    Dropout is drawn only in eval mode, where it must act as identity: in
+    training its masks are random per layout by nature, so a forward
+    comparison would be meaningless.
+    """
+    tp = layout.tp
+    lora = draw(lora_configs(tp))
+    training = draw(st.booleans())
+    lora["dropout"] = 0.0 if training else draw(st.sampled_from([0.0, 0.1, 0.5]))
+    return GPTCase(
+        shape=draw(gpt_shapes(tp)),
+        lora=lora,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        layout=layout.describe(),
+        impl=impl,
+        training=training,
+    )

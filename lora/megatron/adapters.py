@@ -1,0 +1,235 @@
+"""Tensor-parallel LoRA adapters around megatron-core column and row parallel linears.
+
+One wrapper, ``ParallelLoRALinear``, holds the base layer (``to_wrap``) and a
+``ParallelLinearAdapter`` (``adapter.linear_in`` = A, ``adapter.linear_out`` =
+B), laid out per the TP table of SPEC.md:
+
+    base      A (linear_in)                   B (linear_out)
+    column    column-parallel (r/t, in),      column-parallel (out/t, r),
+              output gathered to r            not gathered: output (.., out/t)
+    row       row-parallel (r, in/t),         column-parallel (out/t, r),
+              output all-reduced              output gathered: (.., out)
+
+The adapter layers are real megatron-core linears on the base layer's own TP
+group, so their collectives (copy-to-region, gather, all-reduce) carry the
+gradients exactly as megatron's do.
+
+Initialisation is computed over the full, unsharded matrix and then sliced,
+so a given seed yields the same adapter at every layout: B's rows are sliced
+exactly like the base weight's rows (including the gate/up split of a gated
+``linear_fc1``), A is sliced along r (column base) or along ``in`` (row base).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lora._common import (
+    AdapterWrapper,
+    add_to_base_output,
+    apply_dropout,
+    init_full_weight,
+)
+
+__all__ = [
+    "ParallelLinearAdapter",
+    "ParallelLoRALinear",
+    "base_parallel_kind",
+    "group_size",
+    "group_rank",
+    "shard_rows",
+    "is_gated_fc1",
+]
+
+
+def group_size(group: Any) -> int:
+    if group is None or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
+def group_rank(group: Any) -> int:
+    if group is None or not torch.distributed.is_initialized():
+        return 0
+    return torch.distributed.get_rank(group)
+
+
+def base_parallel_kind(module: nn.Module) -> Optional[str]:
+    """'column' or 'row' for a megatron-core parallel linear, None otherwise."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(module, ColumnParallelLinear):
+        return "column"
+    if isinstance(module, RowParallelLinear):
+        return "row"
+    return None
+
+
+def is_gated_fc1(module: nn.Module, full_name: str) -> bool:
+    """True when the module's output rows are [gate; up] on every TP rank."""
+    config = getattr(module, "config", None)
+    leaf = full_name.rsplit(".", 1)[-1]
+    return leaf == "linear_fc1" and bool(getattr(config, "gated_linear_unit", False))
+
+
+def shard_rows(full: torch.Tensor, rank: int, size: int, *, gated: bool) -> torch.Tensor:
+    """The rows of ``full`` that TP rank ``rank`` of ``size`` holds.
+
+    A gated fc1 holds its slice of the gate followed by its slice of the up
+    projection; everything else is one contiguous block.
+    """
+    if size == 1:
+        return full
+    if gated:
+        gate, up = torch.chunk(full, 2, dim=0)
+        return torch.cat([torch.chunk(gate, size, dim=0)[rank], torch.chunk(up, size, dim=0)[rank]], dim=0)
+    return torch.chunk(full, size, dim=0)[rank]
+
+
+def _derived_generator(base_seed: int, full_name: str, which: str) -> torch.Generator:
+    # A per-module, per-matrix stream that depends only on (seed, name): the
+    # same full matrix on every rank and at every layout, whatever else drew
+    # from the global generator in between.
+    digest = hashlib.sha256(f"{base_seed}:{full_name}:{which}".encode()).digest()
+    gen = torch.Generator()
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+def _adapter_config(base_config: Any, lora_dtype: torch.dtype) -> Any:
+    """The base layer's config, adjusted for the adapter's own linears."""
+    cfg = copy.copy(base_config)
+    cfg.params_dtype = lora_dtype
+    # We initialise from the full matrix ourselves (see module docstring).
+    cfg.perform_initialization = False
+    # The adapter handles sequence parallelism explicitly (not yet supported).
+    cfg.sequence_parallel = False
+    # These fused paths need CUDA kernels or shared buffers meant for the base.
+    for flag in ("gradient_accumulation_fusion", "tp_comm_overlap", "defer_embedding_wgrad_compute"):
+        if hasattr(cfg, flag):
+            setattr(cfg, flag, False)
+    return cfg
+
+
+def _noop_init(_: torch.Tensor) -> None:
+    return None
+
+
+class ParallelLinearAdapter(nn.Module):
+    """A (``linear_in``) and B (``linear_out``) of one adapted parallel linear."""
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        in_features: int,
+        out_features: int,
+        dim: int,
+        alpha: float,
+        dropout: float,
+        dropout_position: str,
+        lora_dtype: torch.dtype,
+        base_config: Any,
+        tp_group: Any,
+        is_expert: bool,
+        gated: bool,
+        module_name: str,
+    ) -> None:
+        super().__init__()
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        self.kind = kind
+        self.dim = dim
+        self.alpha = alpha
+        self.scale = alpha / dim
+        self.dropout = dropout
+        self.dropout_position = dropout_position
+        self.lora_dtype = lora_dtype
+        self.gated = gated
+        self.module_name = module_name
+        self.in_features = in_features
+        self.out_features = out_features
+        self.tp_size = group_size(tp_group)
+        self.tp_rank = group_rank(tp_group)
+        cfg = _adapter_config(base_config, lora_dtype)
+        common = dict(config=cfg, init_method=_noop_init, bias=False, is_expert=is_expert, tp_group=tp_group)
+        if kind == "column":
+            self.linear_in = ColumnParallelLinear(in_features, dim, gather_output=True, skip_bias_add=True, **common)
+        else:
+            self.linear_in = RowParallelLinear(
+                in_features, dim, input_is_parallel=True, skip_bias_add=True, **common
+            )
+        # B's output stays split like the base's for a column base, and is
+        # gathered to the base's full width for a row base.
+        self.linear_out = ColumnParallelLinear(
+            dim, out_features, gather_output=(kind == "row"), skip_bias_add=True, **common
+        )
+
+    # -- initialisation ----------------------------------------------------
+    def shard_A(self, full: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return full
+        dim = 0 if self.kind == "column" else 1
+        return torch.chunk(full, self.tp_size, dim=dim)[self.tp_rank]
+
+    def shard_B(self, full: torch.Tensor) -> torch.Tensor:
+        return shard_rows(full, self.tp_rank, self.tp_size, gated=self.gated and self.kind == "column")
+
+    @torch.no_grad()
+    def reset_parameters(self, a_method: str, b_method: str, base_seed: int) -> None:
+        full_a = init_full_weight(
+            (self.dim, self.in_features), a_method, generator=_derived_generator(base_seed, self.module_name, "A")
+        )
+        full_b = init_full_weight(
+            (self.out_features, self.dim), b_method, generator=_derived_generator(base_seed, self.module_name, "B")
+        )
+        self.linear_in.weight.copy_(self.shard_A(full_a).to(self.linear_in.weight.dtype))
+        self.linear_out.weight.copy_(self.shard_B(full_b).to(self.linear_out.weight.dtype))
+
+    # -- forward -----------------------------------------------------------
+    def _dropout(self, x: torch.Tensor, sharded: bool) -> torch.Tensor:
+        if self.dropout == 0.0 or not self.training:
+            return x
+        if sharded and self.tp_size > 1:
+            # Values that differ per TP rank draw from the model-parallel
+            # stream, as megatron does for its own TP-region dropout.
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+            with get_cuda_rng_tracker().fork():
+                return apply_dropout(x, self.dropout, True)
+        return apply_dropout(x, self.dropout, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_dtype)
+        if self.dropout_position == "pre":
+            # A column base sees the full (replicated) input; a row base a shard.
+            x = self._dropout(x, sharded=(self.kind == "row"))
+        h, _ = self.linear_in(x)
+        out, _ = self.linear_out(h)
+        if self.dropout_position == "post":
+            out = self._dropout(out, sharded=(self.kind == "column"))
+        return out * self.scale
+
+
+class ParallelLoRALinear(AdapterWrapper):
+    """A megatron parallel linear with a LoRA adapter added to its output."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        base_out = self.to_wrap(x, *args, **kwargs)
+        delta = self.adapter(x)
+        if self.adapter.kind == "column" and self.adapter.tp_size > 1 and self._base_gathers(kwargs):
+            # A column base asked to gather its output (e.g. an output layer
+            # with parallel_output=False) returns the full width; so must B.
+            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+            delta = gather_from_tensor_model_parallel_region(delta, group=self.to_wrap.tp_group)
+        return add_to_base_output(base_out, delta)
+
+    def _base_gathers(self, kwargs: dict[str, Any]) -> bool:
+        runtime = kwargs.get("runtime_gather_output")
+        return bool(self.to_wrap.gather_output if runtime is None else runtime)

@@ -1,0 +1,190 @@
+"""LoRA, VLMLoRA and LoRAMerge for megatron-core models under tensor parallelism.
+
+Same public API and parameter names as ``lora.reference`` (and as
+Megatron-Bridge's PEFT LoRA): ``<module>.to_wrap.weight``,
+``<module>.adapter.linear_in.weight``, ``<module>.adapter.linear_out.weight``.
+Matching, init methods, config validation, the module walk and the freezing
+rules come from ``lora._common``; this module decides only how a matched
+megatron linear is adapted across its TP group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lora._common import LoRABase, VLMFreezeMixin, is_adapter_wrapper, join_name, merge_weight
+from lora.reference import LoRAMerge as _ReferenceLoRAMerge
+from lora.megatron.adapters import (
+    ParallelLinearAdapter,
+    ParallelLoRALinear,
+    base_parallel_kind,
+    group_size,
+    is_gated_fc1,
+)
+
+__all__ = ["LoRA", "VLMLoRA", "LoRAMerge", "merge_lora"]
+
+
+def _draw_shared_seed() -> int:
+    """One seed for this application of LoRA, identical on every rank.
+
+    Drawn from torch's global generator (so ``torch.manual_seed`` before
+    applying LoRA fixes the adapters) and broadcast from global rank 0, since
+    every rank slices its shard from the same full matrix.
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast(seed, src=0)
+    return int(seed.item())
+
+
+@dataclass
+class LoRA(LoRABase):
+    """LoRA for megatron-core column/row parallel linears (and plain nn.Linear)."""
+
+    def __call__(self, model: Any, training: bool = True) -> Any:
+        self._base_seed = _draw_shared_seed()
+        return super().__call__(model, training=training)
+
+    def transform(self, module: nn.Module, name: Optional[str] = None, prefix: Optional[str] = None) -> nn.Module:
+        full_name = join_name(prefix or "", name or "")
+        if is_adapter_wrapper(module) or not self.matcher.matches(module, full_name):
+            return module
+        kind = base_parallel_kind(module)
+        if kind is None:
+            if type(module) is nn.Linear or isinstance(module, nn.Linear):
+                # Not sharded: the single-device adapter is the right one.
+                from lora.reference import LoRA as ReferenceLoRA
+
+                return ReferenceLoRA.transform(self, module, name, prefix)
+            raise TypeError(
+                f"lora.megatron: {full_name} matched a target pattern but its type "
+                f"{type(module).__module__}.{type(module).__qualname__} has no LoRA adapter here "
+                "(supported: megatron-core ColumnParallelLinear, RowParallelLinear, torch.nn.Linear)"
+            )
+        return self._wrap_parallel(module, full_name, kind)
+
+    def _wrap_parallel(self, module: nn.Module, full_name: str, kind: str) -> nn.Module:
+        config = module.config
+        tp_group = module.tp_group
+        t = group_size(tp_group)
+        dim = self.adapter_rank(module, full_name)
+        if t > 1 and getattr(module, "sequence_parallel", False):
+            raise NotImplementedError(
+                f"lora.megatron: {full_name} runs with sequence parallelism at TP={t}; sequence-parallel "
+                "adapters are not implemented yet (refusing rather than computing a wrong result)"
+            )
+        if kind == "column" and dim % t:
+            raise ValueError(
+                f"lora.megatron: dim={dim} is not divisible by TP={t} for {full_name} "
+                "(a column-parallel base splits A along the rank dimension)"
+            )
+        if kind == "row" and module.output_size % t:
+            raise ValueError(
+                f"lora.megatron: output size {module.output_size} is not divisible by TP={t} for {full_name} "
+                "(a row-parallel base splits B along its output rows)"
+            )
+        lora_dtype = self.lora_dtype or module.weight.dtype
+        adapter = ParallelLinearAdapter(
+            kind=kind,
+            in_features=module.input_size,
+            out_features=module.output_size,
+            dim=dim,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            dropout_position=self.dropout_position,
+            lora_dtype=lora_dtype,
+            base_config=config,
+            tp_group=tp_group,
+            is_expert=bool(getattr(module, "is_expert", False)),
+            gated=is_gated_fc1(module, full_name),
+            module_name=full_name,
+        )
+        seed = getattr(self, "_base_seed", None)
+        if seed is None:
+            # transform() called directly, outside __call__.
+            seed = self._base_seed = _draw_shared_seed()
+        adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method, seed)
+        return ParallelLoRALinear(module, adapter)
+
+
+@dataclass
+class VLMLoRA(VLMFreezeMixin, LoRA):
+    """LoRA for a vision-language model: freezes only the subtrees whose flag is set, then adds adapters."""
+
+
+class LoRAMerge(_ReferenceLoRAMerge):
+    """Fold a (possibly TP-sharded) adapter into its base weight.
+
+    Calling it on a model (or ``merge_lora(model)``) replaces every adapter
+    wrapper by its base layer holding the merged weight shard.
+    """
+
+    @torch.no_grad()
+    def merge(
+        self,
+        base_weight: torch.Tensor,
+        linear_out: torch.Tensor,
+        linear_in: torch.Tensor,
+        alpha: float,
+        dim: int,
+        *,
+        tp_size: int = 1,
+        tp_group: Any = None,
+    ) -> torch.Tensor:
+        if tp_size == 1:
+            return merge_weight(base_weight, linear_out, linear_in, alpha, dim)
+        if tp_group is None or group_size(tp_group) != tp_size:
+            raise ValueError(
+                f"LoRAMerge.merge: tp_size={tp_size} needs the TP process group of that size "
+                f"(got {'None' if tp_group is None else f'a group of size {group_size(tp_group)}'})"
+            )
+        out_local, in_local = base_weight.shape
+        if linear_in.shape[1] == in_local and linear_out.shape[0] == out_local:
+            # Column-parallel base: A is split along r; gather it.
+            linear_in = _all_gather_dim0(linear_in, tp_group)
+        elif linear_out.shape[0] * tp_size == out_local:
+            # Row-parallel base: B is split along out; gather it.
+            linear_out = _all_gather_dim0(linear_out, tp_group)
+        else:
+            raise ValueError(
+                f"LoRAMerge.merge: shapes base {tuple(base_weight.shape)}, linear_out {tuple(linear_out.shape)}, "
+                f"linear_in {tuple(linear_in.shape)} fit neither a column-parallel nor a row-parallel shard at TP={tp_size}"
+            )
+        return merge_weight(base_weight, linear_out, linear_in, alpha, dim)
+
+
+    @torch.no_grad()
+    def transform(self, module: nn.Module, name: Optional[str] = None, prefix: Optional[str] = None) -> nn.Module:
+        """The base layer with its adapter folded into its weight shard; anything else unchanged."""
+        if not is_adapter_wrapper(module):
+            return module
+        base, adapter = module.to_wrap, module.adapter
+        group = getattr(base, "tp_group", None)
+        merged = self.merge(
+            base.weight,
+            adapter.linear_out.weight,
+            adapter.linear_in.weight,
+            adapter.alpha,
+            adapter.dim,
+            tp_size=group_size(group),
+            tp_group=group,
+        )
+        base.weight.copy_(merged)
+        return base
+
+
+def _all_gather_dim0(t: torch.Tensor, group: Any) -> torch.Tensor:
+    t = t.contiguous()
+    out = torch.empty((t.shape[0] * group_size(group),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    torch.distributed.all_gather_into_tensor(out, t, group=group)
+    return out
+
+
+def merge_lora(model: Any) -> Any:
+    """Fold every adapter into its base weight; wrappers become plain base layers."""
+    return LoRAMerge()(model)
