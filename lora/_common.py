@@ -396,7 +396,12 @@ class AdapterWrapper(nn.Module):
             to_wrap = self.__dict__.get("_modules", {}).get("to_wrap")
             if to_wrap is None:
                 raise
+        try:
             return getattr(to_wrap, name)
+        except AttributeError:
+            raise AttributeError(
+                f"'{type(self).__name__}' object (wrapping {type(to_wrap).__name__}) has no attribute '{name}'"
+            ) from None
 
 
 def is_adapter_wrapper(module: object) -> bool:
