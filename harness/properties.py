@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings as hsettings
 
 from harness.compare import ErrorStats, compare_tensors, tolerance_for
 from harness.layouts import ParallelLayout
@@ -204,6 +204,7 @@ def check_property(
     *,
     settings: Optional[hsettings] = None,
     verifier: Optional[Verifier] = None,
+    seed: Optional[int] = None,
 ) -> PropertyOutcome:
     """Run one property for one layout under hypothesis; never raises for a failure.
 
@@ -238,6 +239,8 @@ def check_property(
     # Distinct database keys per property, layout and implementation, so a
     # failure recorded for one is replayed only for that one.
     _property.hypothesis.inner_test.__qualname__ = f"{prop}[{layout.describe()}][{impl}]"
+    if seed is not None:
+        _property = hypothesis_seed(seed)(_property)
     start = time.monotonic()
     try:
         _property()

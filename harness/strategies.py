@@ -26,7 +26,7 @@ _WILDCARD_TARGETS = (
     "*.layers.0.*.linear_qkv",
     "*.layers.*.mlp.linear_fc*",
     "*linear_proj",
-    "decoder.layers.1.self_attention.linear_qkv",
+    "decoder.layers.0.self_attention.linear_qkv",
 )
 
 
@@ -67,14 +67,18 @@ def target_patterns() -> st.SearchStrategy[dict[str, list[str]]]:
 @st.composite
 def lora_configs(draw: Any, tp: int = 1) -> dict[str, Any]:
     """LoRA keyword arguments valid at TP=tp (dim divisible by tp)."""
-    cfg = draw(target_patterns())
+    cfg = dict(draw(target_patterns()))
     cfg.update(
         dim=tp * draw(st.integers(1, 4)),
         alpha=draw(st.sampled_from([1, 2, 8, 16, 32])),
         dropout_position=draw(st.sampled_from(["pre", "post"])),
         lora_A_init_method=draw(st.sampled_from(INIT_METHODS)),
         lora_B_init_method=draw(st.sampled_from(INIT_METHODS)),
-        lora_dtype=draw(st.sampled_from([None, "float32", "float64", "bfloat16"])),
+        # 16-bit adapters are left to the dtype tests: rounding every adapter
+        # product to 8 bits makes two correct layouts differ by up to ~15%
+        # of a gradient's largest entry where terms cancel, which no useful
+        # tolerance separates from a real sharding bug.
+        lora_dtype=draw(st.sampled_from([None, "float32", "float64"])),
     )
     return cfg
 
@@ -88,9 +92,8 @@ def gpt_cases(draw: Any, layout: ParallelLayout, impl: str = "lora.megatron") ->
     comparison would be meaningless.
     """
     tp = layout.tp
-    lora = draw(lora_configs(tp))
     training = draw(st.booleans())
-    lora["dropout"] = 0.0 if training else draw(st.sampled_from([0.0, 0.1, 0.5]))
+    lora = dict(draw(lora_configs(tp)), dropout=0.0 if training else draw(st.sampled_from([0.0, 0.1, 0.5])))
     return GPTCase(
         shape=draw(gpt_shapes(tp)),
         lora=lora,

@@ -1,0 +1,923 @@
+"""Rank pool: run one task on every rank of a persistent multi-process world.
+
+This module's one job is to keep, per ``(world_size, backend)``, a pool of
+rank processes that already hold an initialised ``torch.distributed`` process
+group, run a picklable task on every rank, and return either every rank's
+result or one human-readable fault report. It knows nothing about LoRA,
+megatron or layouts; those arrive through ``initializer`` and the tasks.
+
+Contract of one task
+--------------------
+``RankPool.run(fn, *args, **kwargs)`` calls ``fn(ctx, *args, **kwargs)`` on
+every rank, where ``ctx`` is that rank's :class:`RankContext`. Every rank
+always ends the task by reporting exactly one message to the parent: its
+pickled result, or the type, message and traceback of what it raised. The
+parent waits for all of them and returns the results in rank order. Whatever
+else happens is an infrastructure fault, raised as a :class:`RankPoolFault`
+whose ``str()`` is the full report:
+
+* :class:`RankTaskError` - one or more ranks raised (or a result could not be
+  pickled/unpickled). After the first error the parent gives the other ranks
+  ``ERROR_GRACE_S`` (bounded by the remaining timeout) to report; ranks still
+  silent then are blocked (typically in a collective waiting for the failed
+  peer) and their Python stacks are included.
+* :class:`RankCrash` - a rank process exited (``os._exit``, a signal, ...).
+  Detected at once through the process sentinels, not by timing out.
+* :class:`RankHang` - not every rank reported within the timeout. The report
+  carries the Python stacks of *all* ranks, dumped by ``faulthandler`` on
+  ``SIGUSR1``.
+
+Any fault retires the pool: every rank process is killed and reaped, so a
+failed task never leaves a half-broken process group behind and never turns
+into a hang of the parent. :func:`get_pool` then transparently starts a fresh
+pool.
+
+Timeout policy
+--------------
+* An explicit ``run(..., timeout=T)`` always wins.
+* Otherwise the ceiling is the pool's ``timeout`` constructor argument, else
+  the environment variable ``LORA_HARNESS_RANK_TIMEOUT`` (seconds), else
+  ``DEFAULT_TIMEOUT_S`` (60 s). The first task of a ``(world_size, backend)``
+  in this process gets the ceiling.
+* Afterwards the timeout adapts: ``min(ceiling, max(ADAPTIVE_FLOOR_S,
+  ADAPTIVE_FACTOR * slowest successful task so far))`` for that
+  ``(world_size, backend)``, remembered across pool replacements in this
+  process. A task's duration is the time from sending it to the last rank's
+  report (what the timeout bounds; unpickling results is excluded). A hang planted in a hypothesis test that replays and shrinks many
+  examples then costs ~10 s per example instead of a minute.
+* The process-group (gloo) timeout is the ceiling, so a collective inside a
+  task never waits longer than a default task may run. A task given an
+  explicit timeout above the ceiling can see its collectives fail with a
+  gloo timeout error instead of hanging.
+* Pool start (process-group init plus ``initializer``) is bounded by the
+  ceiling.
+
+Processes
+---------
+Ranks are started from multiprocessing's ``forkserver`` context with
+``preload`` imported in the fork server, so a (re)start costs a fork plus a
+process-group rendezvous instead of a fresh ``import torch`` per rank. The
+fork server is process-global and imports its list once; a pool asking for
+more is served by restarting it with the union when no rank is alive, else
+its ranks import the rest themselves (correct, slower to start). The owner's
+``__main__`` is re-imported in each rank as ``__mp_main__`` (standard
+multiprocessing), so a script that owns a pool needs the
+``if __name__ == "__main__":`` guard.
+
+The rendezvous store is a ``TCPStore`` hosted by the parent on an OS-chosen
+port, so any number of pytest-xdist workers on one machine never collide.
+
+Because forkserver children are children of the fork server, not of the
+process that owns the pool, every rank runs a watchdog thread that exits the
+rank when the owning process disappears (even by SIGKILL). The fork server
+itself exits once the owner and all ranks are gone. ``shutdown_all`` runs at
+exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import datetime
+import faulthandler
+import importlib
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.util  # imported before our atexit hook so ours runs first (LIFO)
+import os
+import pickle
+import select
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+__all__ = [
+    "RankPoolFault",
+    "RankTaskError",
+    "RankCrash",
+    "RankHang",
+    "RankContext",
+    "RankPool",
+    "get_pool",
+    "shutdown_all",
+    "default_timeout",
+    "task_timeout",
+    "TIMEOUT_ENV",
+]
+
+TIMEOUT_ENV = "LORA_HARNESS_RANK_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+ADAPTIVE_FLOOR_S = 10.0
+ADAPTIVE_FACTOR = 10.0
+# After the first rank error, how long the others may take to report before
+# they are declared blocked. Long enough for a peer that merely finishes its
+# work; short because a peer stuck in a collective with the failed rank would
+# otherwise sit there until the gloo timeout.
+ERROR_GRACE_S = 2.0
+# How long a graceful shutdown waits for ranks to leave before SIGKILL.
+SHUTDOWN_JOIN_S = 2.0
+# How long the parent waits for faulthandler to finish writing stacks.
+STACK_DUMP_WAIT_S = 2.0
+
+_STORE_HOST = "127.0.0.1"
+_WATCHDOG_EXIT_CODE = 86  # distinctive, so a report shows "owner vanished"
+
+
+# ---------------------------------------------------------------- faults ----
+
+
+class RankPoolFault(Exception):
+    """An infrastructure fault of a rank pool; ``str()`` is the full report."""
+
+
+class RankTaskError(RankPoolFault):
+    """One or more ranks raised.
+
+    ``errors``: ``{rank: (exc_type_name, message, traceback_str)}``;
+    ``stacks``: stacks of ranks that had not reported within the grace period;
+    ``pending``: those ranks.
+    """
+
+    def __init__(self, report: str, errors: dict, stacks: dict | None = None, pending: list | None = None):
+        super().__init__(report)
+        self.errors = errors
+        self.stacks = stacks or {}
+        self.pending = pending or []
+
+
+class RankCrash(RankPoolFault):
+    """A rank process died. ``exitcodes``: ``{rank: code}`` (negative: signal).
+
+    ``errors`` and ``stacks`` carry what the surviving ranks reported or were
+    doing, as context.
+    """
+
+    def __init__(self, report: str, exitcodes: dict, errors: dict | None = None, stacks: dict | None = None):
+        super().__init__(report)
+        self.exitcodes = exitcodes
+        self.errors = errors or {}
+        self.stacks = stacks or {}
+
+
+class RankHang(RankPoolFault):
+    """Ranks did not report within the timeout.
+
+    ``pending``: ranks that did not report; ``stacks``: ``{rank: str}`` for
+    every rank, pending or not.
+    """
+
+    def __init__(self, report: str, stacks: dict, pending: list, timeout: float):
+        super().__init__(report)
+        self.stacks = stacks
+        self.pending = pending
+        self.timeout = timeout
+
+
+# --------------------------------------------------------- timeout policy ---
+
+# Slowest successful task per (world_size, backend) in this process; survives
+# pool replacement so a replacement pool does not fall back to the ceiling.
+_slowest_ok_s: dict[tuple[int, str], float] = {}
+
+
+def default_timeout() -> float:
+    """The timeout ceiling: ``$LORA_HARNESS_RANK_TIMEOUT`` seconds, else 60."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds; set it to e.g. 60") from None
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def task_timeout(world_size: int, backend: str, ceiling: float | None = None) -> float:
+    """The timeout the next task of ``(world_size, backend)`` gets (module docstring)."""
+    ceiling = default_timeout() if ceiling is None else ceiling
+    slowest = _slowest_ok_s.get((world_size, backend))
+    if slowest is None:
+        return ceiling
+    return min(ceiling, max(ADAPTIVE_FLOOR_S, ADAPTIVE_FACTOR * slowest))
+
+
+def _record_success(world_size: int, backend: str, seconds: float) -> None:
+    key = (world_size, backend)
+    _slowest_ok_s[key] = max(seconds, _slowest_ok_s.get(key, 0.0))
+
+
+# ------------------------------------------------------------ rank side ----
+
+
+@dataclasses.dataclass
+class RankContext:
+    """What a task sees on its rank.
+
+    ``state`` persists across tasks in this rank process (caches, built
+    models); it is lost when the pool is replaced.
+    """
+
+    rank: int
+    world_size: int
+    backend: str
+    state: dict = dataclasses.field(default_factory=dict)
+    pid: int = 0
+    device: Any = None  # torch.device the rank computes on
+    store: Any = None  # the TCPStore client of this world
+    tasks_run: int = 0  # tasks started in this process before the current one
+
+
+@dataclasses.dataclass
+class _RankSpec:
+    rank: int
+    world_size: int
+    backend: str
+    store_port: int
+    owner_pid: int
+    sys_path: list
+    environ: dict
+    preload: tuple
+    initializer: str | None
+    pg_timeout_s: float
+    stack_file: str
+
+
+def _watch_owner(owner_pid: int) -> None:
+    """Exit this rank when the owning process is gone.
+
+    A pidfd becomes readable when the process exits, zombie or not, and is
+    immune to pid reuse; polling ``kill(pid, 0)`` is the fallback.
+    """
+    try:
+        fd = os.pidfd_open(owner_pid)
+    except ProcessLookupError:
+        os._exit(_WATCHDOG_EXIT_CODE)
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+            os._exit(_WATCHDOG_EXIT_CODE)
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(owner_pid, 0)
+            except ProcessLookupError:
+                os._exit(_WATCHDOG_EXIT_CODE)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="lora-harness-owner-watchdog", daemon=True).start()
+
+
+def _error_message(kind: str, exc: BaseException) -> bytes:
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not cost us the report
+        text = f"<str() of {type(exc).__name__} failed>"
+    return pickle.dumps((kind, type(exc).__name__, text, traceback.format_exc()))
+
+
+def _resolve(spec: str) -> Callable:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"initializer {spec!r} must look like 'package.module:function'")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rank_main(spec: _RankSpec, conn) -> None:
+    """Body of one rank process: init the world, then serve tasks until told to stop."""
+    import torch  # preloaded by the fork server: free
+
+    # Ranks share a few cores; intra-op threads would only oversubscribe them.
+    torch.set_num_threads(1)
+    # Ctrl-C belongs to the owner, which kills the pool; a KeyboardInterrupt
+    # inside a rank would only race it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stack_file = open(spec.stack_file, "a")
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    _watch_owner(spec.owner_pid)
+    # The fork server was started with the owner's path and environment of
+    # that moment; tasks must see the owner's as of this pool's start.
+    sys.path[:] = spec.sys_path
+    os.environ.update(spec.environ)
+
+    try:
+        for name in spec.preload:
+            importlib.import_module(name)
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=spec.pg_timeout_s)
+        store = dist.TCPStore(_STORE_HOST, spec.store_port, None, False, timeout)
+        if spec.backend == "nccl":
+            local = spec.rank % max(1, torch.cuda.device_count())
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group(
+            spec.backend, store=store, rank=spec.rank, world_size=spec.world_size, timeout=timeout
+        )
+        ctx = RankContext(
+            rank=spec.rank,
+            world_size=spec.world_size,
+            backend=spec.backend,
+            pid=os.getpid(),
+            device=device,
+            store=store,
+        )
+        if spec.initializer:
+            _resolve(spec.initializer)(ctx)
+        reply = pickle.dumps(("ok", 0, pickle.dumps(os.getpid())))
+    except BaseException as exc:
+        reply = _error_message("err", exc)
+        ctx = None
+    try:
+        conn.send_bytes(reply)
+    except OSError:
+        os._exit(_WATCHDOG_EXIT_CODE)
+    if ctx is None:
+        # Start failed; wait to be killed rather than exit, so the owner
+        # reports the error instead of a crash.
+        _serve_until_eof(conn)
+
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(_WATCHDOG_EXIT_CODE)  # owner closed the pipe: it is gone
+        msg = pickle.loads(data)  # from the owner's own pickler: trusted shape
+        if msg[0] == "stop":
+            break
+        _, task_id, payload = msg
+        try:
+            fn, args, kwargs = pickle.loads(payload)
+            value = fn(ctx, *args, **kwargs)
+            try:
+                blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except BaseException as exc:
+                raise TypeError(
+                    f"the result of the task on rank {ctx.rank} ({type(value).__name__}) cannot be pickled "
+                    f"for the parent: {exc}"
+                ) from exc
+            reply = pickle.dumps(("ok", task_id, blob))
+        except BaseException as exc:  # SystemExit too: a task must not end the rank silently
+            reply = _error_message("err", exc)
+        ctx.tasks_run += 1
+        try:
+            conn.send_bytes(reply)
+        except OSError:
+            os._exit(_WATCHDOG_EXIT_CODE)
+
+    try:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    finally:
+        stack_file.close()
+
+
+def _serve_until_eof(conn) -> None:
+    while True:
+        try:
+            conn.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(_WATCHDOG_EXIT_CODE)
+
+
+# ----------------------------------------------------------- owner side ----
+
+
+@dataclasses.dataclass
+class _Outcome:
+    reports: dict  # rank -> decoded message tuple
+    dead: dict  # rank -> exitcode
+    pending: list  # ranks neither reported nor dead
+    elapsed: float
+
+
+def _task_name(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _indent(text: str) -> str:
+    return "".join("    " + line + "\n" for line in text.rstrip("\n").splitlines()) or "    <empty>\n"
+
+
+class RankPool:
+    """A persistent world of ``world_size`` rank processes on ``backend``.
+
+    See the module docstring for the task contract and the timeout policy.
+    ``timeout`` here is the ceiling (instead of ``$LORA_HARNESS_RANK_TIMEOUT``
+    or 60 s) and the process-group timeout. ``initializer`` is
+    ``"module:function"``, called as ``function(ctx)`` on every rank once the
+    process group exists. A task cannot take a keyword argument named
+    ``timeout``: ``run`` consumes it.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        backend: str = "gloo",
+        *,
+        initializer: str | None = None,
+        preload=("torch",),
+        timeout: float | None = None,
+    ):
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.world_size = world_size
+        self.backend = backend
+        self.initializer = initializer
+        self.preload = tuple(preload)
+        self._ceiling = timeout
+        self.owner_pid = os.getpid()
+        self._lock = threading.Lock()
+        self._retired = False
+        self._procs: list = []
+        self._conns: list = []
+        self._store = None
+        self._stack_dir: str | None = None
+        self._task_id = 0
+        self.tasks_run = 0
+        self.retire_reason: str | None = None
+        started = time.monotonic()
+        try:
+            self._start()
+        except BaseException:
+            self._retire("start failed")
+            raise
+        self.start_seconds = time.monotonic() - started
+
+    # -- introspection ------------------------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    @property
+    def alive(self) -> bool:
+        return (
+            not self._retired
+            and os.getpid() == self.owner_pid
+            and all(p.is_alive() for p in self._procs)
+        )
+
+    @property
+    def next_timeout(self) -> float:
+        """The timeout a ``run`` without ``timeout=`` gets now."""
+        return task_timeout(self.world_size, self.backend, self._ceiling)
+
+    def _config(self) -> tuple:
+        return (self.initializer, self.preload, self._ceiling)
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else f"retired ({self.retire_reason})"
+        return f"RankPool(world_size={self.world_size}, backend={self.backend!r}, pids={self.pids}, {state})"
+
+    # -- start --------------------------------------------------------------
+
+    def _start(self) -> None:
+        import torch.distributed as dist
+
+        ceiling = self._ceiling if self._ceiling is not None else default_timeout()
+        ctx = multiprocessing.get_context("forkserver")
+        _prepare_forkserver(self.preload)
+        self._store = dist.TCPStore(
+            _STORE_HOST, 0, None, True, datetime.timedelta(seconds=ceiling), wait_for_workers=False
+        )
+        self._stack_dir = tempfile.mkdtemp(prefix=f"lora-harness-ws{self.world_size}-")
+        for rank in range(self.world_size):
+            spec = _RankSpec(
+                rank=rank,
+                world_size=self.world_size,
+                backend=self.backend,
+                store_port=self._store.port,
+                owner_pid=self.owner_pid,
+                sys_path=list(sys.path),
+                environ=dict(os.environ),
+                preload=self.preload,
+                initializer=self.initializer,
+                pg_timeout_s=ceiling,
+                stack_file=os.path.join(self._stack_dir, f"rank{rank}.stacks"),
+            )
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=_rank_main,
+                args=(spec, child_end),
+                name=f"lora-harness-rank{rank}of{self.world_size}-{self.backend}",
+                # daemonic: multiprocessing's own exit hook terminates them
+                # too, instead of joining them forever.
+                daemon=True,
+            )
+            self._procs.append(proc)
+            self._conns.append(parent_end)
+            proc.start()
+            child_end.close()
+        label = f"start of a {self.world_size}-rank {self.backend} pool (initializer={self.initializer!r})"
+        outcome = self._collect(list(range(self.world_size)), time.monotonic() + ceiling)
+        self._raise_if_fault(outcome, label, ceiling, "the ceiling bounds a pool start")
+
+    # -- run ----------------------------------------------------------------
+
+    def run(self, fn: Callable, *args, timeout: float | None = None, **kwargs) -> list:
+        """Call ``fn(ctx, *args, **kwargs)`` on every rank; return the results in rank order.
+
+        Raises :class:`RankTaskError`, :class:`RankCrash` or :class:`RankHang`
+        (and retires the pool) on any fault; ``TypeError`` without touching
+        the pool if ``fn``/arguments cannot be pickled.
+        """
+        with self._lock:
+            if self._retired or os.getpid() != self.owner_pid:
+                raise RankPoolFault(
+                    f"{self!r} is retired ({self.retire_reason}); get a fresh pool with get_pool()"
+                )
+            if timeout is not None:
+                limit, policy = float(timeout), "explicit timeout= argument"
+            else:
+                limit = self.next_timeout
+                policy = (
+                    f"adaptive: min(ceiling, max({ADAPTIVE_FLOOR_S:g} s, {ADAPTIVE_FACTOR:g} x slowest "
+                    f"successful task {_slowest_ok_s.get((self.world_size, self.backend), 0.0):.3f} s)); "
+                    f"raise it with timeout= or {TIMEOUT_ENV}"
+                )
+            name = _task_name(fn)
+            try:
+                payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                raise TypeError(
+                    f"task {name} or its arguments cannot be pickled for the rank processes "
+                    f"(tasks must be top-level functions of an importable module): {exc}"
+                ) from exc
+            self._task_id += 1
+            message = pickle.dumps(("run", self._task_id, payload), protocol=pickle.HIGHEST_PROTOCOL)
+            label = f"task {name} on {self.world_size} ranks ({self.backend})"
+            try:
+                started = time.monotonic()
+                deadline = started + limit
+                sent = self._send_all(message)
+                outcome = self._collect(sent, deadline)
+                waited = time.monotonic() - started
+                results = self._raise_if_fault(outcome, label, limit, policy)
+            except BaseException as exc:
+                if not self._retired:
+                    self._retire(f"{type(exc).__name__} in {label}")
+                raise
+            # The timeout bounds the wait for the ranks' reports, so adapt on
+            # that; unpickling results in the parent is excluded (the first
+            # tensor pickled by a rank that imported megatron.core makes the
+            # parent import megatron.core, seconds once).
+            _record_success(self.world_size, self.backend, waited)
+            self.tasks_run += 1
+            return results
+
+    def _send_all(self, message: bytes) -> list[int]:
+        """Send to every rank; stop at the first that cannot take it (it died).
+
+        Ranks after it are not sent the task, so they are not waited for: they
+        sit idle, not blocked, and the dead rank's sentinel reports the crash.
+        """
+        sent = []
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send_bytes(message)
+            except OSError:
+                sent.append(rank)  # its sentinel tells how it died
+                break
+            sent.append(rank)
+        return sent
+
+    def _collect(self, ranks: list[int], deadline: float) -> _Outcome:
+        """Wait for one message from each of ``ranks``, or their death, or the deadline."""
+        started = time.monotonic()
+        pending = set(ranks)
+        reports: dict = {}
+        dead: dict = {}
+        by_conn = {self._conns[r]: r for r in ranks}
+        by_sentinel = {self._procs[r].sentinel: r for r in ranks}
+        closed: set[int] = set()  # ranks whose pipe hit EOF: wait for the sentinel
+        fault_at: float | None = None
+
+        def take(rank: int, data: bytes) -> None:
+            nonlocal fault_at
+            try:
+                msg = pickle.loads(data)
+            except Exception as exc:  # only our own tuples travel here
+                msg = ("err", type(exc).__name__, f"undecodable message from rank {rank}: {exc}", "")
+            reports[rank] = msg
+            pending.discard(rank)
+            if msg[0] != "ok" and fault_at is None:
+                fault_at = time.monotonic()
+
+        while pending:
+            now = time.monotonic()
+            limit = deadline if fault_at is None else min(deadline, fault_at + ERROR_GRACE_S)
+            if now >= limit:
+                break
+            waitables = [self._conns[r] for r in pending if r not in closed]
+            waitables += [self._procs[r].sentinel for r in pending]
+            for obj in multiprocessing.connection.wait(waitables, timeout=limit - now):
+                if obj in by_conn:
+                    rank = by_conn[obj]
+                    if rank not in pending:
+                        continue
+                    try:
+                        take(rank, obj.recv_bytes())
+                    except (EOFError, OSError):
+                        closed.add(rank)
+                else:
+                    rank = by_sentinel[obj]
+                    if rank not in pending:
+                        continue
+                    conn = self._conns[rank]
+                    # It may have reported just before it exited.
+                    try:
+                        if rank not in closed and conn.poll():
+                            take(rank, conn.recv_bytes())
+                            continue
+                    except (EOFError, OSError):
+                        pass
+                    self._procs[rank].join(1.0)
+                    dead[rank] = self._procs[rank].exitcode
+                    pending.discard(rank)
+                    if fault_at is None:
+                        fault_at = time.monotonic()
+        return _Outcome(reports, dead, sorted(pending), time.monotonic() - started)
+
+    def _raise_if_fault(self, outcome: _Outcome, label: str, limit: float, policy: str) -> list:
+        errors: dict = {}
+        results: list = [None] * self.world_size
+        for rank, msg in sorted(outcome.reports.items()):
+            if msg[0] == "ok":
+                try:
+                    results[rank] = pickle.loads(msg[2])
+                except BaseException as exc:
+                    errors[rank] = (
+                        type(exc).__name__,
+                        f"the result of rank {rank} could not be unpickled in the parent: {exc}",
+                        traceback.format_exc(),
+                    )
+            else:
+                errors[rank] = tuple(msg[1:4])
+        if not errors and not outcome.dead and not outcome.pending:
+            return results
+
+        pids = self.pids
+        if outcome.pending and not outcome.dead and not errors:
+            stacks = self._dump_stacks(list(range(self.world_size)))
+        else:
+            stacks = self._dump_stacks(outcome.pending) if outcome.pending else {}
+        self._retire(f"fault in {label}")
+
+        lines = []
+        if outcome.dead:
+            head = ", ".join(f"rank {r} (pid {pids[r]}) exited with code {_describe_exit(c)}" for r, c in sorted(outcome.dead.items()))
+            lines.append(f"RankCrash in {label}: {head}.")
+        elif errors:
+            lines.append(
+                f"RankTaskError in {label}: "
+                + "; ".join(f"rank {r} raised {t}: {m}" for r, (t, m, _) in sorted(errors.items()))
+            )
+        else:
+            reported = [r for r in range(self.world_size) if r not in outcome.pending]
+            lines.append(
+                f"RankHang in {label}: rank(s) {outcome.pending} did not report within {limit:.3g} s"
+                f" (reported: {reported or 'none'}). Timeout policy: {policy}."
+            )
+        for rank, (etype, msg, tb) in sorted(errors.items()):
+            lines.append(f"--- rank {rank} (pid {pids[rank]}) raised {etype}: {msg}")
+            lines.append(_indent(tb or "<no traceback>"))
+        for rank in sorted(stacks):
+            why = "pending, no report" if rank in outcome.pending else "had reported"
+            if (errors or outcome.dead) and rank in outcome.pending:
+                why = f"no report within {ERROR_GRACE_S:g} s after the first fault: blocked"
+            lines.append(f"--- Python stacks of rank {rank} (pid {pids[rank]}, {why}):")
+            lines.append(_indent(stacks[rank]))
+        lines.append(
+            f"The pool was retired (all {self.world_size} rank processes killed); "
+            f"the next get_pool({self.world_size}, {self.backend!r}) starts a fresh one."
+        )
+        report = "\n".join(lines)
+        if outcome.dead:
+            raise RankCrash(report, dict(outcome.dead), errors, stacks)
+        if errors:
+            raise RankTaskError(report, errors, stacks, list(outcome.pending))
+        raise RankHang(report, stacks, list(outcome.pending), limit)
+
+    def _dump_stacks(self, ranks: list[int]) -> dict[int, str]:
+        """Ask ``ranks`` for their Python stacks (faulthandler on SIGUSR1) and read them."""
+        paths = {r: os.path.join(self._stack_dir, f"rank{r}.stacks") for r in ranks}
+        offsets = {r: _file_size(paths[r]) for r in ranks}
+        stacks: dict[int, str] = {}
+        signalled = []
+        for r in ranks:
+            proc = self._procs[r]
+            if not proc.is_alive():
+                stacks[r] = f"<process exited with code {_describe_exit(proc.exitcode)}>"
+                continue
+            try:
+                os.kill(proc.pid, signal.SIGUSR1)
+                signalled.append(r)
+            except ProcessLookupError:
+                stacks[r] = "<process vanished before its stack could be dumped>"
+        # faulthandler writes from the signal handler, even while the main
+        # thread sits in C code; wait until every file has grown and settled.
+        deadline = time.monotonic() + STACK_DUMP_WAIT_S
+        last = {r: -1 for r in signalled}
+        while signalled and time.monotonic() < deadline:
+            time.sleep(0.05)
+            sizes = {r: _file_size(paths[r]) for r in signalled}
+            if all(sizes[r] > offsets[r] and sizes[r] == last[r] for r in signalled):
+                break
+            last = sizes
+        for r in signalled:
+            try:
+                with open(paths[r], "rb") as f:
+                    f.seek(offsets[r])
+                    text = f.read().decode("utf-8", "replace")
+            except OSError as exc:
+                text = f"<could not read the stack dump: {exc}>"
+            stacks[r] = text or f"<no stack dump within {STACK_DUMP_WAIT_S:g} s>"
+        return stacks
+
+    # -- shutdown -----------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the ranks: ask politely, join briefly, then SIGKILL. Idempotent."""
+        with self._lock:
+            if not self._retired:
+                self._retire("shut down", graceful=True)
+
+    def _retire(self, reason: str, graceful: bool = False) -> None:
+        self._retired = True
+        self.retire_reason = reason
+        if os.getpid() != self.owner_pid:
+            return  # a forked copy of the owner: these ranks are not ours to kill
+        if graceful:
+            stop = pickle.dumps(("stop",))
+            for conn in self._conns:
+                try:
+                    conn.send_bytes(stop)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + SHUTDOWN_JOIN_S
+            for proc in self._procs:
+                if proc.pid is not None:
+                    proc.join(max(0.0, deadline - time.monotonic()))
+        started = [proc for proc in self._procs if proc.pid is not None]
+        for proc in started:
+            if proc.exitcode is None:
+                try:
+                    proc.kill()
+                except (ProcessLookupError, OSError):
+                    pass
+        for proc in started:
+            # The fork server reaps them and reports through the sentinel, so
+            # after join the pid is gone from the process table.
+            proc.join(5.0)
+        for conn in self._conns:
+            conn.close()
+        self._store = None
+        if self._stack_dir:
+            shutil.rmtree(self._stack_dir, ignore_errors=True)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _describe_exit(code) -> str:
+    if code is None:
+        return "unknown"
+    if code < 0:
+        try:
+            return f"{code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return str(code)
+    if code == _WATCHDOG_EXIT_CODE:
+        return f"{code} (its owner process vanished)"
+    return str(code)
+
+
+# ----------------------------------------------------------- fork server ---
+
+# What the running fork server imported, when we started it; None if we did
+# not (not started yet, or started by other code with unknown preload).
+_forkserver_preload: frozenset | None = None
+_forkserver_lock = threading.Lock()
+
+
+def _prepare_forkserver(preload: tuple) -> None:
+    """Make the fork server preload ``preload`` if that can be had cheaply.
+
+    The fork server is one per process and imports its preload list once, at
+    its start. Before it starts, the list is set to the union of everything
+    asked so far. If it already runs without some of ``preload`` and has no
+    children (no live rank anywhere in this process), it is restarted with
+    the union, so e.g. a test that started it with only torch does not make
+    every later megatron pool re-import megatron in each rank. With live
+    children it is left alone: ranks import what is missing themselves,
+    correct but slower to start.
+    """
+    global _forkserver_preload
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    with _forkserver_lock:
+        pid = server._forkserver_pid
+        if pid is not None and _process_exists(pid):
+            if _forkserver_preload is not None and set(preload) <= _forkserver_preload:
+                return
+            if not hasattr(server, "_stop") or _children_of(pid):
+                return
+            # No child holds the server's "alive" pipe: it exits at once.
+            server._stop()
+        merged = tuple(dict.fromkeys([*sorted(_forkserver_preload or ()), *preload]))
+        forkserver.set_forkserver_preload(list(merged))
+        _forkserver_preload = frozenset(merged)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # not waitpid: that would steal the reap from multiprocessing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _children_of(pid: int) -> list[int]:
+    """Live children of ``pid``; ``[-1]`` (busy) where /proc cannot tell."""
+    if not os.path.isdir("/proc"):
+        return [-1]  # assume busy: a restart must never block on a child
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            children.append(int(entry))
+    return children
+
+
+# ---------------------------------------------------------------- cache ----
+
+_pools: dict[tuple[int, str], RankPool] = {}
+_pools_lock = threading.Lock()
+
+
+def get_pool(world_size: int, backend: str = "gloo", **kw) -> RankPool:
+    """The live pool for ``(world_size, backend)`` in this process, started if needed.
+
+    A retired or dead pool is replaced transparently; so is one started with
+    different ``initializer``/``preload``/``timeout``, since its ranks would
+    run tasks in the wrong environment.
+    """
+    key = (world_size, backend)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is not None and pool.owner_pid != os.getpid():
+            _pools.clear()  # inherited by fork: those ranks belong to the parent
+            pool = None
+        if pool is not None:
+            wanted = (kw.get("initializer"), tuple(kw.get("preload", ("torch",))), kw.get("timeout"))
+            if not pool.alive or pool._config() != wanted:
+                pool.shutdown()
+                pool = None
+        if pool is None:
+            pool = RankPool(world_size, backend, **kw)
+            _pools[key] = pool
+        return pool
+
+
+def shutdown_all() -> None:
+    """Shut down every pool this process started (registered with atexit)."""
+    with _pools_lock:
+        pools = [p for p in _pools.values() if p.owner_pid == os.getpid()]
+        _pools.clear()
+    for pool in pools:
+        pool.shutdown()
+
+
+atexit.register(shutdown_all)
