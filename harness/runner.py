@@ -43,8 +43,9 @@ Timeout policy
   ADAPTIVE_FACTOR * slowest successful task so far))`` for that
   ``(world_size, backend)``, remembered across pool replacements in this
   process. A task's duration is the time from sending it to the last rank's
-  report (what the timeout bounds; unpickling results is excluded). A hang planted in a hypothesis test that replays and shrinks many
-  examples then costs ~10 s per example instead of a minute.
+  report (what the timeout bounds; unpickling results is excluded). A hang
+  planted in a hypothesis test that replays and shrinks many examples then
+  costs ~10 s per example instead of a minute.
 * The process-group (gloo) timeout is the ceiling, so a collective inside a
   task never waits longer than a default task may run. A task given an
   explicit timeout above the ceiling can see its collectives fail with a
@@ -495,11 +496,20 @@ class RankPool:
 
         ceiling = self._ceiling if self._ceiling is not None else default_timeout()
         ctx = multiprocessing.get_context("forkserver")
-        _prepare_forkserver(self.preload)
         self._store = dist.TCPStore(
             _STORE_HOST, 0, None, True, datetime.timedelta(seconds=ceiling), wait_for_workers=False
         )
         self._stack_dir = tempfile.mkdtemp(prefix=f"lora-harness-ws{self.world_size}-")
+        # Held while forking so no other thread restarts the fork server
+        # between our check for its children and our own forks.
+        with _forkserver_lock:
+            _prepare_forkserver(self.preload)
+            self._spawn_ranks(ctx, ceiling)
+        label = f"start of a {self.world_size}-rank {self.backend} pool (initializer={self.initializer!r})"
+        outcome = self._collect(list(range(self.world_size)), time.monotonic() + ceiling)
+        self._raise_if_fault(outcome, label, ceiling, "the ceiling bounds a pool start")
+
+    def _spawn_ranks(self, ctx, ceiling: float) -> None:
         for rank in range(self.world_size):
             spec = _RankSpec(
                 rank=rank,
@@ -527,9 +537,6 @@ class RankPool:
             self._conns.append(parent_end)
             proc.start()
             child_end.close()
-        label = f"start of a {self.world_size}-rank {self.backend} pool (initializer={self.initializer!r})"
-        outcome = self._collect(list(range(self.world_size)), time.monotonic() + ceiling)
-        self._raise_if_fault(outcome, label, ceiling, "the ceiling bounds a pool start")
 
     # -- run ----------------------------------------------------------------
 
@@ -826,6 +833,8 @@ _forkserver_lock = threading.Lock()
 def _prepare_forkserver(preload: tuple) -> None:
     """Make the fork server preload ``preload`` if that can be had cheaply.
 
+    Called with ``_forkserver_lock`` held.
+
     The fork server is one per process and imports its preload list once, at
     its start. Before it starts, the list is set to the union of everything
     asked so far. If it already runs without some of ``preload`` and has no
@@ -839,18 +848,17 @@ def _prepare_forkserver(preload: tuple) -> None:
     from multiprocessing import forkserver
 
     server = forkserver._forkserver
-    with _forkserver_lock:
-        pid = server._forkserver_pid
-        if pid is not None and _process_exists(pid):
-            if _forkserver_preload is not None and set(preload) <= _forkserver_preload:
-                return
-            if not hasattr(server, "_stop") or _children_of(pid):
-                return
-            # No child holds the server's "alive" pipe: it exits at once.
-            server._stop()
-        merged = tuple(dict.fromkeys([*sorted(_forkserver_preload or ()), *preload]))
-        forkserver.set_forkserver_preload(list(merged))
-        _forkserver_preload = frozenset(merged)
+    pid = server._forkserver_pid
+    if pid is not None and _process_exists(pid):
+        if _forkserver_preload is not None and set(preload) <= _forkserver_preload:
+            return
+        if not hasattr(server, "_stop") or _children_of(pid):
+            return
+        # No child holds the server's "alive" pipe: it exits at once.
+        server._stop()
+    merged = tuple(dict.fromkeys([*sorted(_forkserver_preload or ()), *preload]))
+    forkserver.set_forkserver_preload(list(merged))
+    _forkserver_preload = frozenset(merged)
 
 
 def _process_exists(pid: int) -> bool:

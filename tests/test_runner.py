@@ -1,0 +1,506 @@
+"""Tests of harness.runner: results, reuse, fault reports, and no leftover processes."""
+
+import json
+import os
+import select
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness import runner
+from harness.runner import (
+    RankContext,
+    RankCrash,
+    RankHang,
+    RankPool,
+    RankPoolFault,
+    RankTaskError,
+    get_pool,
+    shutdown_all,
+)
+from tests import _runner_tasks as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One configuration for every get_pool call in this file, so the cached pool
+# is shared between tests instead of being replaced for a config change.
+KW = {"timeout": 30}
+
+
+def _running(pid: int) -> bool:
+    """Is ``pid`` a live (non-zombie) process? Zombies of an exited process count as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _still_running(pids, within: float = 5.0) -> list:
+    deadline = time.monotonic() + within
+    while True:
+        alive = [p for p in pids if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup_pools():
+    yield
+    shutdown_all()
+
+
+# ------------------------------------------------------------- results ----
+
+
+def test_every_rank_runs_the_task_and_results_come_in_rank_order():
+    pool = get_pool(2, **KW)
+    infos = pool.run(T.rank_info)
+    assert [i["rank"] for i in infos] == [0, 1]
+    assert [i["dist_rank"] for i in infos] == [0, 1]
+    assert {i["dist_world_size"] for i in infos} == {2}
+    assert {i["backend"] for i in infos} == {"gloo"}
+    assert [i["pid"] for i in infos] == pool.pids
+    assert {i["threads"] for i in infos} == {1}
+    # forkserver children: the owner is not their parent, hence the watchdog
+    assert all(i["ppid"] != os.getpid() for i in infos)
+    # all_reduce of the rank numbers is their sum on every rank
+    assert pool.run(T.all_reduce_ranks) == [1.0, 1.0]
+
+
+def test_args_kwargs_and_tensors_travel_both_ways():
+    pool = get_pool(2, **KW)
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    out = pool.run(T.scaled_by_rank, t, offset=0.5)
+    assert len(out) == 2
+    torch.testing.assert_close(out[0], t * 1 + 0.5)
+    torch.testing.assert_close(out[1], t * 2 + 0.5)
+
+
+def test_pool_is_reused_across_tasks_and_rank_state_persists():
+    pool = get_pool(2, **KW)
+    pids = pool.pids
+    first = pool.run(T.count_calls)
+    second = get_pool(2, **KW).run(T.count_calls)
+    assert get_pool(2, **KW) is pool and pool.pids == pids
+    assert second == [first[0] + 1, first[1] + 1]
+
+
+def test_hypothesis_examples_all_run_on_one_pool():
+    seen_pids = set()
+
+    @settings(max_examples=30, deadline=None, database=None)
+    @given(st.integers(-(10**6), 10**6))
+    def check(x):
+        pool = get_pool(2, **KW)
+        assert pool.run(T.sum_of_rank_multiples, x) == [3 * x, 3 * x]
+        seen_pids.add(tuple(pool.pids))
+
+    check()
+    assert len(seen_pids) == 1
+
+
+def test_pools_of_different_world_sizes_coexist():
+    p2 = get_pool(2, **KW)
+    p1 = get_pool(1, **KW)
+    p3 = get_pool(3, **KW)
+    assert p3.run(T.all_reduce_ranks) == [3.0] * 3
+    assert p1.run(T.all_reduce_ranks) == [0.0]
+    assert p2.run(T.all_reduce_ranks) == [1.0, 1.0]
+    assert len({*p1.pids, *p2.pids, *p3.pids}) == 6
+    assert p1.alive and p2.alive and p3.alive
+    p1.shutdown()
+    p3.shutdown()
+    assert _still_running(p1.pids + p3.pids) == []
+    assert p2.alive
+
+
+def test_initializer_sys_path_and_environment(tmp_path, monkeypatch):
+    (tmp_path / "runner_probe_before.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LORA_HARNESS_TEST_MARK", "set-before-start")
+    pool = RankPool(2, initializer="tests._runner_tasks:mark_initialized", timeout=30)
+    try:
+        envs = pool.run(T.environment, "LORA_HARNESS_TEST_MARK")
+        assert [e["initialized"] for e in envs] == [(0, 2.0), (1, 2.0)]
+        assert all(e["sys_path"] == sys.path for e in envs)
+        assert {e["env"] for e in envs} == {"set-before-start"}
+        assert {e["threads"] for e in envs} == {1}
+        assert pool.run(T.import_module, "runner_probe_before") == [42, 42]
+
+        # sys.path is sent at start: a path added later is not seen by the ranks.
+        later = tmp_path / "later"
+        later.mkdir()
+        (later / "runner_probe_after.py").write_text("VALUE = 7\n")
+        monkeypatch.syspath_prepend(str(later))
+        with pytest.raises(RankTaskError) as info:
+            pool.run(T.import_module, "runner_probe_after")
+        assert set(info.value.errors) == {0, 1}
+        assert {e[0] for e in info.value.errors.values()} == {"ModuleNotFoundError"}
+    finally:
+        pool.shutdown()
+    assert _still_running(pool.pids) == []
+
+
+def _forkserver_children() -> set:
+    import multiprocessing.forkserver
+
+    return set(runner._children_of(multiprocessing.forkserver._forkserver._forkserver_pid))
+
+
+def test_initializer_failure_is_a_task_error_of_that_rank():
+    get_pool(2, **KW)  # the fork server runs and has these children
+    before = _forkserver_children()
+    with pytest.raises(RankTaskError) as info:
+        RankPool(2, initializer="tests._runner_tasks:initializer_failing_on_rank_1", timeout=30)
+    err = info.value
+    assert set(err.errors) == {1}
+    assert err.errors[1][0] == "RuntimeError"
+    assert "planted initializer failure on rank 1" in str(err)
+    assert "initializer_failing_on_rank_1" in err.errors[1][2]
+    assert _forkserver_children() == before  # the failed pool's ranks are gone
+
+
+def test_get_pool_replaces_a_pool_started_with_another_configuration():
+    pool = get_pool(2, **KW)
+    other = get_pool(2, timeout=25)
+    assert other is not pool and not pool.alive
+    assert _still_running(pool.pids) == []
+    assert other.run(T.all_reduce_ranks) == [1.0, 1.0]
+    assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
+
+
+def test_unpicklable_task_is_refused_without_touching_the_pool():
+    pool = get_pool(2, **KW)
+    pids = pool.pids
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pool.run(lambda ctx: ctx.rank)
+    assert pool.alive and pool.pids == pids
+    assert pool.run(T.all_reduce_ranks) == [1.0, 1.0]
+
+
+def test_rank_context_fields():
+    ctx = RankContext(rank=1, world_size=2, backend="gloo")
+    assert ctx.state == {} and ctx.tasks_run == 0
+
+
+# -------------------------------------------------------------- faults ----
+
+
+def test_error_on_rank_1_names_it_with_traceback_and_stacks_of_blocked_rank_0():
+    pool = get_pool(2, **KW)
+    pids = pool.pids
+    with pytest.raises(RankTaskError) as info:
+        pool.run(T.fail_on_rank_1, timeout=20)
+    err = info.value
+    report = str(err)
+    assert set(err.errors) == {1}
+    etype, message, tb = err.errors[1]
+    assert etype == "ValueError" and message == "planted failure on rank 1"
+    assert "planted_failure" in tb and "fail_on_rank_1" in tb and "Traceback" in tb
+    assert "rank 1" in report and "planted failure on rank 1" in report and "planted_failure" in report
+    assert "rank 0 raised" not in report
+    # rank 0 waited in the all_reduce for the failed peer: reported as blocked
+    assert err.pending == [0]
+    assert "all_reduce" in err.stacks[0] and "fail_on_rank_1" in err.stacks[0]
+    # the pool was retired and its processes are gone; the next one is fresh
+    assert not pool.alive
+    assert _still_running(pids) == []
+    fresh = get_pool(2, **KW)
+    assert fresh is not pool and set(fresh.pids).isdisjoint(pids)
+    assert fresh.run(T.all_reduce_ranks) == [1.0, 1.0]
+
+
+def test_system_exit_in_a_task_is_an_error_not_a_crash():
+    pool = get_pool(2, **KW)
+    with pytest.raises(RankTaskError) as info:
+        pool.run(T.system_exit_on_rank_0)
+    assert set(info.value.errors) == {0}
+    assert info.value.errors[0][0] == "SystemExit"
+    assert _still_running(pool.pids) == []
+
+
+def test_crash_names_rank_and_exit_code_without_waiting_for_the_timeout():
+    pool = get_pool(2, **KW)
+    pids = pool.pids
+    started = time.monotonic()
+    with pytest.raises(RankCrash) as info:
+        pool.run(T.exit_on_rank, 1, 7, timeout=60)
+    elapsed = time.monotonic() - started
+    assert info.value.exitcodes == {1: 7}
+    assert "rank 1" in str(info.value) and "exited with code 7" in str(info.value)
+    assert elapsed < 30  # sentinel-driven: far from the 60 s timeout
+    assert _still_running(pids) == []
+    assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
+
+
+def test_segfault_is_a_crash_with_the_signal():
+    pool = get_pool(2, **KW)
+    with pytest.raises(RankCrash) as info:
+        pool.run(T.segfault_on_rank, 0, timeout=60)
+    assert info.value.exitcodes == {0: -11}
+    assert "rank 0" in str(info.value) and "SIGSEGV" in str(info.value)
+    assert _still_running(pool.pids) == []
+
+
+def test_hang_on_rank_1_reports_stacks_of_all_ranks_within_the_timeout():
+    pool = get_pool(2, **KW)
+    pids = pool.pids
+    started = time.monotonic()
+    with pytest.raises(RankHang) as info:
+        pool.run(T.hang_on_rank_1, timeout=2)
+    elapsed = time.monotonic() - started
+    hang = info.value
+    assert 2 <= elapsed < 2 + 10
+    assert hang.pending == [1]
+    assert set(hang.stacks) == {0, 1}
+    assert "planted_hang" in hang.stacks[1] and "hang_on_rank_1" in hang.stacks[1]
+    assert "planted_hang" not in hang.stacks[0]  # rank 0 had reported: idle
+    assert "rank(s) [1] did not report within 2 s" in str(hang)
+    assert _still_running(pids) == []
+    assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
+
+
+def test_hang_in_a_collective_only_rank_0_enters():
+    pool = get_pool(2, **KW)
+    with pytest.raises(RankHang) as info:
+        pool.run(T.lonely_all_reduce, timeout=2)
+    hang = info.value
+    assert hang.pending == [0]
+    assert set(hang.stacks) == {0, 1}
+    assert "lonely_all_reduce" in hang.stacks[0] and "all_reduce" in hang.stacks[0]
+    assert _still_running(pool.pids) == []
+
+
+def test_result_that_cannot_be_pickled_on_the_rank():
+    pool = get_pool(2, **KW)
+    with pytest.raises(RankTaskError) as info:
+        pool.run(T.unpicklable_result)
+    assert set(info.value.errors) == {0, 1}
+    assert "cannot be pickled" in info.value.errors[1][1]
+    assert _still_running(pool.pids) == []
+
+
+def test_result_that_cannot_be_unpickled_in_the_parent():
+    pool = get_pool(2, **KW)
+    with pytest.raises(RankTaskError) as info:
+        pool.run(T.result_failing_to_unpickle)
+    err = info.value
+    assert set(err.errors) == {0, 1}
+    assert "could not be unpickled in the parent" in err.errors[0][1]
+    assert "planted unpickling failure of rank 1's result" in str(err)
+    assert _still_running(pool.pids) == []
+    assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
+
+
+def test_a_retired_pool_refuses_tasks_and_shutdown_is_idempotent():
+    pool = RankPool(1, timeout=30)
+    pool.shutdown()
+    pool.shutdown()
+    assert not pool.alive
+    with pytest.raises(RankPoolFault, match="retired"):
+        pool.run(T.all_reduce_ranks)
+    assert _still_running(pool.pids) == []
+
+
+def test_shutdown_all_leaves_no_rank_process():
+    pools = [get_pool(2, **KW), get_pool(1, **KW)]
+    pids = [pid for p in pools for pid in p.pids]
+    assert all(_running(pid) for pid in pids)
+    shutdown_all()
+    assert _still_running(pids) == []
+    assert runner._pools == {}
+    assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
+
+
+# ------------------------------------------------------ timeout policy ----
+
+
+def test_timeout_policy(monkeypatch):
+    monkeypatch.setattr(runner, "_slowest_ok_s", {})
+    monkeypatch.delenv(runner.TIMEOUT_ENV, raising=False)
+    assert runner.task_timeout(2, "gloo") == 60.0  # first task: the ceiling
+    runner._record_success(2, "gloo", 0.05)
+    assert runner.task_timeout(2, "gloo") == 10.0  # floor
+    runner._record_success(2, "gloo", 3.0)
+    runner._record_success(2, "gloo", 0.01)  # slowest is kept
+    assert runner.task_timeout(2, "gloo") == 30.0  # 10 x slowest
+    runner._record_success(2, "gloo", 100.0)
+    assert runner.task_timeout(2, "gloo") == 60.0  # capped by the ceiling
+    assert runner.task_timeout(4, "gloo") == 60.0  # per world size
+    monkeypatch.setenv(runner.TIMEOUT_ENV, "5")
+    assert runner.task_timeout(2, "gloo") == 5.0
+    assert runner.task_timeout(2, "gloo", ceiling=20.0) == 20.0
+    monkeypatch.setenv(runner.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=runner.TIMEOUT_ENV):
+        runner.default_timeout()
+
+
+def test_adaptive_timeout_is_used_after_a_success_and_survives_replacement():
+    pool = get_pool(2, **KW)
+    pool.run(T.all_reduce_ranks)
+    slowest = runner._slowest_ok_s[(2, "gloo")]
+    expected = min(30.0, max(runner.ADAPTIVE_FLOOR_S, runner.ADAPTIVE_FACTOR * slowest))
+    assert pool.next_timeout == expected
+    pool.shutdown()
+    assert get_pool(2, **KW).next_timeout == expected
+
+
+# -------------------------------------------------- separate processes ----
+
+
+def _child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop(runner.TIMEOUT_ENV, None)
+    return env
+
+
+def _read_line(proc, timeout):
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        proc.kill()
+        pytest.fail(f"child printed nothing within {timeout} s; stderr: {proc.communicate()[1]}")
+    line = proc.stdout.readline()
+    if not line:
+        pytest.fail(f"child exited early: {proc.wait()}; stderr: {proc.stderr.read()}")
+    return line
+
+
+OWNER_SCRIPT = textwrap.dedent(
+    """
+    import json, multiprocessing.forkserver, multiprocessing.resource_tracker
+    from harness.runner import get_pool
+    from tests import _runner_tasks as T
+    pool = get_pool(2, timeout=60)
+    assert pool.run(T.all_reduce_ranks) == [1.0, 1.0]
+    print(json.dumps({
+        "ranks": pool.pids,
+        "forkserver": multiprocessing.forkserver._forkserver._forkserver_pid,
+        "resource_tracker": multiprocessing.resource_tracker._resource_tracker._pid,
+    }), flush=True)
+    pool.run(T.hang_everywhere)  # ranks busy, not listening: only the watchdog ends them
+    """
+)
+
+
+def test_ranks_and_forkserver_exit_when_the_owner_is_sigkilled():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OWNER_SCRIPT],
+        cwd=ROOT,
+        env=_child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        info = json.loads(_read_line(proc, 120))
+        ranks = info["ranks"]
+        assert all(_running(pid) for pid in ranks)
+        time.sleep(0.5)  # let the ranks enter the hanging task
+        proc.kill()
+        proc.wait(30)
+        assert _still_running(ranks, within=10) == []
+        assert _still_running([info["forkserver"]], within=10) == []
+        assert _still_running([info["resource_tracker"]], within=10) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from harness.runner import get_pool, RankCrash, shutdown_all
+    from tests import _runner_tasks as T
+    pids = []
+    for i in range(4):
+        pool = get_pool(2, timeout=60)
+        pids.append(pool.pids)
+        assert pool.run(T.sum_of_rank_multiples, i + 1) == [3 * (i + 1)] * 2
+        try:
+            pool.run(T.exit_on_rank, i % 2, 5)  # fault: the next get_pool starts a fresh world
+        except RankCrash as exc:
+            assert exc.exitcodes == {i % 2: 5}
+    shutdown_all()
+    print(json.dumps({"pids": pids}), flush=True)
+    """
+)
+
+
+def test_two_processes_start_pools_concurrently_without_colliding():
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER_SCRIPT],
+            cwd=ROOT,
+            env=_child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=180)
+            assert proc.returncode == 0, err
+            outputs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    all_pids = [pid for o in outputs for pair in o["pids"] for pid in pair]
+    assert len(all_pids) == 16 and len(set(all_pids)) == 16  # 4 fresh worlds each
+    assert _still_running(all_pids) == []
+
+
+PRELOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, multiprocessing.forkserver as fsm
+    from harness.runner import RankPool
+    from tests import _runner_tasks as T
+    a = RankPool(1, preload=("torch",), timeout=60)
+    first_server = fsm._forkserver._forkserver_pid
+    a.shutdown()
+    b = RankPool(2, preload=("torch", "probe_a"), timeout=60)  # no rank alive: server restarted
+    second_server = fsm._forkserver._forkserver_pid
+    b_imports = b.run(T.imported_in, "probe_a")
+    c = RankPool(1, preload=("torch", "probe_b"), timeout=60)  # b alive: server kept
+    print(json.dumps({
+        "servers": [first_server, second_server, fsm._forkserver._forkserver_pid],
+        "b": b_imports,
+        "c": c.run(T.imported_in, "probe_b"),
+        "b_still_works": b.run(T.all_reduce_ranks),
+    }), flush=True)
+    """
+)
+
+
+def test_fork_server_is_restarted_for_a_longer_preload_only_when_idle(tmp_path):
+    for name in ("probe_a", "probe_b"):
+        (tmp_path / f"{name}.py").write_text("import os\nPID_AT_IMPORT = os.getpid()\n")
+    env = _child_env()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    done = subprocess.run(
+        [sys.executable, "-c", PRELOAD_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    first, second, third = out["servers"]
+    assert second != first and third == second
+    # probe_a was imported once, by the restarted fork server, not by the ranks
+    assert [imported for imported, _ in out["b"]] == [second, second]
+    # probe_b could not be preloaded while b's ranks lived: the rank imported it
+    [(imported, rank_pid)] = out["c"]
+    assert imported == rank_pid
+    assert out["b_still_works"] == [1.0, 1.0]
