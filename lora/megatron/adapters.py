@@ -139,6 +139,7 @@ class ParallelLinearAdapter(nn.Module):
         is_expert: bool,
         gated: bool,
         module_name: str,
+        input_is_parallel: bool = True,
     ) -> None:
         super().__init__()
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -154,6 +155,9 @@ class ParallelLinearAdapter(nn.Module):
         self.module_name = module_name
         self.in_features = in_features
         self.out_features = out_features
+        # A row base either takes an input already split along `in`, or the
+        # full input, which it scatters itself; A must take what the base takes.
+        self.input_is_parallel = input_is_parallel if kind == "row" else False
         self.tp_size = group_size(tp_group)
         self.tp_rank = group_rank(tp_group)
         cfg = _adapter_config(base_config, lora_dtype)
@@ -162,7 +166,7 @@ class ParallelLinearAdapter(nn.Module):
             self.linear_in = ColumnParallelLinear(in_features, dim, gather_output=True, skip_bias_add=True, **common)
         else:
             self.linear_in = RowParallelLinear(
-                in_features, dim, input_is_parallel=True, skip_bias_add=True, **common
+                in_features, dim, input_is_parallel=input_is_parallel, skip_bias_add=True, **common
             )
         # B's output stays split like the base's for a column base, and is
         # gathered to the base's full width for a row base.
@@ -207,8 +211,9 @@ class ParallelLinearAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_dtype)
         if self.dropout_position == "pre":
-            # A column base sees the full (replicated) input; a row base a shard.
-            x = self._dropout(x, sharded=(self.kind == "row"))
+            # A column base sees the full (replicated) input; a row base a
+            # shard, unless it scatters the full input itself.
+            x = self._dropout(x, sharded=self.input_is_parallel)
         h, _ = self.linear_in(x)
         out, _ = self.linear_out(h)
         if self.dropout_position == "post":

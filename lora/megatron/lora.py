@@ -103,6 +103,7 @@ class LoRA(LoRABase):
             is_expert=bool(getattr(module, "is_expert", False)),
             gated=is_gated_fc1(module, full_name),
             module_name=full_name,
+            input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
         )
         seed = getattr(self, "_base_seed", None)
         if seed is None:
