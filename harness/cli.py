@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -40,8 +41,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import os
-
     from hypothesis import settings
 
     from harness.properties import PROPERTIES, check_property
@@ -102,6 +101,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    # Like `python -m`: an --impl module in the current directory imports
+    # (rank processes adopt this sys.path too).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if args.command == "layouts":
         from harness.settings import layout_set
 

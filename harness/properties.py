@@ -188,6 +188,9 @@ class PropertyOutcome:
     seconds: float = 0.0
     error: str = ""
     falsifying_example: str = ""
+    # The shrunk example itself: hypothesis replays the minimal failing
+    # example last, so the last case that failed is the minimal one.
+    minimal_case: Optional[GPTCase] = None
     worst: dict[str, float] = field(default_factory=dict)
     exception: Optional[BaseException] = field(default=None, repr=False)
 
@@ -229,11 +232,16 @@ def check_property(
     @given(case=gpt_cases(layout, impl))
     def _property(case: GPTCase) -> None:
         outcome.examples += 1
-        result = verifier.check(prop, case)
+        try:
+            result = verifier.check(prop, case)
+        except BaseException:
+            outcome.minimal_case = case
+            raise
         for key, stats in result.stats.items():
             kind = key.split("@")[0]
             outcome.worst[kind] = max(outcome.worst.get(kind, 0.0), stats.max_rel)
         if not result.passed:
+            outcome.minimal_case = case
             raise PropertyFailure(result.message(case))
 
     # Distinct database keys per property, layout and implementation, so a

@@ -1,0 +1,81 @@
+"""Every property can fail: known-wrong implementations must be caught, with a minimal example.
+
+Each implementation in ``tests.wrong_impls`` carries one realistic sharding
+bug. For each we assert which property catches it, that the report carries
+hypothesis's shrunk falsifying example, and (where the bug only exists under
+sharding) that the same implementation passes at TP=1, so the failure is
+about the layout and not an accident of the test.
+"""
+
+import re
+
+import pytest
+from hypothesis import settings
+
+from harness.layouts import ParallelLayout
+from harness.properties import check_property
+
+TP2 = ParallelLayout(tp=2)
+TP1 = ParallelLayout()
+# Enough examples that each bug's trigger (a gated MLP, a row-parallel
+# target, TP rank 1 holding an adapter) is drawn; no database, so a failure
+# recorded for one implementation is never replayed for another.
+SEARCH = settings(max_examples=60, database=None, deadline=None)
+
+
+@pytest.fixture(autouse=True)
+def _needs_tp2(max_tp):
+    if max_tp < 2:
+        pytest.skip("needs --tp 2 or more")
+
+
+def _expect_failure(prop, impl, layout=TP2):
+    outcome = check_property(prop, layout, impl, settings=SEARCH)
+    assert not outcome.passed, f"{prop} did not catch {impl} at {layout}"
+    # hypothesis's report of the shrunk example, replayable from its blob
+    assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
+    assert "@reproduce_failure" in outcome.falsifying_example
+    case = outcome.minimal_case
+    assert case is not None and case.impl == impl and case.layout == layout.describe()
+    return outcome
+
+
+def _expect_pass(prop, impl, layout):
+    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=15))
+    assert outcome.passed, outcome.error
+    return outcome
+
+
+def test_forward_catches_scale_on_one_rank():
+    outcome = _expect_failure("forward_matches", "tests.wrong_impls.scaled_on_rank1")
+    assert "logits on rank" in outcome.error
+    _expect_pass("forward_matches", "tests.wrong_impls.scaled_on_rank1", TP1)
+
+
+def test_forward_catches_gate_up_swap_and_shrinks_to_a_gated_mlp():
+    outcome = _expect_failure("forward_matches", "tests.wrong_impls.gate_up_swapped")
+    case = outcome.minimal_case
+    assert case.shape.gated_linear_unit
+    # Shrinking reaches the smallest model that shows it: one layer.
+    assert case.shape.num_layers == 1
+
+
+def test_forward_catches_missing_allreduce():
+    _expect_failure("forward_matches", "tests.wrong_impls.missing_allreduce")
+    _expect_pass("forward_matches", "tests.wrong_impls.missing_allreduce", TP1)
+
+
+def test_backward_catches_dropped_gradient_term_that_forward_cannot_see():
+    _expect_pass("forward_matches", "tests.wrong_impls.dropped_grad_term", TP2)
+    outcome = _expect_failure("backward_matches", "tests.wrong_impls.dropped_grad_term")
+    assert re.search(r"gradient of \S+adapter\.linear_(in|out)\.weight", outcome.error)
+
+
+def test_backward_catches_zeroed_gradient_on_rank0():
+    _expect_pass("forward_matches", "tests.wrong_impls.no_adapter_grad_hook", TP2)
+    outcome = _expect_failure("backward_matches", "tests.wrong_impls.no_adapter_grad_hook")
+    assert "linear_out.weight" in outcome.error
+
+
+def test_backward_catches_scale_on_one_rank():
+    _expect_failure("backward_matches", "tests.wrong_impls.scaled_on_rank1")
