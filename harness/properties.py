@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings as hsettings
+from hypothesis import HealthCheck, given, reject, seed as hypothesis_seed, settings as hsettings
 
 from harness.compare import ErrorStats, compare_tensors, tolerance_for
 from harness.layouts import ParallelLayout
+from harness.runner import RankHang
 from harness.sharding import unshard
 from harness.tasks import GPTCase, run_gpt_case
 
@@ -208,11 +209,19 @@ def check_property(
     settings: Optional[hsettings] = None,
     verifier: Optional[Verifier] = None,
     seed: Optional[int] = None,
+    max_hangs: int = 3,
 ) -> PropertyOutcome:
     """Run one property for one layout under hypothesis; never raises for a failure.
 
     ``settings`` defaults to the active hypothesis profile. A failure carries
-    hypothesis's minimal falsifying example (shrunk) in ``falsifying_example``.
+    hypothesis's minimal falsifying example (shrunk) in ``falsifying_example``
+    and the case itself in ``minimal_case``.
+
+    Hangs are bounded: every hung example costs a rank timeout, and the
+    shrinker may try dozens of candidates. After ``max_hangs`` hangs in one
+    run, new candidates are rejected (hypothesis keeps the smallest hanging
+    example found so far) and a candidate that already hung is failed again
+    at once from memory, so hypothesis's final replay costs nothing.
     """
     from harness.strategies import gpt_cases
 
@@ -228,12 +237,24 @@ def check_property(
         report_multiple_bugs=False,
     )
 
+    hung: dict[str, BaseException] = {}
+
     @run_settings
     @given(case=gpt_cases(layout, impl))
     def _property(case: GPTCase) -> None:
+        key = repr(case)
+        if key in hung:
+            outcome.minimal_case = case
+            raise hung[key]
+        if len(hung) >= max_hangs:
+            reject()
         outcome.examples += 1
         try:
             result = verifier.check(prop, case)
+        except RankHang as exc:
+            hung[key] = exc
+            outcome.minimal_case = case
+            raise
         except BaseException:
             outcome.minimal_case = case
             raise

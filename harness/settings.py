@@ -25,8 +25,8 @@ __all__ = ["register_profiles", "layout_set", "PROFILES", "DEFAULT_PROFILE"]
 
 DEFAULT_PROFILE = "fast"
 PROFILES = {
-    "fast": dict(max_examples=25),
-    "deep": dict(max_examples=250),
+    "fast": dict(max_examples=50),
+    "deep": dict(max_examples=500),
 }
 
 

@@ -590,7 +590,9 @@ class LoRABase(LoRAFields):
         if is_adapter_wrapper(module):
             # Already adapted (a previous call): count it as matched so the
             # second call warns about nothing, and leave it untouched.
-            self.matcher.matches(module, join_name(prefix, name))
+            # Match on the wrapped base: in exclude mode the wrapper itself is
+            # not a linear type and would wrongly count as "matched nothing".
+            self.matcher.matches(module.to_wrap, join_name(prefix, name))
             return module, False
         new = self.transform(module, name, prefix)
         return new, not is_adapter_wrapper(new)

@@ -1,0 +1,73 @@
+"""A crashing or hanging implementation is a reported, bounded failure, never a hung run.
+
+The property run must end, name the rank, carry the stacks of every rank for
+a hang, shrink to a minimal example, and leave no rank process behind.
+"""
+
+import os
+import time
+
+import pytest
+from hypothesis import settings
+
+from harness.layouts import ParallelLayout
+from harness.properties import Verifier, check_property
+from harness.runner import RankCrash, RankHang, get_pool, shutdown_all
+
+TP2 = ParallelLayout(tp=2)
+SEARCH = settings(max_examples=40, database=None, deadline=None)
+
+
+@pytest.fixture(autouse=True)
+def _needs_tp2(max_tp):
+    if max_tp < 2:
+        pytest.skip("needs --tp 2 or more")
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_planted_hang_is_reported_with_all_stacks_and_bounded(capsys):
+    # A short rank timeout keeps this test quick; the default policy is in
+    # harness.runner. The hang budget bounds how many timeouts are paid.
+    verifier = Verifier(timeout=4)
+    start = time.monotonic()
+    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.hangs_on_rank1", settings=SEARCH, verifier=verifier, max_hangs=2)
+    elapsed = time.monotonic() - start
+    assert not outcome.passed
+    exc = outcome.exception
+    assert isinstance(exc, RankHang), outcome.error
+    assert set(exc.stacks) == {0, 1}
+    assert "wait_forever_in_fc2_adapter" in exc.stacks[1]
+    assert 1 in exc.pending
+    # The reported example really reaches linear_fc2's adapter.
+    case = outcome.minimal_case
+    assert case is not None and case.layout == TP2.describe()
+    assert "@reproduce_failure" in outcome.falsifying_example
+    with capsys.disabled():
+        print(f"\n[planted hang: property run ended after {elapsed:.1f}s, {outcome.examples} examples run]")
+
+
+def test_planted_crash_names_the_rank_and_exit_code():
+    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.crashes_on_rank1", settings=SEARCH)
+    assert not outcome.passed
+    exc = outcome.exception
+    assert isinstance(exc, RankCrash), outcome.error
+    assert exc.exitcodes.get(1) == 17
+    assert "rank 1" in str(exc)
+
+
+def test_no_rank_process_survives_faults_and_shutdown():
+    pool = get_pool(2, "gloo", initializer="harness.cpu:rank_initializer", preload=("harness._quiet", "torch", "megatron.core", "harness.tasks"))
+    pids = list(pool.pids)
+    check_property("forward_matches", TP2, "tests.wrong_impls.crashes_on_rank1", settings=settings(SEARCH, max_examples=5))
+    shutdown_all()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)]
