@@ -1,22 +1,27 @@
 """Tolerances and error statistics for comparing a sharded run with the reference.
 
-Why these tolerances (float32): a sharded run computes the same sums as the
-reference in a different order (a row-parallel matmul adds t partial
-products; a gathered adapter output is the same dot products split across
-ranks). Reordering a float32 sum of K terms changes it by at most about
-K * eps * sum|terms| (eps = 2**-24 ~ 6e-8), and typically sqrt(K) * eps.
-With the harness's model sizes (K <= 256, at most two layers, softmax and
-RMSNorm in between) the observed normwise error is ~1e-6 of the tensor's
-largest entry. We allow ``rtol = 1e-4`` of the largest reference magnitude
-plus ``atol = 1e-6``: two orders of magnitude of headroom over reordering,
-and still three orders of magnitude below what a real sharding bug produces
-(a wrong scale, a missing gather or a swapped gate/up slice changes outputs
+What may differ between two correct layouts is the order of floating-point
+sums: a row-parallel matmul adds t partial products, a gathered adapter
+output is the same dot products split across ranks. Reordering a sum of K
+terms changes it by at most ~K * eps * sum|terms| (typically sqrt(K) * eps),
+and attention and RMSNorm downstream can amplify that by the problem's
+condition number, which grows with large adapter scales (alpha/r up to 32).
+
+So the equivalence properties run the base model in float64 (``GPTCase.
+model_dtype``): reordering then costs ~1e-13 of a tensor's largest entry
+even after amplification, and we allow ``rtol = 1e-9``: three orders of
+magnitude of headroom, and eight below what a real sharding bug does (a
+wrong scale, a missing gather or a swapped gate/up slice changes outputs
 by the adapter's contribution, which the harness makes O(1) relative).
 
-When the adapter computes in a 16-bit dtype every adapter product is rounded
-to that dtype's precision, so the bound is widened to that dtype's epsilon
-times a small factor; float64 adapters are held to the float32 bound since the
-result is cast back to float32.
+When some of the computation is float32 (a float32 model, or
+``lora_dtype=float32`` adapters in a float64 model) the bound is ``rtol =
+1e-3`` of the largest reference magnitude (+ ``atol = 1e-6``): over 400
+float32 examples at TP=2 (800 comparisons) the median normwise error was
+2.7e-7 and the worst 1.4e-4 (adapter scale 8 on two layers, in a
+gradient), so 1e-3 keeps a 7x margin over the worst seen while staying two
+orders below a real bug. A 16-bit adapter dtype gets 8 eps of
+its dtype; those are kept out of the equivalence draws (see strategies).
 """
 
 from __future__ import annotations
@@ -32,18 +37,27 @@ __all__ = ["Tolerance", "ErrorStats", "tolerance_for", "compare_tensors"]
 
 @dataclass(frozen=True)
 class Tolerance:
-    rtol: float = 1e-4
+    rtol: float = 1e-3
     atol: float = 1e-6
 
 
-FLOAT32 = Tolerance()
+FLOAT64 = Tolerance(rtol=1e-9, atol=1e-12)
+FLOAT32 = Tolerance(rtol=1e-3, atol=1e-6)
 
 
-def tolerance_for(lora_dtype: Any) -> Tolerance:
-    name = str(lora_dtype).replace("torch.", "") if lora_dtype is not None else "float32"
-    if name in ("bfloat16", "float16", "half"):
-        eps = torch.finfo(getattr(torch, name if name != "half" else "float16")).eps
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def tolerance_for(lora_dtype: Any, model_dtype: Any = "float32") -> Tolerance:
+    """The bound for the least precise dtype in play: the model's, or the adapter's (None = the model's)."""
+    names = {_dtype_name(model_dtype), _dtype_name(lora_dtype if lora_dtype is not None else model_dtype)}
+    low = [n for n in names if n in ("bfloat16", "float16", "half")]
+    if low:
+        eps = max(torch.finfo(getattr(torch, "float16" if n == "half" else n)).eps for n in low)
         return Tolerance(rtol=8 * eps, atol=1e-5)
+    if names == {"float64"}:
+        return FLOAT64
     return FLOAT32
 
 

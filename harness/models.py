@@ -58,7 +58,9 @@ class GPTShape:
         return dataclasses.asdict(self)
 
 
-def transformer_config(shape: GPTShape, *, tp: int = 1, sequence_parallel: bool = False, **overrides: Any) -> Any:
+def transformer_config(
+    shape: GPTShape, *, tp: int = 1, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32, **overrides: Any
+) -> Any:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kwargs: dict[str, Any] = dict(
@@ -72,7 +74,7 @@ def transformer_config(shape: GPTShape, *, tp: int = 1, sequence_parallel: bool 
         normalization="RMSNorm",
         tensor_model_parallel_size=tp,
         sequence_parallel=sequence_parallel,
-        params_dtype=torch.float32,
+        params_dtype=params_dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
         # Dropout in the base model would make layouts incomparable.
         hidden_dropout=0.0,
@@ -89,7 +91,9 @@ def transformer_config(shape: GPTShape, *, tp: int = 1, sequence_parallel: bool 
     return TransformerConfig(**kwargs)
 
 
-def build_gpt(shape: GPTShape, *, tp: int, sequence_parallel: bool = False, **config_overrides: Any) -> Any:
+def build_gpt(
+    shape: GPTShape, *, tp: int, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32, **config_overrides: Any
+) -> Any:
     """megatron-core GPTModel for the active parallel_state (logits gathered over TP)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -97,7 +101,9 @@ def build_gpt(shape: GPTShape, *, tp: int, sequence_parallel: bool = False, **co
     from harness import cpu
 
     shape.check(tp)
-    config = transformer_config(shape, tp=tp, sequence_parallel=sequence_parallel, **config_overrides)
+    config = transformer_config(
+        shape, tp=tp, sequence_parallel=sequence_parallel, params_dtype=params_dtype, **config_overrides
+    )
     model = GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),

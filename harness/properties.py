@@ -9,8 +9,13 @@ one aspect:
 * ``forward_matches``: the logits on every rank equal the reference logits;
 * ``backward_matches``: the input gradient on every rank, and every adapter
   parameter's gradient (shards put back together per SPEC.md's TP table,
-  for each data-parallel replica) equal the reference gradients; base
-  parameters are frozen and adapter parameters trainable.
+  for each data-parallel replica) equal the reference gradients;
+* ``init_matches_layouts``: the adapters as the implementation initialised
+  them, gathered, equal what the same implementation draws at TP=1 for the
+  same seed;
+* ``adapters_follow_spec``: base parameters frozen, adapter parameters
+  trainable and in lora_dtype, logits in the base dtype, and applying the
+  LoRA a second time changes nothing.
 
 ``check_property`` runs one property for one layout under hypothesis and
 returns a ``PropertyOutcome`` carrying hypothesis's minimal falsifying
@@ -65,23 +70,68 @@ class Check:
         return "\n  ".join([head, *self.failures])
 
 
-def _assemble(results: list[dict[str, Any]], layout: ParallelLayout, world_size: int) -> list[dict[str, Any]]:
-    """Per data-parallel replica: full adapter gradients put back together from TP shards."""
-    groups = layout.expected_groups(world_size)["tp"]
+class Evidence:
+    """The runs one example needs, each made on first use and shared by the properties.
+
+    ``results``: the implementation under test at the case's layout (per rank);
+    ``reference``: ``lora.reference`` in a world of size 1;
+    ``baseline``: the implementation under test itself at TP=1, world size 1.
+    """
+
+    def __init__(self, verifier: "Verifier", case: GPTCase) -> None:
+        self.verifier = verifier
+        self.case = case
+        self.layout = ParallelLayout.parse(case.layout)
+        self._cache: dict[str, Any] = {}
+
+    def _get(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        return self._get("results", lambda: self.verifier.run(self.case))
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        return self._get("reference", lambda: self.verifier.reference(self.case))
+
+    @property
+    def baseline(self) -> dict[str, Any]:
+        return self._get("baseline", lambda: self.verifier.baseline(self.case))
+
+
+def _assemble(results: list[dict[str, Any]], layout: ParallelLayout, key: str) -> list[dict[str, Any]]:
+    """Per data-parallel replica: full adapter tensors (``key``) put back together from TP shards."""
+    groups = layout.expected_groups(len(results))["tp"]
     replicas = []
     for ranks in groups:
         members = sorted((results[r] for r in ranks), key=lambda res: res["tp_rank"])
         layout_info = members[0]["adapter_layout"]
         full: dict[str, Any] = {}
         for pname, (_, part, _shape) in layout_info.items():
-            pieces = [m["adapter_grads"].get(pname) for m in members]
+            pieces = [m[key].get(pname) for m in members]
             full[pname] = None if any(p is None for p in pieces) else unshard(pieces, part)
-        replicas.append({"ranks": ranks, "adapter_grads": full})
+        replicas.append({"ranks": ranks, "tensors": full})
     return replicas
 
 
-def forward_matches(case: GPTCase, ref: dict[str, Any], results: list[dict[str, Any]], layout: ParallelLayout) -> Check:
-    tol = tolerance_for(case.lora.get("lora_dtype"))
+def _compare_adapter_sets(check: Check, what: str, got: dict[str, Any], want: dict[str, Any], ranks: list[int], tol: Any) -> None:
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        check.failures.append(f"adapted parameters differ from the reference: missing {missing}, unexpected {extra}")
+        return
+    for pname in sorted(got):
+        stats = compare_tensors(got[pname], want[pname], tol)
+        check.stats[f"{pname}.{what}@ranks{ranks}"] = stats
+        if not stats.passed:
+            check.failures.append(f"{what} of {pname} (gathered over ranks {ranks}): {stats.reason}")
+
+
+def forward_matches(ev: Evidence) -> Check:
+    case, ref, results = ev.case, ev.reference, ev.results
+    tol = tolerance_for(case.lora.get("lora_dtype"), case.model_dtype)
     check = Check("forward_matches", True)
     for res in results:
         stats = compare_tensors(res["output"], ref["output"], tol)
@@ -92,35 +142,54 @@ def forward_matches(case: GPTCase, ref: dict[str, Any], results: list[dict[str, 
     return check
 
 
-def backward_matches(case: GPTCase, ref: dict[str, Any], results: list[dict[str, Any]], layout: ParallelLayout) -> Check:
-    tol = tolerance_for(case.lora.get("lora_dtype"))
+def backward_matches(ev: Evidence) -> Check:
+    case, ref, results = ev.case, ev.reference, ev.results
+    tol = tolerance_for(case.lora.get("lora_dtype"), case.model_dtype)
     check = Check("backward_matches", True)
     for res in results:
         stats = compare_tensors(res["input_grad"], ref["input_grad"], tol)
         check.stats[f"input_grad@rank{res['rank']}"] = stats
         if not stats.passed:
             check.failures.append(f"input gradient on rank {res['rank']}: {stats.reason}")
-        for violation in res["frozen_violations"]:
-            check.failures.append(f"rank {res['rank']}: trainable set wrong: {violation}")
-    ref_names = set(ref["adapter_grads"])
-    for replica in _assemble(results, layout, len(results)):
-        got = replica["adapter_grads"]
-        if set(got) != ref_names:
-            missing, extra = sorted(ref_names - set(got)), sorted(set(got) - ref_names)
-            check.failures.append(f"adapted parameters differ from the reference: missing {missing}, unexpected {extra}")
-            continue
-        for pname in sorted(got):
-            stats = compare_tensors(got[pname], ref["adapter_grads"][pname], tol)
-            check.stats[f"{pname}.grad@ranks{replica['ranks']}"] = stats
-            if not stats.passed:
-                check.failures.append(f"gradient of {pname} (gathered over ranks {replica['ranks']}): {stats.reason}")
+    for replica in _assemble(results, ev.layout, "adapter_grads"):
+        _compare_adapter_sets(check, "gradient", replica["tensors"], ref["adapter_grads"], replica["ranks"], tol)
     check.passed = not check.failures
     return check
 
 
-PROPERTIES: dict[str, Callable[..., Check]] = {
+def init_matches_layouts(ev: Evidence) -> Check:
+    """The adapters as the implementation initialised them, gathered, equal its own TP=1 init.
+
+    SPEC: init is computed over the full matrix, so for one seed the initial
+    adapter is the same at every layout (fans computed on a shard, or a
+    per-rank random stream, break this).
+    """
+    check = Check("init_matches_layouts", True)
+    # Initial values are drawn over the full matrix and sliced: bit-identical
+    # when right, so the tightest bound applies whatever the dtypes.
+    tol = tolerance_for("float64", "float64")
+    want = ev.baseline["initial_adapters"]
+    for replica in _assemble(ev.results, ev.layout, "initial_adapters"):
+        _compare_adapter_sets(check, "initial value", replica["tensors"], want, replica["ranks"], tol)
+    check.passed = not check.failures
+    return check
+
+
+def adapters_follow_spec(ev: Evidence) -> Check:
+    """Per rank: base frozen, adapters trainable, adapter dtype = lora_dtype, logits dtype kept, idempotent."""
+    check = Check("adapters_follow_spec", True)
+    for res in ev.results:
+        for violation in res["spec_violations"]:
+            check.failures.append(f"rank {res['rank']}: {violation}")
+    check.passed = not check.failures
+    return check
+
+
+PROPERTIES: dict[str, Callable[[Evidence], Check]] = {
     "forward_matches": forward_matches,
     "backward_matches": backward_matches,
+    "init_matches_layouts": init_matches_layouts,
+    "adapters_follow_spec": adapters_follow_spec,
 }
 
 
@@ -155,6 +224,16 @@ class Verifier:
             self._ref_cache.popitem(last=False)
         return result
 
+    def baseline(self, case: GPTCase) -> dict[str, Any]:
+        """The implementation under test itself at TP=1 in a world of size 1."""
+        base_case = case.with_(layout=REFERENCE_LAYOUT.describe())
+        key = ("baseline", case.impl, case.reference_key())
+        if key not in self._ref_cache:
+            self._ref_cache[key] = self._pool(1).run(run_gpt_case, base_case, timeout=self.timeout)[0]
+            while len(self._ref_cache) > self._cache_size:
+                self._ref_cache.popitem(last=False)
+        return self._ref_cache[key]
+
     def run(self, case: GPTCase) -> list[dict[str, Any]]:
         layout = ParallelLayout.parse(case.layout)
         return self._pool(layout.min_world_size).run(run_gpt_case, case, timeout=self.timeout)
@@ -162,9 +241,7 @@ class Verifier:
     def check(self, prop: str, case: GPTCase) -> Check:
         if prop not in PROPERTIES:
             raise ValueError(f"unknown property {prop!r}; known: {', '.join(PROPERTIES)}")
-        ref = self.reference(case)
-        results = self.run(case)
-        return PROPERTIES[prop](case, ref, results, ParallelLayout.parse(case.layout))
+        return PROPERTIES[prop](Evidence(self, case))
 
 
 _DEFAULT_VERIFIER: Optional[Verifier] = None

@@ -79,3 +79,30 @@ def test_backward_catches_zeroed_gradient_on_rank0():
 
 def test_backward_catches_scale_on_one_rank():
     _expect_failure("backward_matches", "tests.wrong_impls.scaled_on_rank1")
+
+
+def test_init_catches_fans_on_the_shard():
+    _expect_pass("init_matches_layouts", "tests.wrong_impls.fans_on_shard", TP1)
+    outcome = _expect_failure("init_matches_layouts", "tests.wrong_impls.fans_on_shard")
+    assert "initial value of" in outcome.error
+    # Forward and backward cannot see it: the harness sets adapter weights explicitly.
+    _expect_pass("forward_matches", "tests.wrong_impls.fans_on_shard", TP2)
+
+
+def test_spec_catches_ignored_lora_dtype():
+    outcome = _expect_failure("adapters_follow_spec", "tests.wrong_impls.ignores_lora_dtype")
+    assert re.search(r"has dtype torch\.float\d+, lora_dtype says torch\.float\d+", outcome.error)
+    case = outcome.minimal_case
+    # Only visible when lora_dtype differs from the model's dtype.
+    assert case.lora["lora_dtype"] not in (None, case.model_dtype)
+
+
+def test_spec_catches_reinitialisation_on_second_application():
+    outcome = _expect_failure("adapters_follow_spec", "tests.wrong_impls.reinit_on_reapply")
+    assert "applying LoRA twice changed" in outcome.error
+    _expect_pass("forward_matches", "tests.wrong_impls.reinit_on_reapply", TP2)
+
+
+def test_spec_catches_unfrozen_base():
+    outcome = _expect_failure("adapters_follow_spec", "tests.wrong_impls.base_left_trainable")
+    assert "base parameter" in outcome.error and "requires_grad=True" in outcome.error

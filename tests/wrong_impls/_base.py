@@ -10,8 +10,12 @@ from lora.megatron import LoRA as _CorrectLoRA
 from lora.megatron.adapters import ParallelLoRALinear
 
 
-def patched_lora(patch: Callable[[ParallelLoRALinear, str], None]) -> type:
-    """A LoRA class that calls ``patch(wrapper, full_name)`` on every parallel wrapper it makes."""
+def patched_lora(patch: Callable[[ParallelLoRALinear, str], None], *, after_init: bool = False) -> type:
+    """A LoRA class that calls ``patch(wrapper, full_name)`` on every parallel wrapper it makes.
+
+    With ``after_init`` the adapter is initialised again after the patch, so a
+    patched ``reset_parameters`` takes effect.
+    """
 
     @dataclass
     class LoRA(_CorrectLoRA):
@@ -20,6 +24,8 @@ def patched_lora(patch: Callable[[ParallelLoRALinear, str], None]) -> type:
             if new is not module and isinstance(new, ParallelLoRALinear):
                 full = f"{prefix}.{name}" if prefix else name
                 patch(new, full)
+                if after_init:
+                    new.adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method, self._base_seed)
             return new
 
     return LoRA
