@@ -81,7 +81,7 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> dict[str, Any]:
     torch.manual_seed(case.seed)
     model = impl.LoRA(**lora_kwargs)(model, training=case.training)
     initial = {
-        f"{wname}.adapter.{which}.weight": getattr(wrapper.adapter, which).weight.detach().double().clone()
+        f"{wname}.adapter.{which}.weight": getattr(wrapper.adapter, which).weight.detach().double().cpu()
         for wname, wrapper in adapter_modules(model).items()
         for which in ("linear_in", "linear_out")
         if isinstance(getattr(getattr(wrapper.adapter, which, None), "weight", None), torch.Tensor)
@@ -89,22 +89,24 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> dict[str, Any]:
     adapter_layout = load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32))
     violations = _spec_violations(model, adapter_layout, lora_kwargs["lora_dtype"])
 
+    # Seeded on the CPU, then moved: the same values on every device.
+    device = getattr(ctx, "device", None) or torch.device("cpu")
     s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
-    x = seeded_tensor(case.seed, "input", (s, b, h)).to(model_dtype).requires_grad_(True)
-    ids = torch.zeros(b, s, dtype=torch.long)
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    out = model(ids, pos, causal_mask(s), decoder_input=x)
+    x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=model_dtype).requires_grad_(True)
+    ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    out = model(ids, pos, causal_mask(s).to(device), decoder_input=x)
     # A random linear functional of the logits, so every output entry
     # reaches the gradients with a different weight.
     if out.dtype != model_dtype:
         violations.append(f"logits dtype {out.dtype}, base model computes in {model_dtype} (adapter output must be cast back)")
-    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(out.dtype)
+    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(device=device, dtype=out.dtype)
     (out * probe).sum().backward()
 
     grads = {}
     for pname in adapter_layout:
         grad = model.get_parameter(pname).grad
-        grads[pname] = None if grad is None else grad.detach().double().clone()
+        grads[pname] = None if grad is None else grad.detach().double().cpu()
     # Last, so that a non-idempotent implementation fails this check alone
     # and the forward/backward comparisons above see its first application.
     violations += _reapply_violations(model, impl, lora_kwargs, case.training)
@@ -112,8 +114,8 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> dict[str, Any]:
         "rank": ctx.rank,
         "tp_rank": tp_rank,
         "tp_size": tp,
-        "output": out.detach().double().clone(),
-        "input_grad": None if x.grad is None else x.grad.detach().clone(),
+        "output": out.detach().double().cpu(),
+        "input_grad": None if x.grad is None else x.grad.detach().double().cpu(),
         "adapter_grads": grads,
         "adapter_layout": adapter_layout,
         "initial_adapters": initial,

@@ -38,6 +38,9 @@ def _draw_shared_seed() -> int:
     """
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_backend() == "nccl":
+            # NCCL only moves CUDA tensors.
+            seed = seed.cuda()
         torch.distributed.broadcast(seed, src=0)
     return int(seed.item())
 
