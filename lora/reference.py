@@ -224,6 +224,8 @@ class LoRAMerge:
             adapter.alpha,
             adapter.dim,
             tp_size=_tp_size(base),
+            # Subclasses for sharded weights (lora.megatron) need the group.
+            tp_group=getattr(base, "tp_group", None),
         )
         base.weight.copy_(merged)
         return base

@@ -162,26 +162,6 @@ class LoRAMerge(_ReferenceLoRAMerge):
         return merge_weight(base_weight, linear_out, linear_in, alpha, dim)
 
 
-    @torch.no_grad()
-    def transform(self, module: nn.Module, name: Optional[str] = None, prefix: Optional[str] = None) -> nn.Module:
-        """The base layer with its adapter folded into its weight shard; anything else unchanged."""
-        if not is_adapter_wrapper(module):
-            return module
-        base, adapter = module.to_wrap, module.adapter
-        group = getattr(base, "tp_group", None)
-        merged = self.merge(
-            base.weight,
-            adapter.linear_out.weight,
-            adapter.linear_in.weight,
-            adapter.alpha,
-            adapter.dim,
-            tp_size=group_size(group),
-            tp_group=group,
-        )
-        base.weight.copy_(merged)
-        return base
-
-
 def _all_gather_dim0(t: torch.Tensor, group: Any) -> torch.Tensor:
     t = t.contiguous()
     out = torch.empty((t.shape[0] * group_size(group),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
