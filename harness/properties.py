@@ -275,7 +275,7 @@ class PropertyOutcome:
     def summary_line(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         worst = max(self.worst.values(), default=0.0)
-        return f"{verdict}  {self.prop:<18} {self.layout:<22} {self.examples:>4} examples  worst rel err {worst:.2e}  {self.seconds:6.1f}s"
+        return f"{verdict}  {self.prop:<22} {self.layout:<18} {self.examples:>4} examples  worst rel err {worst:.2e}  {self.seconds:6.1f}s"
 
 
 def check_property(

@@ -23,8 +23,8 @@ def test_verify_passes_and_prints_a_line_per_property_and_layout(capsys, tmp_pat
     rc = main(["verify", "--tp", "2", "--examples", "4", "--property", "forward_matches", "--seed", "3", "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "PASS  forward_matches    tp1-ep1-etp1-pp1" in out
-    assert "PASS  forward_matches    tp2-ep1-etp2-pp1" in out
+    assert "PASS  forward_matches        tp1-ep1-etp1-pp1" in out
+    assert "PASS  forward_matches        tp2-ep1-etp2-pp1" in out
     assert "2 passed, 0 failed" in out
     data = json.loads(path.read_text())
     assert [(d["prop"], d["layout"], d["passed"]) for d in data] == [
@@ -38,8 +38,8 @@ def test_verify_fails_with_the_minimal_example(capsys):
     rc = main(["verify", "--tp", "2", "--examples", "30", "--property", "forward_matches", "--impl", "tests.wrong_impls.scaled_on_rank1"])
     out = capsys.readouterr().out
     assert rc == 1
-    assert "PASS  forward_matches    tp1-ep1-etp1-pp1" in out
-    assert "FAIL  forward_matches    tp2-ep1-etp2-pp1" in out
+    assert "PASS  forward_matches        tp1-ep1-etp1-pp1" in out
+    assert "FAIL  forward_matches        tp2-ep1-etp2-pp1" in out
     assert "@reproduce_failure" in out
     assert "1 passed, 1 failed" in out
 

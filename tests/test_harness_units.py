@@ -1,0 +1,107 @@
+"""Pure-Python pieces of the harness: sharding, comparison, shapes, strategies (no processes)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from harness.compare import FLOAT32, FLOAT64, Tolerance, compare_tensors, tolerance_for
+from harness.layouts import ParallelLayout
+from harness.models import GPTShape, ShapeError
+from harness.sharding import Partition, seeded_tensor, shard, unshard
+from harness.strategies import gpt_cases, gpt_shapes, lora_configs
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.sampled_from([1, 2, 4]),
+    rows=st.integers(1, 3),
+    cols=st.integers(1, 3),
+    dim=st.sampled_from([0, 1]),
+    gated=st.booleans(),
+)
+def test_unshard_inverts_shard(size, rows, cols, dim, gated):
+    shape = [rows * size * 2, cols * size * 2]
+    full = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
+    part = Partition(dim, gated=gated and dim == 0)
+    pieces = [shard(full, part, r, size) for r in range(size)]
+    assert all(p.shape[dim] == shape[dim] // size for p in pieces)
+    assert torch.equal(unshard(pieces, part), full)
+
+
+def test_gated_shard_is_gate_slice_then_up_slice():
+    full = torch.arange(8.0).reshape(8, 1)  # gate rows 0..3, up rows 4..7
+    part = Partition(0, gated=True)
+    assert shard(full, part, 0, 2).flatten().tolist() == [0, 1, 4, 5]
+    assert shard(full, part, 1, 2).flatten().tolist() == [2, 3, 6, 7]
+    # A contiguous split would be a different (wrong) layout.
+    assert shard(full, Partition(0), 1, 2).flatten().tolist() == [4, 5, 6, 7]
+
+
+def test_shard_rejects_indivisible():
+    with pytest.raises(ValueError, match=r"cannot split a tensor of shape \(3, 2\)"):
+        shard(torch.zeros(3, 2), Partition(0), 0, 2)
+
+
+def test_seeded_tensor_depends_only_on_seed_name_shape():
+    a = seeded_tensor(1, "x", (2, 3))
+    assert torch.equal(a, seeded_tensor(1, "x", (2, 3)))
+    assert not torch.equal(a, seeded_tensor(2, "x", (2, 3)))
+    assert not torch.equal(a, seeded_tensor(1, "y", (2, 3)))
+
+
+def test_compare_tensors_bound_and_statistics():
+    ref = torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)
+    ok = compare_tensors(ref + 1e-4, ref, Tolerance(rtol=1e-4, atol=1e-6))
+    assert ok.passed and ok.ref_max == 4.0 and ok.max_abs == pytest.approx(1e-4)
+    bad = compare_tensors(ref * torch.tensor([1.0, 1.0, 1.5]), ref, FLOAT32)
+    assert not bad.passed and bad.worst_index == (2,) and bad.max_rel == pytest.approx(0.5)
+    assert "max|diff|=2 at (2,)" in bad.reason
+
+
+@pytest.mark.parametrize(
+    "actual, expected, reason",
+    [
+        (None, torch.ones(2), "actual is None"),
+        (torch.ones(3), torch.ones(2), "shape (3,) != expected (2,)"),
+        (torch.tensor([float("nan"), 1.0]), torch.ones(2), "non-finite"),
+    ],
+)
+def test_compare_tensors_never_passes_silently(actual, expected, reason):
+    stats = compare_tensors(actual, expected, FLOAT32)
+    assert not stats.passed and reason in stats.reason
+
+
+def test_tolerance_follows_the_least_precise_dtype():
+    assert tolerance_for(None, "float64") == FLOAT64
+    assert tolerance_for("float32", "float64") == FLOAT32
+    assert tolerance_for(None, "float32") == FLOAT32
+    assert tolerance_for("bfloat16", "float64").rtol == 8 * torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.parametrize(
+    "shape, tp, message",
+    [
+        (GPTShape(num_attention_heads=4, num_query_groups=2), 4, "num_query_groups=2 must be divisible by TP=4"),
+        (GPTShape(hidden_size=30, num_attention_heads=4), 1, "hidden_size=30 must be a multiple of num_attention_heads=4"),
+        (GPTShape(vocab_size=63), 2, "vocab_size=63 must be divisible by TP=2"),
+    ],
+)
+def test_shape_errors_name_field_value_and_rule(shape, tp, message):
+    with pytest.raises(ShapeError, match=message.replace("(", r"\(")):
+        shape.check(tp)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), tp=st.sampled_from([1, 2, 4]))
+def test_strategies_only_draw_valid_examples(data, tp):
+    shape = data.draw(gpt_shapes(tp))
+    shape.check(tp)
+    cfg = data.draw(lora_configs(tp))
+    assert cfg["dim"] % tp == 0
+    assert bool(cfg["target_modules"]) != bool(cfg["exclude_modules"])
+    case = data.draw(gpt_cases(ParallelLayout(tp=tp)))
+    assert case.layout == ParallelLayout(tp=tp).describe()
+    # Dropout only where it must be identity (eval mode).
+    assert case.training is False or case.lora["dropout"] == 0.0
