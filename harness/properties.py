@@ -15,7 +15,11 @@ one aspect:
   same seed;
 * ``adapters_follow_spec``: base parameters frozen, adapter parameters
   trainable and in lora_dtype, logits in the base dtype, and applying the
-  LoRA a second time changes nothing.
+  LoRA a second time changes nothing;
+* ``errors_follow_spec``: bad input (both target and exclude patterns, an
+  unknown init method, a pattern selecting a module with no adapter, a rank
+  TP cannot split, a pattern matching nothing) gives SPEC's error type or
+  warning, naming the module and the value.
 
 ``check_property`` runs one property for one layout under hypothesis and
 returns a ``PropertyOutcome`` carrying hypothesis's minimal falsifying
@@ -35,7 +39,7 @@ from harness.compare import ErrorStats, compare_tensors, tolerance_for
 from harness.layouts import ParallelLayout
 from harness.runner import RankHang
 from harness.sharding import unshard
-from harness.tasks import GPTCase, run_gpt_case
+from harness.tasks import GPTCase, run_error_case, run_gpt_case
 
 __all__ = [
     "PROPERTIES",
@@ -100,6 +104,10 @@ class Evidence:
     @property
     def baseline(self) -> dict[str, Any]:
         return self._get("baseline", lambda: self.verifier.baseline(self.case))
+
+    @property
+    def error_results(self) -> list[dict[str, Any]]:
+        return self._get("errors", lambda: self.verifier.run(self.case, task=run_error_case))
 
 
 def _assemble(results: list[dict[str, Any]], layout: ParallelLayout, key: str) -> list[dict[str, Any]]:
@@ -185,11 +193,22 @@ def adapters_follow_spec(ev: Evidence) -> Check:
     return check
 
 
+def errors_follow_spec(ev: Evidence) -> Check:
+    """Bad input gives SPEC's errors (type and message) and warnings, on every rank."""
+    check = Check("errors_follow_spec", True)
+    for res in ev.error_results:
+        for violation in res["error_violations"]:
+            check.failures.append(f"rank {res['rank']}: {violation}")
+    check.passed = not check.failures
+    return check
+
+
 PROPERTIES: dict[str, Callable[[Evidence], Check]] = {
     "forward_matches": forward_matches,
     "backward_matches": backward_matches,
     "init_matches_layouts": init_matches_layouts,
     "adapters_follow_spec": adapters_follow_spec,
+    "errors_follow_spec": errors_follow_spec,
 }
 
 
@@ -234,9 +253,9 @@ class Verifier:
                 self._ref_cache.popitem(last=False)
         return self._ref_cache[key]
 
-    def run(self, case: GPTCase) -> list[dict[str, Any]]:
+    def run(self, case: GPTCase, task: Callable[..., Any] = run_gpt_case) -> list[dict[str, Any]]:
         layout = ParallelLayout.parse(case.layout)
-        return self._pool(layout.min_world_size).run(run_gpt_case, case, timeout=self.timeout)
+        return self._pool(layout.min_world_size).run(task, case, timeout=self.timeout)
 
     def check(self, prop: str, case: GPTCase) -> Check:
         if prop not in PROPERTIES:

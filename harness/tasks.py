@@ -153,3 +153,92 @@ def _reapply_violations(model: torch.nn.Module, impl: Any, lora_kwargs: dict[str
             found.append(f"applying LoRA twice changed the values of {name}")
             break
     return found
+
+
+# Modules of the harness's GPT that are not linear-type, with the full name
+# and class a pre-order walk meets first when a pattern selects them.
+NON_LINEAR_TARGETS = (
+    ("input_layernorm", "decoder.layers.0.input_layernorm"),
+    ("self_attention", "decoder.layers.0.self_attention"),
+    ("mlp", "decoder.layers.0.mlp"),
+    ("*.layers.0.self_attention.core_attention", "decoder.layers.0.self_attention.core_attention"),
+)
+
+
+def run_error_case(ctx: Any, case: GPTCase) -> dict[str, Any]:
+    """Bad input must give SPEC's errors and warnings, naming the module, the value and the rule.
+
+    Variants are picked from the case's seed so hypothesis can vary and
+    shrink them. Returns this rank's violations.
+    """
+    import warnings
+
+    from megatron.core import parallel_state
+
+    from harness.layouts import ParallelLayout
+    from lora._common import INIT_METHODS
+
+    layout = ParallelLayout.parse(case.layout)
+    layout.initialize_megatron(ctx.world_size, seed=case.seed)
+    impl = load_impl(case.impl)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model_dtype = _dtype(case.model_dtype)
+    violations: list[str] = []
+
+    def fresh_model() -> torch.nn.Module:
+        return build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=model_dtype)
+
+    def expect(what: str, exc_type: type, fragments: list[str], make: Any) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                make()
+        except exc_type as exc:
+            missing = [f for f in fragments if f not in str(exc)]
+            if missing:
+                violations.append(f"{what}: {exc_type.__name__}({str(exc)!r}) does not name {missing}")
+            return
+        except Exception as exc:  # noqa: BLE001 - the wrong kind of error is the finding
+            violations.append(f"{what}: raised {type(exc).__name__}({exc}) instead of {exc_type.__name__}")
+            return
+        violations.append(f"{what}: no {exc_type.__name__} raised")
+
+    expect(
+        "target_modules and exclude_modules both non-empty",
+        ValueError,
+        ["target_modules=[]"],
+        lambda: impl.LoRA(target_modules=["linear_qkv"], exclude_modules=["linear_proj"])(fresh_model()),
+    )
+    bogus = f"no_such_init_{case.seed % 97}"
+    expect(
+        f"lora_A_init_method={bogus!r}",
+        ValueError,
+        [bogus, *INIT_METHODS],
+        lambda: impl.LoRA(lora_A_init_method=bogus)(fresh_model()),
+    )
+    pattern, full_name = NON_LINEAR_TARGETS[case.seed % len(NON_LINEAR_TARGETS)]
+    expect(
+        f"target_modules=[{pattern!r}] selecting a module with no adapter",
+        TypeError,
+        [full_name],
+        lambda: impl.LoRA(target_modules=[pattern])(fresh_model()),
+    )
+    if tp > 1:
+        dim = tp * (1 + case.seed % 3) + 1
+        qkv = "decoder.layers.0.self_attention.linear_qkv"
+        expect(
+            f"dim={dim} at TP={tp} on a column-parallel base",
+            ValueError,
+            [qkv, str(dim), str(tp)],
+            lambda: impl.LoRA(target_modules=["linear_qkv"], dim=dim)(fresh_model()),
+        )
+    unmatched = f"no_such_module_{case.seed % 89}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            impl.LoRA(target_modules=["linear_qkv", unmatched], dim=tp)(fresh_model())
+        except Exception as exc:  # noqa: BLE001
+            violations.append(f"a pattern matching nothing raised {type(exc).__name__}({exc}) instead of warning")
+    if not any(unmatched in str(w.message) for w in caught):
+        violations.append(f"target pattern {unmatched!r} matched nothing and no warning named it")
+    return {"rank": ctx.rank, "tp_rank": parallel_state.get_tensor_model_parallel_rank(), "error_violations": violations}

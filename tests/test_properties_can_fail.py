@@ -106,3 +106,14 @@ def test_spec_catches_reinitialisation_on_second_application():
 def test_spec_catches_unfrozen_base():
     outcome = _expect_failure("adapters_follow_spec", "tests.wrong_impls.base_left_trainable")
     assert "base parameter" in outcome.error and "requires_grad=True" in outcome.error
+
+
+def test_errors_catch_a_silently_skipped_module():
+    outcome = _expect_failure("errors_follow_spec", "tests.wrong_impls.skips_unsupported_modules")
+    assert "selecting a module with no adapter: no TypeError raised" in outcome.error
+
+
+def test_errors_catch_a_missing_rank_check():
+    _expect_pass("errors_follow_spec", "tests.wrong_impls.no_rank_check", TP1)
+    outcome = _expect_failure("errors_follow_spec", "tests.wrong_impls.no_rank_check")
+    assert "raised AssertionError" in outcome.error and "instead of ValueError" in outcome.error
