@@ -14,8 +14,10 @@ The adapter layers are real megatron-core linears on the base layer's own TP
 group, so their collectives (copy-to-region, gather, all-reduce) carry the
 gradients exactly as megatron's do.
 
-Initialisation is computed over the full, unsharded matrix and then sliced,
-so a given seed yields the same adapter at every layout: B's rows are sliced
+Initialisation is drawn over the full, unsharded matrix exactly as
+``lora.reference`` draws it (same function, same generator, same walk order)
+and then sliced, so a given seed yields the same adapter at every layout, and
+the same as the reference's: B's rows are sliced
 exactly like the base weight's rows (including the gate/up split of a gated
 ``linear_fc1``), A is sliced along r (column base) or along ``in`` (row base).
 """
@@ -23,7 +25,6 @@ exactly like the base weight's rows (including the gate/up split of a gated
 from __future__ import annotations
 
 import copy
-import hashlib
 from typing import Any, Optional
 
 import torch
@@ -33,7 +34,7 @@ from lora._common import (
     AdapterWrapper,
     add_to_base_output,
     apply_dropout,
-    init_full_weight,
+    init_adapter_weights,
 )
 
 __all__ = [
@@ -89,16 +90,6 @@ def shard_rows(full: torch.Tensor, rank: int, size: int, *, gated: bool) -> torc
         gate, up = torch.chunk(full, 2, dim=0)
         return torch.cat([torch.chunk(gate, size, dim=0)[rank], torch.chunk(up, size, dim=0)[rank]], dim=0)
     return torch.chunk(full, size, dim=0)[rank]
-
-
-def _derived_generator(base_seed: int, full_name: str, which: str) -> torch.Generator:
-    # A per-module, per-matrix stream that depends only on (seed, name): the
-    # same full matrix on every rank and at every layout, whatever else drew
-    # from the global generator in between.
-    digest = hashlib.sha256(f"{base_seed}:{full_name}:{which}".encode()).digest()
-    gen = torch.Generator()
-    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return gen
 
 
 def _adapter_config(base_config: Any, lora_dtype: torch.dtype) -> Any:
@@ -185,12 +176,14 @@ class ParallelLinearAdapter(nn.Module):
         return shard_rows(full, self.tp_rank, self.tp_size, gated=self.gated and self.kind == "column")
 
     @torch.no_grad()
-    def reset_parameters(self, a_method: str, b_method: str, base_seed: int) -> None:
-        full_a = init_full_weight(
-            (self.dim, self.in_features), a_method, generator=_derived_generator(base_seed, self.module_name, "A")
-        )
-        full_b = init_full_weight(
-            (self.out_features, self.dim), b_method, generator=_derived_generator(base_seed, self.module_name, "B")
+    def reset_parameters(self, a_method: str, b_method: str, generator: Optional[torch.Generator] = None) -> None:
+        """Draw full A then B (lora._common.init_adapter_weights, the reference's draw) and keep this rank's shards.
+
+        Every rank must draw from identical generator states (``LoRA``
+        synchronises torch's global generator from rank 0 before its walk).
+        """
+        full_a, full_b = init_adapter_weights(
+            self.out_features, self.in_features, self.dim, a_method, b_method, generator=generator
         )
         self.linear_in.weight.copy_(self.shard_A(full_a).to(self.linear_in.weight.dtype))
         self.linear_out.weight.copy_(self.shard_B(full_b).to(self.linear_out.weight.dtype))

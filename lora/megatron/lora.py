@@ -29,20 +29,23 @@ from lora.megatron.adapters import (
 __all__ = ["LoRA", "VLMLoRA", "LoRAMerge", "merge_lora"]
 
 
-def _draw_shared_seed() -> int:
-    """One seed for this application of LoRA, identical on every rank.
+def _sync_global_rng_from_rank0() -> None:
+    """Give every rank global rank 0's torch CPU generator state.
 
-    Drawn from torch's global generator (so ``torch.manual_seed`` before
-    applying LoRA fixes the adapters) and broadcast from global rank 0, since
-    every rank slices its shard from the same full matrix.
+    Every rank draws each adapter's full A and B from torch's global
+    generator, in walk order, and keeps its own slice; the slices only fit
+    together if all ranks draw the same numbers. Rank 0's stream is left as
+    it was, so rank 0 draws exactly what ``lora.reference`` draws for the
+    same seed.
     """
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        if torch.distributed.get_backend() == "nccl":
-            # NCCL only moves CUDA tensors.
-            seed = seed.cuda()
-        torch.distributed.broadcast(seed, src=0)
-    return int(seed.item())
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    state = torch.get_rng_state()
+    # NCCL only moves CUDA tensors.
+    carrier = state.cuda() if dist.get_backend() == "nccl" else state.clone()
+    dist.broadcast(carrier, src=0)
+    torch.set_rng_state(carrier.cpu())
 
 
 @dataclass
@@ -50,7 +53,7 @@ class LoRA(LoRABase):
     """LoRA for megatron-core column/row parallel linears (and plain nn.Linear)."""
 
     def __call__(self, model: Any, training: bool = True) -> Any:
-        self._base_seed = _draw_shared_seed()
+        _sync_global_rng_from_rank0()
         return super().__call__(model, training=training)
 
     def transform(self, module: nn.Module, name: Optional[str] = None, prefix: Optional[str] = None) -> nn.Module:
@@ -108,11 +111,7 @@ class LoRA(LoRABase):
             module_name=full_name,
             input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
         )
-        seed = getattr(self, "_base_seed", None)
-        if seed is None:
-            # transform() called directly, outside __call__.
-            seed = self._base_seed = _draw_shared_seed()
-        adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method, seed)
+        adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method)
         return ParallelLoRALinear(module, adapter)
 
 

@@ -25,7 +25,7 @@ def patched_lora(patch: Callable[[ParallelLoRALinear, str], None], *, after_init
                 full = f"{prefix}.{name}" if prefix else name
                 patch(new, full)
                 if after_init:
-                    new.adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method, self._base_seed)
+                    new.adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method)
             return new
 
     return LoRA

@@ -6,7 +6,6 @@ Correct at TP=1; at TP>1 the initial adapter depends on the layout.
 import torch
 
 from lora._common import init_full_weight
-from lora.megatron.adapters import _derived_generator
 from tests.wrong_impls._base import LoRAMerge, VLMLoRA, patched_lora  # noqa: F401
 
 
@@ -14,11 +13,10 @@ def _patch(wrapper, full_name):
     adapter = wrapper.adapter
 
     @torch.no_grad()
-    def reset_parameters(a_method, b_method, base_seed):
+    def reset_parameters(a_method, b_method, generator=None):
         for which, method in (("linear_in", a_method), ("linear_out", b_method)):
             weight = getattr(adapter, which).weight
-            gen = _derived_generator(base_seed, full_name, "A" if which == "linear_in" else "B")
-            weight.copy_(init_full_weight(tuple(weight.shape), method, generator=gen).to(weight.dtype))
+            weight.copy_(init_full_weight(tuple(weight.shape), method, generator=generator).to(weight.dtype))
 
     adapter.reset_parameters = reset_parameters
 

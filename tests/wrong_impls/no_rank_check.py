@@ -17,5 +17,5 @@ class LoRA(_CorrectLoRA):
             lora_dtype=self.lora_dtype or module.weight.dtype, base_config=module.config,
             tp_group=module.tp_group, is_expert=False, gated=False, module_name=full_name,
         )
-        adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method, self._base_seed)
+        adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method)
         return ParallelLoRALinear(module, adapter)

@@ -13,5 +13,5 @@ class LoRA(_CorrectLoRA):
         model = super().__call__(model, training=training)
         for module in model.modules():
             if isinstance(module, ParallelLoRALinear):
-                module.adapter.reset_parameters("normal", "normal", self._base_seed)
+                module.adapter.reset_parameters("normal", "normal")
         return model
