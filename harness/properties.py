@@ -363,7 +363,7 @@ def check_property(
 
     # Distinct database keys per property, layout and implementation, so a
     # failure recorded for one is replayed only for that one.
-    _property.hypothesis.inner_test.__qualname__ = f"{prop}[{layout.describe()}][{impl}]"
+    _property.hypothesis.inner_test._hypothesis_internal_add_digest = f"{prop}|{layout.describe()}|{impl}".encode()
     if seed is not None:
         _property = hypothesis_seed(seed)(_property)
     start = time.monotonic()
