@@ -65,9 +65,12 @@ class Check:
     """The verdict of one property on one example, with its error statistics."""
 
     prop: str
-    passed: bool
     failures: list[str] = field(default_factory=list)
     stats: dict[str, ErrorStats] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
 
     def message(self, case: GPTCase) -> str:
         head = f"{self.prop} failed for impl {case.impl} at layout {case.layout}:"
@@ -140,20 +143,19 @@ def _compare_adapter_sets(check: Check, what: str, got: dict[str, Any], want: di
 def forward_matches(ev: Evidence) -> Check:
     case, ref, results = ev.case, ev.reference, ev.results
     tol = tolerance_for(case.lora.get("lora_dtype"), case.model_dtype)
-    check = Check("forward_matches", True)
+    check = Check("forward_matches")
     for res in results:
         stats = compare_tensors(res["output"], ref["output"], tol)
         check.stats[f"output@rank{res['rank']}"] = stats
         if not stats.passed:
             check.failures.append(f"logits on rank {res['rank']} (TP rank {res['tp_rank']}): {stats.reason}")
-    check.passed = not check.failures
     return check
 
 
 def backward_matches(ev: Evidence) -> Check:
     case, ref, results = ev.case, ev.reference, ev.results
     tol = tolerance_for(case.lora.get("lora_dtype"), case.model_dtype)
-    check = Check("backward_matches", True)
+    check = Check("backward_matches")
     for res in results:
         stats = compare_tensors(res["input_grad"], ref["input_grad"], tol)
         check.stats[f"input_grad@rank{res['rank']}"] = stats
@@ -161,7 +163,6 @@ def backward_matches(ev: Evidence) -> Check:
             check.failures.append(f"input gradient on rank {res['rank']}: {stats.reason}")
     for replica in _assemble(results, ev.layout, "adapter_grads"):
         _compare_adapter_sets(check, "gradient", replica["tensors"], ref["adapter_grads"], replica["ranks"], tol)
-    check.passed = not check.failures
     return check
 
 
@@ -172,35 +173,29 @@ def init_matches_layouts(ev: Evidence) -> Check:
     adapter is the same at every layout (fans computed on a shard, or a
     per-rank random stream, break this).
     """
-    check = Check("init_matches_layouts", True)
+    check = Check("init_matches_layouts")
     # Initial values are drawn over the full matrix and sliced: bit-identical
     # when right, so the tightest bound applies whatever the dtypes.
     tol = tolerance_for("float64", "float64")
     want = ev.baseline["initial_adapters"]
     for replica in _assemble(ev.results, ev.layout, "initial_adapters"):
         _compare_adapter_sets(check, "initial value", replica["tensors"], want, replica["ranks"], tol)
-    check.passed = not check.failures
     return check
+
+
+def _rank_violations(prop: str, results: list[dict[str, Any]], key: str) -> Check:
+    """A check failing with every violation each rank reported under ``key``."""
+    return Check(prop, [f"rank {res['rank']}: {v}" for res in results for v in res[key]])
 
 
 def adapters_follow_spec(ev: Evidence) -> Check:
     """Per rank: base frozen, adapters trainable, adapter dtype = lora_dtype, logits dtype kept, idempotent."""
-    check = Check("adapters_follow_spec", True)
-    for res in ev.results:
-        for violation in res["spec_violations"]:
-            check.failures.append(f"rank {res['rank']}: {violation}")
-    check.passed = not check.failures
-    return check
+    return _rank_violations("adapters_follow_spec", ev.results, "spec_violations")
 
 
 def errors_follow_spec(ev: Evidence) -> Check:
     """Bad input gives SPEC's errors (type and message) and warnings, on every rank."""
-    check = Check("errors_follow_spec", True)
-    for res in ev.error_results:
-        for violation in res["error_violations"]:
-            check.failures.append(f"rank {res['rank']}: {violation}")
-    check.passed = not check.failures
-    return check
+    return _rank_violations("errors_follow_spec", ev.error_results, "error_violations")
 
 
 PROPERTIES: dict[str, Callable[[Evidence], Check]] = {
@@ -231,27 +226,25 @@ class Verifier:
             preload=("harness._quiet", "torch", "megatron.core", "harness.tasks"),
         )
 
-    def reference(self, case: GPTCase) -> dict[str, Any]:
-        key = case.reference_key()
+    def _world1(self, key: tuple, case: GPTCase) -> dict[str, Any]:
+        """``case`` run in a world of size 1, kept in a small LRU cache under ``key``."""
         if key in self._ref_cache:
             self._ref_cache.move_to_end(key)
-            return self._ref_cache[key]
+        else:
+            self._ref_cache[key] = self._pool(1).run(run_gpt_case, case, timeout=self.timeout)[0]
+            while len(self._ref_cache) > self._cache_size:
+                self._ref_cache.popitem(last=False)
+        return self._ref_cache[key]
+
+    def reference(self, case: GPTCase) -> dict[str, Any]:
+        """``lora.reference`` on the same full weights at TP=1."""
         ref_case = case.with_(impl=REFERENCE_IMPL, layout=REFERENCE_LAYOUT.describe())
-        result = self._pool(1).run(run_gpt_case, ref_case, timeout=self.timeout)[0]
-        self._ref_cache[key] = result
-        while len(self._ref_cache) > self._cache_size:
-            self._ref_cache.popitem(last=False)
-        return result
+        return self._world1(("reference", case.reference_key()), ref_case)
 
     def baseline(self, case: GPTCase) -> dict[str, Any]:
         """The implementation under test itself at TP=1 in a world of size 1."""
         base_case = case.with_(layout=REFERENCE_LAYOUT.describe())
-        key = ("baseline", case.impl, case.reference_key())
-        if key not in self._ref_cache:
-            self._ref_cache[key] = self._pool(1).run(run_gpt_case, base_case, timeout=self.timeout)[0]
-            while len(self._ref_cache) > self._cache_size:
-                self._ref_cache.popitem(last=False)
-        return self._ref_cache[key]
+        return self._world1(("baseline", case.impl, case.reference_key()), base_case)
 
     def run(self, case: GPTCase, task: Callable[..., Any] = run_gpt_case) -> list[dict[str, Any]]:
         layout = ParallelLayout.parse(case.layout)
