@@ -195,29 +195,39 @@ def _run_gpt(model: nn.Module, shape: GPTShape, seed: int, requires_grad: bool =
     return model(ids, pos, causal_mask(s), decoder_input=x), x
 
 
-def _apply_lora(model: nn.Module, seed: int, lora_kw: dict[str, Any]) -> tuple[nn.Module, list[str]]:
+def _apply_lora(model: nn.Module, seed: int, lora_kw: dict[str, Any], training: bool = True) -> tuple[nn.Module, list[str]]:
     from lora.megatron import LoRA
 
     torch.manual_seed(seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = LoRA(**lora_kw)(model, training=True)
+        model = LoRA(**lora_kw)(model, training=training)
     msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "LoRA" in str(w.message)]
     return model, msgs
 
 
-def lora_parameters(ctx: Any, seed: int, lora_kw: dict[str, Any], shape_kw: dict[str, Any]) -> dict[str, Any]:
+def lora_parameters(
+    ctx: Any, seed: int, lora_kw: dict[str, Any], shape_kw: dict[str, Any], training: bool = True
+) -> dict[str, Any]:
     """Apply lora.megatron.LoRA to a GPT at the pool's TP; every parameter's value, dtype and requires_grad."""
     from lora.megatron.adapters import ParallelLoRALinear
 
     model, tp_rank, tp, shape = _gpt(ctx, seed, **shape_kw)
-    model, msgs = _apply_lora(model, seed, lora_kw)
+    model, msgs = _apply_lora(model, seed, lora_kw, training)
     params = {
         name: {"value": p.detach().clone(), "dtype": p.dtype, "requires_grad": p.requires_grad}
         for name, p in model.named_parameters()
     }
     wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, ParallelLoRALinear))
-    return {"tp_rank": tp_rank, "tp": tp, "params": params, "wrapped": wrapped, "warnings": msgs, "training": model.training}
+    return {
+        "tp_rank": tp_rank,
+        "tp": tp,
+        "params": params,
+        "wrapped": wrapped,
+        "warnings": msgs,
+        "training": model.training,
+        "any_module_training": any(m.training for m in model.modules()),
+    }
 
 
 def lora_error(ctx: Any, seed: int, lora_kw: dict[str, Any], shape_kw: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +331,7 @@ def lora_merge_shards(ctx: Any, seed: int, out_f: int, in_f: int, r: int, alpha:
 
 def lora_merge_model(ctx: Any, seed: int, lora_kw: dict[str, Any]) -> dict[str, Any]:
     """Adapted eval logits, then merge_lora: the merged model's logits and its module types."""
-    from lora._common import is_adapter_wrapper
+    from lora.megatron._base import is_adapter_wrapper
     from lora.megatron import merge_lora
 
     model, tp_rank, tp, shape = _gpt(ctx, seed)

@@ -123,6 +123,19 @@ def test_base_frozen_adapters_trainable(tp):
         assert all(p["dtype"] == torch.float32 for p in res["params"].values())
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_training_false_is_inference_everything_frozen_and_eval(tp):
+    kw = dict(EXCLUDE_KW, lora_B_init_method="normal")
+    (train_res, *_) = run(tp, tasks.lora_parameters, SEED, kw, {})
+    for res in run(tp, tasks.lora_parameters, SEED, kw, {}, False):
+        assert res["training"] is False and res["any_module_training"] is False
+        assert adapter_names(res["params"]) == adapter_names(train_res["params"])
+        assert not any(p["requires_grad"] for p in res["params"].values())
+        if res["tp_rank"] == 0:  # same adapters as with training=True
+            for name in adapter_names(res["params"]):
+                assert torch.equal(res["params"][name]["value"], train_res["params"][name]["value"]), name
+
+
 # ------------------------------------------------- same adapter at every TP
 
 
@@ -343,7 +356,7 @@ class _VLM(nn.Module):
         self.language_model = _Tower(d)
 
 
-def _vlm(**flags):
+def _vlm(training=True, **flags):
     from lora.megatron import VLMLoRA
 
     torch.manual_seed(0)
@@ -351,7 +364,7 @@ def _vlm(**flags):
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every pattern must match
-        adapted = VLMLoRA(target_modules=["fc", "proj", "vision_projection.0"], dim=2, **flags)(model)
+        adapted = VLMLoRA(target_modules=["fc", "proj", "vision_projection.0"], dim=2, **flags)(model, training=training)
     return adapted
 
 
@@ -402,3 +415,74 @@ def test_vlm_lora_adapter_forward_and_gradients():
     out.sum().backward()
     assert a.grad is not None and b.grad is not None
     assert wrapper.to_wrap.weight.grad is None  # frozen
+
+
+@pytest.mark.parametrize(
+    "part, flag",
+    [
+        ("vision_model", "freeze_vision_model"),
+        ("vision_projection", "freeze_vision_projection"),
+        ("language_model", "freeze_language_model"),
+    ],
+)
+def test_vlm_lora_training_false_freezes_flagged_subtrees_adapters_included(part, flag):
+    model = _vlm(training=False, **{flag: False})
+    assert not any(m.training for m in model.modules())
+    all_names = {n for n, _ in model.named_parameters()}
+    # Only the unflagged subtree keeps its (trainable) flags, its adapters included.
+    assert _trainable(model) == {n for n in all_names if n.startswith(part + ".")}
+    assert any(".adapter." in n for n in _trainable(model))
+    assert _trainable(_vlm(training=False)) == set()
+
+
+# ------------------------------------------- plain nn.Linear (no megatron layer)
+
+
+class _Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear_fc1 = nn.Linear(5, 7, dtype=torch.float64)
+        self.act = nn.ReLU()
+        self.linear_fc2 = nn.Linear(7, 5, bias=False, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+def test_plain_linear_gets_its_own_single_device_adapter():
+    from lora.megatron import LoRA, merge_lora
+    from lora.megatron.adapters import LinearAdapter, LoRALinear
+
+    torch.manual_seed(0)
+    model = LoRA(target_modules=["linear_fc1", "linear_fc2"], dim=3, alpha=6, lora_B_init_method="normal")(_Plain())
+    for name in ("linear_fc1", "linear_fc2"):
+        w = getattr(model, name)
+        assert isinstance(w, LoRALinear) and isinstance(w.adapter, LinearAdapter)
+        assert w.adapter.linear_in.weight.dtype == torch.float64
+        assert w.adapter.linear_in.weight.requires_grad and not w.to_wrap.weight.requires_grad
+    x = torch.randn(4, 5, dtype=torch.float64)
+    w = model.linear_fc1
+    a, b = w.adapter.linear_in.weight, w.adapter.linear_out.weight
+    torch.testing.assert_close(w(x), w.to_wrap(x) + 2.0 * x @ a.T @ b.T, rtol=1e-12, atol=1e-12)
+    model.eval()
+    adapted = model(x)
+    merged = merge_lora(model)
+    assert isinstance(merged.linear_fc1, nn.Linear) and isinstance(merged.linear_fc2, nn.Linear)
+    torch.testing.assert_close(merged(x), adapted, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_linear_training_false_and_lora_dtype():
+    from lora.megatron import LoRA
+
+    model = LoRA(target_modules=["linear_fc1", "linear_fc2"], dim=2, lora_dtype=torch.bfloat16)(_Plain(), training=False)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.linear_fc2.adapter.linear_out.weight.dtype == torch.bfloat16
+    assert model(torch.randn(2, 5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_megatron_lora_merge_tp1_formula():
+    from lora.megatron import LoRAMerge
+
+    base, B, A = torch.ones(3, 2, dtype=torch.bfloat16), torch.ones(3, 1), torch.ones(1, 2)
+    merged = LoRAMerge().merge(base, B, A, 4, 2)
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, torch.full((3, 2), 3.0, dtype=torch.bfloat16))

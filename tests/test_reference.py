@@ -13,8 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lora._common import init_adapter_weights, is_adapter_wrapper
+from lora._spec import INIT_METHODS
 from lora.reference import LoRA, LoRAAdapter, LoRALinear, LoRAMerge, VLMLoRA, merge_lora
+
+
+def is_adapter_wrapper(module) -> bool:
+    """What the harness calls a wrapper (harness.sharding.adapter_modules): has `to_wrap` and `adapter`."""
+    return hasattr(module, "to_wrap") and hasattr(module, "adapter")
 
 # ---------------------------------------------------------------- tiny models
 
@@ -145,9 +150,63 @@ def test_default_init_leaves_output_unchanged_and_draws_in_walk_order():
     torch.manual_seed(123)
     for name in _wrapped_names(model):
         wrapper = model.get_submodule(name)
-        A, B = init_adapter_weights(wrapper.adapter.linear_out.out_features, wrapper.adapter.linear_in.in_features, 2, "xavier", "zero")
+        out_f, in_f = wrapper.to_wrap.weight.shape
+        A = nn.init.xavier_normal_(torch.empty(2, in_f))
+        B = torch.zeros(out_f, 2)
         assert torch.equal(wrapper.adapter.linear_in.weight, A), name
         assert torch.equal(wrapper.adapter.linear_out.weight, B), name
+
+
+_TORCH_INIT = {
+    "xavier": nn.init.xavier_normal_,
+    "xavier_uniform": nn.init.xavier_uniform_,
+    "kaiming": lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)),
+    "normal": lambda w: nn.init.normal_(w, 0.0, 0.2),
+    "zero": nn.init.zeros_,
+}
+
+
+@pytest.mark.parametrize("a_method", INIT_METHODS)
+@pytest.mark.parametrize("b_method", ["zero", "normal", "kaiming"])
+def test_init_is_torch_init_over_the_full_shape_drawn_a_then_b(a_method, b_method):
+    # The reference writes the init formulas out itself; they must give
+    # torch.nn.init's numbers bit for bit, drawn A then B per module in walk order.
+    model = GPT()
+    torch.manual_seed(5)
+    _quiet(LoRA(dim=3, lora_A_init_method=a_method, lora_B_init_method=b_method), model)
+    torch.manual_seed(5)
+    for name in _wrapped_names(model):
+        wrapper = model.get_submodule(name)
+        out_f, in_f = wrapper.to_wrap.weight.shape
+        A = _TORCH_INIT[a_method](torch.empty(3, in_f))
+        B = _TORCH_INIT[b_method](torch.empty(out_f, 3))
+        assert torch.equal(wrapper.adapter.linear_in.weight, A), (name, "A")
+        assert torch.equal(wrapper.adapter.linear_out.weight, B), (name, "B")
+
+
+@pytest.mark.parametrize("a_method, b_method", [("xavier", "normal"), ("kaiming", "xavier_uniform"), ("normal", "zero")])
+@pytest.mark.parametrize("lora_dtype", [None, torch.bfloat16])
+def test_reference_and_megatron_draw_the_same_adapters(a_method, b_method, lora_dtype):
+    # SPEC: for a given torch.manual_seed both implementations draw the same
+    # full adapters (float32 on the CPU, A then B, modules in pre-order walk order).
+    megatron = pytest.importorskip("lora.megatron")
+
+    def build(impl):
+        torch.manual_seed(0)
+        model = GPT(n=2)
+        torch.manual_seed(99)
+        kw = dict(dim=2, lora_A_init_method=a_method, lora_B_init_method=b_method, lora_dtype=lora_dtype)
+        return _quiet(impl.LoRA(target_modules=[], exclude_modules=["linear_fc2"], **kw), model)
+
+    import lora.reference as reference
+
+    ref, meg = build(reference), build(megatron)
+    ref_params, meg_params = dict(ref.named_parameters()), dict(meg.named_parameters())
+    assert list(ref_params) == list(meg_params)
+    assert any(".adapter." in n for n in ref_params)
+    for name, p in ref_params.items():
+        assert p.dtype == meg_params[name].dtype, name
+        assert torch.equal(p, meg_params[name]), name
 
 
 def test_same_seed_same_adapters():
@@ -366,9 +425,35 @@ def test_freezes_base_and_trains_adapters():
             assert p.grad.abs().sum() > 0, name
 
 
-def test_training_false_puts_model_in_eval():
+def test_training_false_is_inference_everything_frozen_and_eval():
     model = _quiet(LoRA(dim=2), GPT(), training=False)
     assert not any(m.training for m in model.modules())
+    names = {n for n, _ in model.named_parameters()}
+    assert any(".adapter." in n for n in names)
+    assert not any(p.requires_grad for p in model.parameters())
+    # Idempotent: again with training=False changes nothing...
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    again = _quiet(LoRA(dim=2), model, training=False)
+    assert again is model and not any(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # ...and training=True afterwards makes exactly the adapters trainable.
+    _quiet(LoRA(dim=2), model, training=True)
+    assert model.training
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (".adapter." in name), name
+
+
+def test_training_false_on_a_bare_linear_root():
+    out = _quiet(LoRA(target_modules=[], exclude_modules=["x"], dim=1), nn.Linear(3, 2), training=False)
+    assert isinstance(out, LoRALinear) and not out.training
+    assert not any(p.requires_grad for p in out.parameters())
+
+
+def test_freeze_model_freezes_adapters_too():
+    model = _quiet(LoRA(dim=2), GPT())
+    model.eval()
+    LoRA(dim=2).freeze_model(model, training=True)
+    assert model.training and not any(p.requires_grad for p in model.parameters())
 
 
 def test_apply_twice_changes_nothing():
@@ -525,13 +610,33 @@ def test_vlm_none_subtree_and_unwrapping():
     assert all(_requires_grad(vlm.language_model).values())
 
 
-def test_vlm_never_freezes_adapters_and_is_idempotent():
+def test_vlm_training_leaves_adapters_trainable_and_is_idempotent():
     lora = VLMLoRA(dim=2)
     model = _quiet(lora, VLM())
     before = _requires_grad(model)
     _quiet(lora, model)
     assert _requires_grad(model) == before
     assert all(rg for n, rg in before.items() if ".adapter." in n)
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([True, False], repeat=3)))
+def test_vlm_training_false_freezes_flagged_subtrees_adapters_included(flags):
+    fv, fp, fl = flags
+    model = VLM()
+    lora = VLMLoRA(dim=2, freeze_vision_model=fv, freeze_vision_projection=fp, freeze_language_model=fl)
+    out = _quiet(lora, model, training=False)
+    assert out is model and not any(m.training for m in model.modules())
+    for part, frozen in [("vision_model", fv), ("vision_projection", fp), ("language_model", fl)]:
+        params = _requires_grad(getattr(model, part))
+        assert any(".adapter." in n for n in params), part
+        for name, rg in params.items():
+            # flagged: everything frozen, adapters included; unflagged: base keeps
+            # its flag (trainable here) and new adapters stay as created (trainable)
+            assert rg == (not frozen), (part, name)
+    assert all(_requires_grad(model.extra).values())
+    before = _requires_grad(model)
+    _quiet(lora, model, training=False)
+    assert _requires_grad(model) == before
 
 
 def test_vlm_without_vlm_attributes_is_an_error():
@@ -588,6 +693,68 @@ def test_merge_list_and_non_wrapped_untouched():
     chunks = [_quiet(LoRA(dim=2), GPT(n=1)), nn.Linear(2, 2)]
     out = merge_lora(chunks)
     assert out[1] is chunks[1] and _wrapped_names(out[0]) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(exclude_modules=["linear_proj"]), "target_modules=[]"),
+        (dict(dim=0), "dim=0"),
+        (dict(dim=True), "dim=True"),
+        (dict(alpha=float("inf")), "alpha=inf"),
+        (dict(dropout=1.0), "[0, 1)"),
+        (dict(dropout_position="middle"), "'pre' or 'post'"),
+        (dict(lora_dtype=torch.int8), "floating"),
+        (dict(target_modules="linear_qkv"), "list"),
+        (dict(target_modules=["ok", ""]), "non-empty string"),
+        (dict(share_expert_adapters=None), "share_expert_adapters=None"),
+    ],
+)
+def test_config_validation(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        LoRA(**kwargs)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("field_name", ["lora_A_init_method", "lora_B_init_method"])
+def test_unknown_init_method_lists_the_valid_names(field_name):
+    with pytest.raises(ValueError) as err:
+        LoRA(**{field_name: "he"})
+    assert "'he'" in str(err.value) and field_name in str(err.value)
+    assert all(name in str(err.value) for name in INIT_METHODS)
+
+
+def test_config_defaults_and_dtype_names():
+    lora = LoRA()
+    assert lora.target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    assert LoRA().target_modules is not lora.target_modules
+    assert (lora.dim, lora.alpha, lora.dropout, lora.dropout_position) == (32, 32, 0.0, "pre")
+    assert (lora.lora_A_init_method, lora.lora_B_init_method, lora.lora_dtype) == ("xavier", "zero", None)
+    assert LoRA(lora_dtype="bfloat16").lora_dtype is torch.bfloat16
+    assert LoRA(target_modules=[], exclude_modules=("a",)).exclude_modules == ["a"]
+
+
+@pytest.mark.parametrize(
+    "pattern, name, expected",
+    [
+        ("*.layers.0.*.linear_qkv", "decoder.layers.0.self_attention.linear_qkv", True),
+        ("*.layers.0.*.linear_qkv", "decoder.layers.10.self_attention.linear_qkv", False),
+        ("*.layers.1*.linear_qkv", "decoder.layers.10.self_attention.linear_qkv", True),
+        ("linear_qkv", "decoder.layers.0.self_attention.linear_qkv", True),  # leaf name
+        ("self_attention", "decoder.layers.0.self_attention.linear_qkv", False),
+        ("decoder.layers.0.*", "decoder.layers.0.self_attention.linear_qkv", True),
+        ("decoder.layers.0.self_attention.linear.qkv", "decoder.layers.0.self_attention.linear_qkv", False),
+        ("layers[0]", "layers[0]", True),
+        ("layer?", "layers", False),
+        ("a*b*c", "a.x.b.c", True),
+        ("a*b*c", "a.x.c.b", False),
+        ("**", "x.y", True),
+    ],
+)
+def test_matching_table(pattern, name, expected):
+    from lora.reference import _pattern_selects
+
+    assert _pattern_selects(pattern, name) is expected
 
 
 def test_adapter_module_repr_and_scale():

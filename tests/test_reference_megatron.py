@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora._common import is_linear_type
 from lora.reference import LoRA, LoRALinear, merge_lora
 
 parallel_state = pytest.importorskip("megatron.core.parallel_state")
@@ -72,8 +71,11 @@ def _apply(model, **kwargs):
 
 
 def test_megatron_linears_are_linear_type(world_of_one):
-    block = Block()
-    assert is_linear_type(block.linear_qkv) and is_linear_type(block.linear_proj)
+    # Exclude mode adapts every linear-type module: megatron's parallel linears are ones.
+    block = LoRA(target_modules=[], exclude_modules=["nothing"], dim=2)
+    with pytest.warns(UserWarning, match="'nothing'"):
+        out = block(Block())
+    assert isinstance(out.linear_qkv, LoRALinear) and isinstance(out.linear_proj, LoRALinear)
 
 
 def test_column_and_row_parallel_adapters_at_world_size_one(world_of_one):

@@ -14,9 +14,9 @@ The adapter layers are real megatron-core linears on the base layer's own TP
 group, so their collectives (copy-to-region, gather, all-reduce) carry the
 gradients exactly as megatron's do.
 
-Initialisation is drawn over the full, unsharded matrix exactly as
-``lora.reference`` draws it (same function, same generator, same walk order)
-and then sliced, so a given seed yields the same adapter at every layout, and
+Initialisation is drawn over the full, unsharded matrix (the SPEC's draw:
+float32 on the CPU from torch's global generator, A then B, walk order) and
+then sliced, so a given seed yields the same adapter at every layout, and
 the same as the reference's: B's rows are sliced
 exactly like the base weight's rows (including the gate/up split of a gated
 ``linear_fc1``), A is sliced along r (column base) or along ``in`` (row base).
@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lora._common import (
+from lora.megatron._base import (
     AdapterWrapper,
     add_to_base_output,
     apply_dropout,
@@ -38,6 +38,8 @@ from lora._common import (
 )
 
 __all__ = [
+    "LinearAdapter",
+    "LoRALinear",
     "ParallelLinearAdapter",
     "ParallelLoRALinear",
     "base_parallel_kind",
@@ -90,6 +92,62 @@ def shard_rows(full: torch.Tensor, rank: int, size: int, *, gated: bool) -> torc
         gate, up = torch.chunk(full, 2, dim=0)
         return torch.cat([torch.chunk(gate, size, dim=0)[rank], torch.chunk(up, size, dim=0)[rank]], dim=0)
     return torch.chunk(full, size, dim=0)[rank]
+
+
+class LinearAdapter(nn.Module):
+    """The adapter of an unsharded ``torch.nn.Linear``: scale * Dpost(B(A(Dpre(x)))) in its own dtype.
+
+    ``linear_in`` is A (in -> r), ``linear_out`` is B (r -> out), neither with
+    a bias; ``dim`` is r and ``alpha`` the scale numerator. The weights start
+    uninitialised (no RNG draw): ``reset_parameters`` draws them.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dim: int,
+        *,
+        alpha: float,
+        dropout: float,
+        dropout_position: str,
+        lora_dtype: torch.dtype,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.linear_in = nn.utils.skip_init(nn.Linear, in_features, dim, bias=False, dtype=lora_dtype, device=device)
+        self.linear_out = nn.utils.skip_init(nn.Linear, dim, out_features, bias=False, dtype=lora_dtype, device=device)
+        self.dim = dim
+        self.alpha = alpha
+        self.scale = alpha / dim
+        self.dropout = dropout
+        self.dropout_position = dropout_position
+        self.lora_dtype = lora_dtype
+        self.in_features = in_features
+        self.out_features = out_features
+
+    @torch.no_grad()
+    def reset_parameters(self, a_method: str, b_method: str, generator: Optional[torch.Generator] = None) -> None:
+        """Draw A then B over their (full) shapes."""
+        a, b = init_adapter_weights(self.out_features, self.in_features, self.dim, a_method, b_method, generator=generator)
+        self.linear_in.weight.copy_(a.to(self.linear_in.weight.dtype))
+        self.linear_out.weight.copy_(b.to(self.linear_out.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.lora_dtype)
+        if self.dropout_position == "pre":
+            h = apply_dropout(h, self.dropout, self.training)
+        h = self.linear_out(self.linear_in(h))
+        if self.dropout_position == "post":
+            h = apply_dropout(h, self.dropout, self.training)
+        return h * self.scale
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, alpha={self.alpha}, dropout={self.dropout}, dropout_position={self.dropout_position!r}"
+
+
+class LoRALinear(AdapterWrapper):
+    """An unsharded ``torch.nn.Linear`` (``to_wrap``) plus its ``LinearAdapter`` (``adapter``)."""
 
 
 def _adapter_config(base_config: Any, lora_dtype: torch.dtype) -> Any:
@@ -177,7 +235,7 @@ class ParallelLinearAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, a_method: str, b_method: str, generator: Optional[torch.Generator] = None) -> None:
-        """Draw full A then B (lora._common.init_adapter_weights, the reference's draw) and keep this rank's shards.
+        """Draw full A then B (``init_adapter_weights``, the SPEC's draw) and keep this rank's shards.
 
         Every rank must draw from identical generator states (``LoRA``
         synchronises torch's global generator from rank 0 before its walk).

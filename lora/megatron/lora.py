@@ -4,8 +4,10 @@ Same public API and parameter names as ``lora.reference`` (and as
 Megatron-Bridge's PEFT LoRA): ``<module>.to_wrap.weight``,
 ``<module>.adapter.linear_in.weight``, ``<module>.adapter.linear_out.weight``.
 Matching, init methods, config validation, the module walk and the freezing
-rules come from ``lora._common``; this module decides only how a matched
-megatron linear is adapted across its TP group.
+rules live in ``lora.megatron._base``; this module decides how a matched
+linear is adapted across its TP group, and how adapters are merged back.
+Nothing here imports ``lora.reference``: the reference is the harness's
+independent oracle.
 """
 
 from __future__ import annotations
@@ -16,9 +18,17 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lora._common import LoRABase, VLMFreezeMixin, is_adapter_wrapper, join_name, merge_weight
-from lora.reference import LoRAMerge as _ReferenceLoRAMerge
+from lora.megatron._base import (
+    LoRABase,
+    VLMFreezeMixin,
+    is_adapter_wrapper,
+    join_name,
+    merge_weight,
+    walk_and_replace,
+)
 from lora.megatron.adapters import (
+    LinearAdapter,
+    LoRALinear,
     ParallelLinearAdapter,
     ParallelLoRALinear,
     base_parallel_kind,
@@ -35,8 +45,8 @@ def _sync_global_rng_from_rank0() -> None:
     Every rank draws each adapter's full A and B from torch's global
     generator, in walk order, and keeps its own slice; the slices only fit
     together if all ranks draw the same numbers. Rank 0's stream is left as
-    it was, so rank 0 draws exactly what ``lora.reference`` draws for the
-    same seed.
+    it was, so rank 0 draws exactly what a single-device run draws for the
+    same seed (and what ``lora.reference`` draws, by the SPEC).
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -62,17 +72,31 @@ class LoRA(LoRABase):
             return module
         kind = base_parallel_kind(module)
         if kind is None:
-            if type(module) is nn.Linear or isinstance(module, nn.Linear):
-                # Not sharded: the single-device adapter is the right one.
-                from lora.reference import LoRA as ReferenceLoRA
-
-                return ReferenceLoRA.transform(self, module, name, prefix)
+            if isinstance(module, nn.Linear):
+                return self._wrap_linear(module, full_name)
             raise TypeError(
                 f"lora.megatron: {full_name} matched a target pattern but its type "
                 f"{type(module).__module__}.{type(module).__qualname__} has no LoRA adapter here "
                 "(supported: megatron-core ColumnParallelLinear, RowParallelLinear, torch.nn.Linear)"
             )
         return self._wrap_parallel(module, full_name, kind)
+
+    def _wrap_linear(self, module: nn.Linear, full_name: str) -> nn.Module:
+        """An unsharded nn.Linear: a plain single-device adapter."""
+        weight = module.weight
+        lora_dtype = self.lora_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        adapter = LinearAdapter(
+            module.in_features,
+            module.out_features,
+            self.adapter_rank(module, full_name),
+            alpha=self.alpha,
+            dropout=self.dropout,
+            dropout_position=self.dropout_position,
+            lora_dtype=lora_dtype,
+            device=weight.device,
+        )
+        adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method)
+        return LoRALinear(module, adapter)
 
     def _wrap_parallel(self, module: nn.Module, full_name: str, kind: str) -> nn.Module:
         config = module.config
@@ -120,11 +144,13 @@ class VLMLoRA(VLMFreezeMixin, LoRA):
     """LoRA for a vision-language model: freezes only the subtrees whose flag is set, then adds adapters."""
 
 
-class LoRAMerge(_ReferenceLoRAMerge):
+class LoRAMerge:
     """Fold a (possibly TP-sharded) adapter into its base weight.
 
     Calling it on a model (or ``merge_lora(model)``) replaces every adapter
-    wrapper by its base layer holding the merged weight shard.
+    wrapper by its base layer holding the merged weight shard; base weights
+    are updated in place, so the returned model shares its layers with the
+    input.
     """
 
     @torch.no_grad()
@@ -159,6 +185,35 @@ class LoRAMerge(_ReferenceLoRAMerge):
                 f"linear_in {tuple(linear_in.shape)} fit neither a column-parallel nor a row-parallel shard at TP={tp_size}"
             )
         return merge_weight(base_weight, linear_out, linear_in, alpha, dim)
+
+
+    @torch.no_grad()
+    def transform(self, module: nn.Module, name: Optional[str] = None, prefix: Optional[str] = None) -> nn.Module:
+        """The base layer with the adapter folded in, for an adapter wrapper; anything else unchanged."""
+        if not is_adapter_wrapper(module):
+            return module
+        base, adapter = module.to_wrap, module.adapter
+        tp_group = getattr(base, "tp_group", None) if isinstance(module, ParallelLoRALinear) else None
+        merged = self.merge(
+            base.weight,
+            adapter.linear_out.weight,
+            adapter.linear_in.weight,
+            adapter.alpha,
+            adapter.dim,
+            tp_size=group_size(tp_group),
+            tp_group=tp_group,
+        )
+        base.weight.copy_(merged)
+        return base
+
+    def __call__(self, model: Any) -> Any:
+        def visit(module: nn.Module, name: str, prefix: str) -> tuple[nn.Module, bool]:
+            new = self.transform(module, name, prefix)
+            return new, new is module
+
+        if isinstance(model, (list, tuple)):
+            return type(model)(walk_and_replace(chunk, visit) for chunk in model)
+        return walk_and_replace(model, visit)
 
 
 def _all_gather_dim0(t: torch.Tensor, group: Any) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests of lora._common: init methods, pattern matching, config validation, merge math, helpers."""
+"""Tests of lora.megatron._base (lora.megatron's own helpers): init methods, pattern matching, config validation, freezing, merge math."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora._common import (
+from lora.megatron._base import (
     DEFAULT_TARGET_MODULES,
     INIT_METHODS,
     LoRAFields,
@@ -253,7 +253,8 @@ def test_matcher_no_warning_when_all_used():
 
 def test_fields_defaults():
     f = LoRAFields()
-    assert f.target_modules == DEFAULT_TARGET_MODULES and f.target_modules is not DEFAULT_TARGET_MODULES
+    assert f.target_modules == list(DEFAULT_TARGET_MODULES) and isinstance(f.target_modules, list)
+    assert LoRAFields().target_modules is not f.target_modules
     assert (f.exclude_modules, f.dim, f.alpha, f.dropout, f.dropout_position) == ([], 32, 32, 0.0, "pre")
     assert (f.lora_A_init_method, f.lora_B_init_method, f.lora_dtype) == ("xavier", "zero", None)
     assert (f.a2a_experimental, f.normalize_moe_lora, f.share_expert_adapters) == (False, False, True)

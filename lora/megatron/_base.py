@@ -1,9 +1,8 @@
-"""What the reference and the megatron LoRA share: config fields, matching, init, walk, freeze, merge math.
+"""lora.megatron's parallelism-independent parts: config fields, matching, init, walk, freeze, merge math.
 
-Everything here is independent of parallelism. `lora.reference` and
-`lora.megatron` both build on it, so that an idea (how a pattern matches, how
-an init method draws, which parameters are frozen) has exactly one
-implementation and the two LoRAs cannot drift apart on it.
+Used only by `lora.megatron`. `lora.reference` (the oracle the harness
+compares against) implements all of this again on its own, from SPEC.md, so
+that the two can disagree; only the SPEC's constants (`lora._spec`) are shared.
 """
 
 from __future__ import annotations
@@ -19,6 +18,18 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lora._spec import (
+    DEFAULT_TARGET_MODULES,
+    DROPOUT_POSITIONS,
+    INIT_METHODS,
+    MEGATRON_LAYERS_MODULE,
+    NORMAL_INIT_STD,
+    TE_LINEAR_CLASS_NAMES,
+    TE_MODULE_PREFIX,
+    TE_OWN_LINEAR_CLASS_NAMES,
+    VLM_PARTS,
+)
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -36,7 +47,7 @@ __all__ = [
     "AdapterWrapper",
     "is_adapter_wrapper",
     "adapter_parameters",
-    "freeze_base_parameters",
+    "freeze_parameters",
     "walk_and_replace",
     "join_name",
     "apply_dropout",
@@ -48,28 +59,8 @@ __all__ = [
     "moe_adapter_rank",
 ]
 
-DEFAULT_TARGET_MODULES = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-INIT_METHODS = ("xavier", "xavier_uniform", "kaiming", "normal", "zero")
-DROPOUT_POSITIONS = ("pre", "post")
-
-# Transformer Engine linears, recognised by class name anywhere in the MRO so
-# that TE never has to be imported (it is optional and heavy). The megatron-core
-# TE wrappers (TE*) and TE's own classes are both listed; TE's own generic names
-# ("Linear", ...) only count when the class lives in a transformer_engine module.
-TE_LINEAR_CLASS_NAMES = frozenset(
-    {
-        "TELinear",
-        "TEColumnParallelLinear",
-        "TERowParallelLinear",
-        "TELayerNormColumnParallelLinear",
-        "TEColumnParallelGroupedLinear",
-        "TERowParallelGroupedLinear",
-        "TEGroupedLinear",
-    }
-)
-_TE_OWN_LINEAR_CLASS_NAMES = frozenset({"Linear", "LayerNormLinear", "GroupedLinear"})
-
-_MEGATRON_LAYERS_MODULE = "megatron.core.tensor_parallel.layers"
+_MEGATRON_LAYERS_MODULE = MEGATRON_LAYERS_MODULE
+_TE_OWN_LINEAR_CLASS_NAMES = TE_OWN_LINEAR_CLASS_NAMES
 
 
 # --------------------------------------------------------------------------- init
@@ -118,7 +109,7 @@ def init_full_weight(
     elif method == "kaiming":
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
     else:  # "normal"
-        nn.init.normal_(weight, mean=0.0, std=0.2, generator=generator)
+        nn.init.normal_(weight, mean=0.0, std=NORMAL_INIT_STD, generator=generator)
     return weight.to(dtype=dtype, device=device)
 
 
@@ -135,9 +126,11 @@ def init_adapter_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full A (rank, in) and B (out, rank), drawn in that order.
 
-    Every implementation draws its adapters through this function, one module
-    at a time in walk order, so the same seed yields the same adapters
-    whatever the implementation or the parallel layout.
+    lora.megatron draws every adapter through this function, one module at a
+    time in walk order, on every rank, and keeps its shard: the same seed
+    yields the same full adapters whatever the parallel layout, and the same
+    as lora.reference draws (SPEC: init over the full shape, A then B per
+    module, pre-order walk, torch's global CPU generator).
     """
     a = init_full_weight((rank, in_features), a_method, generator=generator, dtype=dtype, device=device)
     b = init_full_weight((out_features, rank), b_method, generator=generator, dtype=dtype, device=device)
@@ -181,7 +174,7 @@ def is_linear_type(module: object) -> bool:
     for name, mod in _class_names_in_mro(module):
         if name in TE_LINEAR_CLASS_NAMES:
             return True
-        if name in _TE_OWN_LINEAR_CLASS_NAMES and mod.startswith("transformer_engine"):
+        if name in _TE_OWN_LINEAR_CLASS_NAMES and mod.startswith(TE_MODULE_PREFIX):
             return True
     return False
 
@@ -424,13 +417,11 @@ def adapter_parameters(model: nn.Module | list[nn.Module]) -> list[nn.Parameter]
     return list(seen.values())
 
 
-def freeze_base_parameters(modules: Iterable[nn.Module], protect: Iterable[nn.Parameter] = ()) -> None:
-    """requires_grad=False on every parameter of `modules` except those in `protect`."""
-    keep = {id(p) for p in protect}
+def freeze_parameters(modules: Iterable[nn.Module]) -> None:
+    """requires_grad=False on every parameter of `modules` (adapters included)."""
     for module in modules:
         for p in module.parameters():
-            if id(p) not in keep:
-                p.requires_grad_(False)
+            p.requires_grad_(False)
 
 
 def apply_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -538,13 +529,16 @@ class LoRABase(LoRAFields):
     """Applying a LoRA to a model: walk, match, wrap, freeze. Subclasses build the adapters.
 
     `__call__(model, training=True)`:
-      1. `freeze_model(model, training)`: by default every non-adapter parameter
-         is frozen (VLM variants freeze only chosen subtrees);
+      1. `freeze_model(model, training)`: by default every parameter is
+         frozen (VLM variants freeze only chosen subtrees);
       2. pre-order walk calling `transform(module, name, prefix)` and putting
          what it returns in place of the module; an existing adapter wrapper is
          neither transformed again nor descended into, so a second call changes
          nothing;
-      3. every adapter parameter is made trainable, `model.train(training)`;
+      3. training: every adapter parameter is made trainable, train mode.
+         Not training (inference, as in Megatron-Bridge): `freeze_model` runs
+         again, so every parameter it covers ends frozen, adapters included,
+         and the model is put in eval mode;
       4. a warning for each pattern that matched nothing.
     Freezing comes before wrapping (as in Megatron-Bridge) so that adapters
     added inside a frozen subtree start trainable and a subtree left unfrozen
@@ -572,9 +566,9 @@ class LoRABase(LoRAFields):
         raise NotImplementedError(f"{type(self).__name__} must implement transform()")
 
     def freeze_model(self, model: nn.Module | list[nn.Module], training: bool = True) -> None:
-        """Freeze every non-adapter parameter; train mode when `training`."""
+        """Freeze every parameter (adapters included); train mode when `training`."""
         chunks = _chunks(model)
-        freeze_base_parameters(chunks, protect=adapter_parameters(chunks))
+        freeze_parameters(chunks)
         if training:
             for chunk in chunks:
                 chunk.train(True)
@@ -606,8 +600,11 @@ class LoRABase(LoRAFields):
             result = [walk_and_replace(chunk, self._visit) for chunk in chunks]
         finally:
             self._walk_roots = []
-        for p in adapter_parameters(result):
-            p.requires_grad_(True)
+        if training:
+            for p in adapter_parameters(result):
+                p.requires_grad_(True)
+        else:
+            self.freeze_model(type(model)(result) if isinstance(model, (list, tuple)) else result[0], False)
         for chunk in result:
             chunk.train(training)
         self.matcher.warn_unmatched()
@@ -619,7 +616,7 @@ class LoRABase(LoRAFields):
 # ---------------------------------------------------------------------------- VLM
 
 
-_VLM_PARTS = ("vision_model", "vision_projection", "language_model")
+_VLM_PARTS = VLM_PARTS
 
 
 def _unwrap_vlm(model: nn.Module | list[nn.Module]) -> nn.Module:
@@ -652,8 +649,8 @@ def freeze_vlm(
 
     The model is unwrapped first (first chunk of a list, `.module` chains,
     `.llava_model`). A subtree is frozen when its flag is set and it is not
-    None; all other parameters are left alone, and adapter parameters are
-    never frozen. Train mode when `training` (on every chunk).
+    None (adapters inside it included); all other parameters are left alone.
+    Train mode when `training` (on every chunk).
     """
     inner = _unwrap_vlm(model)
     if not any(hasattr(inner, part) for part in _VLM_PARTS):
@@ -666,9 +663,8 @@ def freeze_vlm(
         vision_projection=freeze_vision_projection,
         language_model=freeze_language_model,
     )
-    protect = adapter_parameters(inner)
     subtrees = [getattr(inner, part, None) for part in _VLM_PARTS if flags[part]]
-    freeze_base_parameters([s for s in subtrees if s is not None], protect=protect)
+    freeze_parameters([s for s in subtrees if s is not None])
     if training:
         for chunk in _chunks(model):
             chunk.train(True)
