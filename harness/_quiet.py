@@ -28,3 +28,32 @@ for _pattern in _MESSAGES:
 # check fires on every draw inside a fork: expected, not a problem.
 for _name in ("torch.utils.cpp_extension", "megatron.core.models.gpt.gpt_model", "megatron.core.tensor_parallel.random"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+_log = logging.getLogger("lora_harness")
+
+
+def quiet_parent() -> None:
+    """In the CLI/pytest process: megatron-core's import-time notices (no Apex, no TE) are logged once at debug level.
+
+    They say nothing about the implementation under test; a user who wants
+    them runs with logging at DEBUG for ``lora_harness``.
+    """
+    import re
+
+    patterns = [re.compile(p) for p in _MESSAGES]
+    previous = warnings.showwarning
+    seen: set[str] = set()
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        text = str(message)
+        if any(p.match(text) for p in patterns) or "megatron" in str(filename):
+            if text not in seen:
+                seen.add(text)
+                _log.debug("suppressed import-time notice from %s:%s: %s", filename, lineno, text)
+            return
+        previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+    for _pattern in _MESSAGES:
+        warnings.filterwarnings("default", message=_pattern)

@@ -1,24 +1,41 @@
-"""pytest plugin (entry point ``pytest11``): layout options, fixtures, rank-pool cleanup.
+"""pytest plugin (entry point ``pytest11``): layouts, the implementation under test, reports.
 
-Options:
+A downstream test file needs only::
 
-* ``--tp N`` / ``--ep M``: the largest tensor / expert parallel sizes to
-  check; a test that takes a ``layout`` argument is run at every layout of
-  ``harness.settings.layout_set(N, M)`` (ids like ``tp2-ep1-etp2-pp1``);
-* ``--lora-impl MODULE``: the implementation under test (default
-  ``lora.megatron``); any importable module exposing ``LoRA``, ``VLMLoRA``,
-  ``LoRAMerge`` with SPEC.md's interface and parameter names;
-* ``--rank-timeout SECONDS``: ceiling for one rank task (default: the
-  runner's policy, see ``harness.runner``).
+    LORA_IMPL = "mypkg.lora"
 
-Without ``--hypothesis-profile`` the ``fast`` profile is loaded; ``deep`` is
-the nightly one. Rank pools are shut down when the session ends, so no rank
-process outlives the run.
+    def test_lora(lora_property):
+        lora_property.require()
+
+``lora_property`` is parametrized over every registered property at every
+layout of ``--tp``/``--ep`` (ids like ``forward_matches-tp2-ep1-etp2-pp1``);
+``require()`` runs it (stored regressions first, then hypothesis draws) and
+fails the test with the minimal case and a replay command. A test taking
+``layout`` is parametrized over the layouts alone.
+
+Options (all settings are arguments; nothing is read from the environment):
+
+* ``--tp N`` / ``--ep M``: largest tensor / expert parallel sizes;
+* ``--lora-impl MODULE``: the implementation under test, overriding a test
+  module's ``LORA_IMPL`` (default ``lora.megatron``);
+* ``--lora-contract strict|bridge``: judge by this contract instead of what
+  the implementation (or the module's ``LORA_CAPABILITIES``) declares;
+* ``--rank-timeout SECONDS``: ceiling for one rank task;
+* ``--lora-examples N``: examples per property and layout (overrides the
+  hypothesis profile: ``fast`` by default, ``deep`` for nightly runs);
+* ``--report DIR``: write ``results.json``, ``report.html``, ``summary.md``
+  (merged over pytest-xdist workers);
+* ``--regressions DIR``: store failing cases there, replay stored ones first.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 
@@ -27,42 +44,179 @@ from harness.settings import DEFAULT_PROFILE, layout_set, register_profiles
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lora-harness", "LoRA sharding harness")
-    group.addoption("--tp", type=int, default=2, help="largest tensor-parallel size to check (default 2)")
-    group.addoption("--ep", type=int, default=1, help="largest expert-parallel size to check (default 1)")
-    group.addoption(
-        "--lora-impl",
-        default="lora.megatron",
-        help="module under test exposing LoRA, VLMLoRA, LoRAMerge (default lora.megatron)",
-    )
+    group.addoption("--tp", type=int, default=2, help="largest tensor-parallel size to check, a power of two (default 2)")
+    group.addoption("--ep", type=int, default=1, help="largest expert-parallel size to check, a power of two (default 1)")
+    group.addoption("--lora-impl", default=None, help="module under test exposing LoRA, VLMLoRA, LoRAMerge (default: the test module's LORA_IMPL, else lora.megatron)")
+    group.addoption("--lora-contract", default=None, choices=("strict", "bridge"), help="contract to judge by (default: what the implementation declares)")
     group.addoption("--rank-timeout", type=float, default=None, help="ceiling in seconds for one rank task")
+    group.addoption("--lora-examples", type=int, default=None, help="examples per property and layout (overrides the hypothesis profile)")
+    group.addoption("--report", dest="lora_report", default=None, help="write results.json, report.html and summary.md to this directory")
+    group.addoption("--regressions", dest="lora_regressions", default=None, help="store failing cases here and replay stored ones first")
+
+
+def _usage(message: str) -> None:
+    raise pytest.UsageError(f"lora-harness: {message}")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     from hypothesis import settings
 
+    from harness import _quiet
+
+    _quiet.quiet_parent()
     register_profiles()
     if not config.getoption("hypothesis_profile", default=None):
         settings.load_profile(DEFAULT_PROFILE)
+    try:
+        layout_set(config.getoption("tp"), config.getoption("ep"))
+    except ValueError as exc:
+        _usage(str(exc))
     timeout = config.getoption("rank_timeout")
-    if timeout:
-        os.environ["LORA_HARNESS_RANK_TIMEOUT"] = str(timeout)
+    if timeout is not None and not timeout > 0:
+        _usage(f"--rank-timeout {timeout}: must be a positive number of seconds")
+    examples = config.getoption("lora_examples")
+    if examples is not None and examples < 1:
+        _usage(f"--lora-examples {examples}: must be >= 1")
+    impl = config.getoption("lora_impl")
+    if impl is not None:
+        from harness.contract import ImplLoadError, load_impl
+
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            load_impl(impl)
+        except ImplLoadError as exc:
+            _usage(f"--lora-impl: {exc}")
+    report = config.getoption("lora_report")
+    if report and not hasattr(config, "workerinput"):
+        from harness.report.writer import check_writable
+
+        try:
+            check_writable(report)
+        except (OSError, ValueError) as exc:
+            _usage(f"--report {report}: {exc}")
+    regressions = config.getoption("lora_regressions")
+    if regressions:
+        from harness.regressions import RegressionStore
+
+        try:
+            RegressionStore(regressions).check_writable()
+        except ValueError as exc:
+            _usage(f"--regressions: {exc}")
     config.addinivalue_line("markers", "layouts: the test is parametrized over the --tp/--ep layout set")
+    config._lora_harness = HarnessSession(config)  # type: ignore[attr-defined]
+
+
+@dataclass
+class HarnessSession:
+    """The run's settings (from the command line) and every property outcome it produced."""
+
+    config: Any
+    outcomes: list = field(default_factory=list)
+    _executor: Any = None
+
+    @property
+    def executor(self) -> Any:
+        if self._executor is None:
+            from harness.runs import Executor
+
+            self._executor = Executor(timeout=self.config.getoption("rank_timeout"))
+        return self._executor
+
+    def settings(self) -> Any:
+        from hypothesis import settings
+
+        examples = self.config.getoption("lora_examples")
+        return settings(max_examples=examples) if examples else settings()
+
+    def impl_for(self, module: Any) -> str:
+        return self.config.getoption("lora_impl") or getattr(module, "LORA_IMPL", None) or "lora.megatron"
+
+    def capabilities_for(self, module: Any, impl: str) -> Any:
+        from harness.contract import capabilities_of
+
+        caps = capabilities_of(impl, getattr(module, "LORA_CAPABILITIES", None))
+        contract = self.config.getoption("lora_contract")
+        return caps.with_contract(contract) if contract and contract != caps.contract else caps
+
+    def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None) -> Any:
+        from harness.driver import check_property
+
+        outcome = check_property(
+            prop, layout, impl, settings=self.settings(), executor=self.executor, capabilities=capabilities,
+            regressions=self.config.getoption("lora_regressions"),
+        )
+        outcome.exception = None  # outcomes travel between xdist processes
+        self.outcomes.append((outcome, capabilities))
+        return outcome
+
+
+@dataclass(frozen=True)
+class BoundProperty:
+    """One registered property at one layout for the implementation under test."""
+
+    session: HarnessSession
+    name: str
+    layout: Any
+    impl: str
+    capabilities: Any
+
+    def check(self) -> Any:
+        """Run it; returns the ``PropertyOutcome`` whatever the verdict."""
+        return self.session.check(self.name, self.layout, self.impl, self.capabilities)
+
+    def require(self) -> Any:
+        """Run it; skip if it does not apply here, fail with the minimal case and replay command if it fails."""
+        from harness.results import Verdict
+
+        outcome = self.check()
+        if outcome.verdict is Verdict.SKIPPED:
+            pytest.skip(outcome.skipped_reason)
+        if not outcome.passed:
+            lines = [f"{self.name} at {outcome.layout} for {self.impl}: {outcome.verdict.value}", outcome.error]
+            if outcome.minimal_case is not None:
+                import json
+
+                lines.append("minimal case: " + json.dumps(outcome.minimal_case.to_json(), sort_keys=True))
+            if outcome.replay_command:
+                lines.append("replay: " + outcome.replay_command)
+            pytest.fail("\n".join(lines), pytrace=False)
+        return outcome
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    config = metafunc.config
+    layouts = layout_set(config.getoption("tp"), config.getoption("ep"))
+    if "lora_property" in metafunc.fixturenames:
+        from harness.contract import ImplLoadError
+        from harness.properties import registry
+
+        session: HarnessSession = config._lora_harness  # type: ignore[attr-defined]
+        impl = session.impl_for(metafunc.module)
+        try:
+            caps = session.capabilities_for(metafunc.module, impl)
+        except ImplLoadError as exc:
+            raise pytest.UsageError(f"lora-harness: {metafunc.module.__name__}: {exc}") from None
+        params = [
+            BoundProperty(session, name, layout, impl, caps)
+            for layout in layouts
+            for name in registry()
+        ]
+        metafunc.parametrize("lora_property", params, ids=[f"{p.name}-{p.layout}" for p in params])
     if "layout" in metafunc.fixturenames:
-        layouts = layout_set(metafunc.config.getoption("tp"), metafunc.config.getoption("ep"))
         metafunc.parametrize("layout", layouts, ids=[l.describe() for l in layouts])
 
 
 @pytest.fixture(scope="session")
-def lora_impl(request: pytest.FixtureRequest) -> str:
-    """Name of the implementation under test, checked to expose the SPEC names."""
-    from harness.tasks import load_impl
+def lora_harness(request: pytest.FixtureRequest) -> HarnessSession:
+    """This run's harness session: settings from the command line, outcomes collected for the report."""
+    return request.config._lora_harness  # type: ignore[attr-defined]
 
-    name = request.config.getoption("lora_impl")
-    load_impl(name)
-    return name
+
+@pytest.fixture(scope="session")
+def lora_impl(request: pytest.FixtureRequest) -> str:
+    """Name of the implementation under test (``--lora-impl``, else ``lora.megatron``)."""
+    return request.config.getoption("lora_impl") or "lora.megatron"
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +229,59 @@ def max_ep(request: pytest.FixtureRequest) -> int:
     return request.config.getoption("ep")
 
 
+def _parts_dir(report: str) -> Path:
+    return Path(report) / ".parts"
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from harness.runner import shutdown_all
 
     shutdown_all()
+    config = session.config
+    report = config.getoption("lora_report")
+    harness_session: Optional[HarnessSession] = getattr(config, "_lora_harness", None)
+    if not report or harness_session is None:
+        return
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        if harness_session.outcomes:
+            parts = _parts_dir(report)
+            parts.mkdir(parents=True, exist_ok=True)
+            with open(parts / f"{worker['workerid']}.pkl", "wb") as fh:
+                pickle.dump(harness_session.outcomes, fh)
+        return
+    _write_merged_report(config, report, harness_session.outcomes)
+
+
+def _write_merged_report(config: Any, report: str, outcomes: list) -> None:
+    import datetime
+    import shutil
+
+    from harness.report.environment import collect_environment
+    from harness.report.writer import write_report
+    from harness.results import RunResults
+
+    parts = _parts_dir(report)
+    collected = list(outcomes)
+    if parts.is_dir():
+        for path in sorted(parts.glob("*.pkl")):
+            with open(path, "rb") as fh:
+                collected += pickle.load(fh)
+        shutil.rmtree(parts, ignore_errors=True)
+    if not collected:
+        return
+    impls = sorted({o.impl for o, _ in collected})
+    caps = next((c for _, c in collected if c is not None), None)
+    results = RunResults(
+        impl=", ".join(impls),
+        capabilities=caps.to_dict() if caps is not None else {},
+        environment=collect_environment(impls[0]),
+        skipped=caps.skipped() if caps is not None else [],
+        command="pytest " + " ".join(config.invocation_params.args),
+        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        outcomes=sorted((o for o, _ in collected), key=lambda o: (o.prop, o.layout)),
+    )
+    paths = write_report(results, report)
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(f"lora-harness report: {', '.join(str(p) for p in paths.values())}")

@@ -11,15 +11,16 @@ Profiles:
 * ``deep``: ten times as many, for nightly runs
   (``pytest --hypothesis-profile deep`` or ``lora-harness verify --profile deep``).
 
-Both print hypothesis's reproduction blob on failure, so a failing case can
-be replayed exactly with ``@reproduce_failure``.
+A failing example is printed as a JSON case with the ``lora-harness replay``
+command that reruns it, and stored in the regressions directory when one is
+given, so it is replayed before new draws on every later run.
 """
 
 from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 
-from harness.layouts import ParallelLayout, enumerate_layouts
+from harness.layouts import ParallelLayout
 
 __all__ = ["register_profiles", "layout_set", "PROFILES", "DEFAULT_PROFILE"]
 
@@ -41,14 +42,36 @@ def register_profiles() -> None:
         )
 
 
-def layout_set(max_tp: int, max_ep: int = 1) -> list[ParallelLayout]:
-    """The layouts the dense-model properties run at for ``--tp max_tp --ep max_ep``.
+def _check_max(flag: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{flag} {value!r}: must be an integer >= 1")
+    if value & (value - 1):
+        raise ValueError(
+            f"{flag} {value}: the layout set runs every power of two up to the maximum "
+            f"(the harness models have power-of-two widths); use {1 << (value.bit_length() - 1)} or {1 << value.bit_length()}"
+        )
+    return value
 
-    Every TP size up to ``max_tp`` (powers of two). Expert parallelism and
-    sequence parallelism do not change a dense model's sharding, and the
-    properties for them (MoE experts, SP) belong to their own layout sets, so
-    ``max_ep`` is accepted and validated here but does not add dense layouts.
+
+def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[ParallelLayout]:
+    """The layouts a family's properties run at for ``--tp max_tp --ep max_ep``, cheapest first.
+
+    Dense GPT: every power-of-two TP up to ``max_tp`` times every
+    power-of-two EP up to ``max_ep``. A dense model has no experts, so EP
+    changes what megatron-core builds only through the world size: a layout
+    with EP=e runs in a world of lcm(tp, tp*e) ranks, i.e. with data
+    parallelism e, where every data-parallel replica must hold and compute
+    the same adapters. A maximum that is not a power of two is refused
+    (``ValueError``), never rounded. Sequence-parallel layouts need a
+    sequence-parallel norm on CPU and come with the MoE family.
     """
-    if max_tp < 1 or max_ep < 1:
-        raise ValueError(f"--tp and --ep must be >= 1 (got --tp {max_tp} --ep {max_ep})")
-    return [l for l in enumerate_layouts(max_tp, 1, include_sp=False, vary_etp=False) if l.ep == 1]
+    _check_max("--tp", max_tp)
+    _check_max("--ep", max_ep)
+    if family != "gpt":
+        raise ValueError(f"no layout set for family {family!r}; known: gpt")
+    layouts = {ParallelLayout(tp=tp, ep=ep) for tp in _powers(max_tp) for ep in _powers(max_ep)}
+    return sorted(layouts, key=lambda layout: layout.sort_key)
+
+
+def _powers(n: int) -> list[int]:
+    return [1 << k for k in range(n.bit_length()) if 1 << k <= n]

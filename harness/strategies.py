@@ -9,16 +9,18 @@ hidden size 16 as well as at 4096, and shrinking needs small examples.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from hypothesis import strategies as st
 
+from harness.cases import GPTCase, parse_dtype
+from harness.contract import DEFAULT_TARGET_MODULES, INIT_METHODS, Capabilities
 from harness.layouts import ParallelLayout
 from harness.models import GPTShape
-from harness.tasks import GPTCase
-from lora._common import DEFAULT_TARGET_MODULES, INIT_METHODS
 
-__all__ = ["gpt_shapes", "lora_configs", "gpt_cases", "target_patterns"]
+__all__ = ["gpt_shapes", "lora_configs", "gpt_cases", "target_patterns", "cases_for"]
+
+DEFAULT_TARGET_MODULES = list(DEFAULT_TARGET_MODULES)
 
 # Patterns that select linears only (a pattern that selects e.g. a whole
 # attention block is a TypeError by SPEC, tested separately).
@@ -65,43 +67,65 @@ def target_patterns() -> st.SearchStrategy[dict[str, list[str]]]:
 
 
 @st.composite
-def lora_configs(draw: Any, tp: int = 1) -> dict[str, Any]:
-    """LoRA keyword arguments valid at TP=tp (dim divisible by tp)."""
+def lora_configs(draw: Any, tp: int = 1, capabilities: Optional[Capabilities] = None) -> dict[str, Any]:
+    """LoRA keyword arguments valid at TP=tp (dim divisible by tp), inside ``capabilities``.
+
+    ``lora_dtype`` is a dtype name here (None: the base weight's dtype).
+    """
+    caps = capabilities or Capabilities()
     cfg = dict(draw(target_patterns()))
+    # 16-bit adapters are left to the dtype tests: rounding every adapter
+    # product to 8 bits makes two correct layouts differ by up to ~15% of a
+    # gradient's largest entry where terms cancel, which no fixed tolerance
+    # separates from a real sharding bug.
+    dtypes = [d for d in caps.lora_dtypes if d in (None, "float32", "float64")] or [None]
     cfg.update(
         dim=tp * draw(st.integers(1, 4)),
         alpha=draw(st.sampled_from([1, 2, 8, 16, 32])),
         dropout_position=draw(st.sampled_from(["pre", "post"])),
-        lora_A_init_method=draw(st.sampled_from(INIT_METHODS)),
-        lora_B_init_method=draw(st.sampled_from(INIT_METHODS)),
-        # 16-bit adapters are left to the dtype tests: rounding every adapter
-        # product to 8 bits makes two correct layouts differ by up to ~15%
-        # of a gradient's largest entry where terms cancel, which no useful
-        # tolerance separates from a real sharding bug.
-        lora_dtype=draw(st.sampled_from([None, "float32", "float64"])),
+        lora_A_init_method=draw(st.sampled_from(caps.init_methods)),
+        lora_B_init_method=draw(st.sampled_from(caps.init_methods)),
+        lora_dtype=draw(st.sampled_from(dtypes)),
     )
     return cfg
 
 
 @st.composite
-def gpt_cases(draw: Any, layout: ParallelLayout, impl: str = "lora.megatron") -> GPTCase:
-    """One example for a layout: shape, LoRA config, seed, train/eval mode.
+def gpt_cases(
+    draw: Any, layout: ParallelLayout, impl: str = "lora.megatron", capabilities: Optional[Capabilities] = None
+) -> GPTCase:
+    """One dense-GPT example for a layout: shape, LoRA config, seed, train/eval mode, dtypes.
 
-    Dropout is drawn only in eval mode, where it must act as identity: in
-    training its masks are random per layout by nature, so a forward
-    comparison would be meaningless. The base model runs in float32 (what
-    users run) or float64 (where the tolerance can be 1e-9; see
-    ``harness.compare``).
+    Dropout is drawn only in eval mode (``training=False``, inference), where
+    it must act as identity: in training its masks are random per layout by
+    nature, so a forward comparison would be meaningless. The base model runs
+    in float32 (what users run) or float64 (where the tolerance can be 1e-9;
+    see ``harness.compare``).
     """
+    caps = capabilities or Capabilities()
     tp = layout.tp
     training = draw(st.booleans())
-    lora = dict(draw(lora_configs(tp)), dropout=0.0 if training else draw(st.sampled_from([0.0, 0.1, 0.5])))
+    lora = dict(draw(lora_configs(tp, caps)), dropout=0.0 if training else draw(st.sampled_from([0.0, 0.1, 0.5])))
+    lora_dtype = parse_dtype(lora.pop("lora_dtype"))
     return GPTCase(
         shape=draw(gpt_shapes(tp)),
         lora=lora,
         seed=draw(st.integers(0, 2**31 - 1)),
-        layout=layout.describe(),
+        layout=layout,
         impl=impl,
         training=training,
-        model_dtype=draw(st.sampled_from(["float32", "float64"])),
+        model_dtype=parse_dtype(draw(st.sampled_from(["float32", "float64"]))),
+        lora_dtype=lora_dtype,
+        contract=caps.contract,
     )
+
+
+# Case strategies per model family: (layout, impl, capabilities) -> strategy.
+_CASES = {"gpt": gpt_cases}
+
+
+def cases_for(family: str, layout: ParallelLayout, impl: str, capabilities: Optional[Capabilities] = None) -> st.SearchStrategy[Any]:
+    """The case strategy of a model family."""
+    if family not in _CASES:
+        raise ValueError(f"no case strategy for family {family!r}; known: {', '.join(_CASES)}")
+    return _CASES[family](layout, impl, capabilities)

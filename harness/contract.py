@@ -1,0 +1,301 @@
+"""The contract the harness checks, owned by the harness: names, tables, errors, capability profiles.
+
+This module is the harness's own statement of what a LoRA implementation must
+do (``harness/SPEC.md`` is the prose; ``tests/test_contract_doc.py`` checks the
+two agree). It imports nothing from ``lora``: the code under test never
+supplies the rules it is judged by.
+
+Two contracts exist:
+
+* ``strict``: the project's SPEC, which is deliberately stricter than
+  Megatron-Bridge on a few points (``STRICTER_THAN_BRIDGE``);
+* ``bridge``: Megatron-Bridge 0.6.2's documented/observed behaviour on those
+  points.
+
+An implementation declares which one it follows, and what it supports, with
+a ``Capabilities`` profile: either a module-level dict
+``LORA_HARNESS_CAPABILITIES`` in the implementation (plain data, so it need
+not import the harness), or an explicit ``Capabilities`` passed to the
+runner. The harness draws only inside the profile and says what it skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping, Optional
+
+__all__ = [
+    "REQUIRED_NAMES",
+    "DEFAULT_TARGET_MODULES",
+    "INIT_METHODS",
+    "BRIDGE_INIT_METHODS",
+    "DROPOUT_POSITIONS",
+    "LORA_FIELDS",
+    "PARAM_SUFFIXES",
+    "ContractPoint",
+    "STRICTER_THAN_BRIDGE",
+    "CONTRACTS",
+    "Capabilities",
+    "ImplLoadError",
+    "load_impl",
+    "capabilities_of",
+]
+
+REQUIRED_NAMES = ("LoRA", "VLMLoRA", "LoRAMerge")
+DEFAULT_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+INIT_METHODS = ("xavier", "xavier_uniform", "kaiming", "normal", "zero")
+BRIDGE_INIT_METHODS = ("xavier", "kaiming", "normal", "zero")
+DROPOUT_POSITIONS = ("pre", "post")
+CONTRACTS = ("strict", "bridge")
+
+# SPEC "LoRA fields": name -> default.
+LORA_FIELDS: Mapping[str, Any] = {
+    "target_modules": list(DEFAULT_TARGET_MODULES),
+    "exclude_modules": [],
+    "dim": 32,
+    "alpha": 32,
+    "dropout": 0.0,
+    "dropout_position": "pre",
+    "a2a_experimental": False,
+    "lora_A_init_method": "xavier",
+    "lora_B_init_method": "zero",
+    "lora_dtype": None,
+    "normalize_moe_lora": False,
+    "share_expert_adapters": True,
+}
+
+# Parameter names of an adapted module <m> (Bridge's, so checkpoints interchange).
+PARAM_SUFFIXES: Mapping[str, str] = {
+    "base": "to_wrap.weight",
+    "A": "adapter.linear_in.weight",
+    "B": "adapter.linear_out.weight",
+}
+
+
+@dataclass(frozen=True)
+class ContractPoint:
+    """One behaviour on which SPEC and Megatron-Bridge differ.
+
+    ``strict`` / ``bridge``: what each contract expects, as a short phrase;
+    ``strict_errors`` / ``bridge_errors``: exception type names accepted,
+    where the point is about an error (empty tuple: not an error point).
+    """
+
+    key: str
+    what: str
+    strict: str
+    bridge: str
+    strict_errors: tuple[str, ...] = ()
+    bridge_errors: tuple[str, ...] = ()
+
+    def accepted_errors(self, contract: str) -> tuple[str, ...]:
+        return self.strict_errors if contract == "strict" else self.bridge_errors
+
+
+STRICTER_THAN_BRIDGE: tuple[ContractPoint, ...] = (
+    ContractPoint(
+        "both_modes",
+        "target_modules and exclude_modules both set",
+        "ValueError",
+        "AssertionError",
+        ("ValueError",),
+        ("AssertionError", "ValueError"),
+    ),
+    ContractPoint(
+        "unknown_init",
+        "unknown init method",
+        "ValueError listing the names",
+        "NotImplementedError",
+        ("ValueError",),
+        ("NotImplementedError", "ValueError"),
+    ),
+    ContractPoint(
+        "init_methods",
+        "init methods offered",
+        "xavier, xavier_uniform, kaiming, normal, zero",
+        "xavier, kaiming, normal, zero",
+    ),
+    ContractPoint(
+        "non_linear_target",
+        "pattern selecting a non-linear module",
+        "TypeError naming module and type",
+        "AttributeError from deep inside",
+        ("TypeError",),
+        ("TypeError", "AttributeError"),
+    ),
+    ContractPoint(
+        "init_tp_independent",
+        "init at TP > 1",
+        "over the full matrix, same for every layout",
+        "fans on the shard: differs per TP size",
+    ),
+    ContractPoint(
+        "lora_dtype_parallel",
+        "lora_dtype on the parallel path",
+        "honoured",
+        "ignored",
+    ),
+)
+
+_POINTS = {p.key: p for p in STRICTER_THAN_BRIDGE}
+
+
+def contract_point(key: str) -> ContractPoint:
+    return _POINTS[key]
+
+
+_DTYPE_NAMES = (None, "float32", "float64", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an implementation under test supports, and which contract it follows.
+
+    The harness draws only inside these; ``skipped()`` lists what a full SPEC
+    implementation would also have been checked on. ``lora_dtypes`` lists
+    adapter dtype names (None = the base weight's dtype).
+    """
+
+    contract: str = "strict"
+    init_methods: tuple[str, ...] = INIT_METHODS
+    lora_dtypes: tuple[Optional[str], ...] = (None, "float32", "float64")
+    experts: bool = True
+    sequence_parallel: bool = True
+    a2a: bool = True
+    vlm: bool = True
+    merge: bool = True
+
+    def __post_init__(self) -> None:
+        if self.contract not in CONTRACTS:
+            raise ValueError(f"Capabilities.contract={self.contract!r}: must be one of {', '.join(CONTRACTS)}")
+        object.__setattr__(self, "init_methods", tuple(self.init_methods))
+        object.__setattr__(self, "lora_dtypes", tuple(self.lora_dtypes))
+        bad = [m for m in self.init_methods if m not in INIT_METHODS]
+        if bad or not self.init_methods:
+            raise ValueError(
+                f"Capabilities.init_methods={list(self.init_methods)!r}: each must be one of {', '.join(INIT_METHODS)}"
+                " and at least one is needed"
+            )
+        bad = [d for d in self.lora_dtypes if d not in _DTYPE_NAMES]
+        if bad or not self.lora_dtypes:
+            raise ValueError(
+                f"Capabilities.lora_dtypes={list(self.lora_dtypes)!r}: each must be one of {_DTYPE_NAMES}"
+            )
+
+    @classmethod
+    def strict(cls, **changes: Any) -> "Capabilities":
+        """Everything SPEC describes."""
+        return replace(cls(), **changes)
+
+    @classmethod
+    def bridge(cls, **changes: Any) -> "Capabilities":
+        """Megatron-Bridge 0.6.2's behaviour: its four init methods, lora_dtype ignored on the parallel path."""
+        return replace(cls(contract="bridge", init_methods=BRIDGE_INIT_METHODS, lora_dtypes=(None,)), **changes)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str = "capabilities") -> "Capabilities":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known: {', '.join(sorted(known))}")
+        base = cls.bridge() if data.get("contract") == "bridge" else cls()
+        return replace(base, **dict(data))
+
+    def with_contract(self, contract: str) -> "Capabilities":
+        """The same support flags judged by another contract; ``bridge`` also draws only what Bridge accepts."""
+        if contract == "bridge":
+            return replace(
+                self,
+                contract="bridge",
+                init_methods=tuple(m for m in self.init_methods if m in BRIDGE_INIT_METHODS) or BRIDGE_INIT_METHODS,
+                lora_dtypes=(None,),
+            )
+        return replace(self, contract=contract)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def skipped(self) -> list[str]:
+        """What the full SPEC would also check, and why it is not drawn here."""
+        full = Capabilities()
+        out = []
+        missing_init = [m for m in full.init_methods if m not in self.init_methods]
+        if missing_init:
+            out.append(f"init methods {', '.join(missing_init)} (not offered by the implementation)")
+        missing_dtypes = [str(d) for d in full.lora_dtypes if d not in self.lora_dtypes]
+        if missing_dtypes:
+            out.append(f"lora_dtype {', '.join(missing_dtypes)} (not supported)")
+        for flag, what in (
+            ("experts", "expert (MoE) adapters"),
+            ("sequence_parallel", "sequence-parallel layouts"),
+            ("a2a", "a2a_experimental"),
+            ("vlm", "VLMLoRA"),
+            ("merge", "LoRAMerge"),
+        ):
+            if not getattr(self, flag):
+                out.append(f"{what} (not supported)")
+        if self.contract == "bridge":
+            out.append(
+                "SPEC points stricter than Megatron-Bridge are advisory contract findings: "
+                + "; ".join(p.what for p in STRICTER_THAN_BRIDGE)
+            )
+        return out
+
+    def describe(self) -> str:
+        return f"contract {self.contract}, init {'/'.join(self.init_methods)}, lora_dtype {'/'.join(map(str, self.lora_dtypes))}"
+
+
+class ImplLoadError(Exception):
+    """The implementation named for a run cannot be used; ``str()`` says why and what to do."""
+
+
+CAPABILITIES_ATTR = "LORA_HARNESS_CAPABILITIES"
+
+
+def load_impl(module_name: str) -> Any:
+    """Import an implementation under test and check it exposes SPEC's names.
+
+    Raises ``ImplLoadError`` (one clear line) if the module does not import
+    or lacks a name.
+    """
+    if not isinstance(module_name, str) or not module_name.strip():
+        raise ImplLoadError(f"implementation {module_name!r}: give an importable module name, e.g. mypkg.lora")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is one usage error
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
+        raise ImplLoadError(
+            f"implementation {module_name!r} failed to import: {type(exc).__name__}: {exc}{where}"
+        ) from exc
+    missing = [n for n in REQUIRED_NAMES if not hasattr(module, n)]
+    if missing:
+        raise ImplLoadError(
+            f"implementation {module_name!r} does not expose {', '.join(missing)} "
+            f"(the LoRA API needs {', '.join(REQUIRED_NAMES)})"
+        )
+    return module
+
+
+def capabilities_of(module_name: str, override: Optional[Capabilities] = None) -> Capabilities:
+    """``override`` if given, else the module's ``LORA_HARNESS_CAPABILITIES`` dict, else full SPEC."""
+    if override is not None:
+        return override
+    module = sys.modules.get(module_name) or load_impl(module_name)
+    data = getattr(module, CAPABILITIES_ATTR, None)
+    if data is None:
+        return Capabilities()
+    if isinstance(data, Capabilities):
+        return data
+    if not isinstance(data, Mapping):
+        raise ImplLoadError(f"{module_name}.{CAPABILITIES_ATTR} must be a dict of Capabilities fields, got {type(data).__name__}")
+    try:
+        return Capabilities.from_mapping(data, f"{module_name}.{CAPABILITIES_ATTR}")
+    except (TypeError, ValueError) as exc:
+        raise ImplLoadError(str(exc)) from exc

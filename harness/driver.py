@@ -1,0 +1,235 @@
+"""The hypothesis driver: replay stored failures, draw examples, run them, shrink, record.
+
+Shared by the pytest plugin and the CLI. ``check_property`` runs one
+property at one layout for one implementation and returns a
+``PropertyOutcome`` (never raises for a failure of the implementation);
+``require_property`` raises instead, for tests. ``run_example`` runs one
+case once (the ``lora-harness replay`` command uses it).
+
+Faults are bounded: every hung or crashed example costs a rank timeout or
+a pool restart, and the shrinker may try dozens of candidates. After
+``max_faults`` faulting examples in one property run, new candidates are
+rejected (hypothesis keeps the smallest faulting example found so far) and
+a candidate that already faulted is failed again from memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from typing import Any, Callable, Optional
+
+from hypothesis import HealthCheck, given, reject, seed as hypothesis_seed, settings as hsettings
+
+from harness.contract import Capabilities, capabilities_of
+from harness.layouts import ParallelLayout
+from harness.properties import Property, get_property
+from harness.regressions import RegressionStore
+from harness.results import ExampleRecord, PropertyOutcome, Verdict
+from harness.runner import RankCrash, RankHang, RankPoolFault, RankTaskError
+from harness.runs import Evidence, Executor
+from harness.strategies import cases_for
+
+__all__ = ["PropertyFailure", "check_property", "require_property", "run_example", "default_executor", "replay_command"]
+
+Progress = Callable[[PropertyOutcome, Optional[ExampleRecord]], None]
+
+
+class PropertyFailure(AssertionError):
+    """A property does not hold for an example; the message says where and by how much."""
+
+
+_DEFAULT_EXECUTOR: Optional[Executor] = None
+
+
+def default_executor() -> Executor:
+    """One executor per process for callers that do not pass their own (its caches are per process)."""
+    global _DEFAULT_EXECUTOR
+    if _DEFAULT_EXECUTOR is None:
+        _DEFAULT_EXECUTOR = Executor()
+    return _DEFAULT_EXECUTOR
+
+
+def _fault_verdict(exc: RankPoolFault) -> Verdict:
+    if isinstance(exc, RankHang):
+        return Verdict.HANG
+    if isinstance(exc, RankTaskError) and exc.errors and all(e[0] == "SpecViolation" for e in exc.errors.values()):
+        # Parameter names or shapes not as SPEC lays them out.
+        return Verdict.CONTRACT
+    return Verdict.CRASH
+
+
+def run_example(prop: Property, case: Any, executor: Executor, source: str = "drawn") -> ExampleRecord:
+    """Run one property on one case; infrastructure faults become a HANG/CRASH record."""
+    started = time.monotonic()
+    ev = Evidence(executor, case)
+    layout = case.layout.describe()
+    try:
+        check = prop.check(ev)
+    except RankPoolFault as exc:
+        output = dict(ev.output)
+        output.update({r: t for r, t in (getattr(exc, "output", None) or {}).items() if t})
+        return ExampleRecord(prop.name, layout, case.to_json(), _fault_verdict(exc), time.monotonic() - started,
+                             error=str(exc), output=output, source=source)
+    error = check.message(case) if check.findings else ""
+    return ExampleRecord(prop.name, layout, case.to_json(), check.verdict, time.monotonic() - started,
+                         check.comparisons, check.findings, error=error, output=dict(ev.output), source=source)
+
+
+def replay_command(prop: str, case: Any, path: Optional[str] = None) -> str:
+    """A shell command that reruns exactly this example and prints its verdict."""
+    if path is not None:
+        return f"lora-harness replay {shlex.quote(str(path))} --property {prop} --impl {shlex.quote(case.impl)}"
+    return f"lora-harness replay --property {prop} --case-json {shlex.quote(json.dumps(case.to_json(), sort_keys=True))}"
+
+
+def _lead(record: ExampleRecord) -> str:
+    """The failure's first line: the first quantity that differs, or the fault's headline."""
+    failing = [f for f in record.findings if f.verdict.failing]
+    if failing:
+        return f"[{failing[0].verdict.value}] {failing[0].message}"
+    return record.error.splitlines()[0] if record.error else record.verdict.value
+
+
+def check_property(
+    prop: str | Property,
+    layout: ParallelLayout,
+    impl: str = "lora.megatron",
+    *,
+    settings: Optional[hsettings] = None,
+    executor: Optional[Executor] = None,
+    capabilities: Optional[Capabilities] = None,
+    regressions: Optional[str | RegressionStore] = None,
+    seed: Optional[int] = None,
+    max_faults: int = 3,
+    family: str = "gpt",
+    progress: Optional[Progress] = None,
+) -> PropertyOutcome:
+    """Run one property for one layout: stored regressions first, then hypothesis draws.
+
+    ``settings`` defaults to the active hypothesis profile; ``capabilities``
+    to what ``impl`` declares (``harness.contract.capabilities_of``). A
+    failure carries the minimal case (``minimal_case``), hypothesis's report
+    (``falsifying_example``) and a ``replay_command``; with ``regressions``
+    the minimal case is stored there.
+    """
+    prop = prop if isinstance(prop, Property) else get_property(prop)
+    executor = executor or default_executor()
+    caps = capabilities_of(impl, capabilities)
+    store = regressions if isinstance(regressions, RegressionStore) or regressions is None else RegressionStore(regressions)
+    outcome = PropertyOutcome(prop=prop.name, layout=layout.describe(), impl=impl)
+    skip = prop.skip_reason(family, layout, caps)
+    if skip:
+        outcome.verdict, outcome.skipped_reason = Verdict.SKIPPED, skip
+        return outcome
+    started = time.monotonic()
+
+    def note(record: ExampleRecord) -> None:
+        outcome.records.append(record)
+        outcome.examples += 1
+        if progress is not None:
+            progress(outcome, record)
+
+    def conclude(record: ExampleRecord, case: Any, exception: Optional[BaseException]) -> None:
+        outcome.verdict = record.verdict
+        outcome.minimal_case = case
+        outcome.error = record.error or _lead(record)
+        outcome.exception = exception
+        path = None
+        if store is not None:
+            path = str(store.save(prop.name, case, record.verdict.value, _lead(record)))
+            outcome.regression_file = path
+        outcome.replay_command = replay_command(prop.name, case, path)
+
+    # 1. Stored failures, replayed with this implementation before any draw.
+    if store is not None:
+        for path, stored in store.cases(prop.name, layout.describe()):
+            case = stored.with_(impl=impl, contract=caps.contract, layout=layout)
+            if not _inside(case, caps):
+                continue
+            record = run_example(prop, case, executor, source="regression")
+            outcome.regressions_replayed += 1
+            note(record)
+            if record.verdict.failing:
+                conclude(record, case, PropertyFailure(f"stored regression {path} fails: {_lead(record)}"))
+                outcome.falsifying_example = f"stored regression case {path}"
+                outcome.seconds = time.monotonic() - started
+                return outcome
+
+    # 2. New draws under hypothesis.
+    base = settings if settings is not None else hsettings()
+    run_settings = hsettings(base, deadline=None, suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+    faulted: dict[str, ExampleRecord] = {}
+    last_failure: dict[str, Any] = {}
+
+    @run_settings
+    @given(case=cases_for(family, layout, impl, caps))
+    def _property(case: Any) -> None:
+        key = repr(case)
+        if key in faulted:
+            record = faulted[key]
+        elif len(faulted) >= max_faults:
+            reject()
+        else:
+            record = run_example(prop, case, executor)
+            note(record)
+            if record.verdict in (Verdict.HANG, Verdict.CRASH):
+                faulted[key] = record
+        if record.verdict.failing:
+            last_failure.update(record=record, case=case)
+            raise PropertyFailure(
+                f"{prop.name} failed for impl {impl} at layout {layout} ({record.verdict.value}):\n  "
+                + (record.error or _lead(record)).replace("\n", "\n  ")
+            )
+
+    # Distinct database keys per property, layout and implementation, so a
+    # failure recorded for one is replayed only for that one.
+    _property.hypothesis.inner_test._hypothesis_internal_add_digest = f"{prop.name}|{layout.describe()}|{impl}".encode()
+    if seed is not None:
+        _property = hypothesis_seed(seed)(_property)
+    try:
+        _property()
+    except (PropertyFailure, RankPoolFault) as exc:
+        # Hypothesis replays the minimal example last: the last failure is the minimal one.
+        notes = getattr(exc, "__notes__", [])
+        outcome.falsifying_example = "\n".join(n for n in notes if n and "reproduce_failure" not in n)
+        if last_failure:
+            conclude(last_failure["record"], last_failure["case"], exc)
+        else:  # pragma: no cover - every failure goes through _property
+            outcome.verdict, outcome.error, outcome.exception = Verdict.CRASH, str(exc), exc
+    except Exception as exc:  # noqa: BLE001 - a harness or hypothesis error is reported, not hidden
+        notes = getattr(exc, "__notes__", [])
+        outcome.falsifying_example = "\n".join(n for n in notes if n)
+        outcome.verdict, outcome.error, outcome.exception = Verdict.CRASH, f"{type(exc).__name__}: {exc}", exc
+        if last_failure:
+            outcome.minimal_case = last_failure["case"]
+    else:
+        if any(r.verdict is Verdict.ADVISORY for r in outcome.records):
+            outcome.verdict = Verdict.ADVISORY
+            outcome.error = next(_lead(r) for r in outcome.records if r.verdict is Verdict.ADVISORY)
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+def _inside(case: Any, caps: Capabilities) -> bool:
+    """Whether a stored case lies inside what the implementation declared."""
+    lora = case.lora
+    inits = {lora.get("lora_A_init_method", "xavier"), lora.get("lora_B_init_method", "zero")}
+    dtype = None if case.lora_dtype is None else str(case.lora_dtype).replace("torch.", "")
+    return inits <= set(caps.init_methods) and dtype in caps.lora_dtypes
+
+
+def require_property(prop: str | Property, layout: ParallelLayout, impl: str = "lora.megatron", **kw: Any) -> PropertyOutcome:
+    """``check_property`` that raises ``PropertyFailure`` (with the minimal case and replay command) on failure."""
+    outcome = check_property(prop, layout, impl, **kw)
+    if not outcome.passed:
+        lines = [f"{outcome.prop} at {outcome.layout} for {outcome.impl}: {outcome.verdict.value}", outcome.error]
+        if outcome.minimal_case is not None:
+            lines.append("minimal case: " + json.dumps(outcome.minimal_case.to_json(), sort_keys=True))
+        if outcome.replay_command:
+            lines.append("replay: " + outcome.replay_command)
+        if outcome.falsifying_example:
+            lines.append(outcome.falsifying_example)
+        raise PropertyFailure("\n".join(lines))
+    return outcome

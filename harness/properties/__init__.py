@@ -1,0 +1,103 @@
+"""The property registry: each property family is one module of this package.
+
+A module registers its property with ``register(Property(...))``: a name,
+the model families and layouts it applies to, the runs it needs (see
+``harness.runs.RUN_KINDS``) and its check, a function of an ``Evidence``
+returning a ``harness.results.Check``. The driver, the CLI, the pytest
+plugin and the reports find properties here, so adding a property is adding
+a module (or, from another package, an entry point in the group
+``lora_harness.properties`` naming a module that calls ``register``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from harness.contract import Capabilities
+from harness.layouts import ParallelLayout
+from harness.results import Check
+
+__all__ = ["Property", "register", "registry", "get_property", "property_names"]
+
+ENTRY_POINT_GROUP = "lora_harness.properties"
+
+
+@dataclass(frozen=True)
+class Property:
+    """One property family.
+
+    ``kind``: ``"numeric"`` (outputs/gradients against the reference) or
+    ``"contract"`` (a SPEC behaviour). ``applies(layout, capabilities)``
+    returns None when the property runs there, else the reason it is
+    skipped. ``needs``: the run kinds the check reads, made lazily and
+    shared with the other properties of the same example.
+    """
+
+    name: str
+    check: Callable[..., Check]
+    needs: tuple[str, ...]
+    doc: str
+    families: tuple[str, ...] = ("gpt",)
+    kind: str = "numeric"
+    applies: Optional[Callable[[ParallelLayout, Capabilities], Optional[str]]] = None
+
+    def skip_reason(self, family: str, layout: ParallelLayout, capabilities: Capabilities) -> Optional[str]:
+        if family not in self.families:
+            return f"{self.name} does not apply to the {family} family"
+        return self.applies(layout, capabilities) if self.applies else None
+
+
+_REGISTRY: dict[str, Property] = {}
+_discovered = False
+
+
+def register(prop: Property) -> Property:
+    """Add a property; a second registration under the same name must be the same property."""
+    if not isinstance(prop, Property):
+        raise TypeError(f"register() takes a harness.properties.Property, got {type(prop).__name__}")
+    old = _REGISTRY.get(prop.name)
+    if old is not None and old.check is not prop.check:
+        raise ValueError(f"a property named {prop.name!r} is already registered (from {old.check.__module__})")
+    _REGISTRY[prop.name] = prop
+    return prop
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            ep.load()
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must say so, not vanish
+        raise ImportError(f"loading lora-harness property plugins ({ENTRY_POINT_GROUP}) failed: {exc}") from exc
+
+
+def registry() -> dict[str, Property]:
+    """Every registered property, by name, in a stable order."""
+    _discover()
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: (_ORDER.get(kv[0], 99), kv[0])))
+
+
+# The order reports list the built-in families in: outputs, then gradients, then contract.
+_ORDER = {"forward_matches": 0, "backward_matches": 1, "init_matches_layouts": 2, "adapters_follow_spec": 3, "errors_follow_spec": 4}
+
+
+def property_names(family: Optional[str] = None) -> list[str]:
+    return [n for n, p in registry().items() if family is None or family in p.families]
+
+
+def get_property(name: str) -> Property:
+    props = registry()
+    if name not in props:
+        raise ValueError(f"unknown property {name!r}; known: {', '.join(props)}")
+    return props[name]

@@ -1,0 +1,36 @@
+"""Put adapter shards back together per data-parallel replica, from the partition table each rank sent."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from harness.compare import Tolerance, compare_tensors
+from harness.results import Check, Location
+from harness.sharding import Partition, unshard
+
+
+def replicas(records: list[Any], layout: Any, field: str) -> list[tuple[tuple[int, ...], dict[str, Optional[Any]]]]:
+    """[(ranks of one TP group, {param: full tensor or None})] for the per-rank dict ``field``."""
+    out = []
+    for ranks in layout.expected_groups(len(records))["tp"]:
+        members = sorted((records[r] for r in ranks), key=lambda rec: rec.tp_rank)
+        full: dict[str, Optional[Any]] = {}
+        for pname, part in members[0].partitions.items():
+            pieces = [getattr(m, field).get(pname) for m in members]
+            full[pname] = None if any(p is None for p in pieces) else unshard(pieces, Partition(part.dim, part.gated))
+        out.append((tuple(ranks), full))
+    return out
+
+
+def compare_adapter_sets(
+    check: Check, quantity: str, got: dict[str, Any], want: dict[str, Any], ranks: tuple[int, ...], tol: Tolerance,
+    *, kind: str = "numeric", sub: str = "", binding: bool = True,
+) -> None:
+    """Every adapter tensor of one replica against the reference's; the adapted sets must agree."""
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        check.fail(f"adapted parameters differ from the reference: missing {missing}, unexpected {extra}", check="adapted_set")
+        return
+    for pname in sorted(got):
+        stats = compare_tensors(got[pname], want[pname], tol)
+        check.compare(Location(quantity, pname, ranks), stats, tol, kind=kind, check=sub, binding=binding)

@@ -1,0 +1,24 @@
+"""adapters_follow_spec: trainable set, mode, adapter dtype, logits dtype and idempotence, on every rank."""
+
+from __future__ import annotations
+
+from harness.properties import Property, register
+from harness.results import Check
+
+
+def check(ev) -> Check:
+    result = Check("adapters_follow_spec")
+    for rec in ev.impl:
+        for f in rec.findings:
+            result.fail(f"rank {rec.rank}: {f.message}", kind=f.kind, check=f.check, binding=f.binding)
+    return result
+
+
+PROPERTY = register(Property(
+    name="adapters_follow_spec",
+    check=check,
+    needs=("impl",),
+    kind="contract",
+    doc="training: base frozen, adapters trainable, train mode; training=False: everything frozen, eval mode; "
+    "adapters in lora_dtype, logits in the model's dtype, applying the LoRA twice changes nothing",
+))

@@ -1,0 +1,367 @@
+"""Typed, serialisable outcomes: what a rank returns, what a property concludes, what a run writes.
+
+Three levels:
+
+* ``RankRecord`` / ``ErrorRecord``: what one rank returns for one case
+  (tensors, the partition table used to put shards back together, findings);
+* ``Check``: one property's verdict on one example, with per-tensor
+  ``Comparison``s (structured ``Location``, error statistics, tolerance) and
+  ``Finding``s;
+* ``ExampleRecord`` / ``PropertyOutcome`` / ``RunResults``: what the driver
+  collects and the reports (``harness.report``) write as ``results.json``
+  (schema ``SCHEMA_VERSION``).
+
+Verdicts, most severe first: ``hang``, ``crash``, ``numeric`` (wrong outputs
+or gradients), ``contract`` (a SPEC behaviour the implementation promised,
+broken), ``advisory`` (a point where SPEC is stricter than the contract the
+implementation declared: reported, never failing), ``pass``, ``skipped``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from harness.compare import ErrorStats, Tolerance
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Verdict",
+    "Location",
+    "Comparison",
+    "Finding",
+    "Check",
+    "Partitioned",
+    "RankRecord",
+    "ErrorRecord",
+    "ExampleRecord",
+    "PropertyOutcome",
+    "RunResults",
+]
+
+SCHEMA_VERSION = 1
+
+
+class Verdict(str, enum.Enum):
+    HANG = "hang"
+    CRASH = "crash"
+    NUMERIC = "numeric"
+    CONTRACT = "contract"
+    ADVISORY = "advisory"
+    PASS = "pass"
+    SKIPPED = "skipped"
+
+    @property
+    def failing(self) -> bool:
+        return self in (Verdict.HANG, Verdict.CRASH, Verdict.NUMERIC, Verdict.CONTRACT)
+
+    @property
+    def severity(self) -> int:
+        return list(Verdict).index(self)
+
+    @classmethod
+    def worst(cls, verdicts: Any) -> "Verdict":
+        verdicts = list(verdicts)
+        return min(verdicts, key=lambda v: v.severity) if verdicts else cls.PASS
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a compared quantity lives: ``quantity`` of ``param`` (None: the model) on ``ranks``."""
+
+    quantity: str  # "output", "input_grad", "gradient", "initial value", ...
+    param: Optional[str] = None
+    ranks: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        what = self.quantity if self.param is None else f"{self.quantity} of {self.param}"
+        if not self.ranks:
+            return what
+        if len(self.ranks) == 1:
+            return f"{what} on rank {self.ranks[0]}"
+        return f"{what} (gathered over ranks {list(self.ranks)})"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    location: Location
+    stats: ErrorStats
+    tolerance: Tolerance
+
+    @property
+    def passed(self) -> bool:
+        return self.stats.passed
+
+    @property
+    def ratio(self) -> float:
+        """max|diff| over the bound: < 1 passes. The number reports plot."""
+        bound = self.tolerance.atol + self.tolerance.rtol * self.stats.ref_max
+        if math.isinf(self.stats.max_abs):
+            return math.inf
+        return self.stats.max_abs / bound if bound > 0 else (0.0 if self.stats.max_abs == 0 else math.inf)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "location": asdict(self.location) | {"ranks": list(self.location.ranks)},
+            "max_abs": _num(self.stats.max_abs),
+            "max_rel": _num(self.stats.max_rel),
+            "ref_max": _num(self.stats.ref_max),
+            "numel": self.stats.numel,
+            "worst_index": None if self.stats.worst_index is None else list(self.stats.worst_index),
+            "rtol": self.tolerance.rtol,
+            "atol": self.tolerance.atol,
+            "ratio": _num(self.ratio),
+            "passed": self.passed,
+        }
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something wrong that is not a tensor comparison (or is one, summarised).
+
+    ``kind``: ``"numeric"`` or ``"contract"``; ``binding=False`` marks a
+    contract point on which the implementation declared a weaker contract
+    (reported as advisory). ``check`` names the sub-check (e.g.
+    ``"idempotent"``) so one finding never hides another.
+    """
+
+    kind: str
+    message: str
+    check: str = ""
+    binding: bool = True
+    location: Optional[Location] = None
+
+    @property
+    def verdict(self) -> Verdict:
+        if self.kind == "numeric":
+            return Verdict.NUMERIC
+        return Verdict.CONTRACT if self.binding else Verdict.ADVISORY
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "check": self.check,
+            "binding": self.binding,
+            "message": self.message,
+            "location": None if self.location is None else asdict(self.location) | {"ranks": list(self.location.ranks)},
+        }
+
+
+@dataclass
+class Check:
+    """One property's verdict on one example."""
+
+    prop: str
+    comparisons: list[Comparison] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    def compare(self, location: Location, stats: ErrorStats, tolerance: Tolerance, *, kind: str = "numeric", check: str = "", binding: bool = True) -> None:
+        comparison = Comparison(location, stats, tolerance)
+        self.comparisons.append(comparison)
+        if not comparison.passed:
+            self.findings.append(Finding(kind, f"{location.describe()}: {stats.reason}", check, binding, location))
+
+    def fail(self, message: str, *, kind: str = "numeric", check: str = "", binding: bool = True, location: Optional[Location] = None) -> None:
+        self.findings.append(Finding(kind, message, check, binding, location))
+
+    @property
+    def verdict(self) -> Verdict:
+        return Verdict.worst(f.verdict for f in self.findings) if self.findings else Verdict.PASS
+
+    @property
+    def passed(self) -> bool:
+        return not self.verdict.failing
+
+    @property
+    def worst_ratio(self) -> float:
+        return max((c.ratio for c in self.comparisons), default=0.0)
+
+    def first_difference(self) -> Optional[Finding]:
+        """The failing finding to lead a report with: the first in the model's order."""
+        failing = [f for f in self.findings if f.verdict.failing]
+        return failing[0] if failing else None
+
+    def message(self, case: Any) -> str:
+        head = f"{self.prop} failed for impl {case.impl} at layout {case.layout}:"
+        lines = [f"[{f.verdict.value}{' ' + f.check if f.check else ''}] {f.message}" for f in self.findings]
+        return "\n  ".join([head, *lines])
+
+
+# ---------------------------------------------------------------- rank side
+
+
+@dataclass(frozen=True)
+class Partitioned:
+    """How one adapter parameter's shards form the full tensor.
+
+    ``module``: the adapted module's name; ``dim``: split dimension over the
+    parameter's TP-like group (None: replicated); ``gated``: per-rank gate|up
+    halves; ``full_shape``: the unsharded shape.
+    """
+
+    module: str
+    dim: Optional[int]
+    gated: bool
+    full_shape: tuple[int, ...]
+
+
+@dataclass
+class RankRecord:
+    """What one rank returns for one forward/backward case."""
+
+    rank: int
+    tp_rank: int
+    tp_size: int
+    dp_rank: int
+    output: Any  # float64 CPU tensor
+    input_grad: Any
+    adapter_grads: dict[str, Any]
+    initial_adapters: dict[str, Any]
+    partitions: dict[str, Partitioned]
+    findings: list[Finding] = field(default_factory=list)
+
+
+@dataclass
+class ErrorRecord:
+    """What one rank returns for the bad-input case: one finding per broken rule."""
+
+    rank: int
+    tp_rank: int
+    findings: list[Finding] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- run level
+
+
+def _num(x: float) -> Any:
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(x, float) and (math.isinf(x) or math.isnan(x)):
+        return str(x)
+    return x
+
+
+@dataclass
+class ExampleRecord:
+    """One property on one example."""
+
+    prop: str
+    layout: str
+    case: dict[str, Any]
+    verdict: Verdict
+    seconds: float
+    comparisons: list[Comparison] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    error: str = ""
+    output: dict[int, str] = field(default_factory=dict)
+    source: str = "drawn"  # "drawn" | "regression"
+
+    @property
+    def worst_ratio(self) -> float:
+        return max((c.ratio for c in self.comparisons), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "property": self.prop,
+            "layout": self.layout,
+            "case": self.case,
+            "verdict": self.verdict.value,
+            "seconds": round(self.seconds, 4),
+            "source": self.source,
+            "worst_ratio": _num(self.worst_ratio),
+            "comparisons": [c.to_json() for c in self.comparisons],
+            "findings": [f.to_json() for f in self.findings],
+            "error": self.error,
+            "rank_output": {str(k): v for k, v in self.output.items()},
+        }
+
+
+@dataclass
+class PropertyOutcome:
+    """One property at one layout for one implementation, over every example run."""
+
+    prop: str
+    layout: str
+    impl: str
+    verdict: Verdict = Verdict.PASS
+    examples: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    falsifying_example: str = ""
+    minimal_case: Optional[Any] = None
+    replay_command: str = ""
+    skipped_reason: str = ""
+    records: list[ExampleRecord] = field(default_factory=list)
+    regressions_replayed: int = 0
+    regression_file: str = ""
+    exception: Optional[BaseException] = field(default=None, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return not self.verdict.failing
+
+    @property
+    def worst_ratio(self) -> float:
+        return max((r.worst_ratio for r in self.records), default=0.0)
+
+    def summary_line(self) -> str:
+        label = {Verdict.PASS: "PASS", Verdict.SKIPPED: "SKIP", Verdict.ADVISORY: "NOTE"}.get(self.verdict, "FAIL")
+        detail = self.skipped_reason if self.verdict is Verdict.SKIPPED else (
+            f"{self.examples:>4} examples  worst err/tol {self.worst_ratio:.2e}  {self.seconds:6.1f}s"
+        )
+        kind = "" if label in ("PASS", "SKIP") else f" ({self.verdict.value})"
+        return f"{label}  {self.prop:<22} {self.layout:<18} {detail}{kind}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "property": self.prop,
+            "layout": self.layout,
+            "impl": self.impl,
+            "verdict": self.verdict.value,
+            "examples": self.examples,
+            "seconds": round(self.seconds, 3),
+            "worst_ratio": _num(self.worst_ratio),
+            "error": self.error,
+            "falsifying_example": self.falsifying_example,
+            "minimal_case": None if self.minimal_case is None else self.minimal_case.to_json(),
+            "replay_command": self.replay_command,
+            "skipped_reason": self.skipped_reason,
+            "regressions_replayed": self.regressions_replayed,
+            "regression_file": self.regression_file,
+        }
+
+
+@dataclass
+class RunResults:
+    """Everything one run found, as written to ``results.json``."""
+
+    impl: str
+    capabilities: dict[str, Any]
+    environment: dict[str, Any]
+    outcomes: list[PropertyOutcome] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    command: str = ""
+    started: str = ""
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def failed(self) -> list[PropertyOutcome]:
+        return [o for o in self.outcomes if not o.passed]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": "lora-harness-results",
+            "schema_version": SCHEMA_VERSION,
+            "impl": self.impl,
+            "capabilities": self.capabilities,
+            "environment": self.environment,
+            "command": self.command,
+            "started": self.started,
+            "seconds": round(self.seconds, 3),
+            "interrupted": self.interrupted,
+            "skipped": self.skipped,
+            "cells": [o.to_json() for o in self.outcomes],
+            "examples": [r.to_json() for o in self.outcomes for r in o.records],
+        }

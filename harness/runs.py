@@ -1,0 +1,131 @@
+"""Runs of one case: the implementation at its layout, the reference, the implementation at TP=1.
+
+An ``Executor`` owns how cases reach rank pools (backend, rank timeout,
+which module is the reference) and caches world-size-1 runs, which do not
+depend on the layout. ``Evidence`` is one example's set of runs, each made
+on first use and shared by every property checked on that example: a
+property declares the runs it ``needs`` and reads them from here.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Optional
+
+from harness.layouts import ParallelLayout
+from harness.tasks import run_error_case, run_gpt_case
+
+__all__ = ["Executor", "Evidence", "RUN_KINDS", "REFERENCE_IMPL"]
+
+REFERENCE_IMPL = "lora.reference"
+
+# name -> what it is; properties list the ones they need.
+RUN_KINDS = {
+    "impl": "the implementation under test at the case's layout (one record per rank)",
+    "reference": "the reference implementation in a world of size 1, same full weights",
+    "impl_tp1": "the implementation under test itself in a world of size 1",
+    "errors": "the implementation under test fed bad input at the case's layout",
+}
+
+_POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.tasks")
+
+
+class Executor:
+    """Sends cases to rank pools; keeps a small LRU cache of world-size-1 runs.
+
+    ``timeout``: ceiling in seconds for one rank task (None: the pool's
+    default); ``reference``: the module used as the oracle.
+    """
+
+    def __init__(
+        self,
+        backend: str = "gloo",
+        *,
+        timeout: Optional[float] = None,
+        reference: str = REFERENCE_IMPL,
+        cache_size: int = 64,
+    ) -> None:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"Executor timeout={timeout!r}: a rank timeout must be a positive number of seconds")
+        self.backend = backend
+        self.timeout = timeout
+        self.reference_impl = reference
+        self._cache: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+        self._cache_size = cache_size
+        self.last_output: dict[int, str] = {}
+
+    def pool(self, world_size: int) -> Any:
+        from harness.runner import get_pool
+
+        kwargs: dict[str, Any] = dict(initializer="harness.cpu:rank_initializer", preload=_POOL_PRELOAD)
+        if self.timeout is not None:
+            kwargs["timeout"] = self.timeout
+        return get_pool(world_size, self.backend, **kwargs)
+
+    def run(self, case: Any, task: Callable[..., Any] = run_gpt_case) -> list[Any]:
+        """``task`` on every rank of a pool sized for the case's layout; one record per rank."""
+        pool = self.pool(case.layout.min_world_size)
+        try:
+            return pool.run(task, case)
+        finally:
+            self.last_output = {r: t for r, t in (getattr(pool, "last_output", None) or {}).items() if t}
+
+    def world1(self, key: tuple, case: Any, task: Callable[..., Any] = run_gpt_case) -> Any:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            self._cache[key] = self.run(case, task)[0]
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return self._cache[key]
+
+
+class Evidence:
+    """The runs one example needs, each made on first use and shared by the properties."""
+
+    def __init__(self, executor: Executor, case: Any) -> None:
+        self.executor = executor
+        self.case = case
+        self.layout: ParallelLayout = case.layout
+        self._runs: dict[str, Any] = {}
+        self.output: dict[int, str] = {}
+
+    def get(self, kind: str) -> Any:
+        if kind not in RUN_KINDS:
+            raise KeyError(f"unknown run kind {kind!r}; known: {', '.join(RUN_KINDS)}")
+        if kind not in self._runs:
+            self._runs[kind] = getattr(self, f"_make_{kind}")()
+            for rank, text in self.executor.last_output.items():
+                self.output[rank] = self.output.get(rank, "") + text
+        return self._runs[kind]
+
+    def _make_impl(self) -> Any:
+        return self.executor.run(self.case)
+
+    def _make_errors(self) -> Any:
+        return self.executor.run(self.case, run_error_case)
+
+    def _make_reference(self) -> Any:
+        ref = self.case.with_(impl=self.executor.reference_impl, layout=ParallelLayout(), contract="strict")
+        return self.executor.world1(("reference", self.executor.reference_impl, self.case.reference_key()), ref)
+
+    def _make_impl_tp1(self) -> Any:
+        base = self.case.with_(layout=ParallelLayout())
+        return self.executor.world1(("impl_tp1", self.case.impl, self.case.reference_key()), base)
+
+    # Shorthands the property modules read.
+    @property
+    def impl(self) -> list[Any]:
+        return self.get("impl")
+
+    @property
+    def reference(self) -> Any:
+        return self.get("reference")
+
+    @property
+    def impl_tp1(self) -> Any:
+        return self.get("impl_tp1")
+
+    @property
+    def errors(self) -> list[Any]:
+        return self.get("errors")

@@ -1,0 +1,224 @@
+"""Dense GPT tasks: build megatron-core's GPTModel at the case's layout, adapt it, run it, report.
+
+``run_gpt_case`` returns a ``RankRecord`` (logits, input gradient, adapter
+gradients and initial adapters, with the partition table used to put shards
+back together, and the per-rank contract findings); ``run_error_case``
+returns an ``ErrorRecord`` with one finding per bad-input rule broken.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from harness.cases import GPTCase
+from harness.contract import INIT_METHODS, contract_point, load_impl
+from harness.models import build_gpt, causal_mask
+from harness.results import ErrorRecord, Finding, Partitioned, RankRecord
+from harness.sharding import adapter_modules, load_full_adapter_weights, load_full_base_weights, seeded_tensor
+
+__all__ = ["run_gpt_case", "run_error_case", "NON_LINEAR_TARGETS"]
+
+
+def _setup(ctx: Any, case: GPTCase) -> tuple[Any, int, int]:
+    from megatron.core import parallel_state
+
+    case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
+    impl = load_impl(case.impl)
+    return impl, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+
+
+def _cpu64(t: Any) -> Any:
+    return None if t is None else t.detach().double().cpu()
+
+
+def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
+    """Forward and backward of a LoRA-adapted GPTModel at the case's layout."""
+    from megatron.core import parallel_state
+
+    impl, tp, tp_rank = _setup(ctx, case)
+    model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype)
+    load_full_base_weights(model, case.seed, tp_rank, tp)
+    lora_kwargs = case.lora_kwargs()
+    torch.manual_seed(case.seed)
+    model = impl.LoRA(**lora_kwargs)(model, training=case.training)
+    initial = {
+        f"{wname}.adapter.{which}.weight": _cpu64(getattr(wrapper.adapter, which).weight)
+        for wname, wrapper in adapter_modules(model).items()
+        for which in ("linear_in", "linear_out")
+        if isinstance(getattr(getattr(wrapper.adapter, which, None), "weight", None), torch.Tensor)
+    }
+    table = load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32))
+    partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
+    findings = _state_findings(model, table, case)
+
+    # Seeded on the CPU, then moved: the same values on every device.
+    device = getattr(ctx, "device", None) or torch.device("cpu")
+    s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
+    x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype).requires_grad_(True)
+    ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    out = model(ids, pos, causal_mask(s).to(device), decoder_input=x)
+    if out.dtype != case.model_dtype:
+        findings.append(Finding(
+            "contract", f"logits dtype {out.dtype}, the base model computes in {case.model_dtype} "
+            "(the adapter output must be cast back)", "output_dtype"))
+    # A random linear functional of the logits, so every output entry
+    # reaches the gradients with a different weight.
+    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(device=device, dtype=out.dtype)
+    (out * probe).sum().backward()
+    grads = {p: _cpu64(model.get_parameter(p).grad) for p in table}
+    # Last, so that a non-idempotent implementation fails this check alone
+    # and the forward/backward comparisons above see its first application.
+    findings += _reapply_findings(model, impl, lora_kwargs, case.training)
+    return RankRecord(
+        rank=ctx.rank,
+        tp_rank=tp_rank,
+        tp_size=tp,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        output=_cpu64(out),
+        input_grad=_cpu64(x.grad),
+        adapter_grads=grads,
+        initial_adapters=initial,
+        partitions=partitions,
+        findings=findings,
+    )
+
+
+def _state_findings(model: torch.nn.Module, table: dict[str, Any], case: GPTCase) -> list[Finding]:
+    """Trainable set, mode and adapter dtypes per SPEC.
+
+    training=True: adapters trainable, everything else frozen, train mode.
+    training=False (inference, as in Megatron-Bridge): everything frozen, eval mode.
+    """
+    found = []
+    if model.training != case.training:
+        found.append(Finding("contract", f"model.training={model.training} after LoRA(...)(model, training={case.training})", "mode"))
+    for name, param in model.named_parameters():
+        is_adapter = name in table
+        want = is_adapter and case.training
+        if param.requires_grad != want:
+            kind = "adapter" if is_adapter else "base"
+            why = "" if case.training else " (training=False freezes everything)"
+            found.append(Finding("contract", f"{kind} parameter {name} has requires_grad={param.requires_grad}{why}", "trainable_set"))
+        if is_adapter:
+            base = model.get_submodule(table[name][0]).to_wrap
+            expected = case.lora_dtype or base.weight.dtype
+            if param.dtype != expected:
+                # Bridge ignores lora_dtype on the parallel path: advisory there.
+                found.append(Finding(
+                    "contract", f"adapter parameter {name} has dtype {param.dtype}, lora_dtype says {expected}",
+                    "lora_dtype", binding=case.contract == "strict" or case.lora_dtype is None,
+                ))
+    return found
+
+
+def _reapply_findings(model: torch.nn.Module, impl: Any, lora_kwargs: dict[str, Any], training: bool) -> list[Finding]:
+    """Applying the same LoRA again must change nothing (SPEC: idempotent); raising is a finding too."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        model = impl.LoRA(**lora_kwargs)(model, training=training)
+    except Exception as exc:  # noqa: BLE001 - this check's finding alone
+        return [Finding("contract", f"applying LoRA a second time raised {type(exc).__name__}: {exc}", "idempotent")]
+    after = dict(model.named_parameters())
+    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    if added or removed:
+        return [Finding("contract", f"applying LoRA twice changed the parameters: added {added[:4]}, removed {removed[:4]}", "idempotent")]
+    for name in sorted(before):
+        if not torch.equal(before[name], after[name].detach()):
+            return [Finding("contract", f"applying LoRA twice changed the values of {name}", "idempotent")]
+    return []
+
+
+# Modules of the harness's GPT that are not linear-type, with the full name
+# a pre-order walk meets first when a pattern selects them.
+NON_LINEAR_TARGETS = (
+    ("input_layernorm", "decoder.layers.0.input_layernorm"),
+    ("self_attention", "decoder.layers.0.self_attention"),
+    ("mlp", "decoder.layers.0.mlp"),
+    ("*.layers.0.self_attention.core_attention", "decoder.layers.0.self_attention.core_attention"),
+)
+
+
+def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
+    """Bad input must give the contract's errors and warnings, naming the module, the value and the rule.
+
+    Under the ``bridge`` contract, Megatron-Bridge's error types are accepted
+    and a miss of SPEC's stricter form is an advisory finding. Variants are
+    picked from the case's seed so hypothesis can vary and shrink them.
+    """
+    from megatron.core import parallel_state
+
+    impl, tp, tp_rank = _setup(ctx, case)
+    findings: list[Finding] = []
+
+    def fresh_model() -> torch.nn.Module:
+        return build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype)
+
+    def expect(check: str, what: str, errors: tuple[str, ...], bridge_errors: tuple[str, ...], fragments: list[str], make: Callable[[], Any]) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                make()
+        except Exception as exc:  # noqa: BLE001 - the kind of error is what is checked
+            name = type(exc).__name__
+            missing = [f for f in fragments if f not in str(exc)]
+            if name in errors and not missing:
+                return
+            if name in errors:
+                problem = f"{name}({str(exc)!r}) does not name {missing}"
+            else:
+                problem = f"raised {name}({exc}) instead of {' or '.join(errors)}"
+            advisory = case.contract == "bridge" and name in bridge_errors
+            findings.append(Finding("contract", f"{what}: {problem}", check, binding=not advisory))
+            return
+        findings.append(Finding("contract", f"{what}: no {' or '.join(errors)} raised", check))
+
+    both = contract_point("both_modes")
+    expect(
+        "both_modes", "target_modules and exclude_modules both non-empty", both.strict_errors, both.bridge_errors,
+        ["target_modules=[]"],
+        lambda: impl.LoRA(target_modules=["linear_qkv"], exclude_modules=["linear_proj"])(fresh_model()),
+    )
+    unknown = contract_point("unknown_init")
+    bogus = f"no_such_init_{case.seed % 97}"
+    for which in ("lora_A_init_method", "lora_B_init_method"):
+        expect(
+            "unknown_init", f"{which}={bogus!r}", unknown.strict_errors, unknown.bridge_errors,
+            [bogus, *INIT_METHODS] if case.contract == "strict" else [bogus],
+            lambda which=which: impl.LoRA(**{which: bogus})(fresh_model()),
+        )
+    non_linear = contract_point("non_linear_target")
+    pattern, full_name = NON_LINEAR_TARGETS[case.seed % len(NON_LINEAR_TARGETS)]
+    expect(
+        "non_linear_target", f"target_modules=[{pattern!r}] selecting a module with no adapter",
+        non_linear.strict_errors, non_linear.bridge_errors, [full_name],
+        lambda: impl.LoRA(target_modules=[pattern])(fresh_model()),
+    )
+    if tp > 1:
+        dim = tp * (1 + case.seed % 3) + 1
+        qkv = "decoder.layers.0.self_attention.linear_qkv"
+        expect(
+            "rank_divisible", f"dim={dim} at TP={tp} on a column-parallel base", ("ValueError",), (),
+            [qkv, str(dim), str(tp)],
+            lambda: impl.LoRA(target_modules=["linear_qkv"], dim=dim)(fresh_model()),
+        )
+    for mode in ("target", "exclude"):
+        unmatched = f"no_such_module_{case.seed % 89}"
+        kwargs = (
+            dict(target_modules=["linear_qkv", unmatched], dim=tp)
+            if mode == "target"
+            else dict(target_modules=[], exclude_modules=["output_layer", unmatched], dim=tp)
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                impl.LoRA(**kwargs)(fresh_model())
+            except Exception as exc:  # noqa: BLE001
+                findings.append(Finding("contract", f"a {mode} pattern matching nothing raised {type(exc).__name__}({exc}) instead of warning", "unmatched_warns"))
+                continue
+        if not any(unmatched in str(w.message) for w in caught):
+            findings.append(Finding("contract", f"{mode} pattern {unmatched!r} matched nothing and no warning named it", "unmatched_warns"))
+    return ErrorRecord(rank=ctx.rank, tp_rank=parallel_state.get_tensor_model_parallel_rank(), findings=findings)
