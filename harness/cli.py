@@ -312,7 +312,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from harness import _quiet
 
     _quiet.quiet_parent()
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0) return instead of exiting
+        return int(exc.code or 0)
     # Like `python -m`: an --impl module in the current directory imports
     # (rank processes adopt this sys.path too).
     if "" not in sys.path and os.getcwd() not in sys.path:

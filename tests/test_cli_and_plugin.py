@@ -1,47 +1,85 @@
-"""The two front doors: ``lora-harness`` and the pytest plugin's options."""
+"""The two front doors, ``lora-harness`` and the pytest plugin, tried as a new user would."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from harness.cli import main
+from harness import runner
+from harness.cli import _Progress, main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_layouts_lists_every_tp_size(capsys):
+def _cli(*args, timeout=600, env=None, cwd=ROOT):
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_layouts_follow_tp_and_ep(capsys):
     assert main(["layouts", "--tp", "2"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out == ["tp1-ep1-etp1-pp1  world 1", "tp2-ep1-etp2-pp1  world 2"]
+    assert capsys.readouterr().out.splitlines() == ["tp1-ep1-etp1-pp1  world 1", "tp2-ep1-etp2-pp1  world 2"]
+    assert main(["layouts", "--tp", "2", "--ep", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "tp1-ep1-etp1-pp1  world 1", "tp1-ep2-etp1-pp1  world 2", "tp2-ep1-etp2-pp1  world 2", "tp2-ep2-etp2-pp1  world 4",
+    ]
 
 
-def test_verify_passes_and_prints_a_line_per_property_and_layout(capsys, tmp_path):
+def test_verify_passes_and_writes_json_and_report(capsys, tmp_path):
     path = tmp_path / "out.json"
-    rc = main(["verify", "--tp", "2", "--examples", "4", "--property", "forward_matches", "--seed", "3", "--json", str(path)])
+    rc = main(["verify", "--tp", "2", "--examples", "3", "--property", "forward_matches", "--seed", "3",
+               "--json", str(path), "--report", str(tmp_path / "rep")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PASS  forward_matches        tp1-ep1-etp1-pp1" in out
     assert "PASS  forward_matches        tp2-ep1-etp2-pp1" in out
     assert "2 passed, 0 failed" in out
     data = json.loads(path.read_text())
-    assert [(d["prop"], d["layout"], d["passed"]) for d in data] == [
-        ("forward_matches", "tp1-ep1-etp1-pp1", True),
-        ("forward_matches", "tp2-ep1-etp2-pp1", True),
+    assert data["schema_version"] == 1
+    assert [(c["property"], c["layout"], c["verdict"]) for c in data["cells"]] == [
+        ("forward_matches", "tp1-ep1-etp1-pp1", "pass"), ("forward_matches", "tp2-ep1-etp2-pp1", "pass"),
     ]
-    assert all(d["examples"] >= 4 for d in data)
+    assert all(c["examples"] >= 3 for c in data["cells"])
+    assert {"torch", "megatron_core", "hypothesis"} <= set(data["environment"]) or "torch" in json.dumps(data["environment"])
+    for name in ("results.json", "report.html", "summary.md"):
+        assert (tmp_path / "rep" / name).is_file()
 
 
-def test_verify_fails_with_the_minimal_example(capsys):
-    rc = main(["verify", "--tp", "2", "--examples", "30", "--property", "forward_matches", "--impl", "tests.wrong_impls.scaled_on_rank1"])
+def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tmp_path):
+    path = tmp_path / "fail.json"
+    rc = main(["verify", "--tp", "2", "--examples", "30", "--property", "forward_matches",
+               "--impl", "tests.wrong_impls.scaled_on_rank1", "--json", str(path), "--regressions", str(tmp_path / "reg")])
     out = capsys.readouterr().out
     assert rc == 1
     assert "PASS  forward_matches        tp1-ep1-etp1-pp1" in out
-    assert "FAIL  forward_matches        tp2-ep1-etp2-pp1" in out
-    assert "@reproduce_failure" in out
+    assert "FAIL  forward_matches        tp2-ep1-etp2-pp1" in out and "(numeric)" in out
     assert "1 passed, 1 failed" in out
+    assert "@reproduce_failure" not in out
+    # The report leads with the quantity that differs first.
+    assert "[numeric] output on rank 1" in out
+    cells = json.loads(path.read_text())["cells"]
+    failing = [c for c in cells if c["verdict"] != "pass"]
+    assert len(failing) == 1 and failing[0]["minimal_case"]["layout"] == "tp2-ep1-etp2-pp1"
+    stored = list((tmp_path / "reg").glob("forward_matches--tp2-ep1-etp2-pp1--*.json"))
+    assert len(stored) == 1
+    replay = next(line for line in out.splitlines() if "replay: " in line).split("replay: ", 1)[1]
+    assert replay.startswith("lora-harness replay ") and str(stored[0]) in replay
+    import shlex
+
+    assert main(shlex.split(replay)[1:]) == 1
+    assert capsys.readouterr().out.startswith("NUMERIC  forward_matches tp2-ep1-etp2-pp1")
+    # The stored case is replayed first on the next run, before any draw.
+    rc = main(["verify", "--tp", "2", "--examples", "5", "--property", "forward_matches",
+               "--impl", "tests.wrong_impls.scaled_on_rank1", "--regressions", str(tmp_path / "reg")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "stored regression" in out or "minimal case" in out
 
 
 @pytest.mark.parametrize(
@@ -49,36 +87,115 @@ def test_verify_fails_with_the_minimal_example(capsys):
     [
         (["verify", "--property", "no_such_property"], "unknown --property no_such_property"),
         (["verify", "--profile", "nightly"], "unknown --profile 'nightly'"),
-        (["verify", "--impl", "no.such.module"], "No module named 'no'"),
+        (["verify", "--impl", "no.such.module"], "implementation 'no.such.module' failed to import: ModuleNotFoundError"),
+        (["verify", "--impl", "tests.impls_broken"], "failed to import: ZeroDivisionError"),
         (["verify", "--impl", "json"], "does not expose LoRA, VLMLoRA, LoRAMerge"),
-        (["verify", "--tp", "0"], "--tp and --ep must be >= 1"),
+        (["verify", "--examples", "0"], "argument --examples: 0 must be >= 1"),
+        (["verify", "--rank-timeout", "0"], "argument --rank-timeout: 0 must be a positive number of seconds"),
+        (["verify", "--rank-timeout", "-3"], "must be a positive number of seconds"),
+        (["verify", "--tp", "3"], "--tp 3: the layout set runs every power of two"),
+        (["verify", "--ep", "3"], "--ep 3: the layout set runs every power of two"),
+        (["verify", "--tp", "0"], "argument --tp: 0 must be >= 1"),
+        (["layouts", "--tp", "0"], "argument --tp: 0 must be >= 1"),
+        (["verify", "--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: directory '/nonexistent-dir' does not exist"),
+        (["replay", "--property", "forward_matches"], "give either a regression FILE or --case-json"),
     ],
 )
-def test_verify_bad_usage_exits_2_with_a_clear_message(argv, message, capsys):
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
+def test_bad_usage_exits_2_with_one_clear_line_before_any_rank_starts(argv, message, capsys):
+    runner.shutdown_all()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not runner._pools  # no rank process was started
 
 
-def _pytest(*args, timeout=300):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "-W", "ignore", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-    )
+def test_an_unwritable_report_directory_is_refused_before_the_run(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc = main(["verify", "--report", str(blocker / "sub")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--report {blocker / 'sub'}" in err and len(err.strip().splitlines()) == 1
+    assert not runner._pools
 
 
-def test_plugin_parametrizes_layouts_from_tp():
-    res = _pytest("tests/test_properties.py", "--collect-only", "--tp", "1")
+def test_progress_updates_one_line_on_a_terminal_and_is_silent_otherwise():
+    import io
+
+    from harness.results import ExampleRecord, PropertyOutcome, Verdict
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    outcome = PropertyOutcome("forward_matches", "tp2-ep1-etp2-pp1", "x", examples=3)
+    outcome.records.append(ExampleRecord("forward_matches", "tp2", {}, Verdict.NUMERIC, 0.1))
+    tty, plain = Tty(), io.StringIO()
+    for stream in (tty, plain):
+        progress = _Progress(stream)
+        progress(outcome, outcome.records[0])
+        progress.clear()
+    assert "\rforward_matches" not in tty.getvalue()
+    assert "forward_matches tp2-ep1-etp2-pp1: 3 examples, 1 failing so far" in tty.getvalue()
+    assert plain.getvalue() == ""
+
+
+def test_verify_in_a_subprocess_is_quiet_and_leaves_nothing_behind(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    res = _cli("verify", "--tp", "2", "--examples", "2", "--property", "forward_matches", env={"TMPDIR": str(tmp)}, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "tp1-ep1-etp1-pp1" in res.stdout and "tp2" not in res.stdout
-    res = _pytest("tests/test_properties.py", "--collect-only", "--tp", "2", "--ep", "2")
-    assert "tp2-ep1-etp2-pp1" in res.stdout
+    assert "Apex" not in res.stdout + res.stderr and "Transformer Engine" not in res.stdout + res.stderr
+    assert "No CUDA runtime" not in res.stderr
+    time.sleep(0.5)
+    assert not list(tmp.glob("lora-harness-ws*"))
 
 
-def test_plugin_runs_the_suite_against_another_implementation():
-    res = _pytest("tests/test_properties.py", "--lora-impl", "tests.wrong_impls.scaled_on_rank1", "-k", "forward and tp2")
-    assert res.returncode == 1, res.stdout[-3000:]
-    assert "forward_matches failed for impl tests.wrong_impls.scaled_on_rank1" in res.stdout
-    res = _pytest("tests/test_properties.py", "--lora-impl", "json", "-k", "forward and tp1")
-    assert res.returncode != 0
-    assert "does not expose LoRA, VLMLoRA, LoRAMerge" in res.stdout + res.stderr
+def test_ctrl_c_ends_the_run_with_a_summary_not_a_failure(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "verify", "--tp", "2", "--examples", "500"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    # Wait until it is working on examples, then interrupt.
+    deadline = time.monotonic() + 120
+    first = ""
+    while time.monotonic() < deadline and "lora-harness verify:" not in first:
+        first += proc.stdout.readline()
+    time.sleep(6)
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 130, out + err
+    assert "interrupted:" in out and "cells finished" in out
+    assert "KeyboardInterrupt" not in out + err and "Traceback" not in err
+    assert "FAIL" not in out
+    time.sleep(0.5)
+    assert not list(Path(tmp_path).glob("lora-harness-ws*"))
+
+
+def test_plugin_parametrizes_properties_and_layouts():
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "tests/test_properties.py", "--collect-only", "--tp", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "test_property_holds[forward_matches-tp1-ep1-etp1-pp1]" in res.stdout and "tp2" not in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "tests/test_properties.py", "--collect-only", "--tp", "2", "--ep", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert "test_property_holds[errors_follow_spec-tp2-ep2-etp2-pp1]" in res.stdout
+
+
+def test_plugin_bad_options_are_usage_errors():
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "tests/test_properties.py", "--tp", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 4 and "--tp 3" in res.stderr

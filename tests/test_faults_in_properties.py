@@ -11,7 +11,9 @@ import pytest
 from hypothesis import settings
 
 from harness.layouts import ParallelLayout
-from harness.properties import Verifier, check_property
+from harness.driver import check_property
+from harness.results import Verdict
+from harness.runs import Executor
 from harness.runner import RankCrash, RankHang, get_pool, shutdown_all
 
 TP2 = ParallelLayout(tp=2)
@@ -35,31 +37,39 @@ def _alive(pid):
 def test_planted_hang_is_reported_with_all_stacks_and_bounded(capsys):
     # A short rank timeout keeps this test quick; the default policy is in
     # harness.runner. The hang budget bounds how many timeouts are paid.
-    verifier = Verifier(timeout=4)
+    executor = Executor(timeout=4)
     start = time.monotonic()
-    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.hangs_on_rank1", settings=SEARCH, verifier=verifier, max_hangs=2)
+    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.hangs_on_rank1", settings=SEARCH, executor=executor, max_faults=2)
     elapsed = time.monotonic() - start
-    assert not outcome.passed
-    exc = outcome.exception
-    assert isinstance(exc, RankHang), outcome.error
-    assert set(exc.stacks) == {0, 1}
-    assert "wait_forever_in_fc2_adapter" in exc.stacks[1]
-    assert 1 in exc.pending
-    # The reported example really reaches linear_fc2's adapter.
+    assert outcome.verdict is Verdict.HANG, outcome.error
+    report = outcome.error
+    assert "RankHang" in report and "Python stacks of rank 0" in report and "Python stacks of rank 1" in report
+    assert "wait_forever_in_fc2_adapter" in report
+    # The fault budget: at most two hung examples were paid for.
+    assert sum(r.verdict is Verdict.HANG for r in outcome.records) <= 2
+    # The reported example really reaches linear_fc2's adapter, and replays.
     case = outcome.minimal_case
-    assert case is not None and case.layout == TP2.describe()
-    assert "@reproduce_failure" in outcome.falsifying_example
+    assert case is not None and case.layout == TP2
+    assert outcome.replay_command.startswith("lora-harness replay")
     with capsys.disabled():
         print(f"\n[planted hang: property run ended after {elapsed:.1f}s, {outcome.examples} examples run]")
 
 
 def test_planted_crash_names_the_rank_and_exit_code():
     outcome = check_property("forward_matches", TP2, "tests.wrong_impls.crashes_on_rank1", settings=SEARCH)
-    assert not outcome.passed
-    exc = outcome.exception
-    assert isinstance(exc, RankCrash), outcome.error
-    assert exc.exitcodes.get(1) == 17
-    assert "rank 1" in str(exc)
+    assert outcome.verdict is Verdict.CRASH, outcome.error
+    assert "RankCrash" in outcome.error and "rank 1" in outcome.error and "exited with code 17" in outcome.error
+    # Bounded: at most max_faults (3) crashing examples are run, shrinking included.
+    assert sum(r.verdict is Verdict.CRASH for r in outcome.records) <= 3
+
+
+def test_a_chatty_implementation_does_not_bury_the_verdict(capfd):
+    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.chatty", settings=settings(SEARCH, max_examples=2))
+    assert outcome.passed
+    out, err = capfd.readouterr()
+    assert "chatty debug line" not in out and "chatty debug line" not in err
+    # Each example keeps what its ranks printed.
+    assert any("chatty debug line 1999" in r.output.get(1, "") for r in outcome.records)
 
 
 def test_no_rank_process_survives_faults_and_shutdown():

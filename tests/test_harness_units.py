@@ -102,6 +102,81 @@ def test_strategies_only_draw_valid_examples(data, tp):
     assert cfg["dim"] % tp == 0
     assert bool(cfg["target_modules"]) != bool(cfg["exclude_modules"])
     case = data.draw(gpt_cases(ParallelLayout(tp=tp)))
-    assert case.layout == ParallelLayout(tp=tp).describe()
+    assert case.layout == ParallelLayout(tp=tp)
+    assert isinstance(case.model_dtype, torch.dtype)
     # Dropout only where it must be identity (eval mode).
     assert case.training is False or case.lora["dropout"] == 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), tp=st.sampled_from([1, 2]))
+def test_cases_round_trip_through_plain_json(data, tp):
+    import json
+
+    from harness.cases import case_from_json
+
+    case = data.draw(gpt_cases(ParallelLayout(tp=tp), "some.impl"))
+    text = json.dumps(case.to_json())
+    back = case_from_json(json.loads(text))
+    assert back == case and back.to_json() == case.to_json()
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_strategies_draw_only_inside_the_capabilities(data):
+    from harness.contract import Capabilities
+
+    caps = Capabilities.bridge()
+    case = data.draw(gpt_cases(ParallelLayout(tp=2), "x", caps))
+    assert case.lora["lora_A_init_method"] in caps.init_methods and case.lora["lora_B_init_method"] in caps.init_methods
+    assert case.lora_dtype is None and case.contract == "bridge"
+
+
+def test_capabilities_validate_and_say_what_they_skip():
+    from harness.contract import Capabilities
+
+    with pytest.raises(ValueError, match="Capabilities.contract='loose'"):
+        Capabilities(contract="loose")
+    with pytest.raises(ValueError, match="init_methods"):
+        Capabilities(init_methods=("he",))
+    with pytest.raises(ValueError, match="unknown keys \\['colour'\\]"):
+        Capabilities.from_mapping({"colour": 1})
+    skipped = " ".join(Capabilities.bridge(vlm=False).skipped())
+    assert "xavier_uniform" in skipped and "VLMLoRA" in skipped and "advisory" in skipped
+    assert Capabilities().skipped() == []
+
+
+def test_regression_store_saves_once_and_replays_by_property_and_layout(tmp_path):
+    from harness.cases import GPTCase
+    from harness.regressions import RegressionStore
+
+    store = RegressionStore(tmp_path / "reg")
+    case = GPTCase(shape=GPTShape(), lora={"dim": 2}, seed=4, layout=ParallelLayout(tp=2), impl="a.b")
+    first = store.save("forward_matches", case, "numeric", "output on rank 1: too far\nmore")
+    assert store.save("forward_matches", case, "numeric", "again") == first
+    assert [c for _, c in store.cases("forward_matches", "tp2-ep1-etp2-pp1")] == [case]
+    assert store.cases("backward_matches", "tp2-ep1-etp2-pp1") == []
+    assert store.cases("forward_matches", "tp1-ep1-etp1-pp1") == []
+
+
+def test_the_registry_finds_every_property_module():
+    import pkgutil
+
+    import harness.properties as props
+
+    modules = [m.name for m in pkgutil.iter_modules(props.__path__) if not m.name.startswith("_")]
+    registered = props.registry()
+    assert len(registered) == len(modules) >= 5
+    for p in registered.values():
+        assert p.needs and set(p.needs) <= {"impl", "reference", "impl_tp1", "errors"}
+        assert p.kind in ("numeric", "contract") and p.doc
+
+
+def test_layout_set_refuses_what_it_would_round():
+    from harness.settings import layout_set
+
+    with pytest.raises(ValueError, match="--tp 3: .* use 2 or 4"):
+        layout_set(3)
+    with pytest.raises(ValueError, match="--ep 0"):
+        layout_set(2, 0)
+    assert [str(l) for l in layout_set(2, 2)] == ["tp1-ep1-etp1-pp1", "tp1-ep2-etp1-pp1", "tp2-ep1-etp2-pp1", "tp2-ep2-etp2-pp1"]

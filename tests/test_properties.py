@@ -1,33 +1,48 @@
-"""The properties themselves, for the implementation under test (``--lora-impl``), at every layout of ``--tp``."""
+"""Every registered property, for the implementation under test (``--lora-impl``), at every layout of ``--tp``/``--ep``."""
 
-import pytest
 import torch
 
-from harness.properties import PROPERTIES, require_property
+from harness.cases import GPTCase
+from harness.layouts import ParallelLayout
+from harness.models import GPTShape
+from harness.properties._gather import replicas
+from harness.runs import Evidence, Executor
+
+LORA_IMPL = "lora.megatron"
 
 
-@pytest.mark.parametrize("prop", sorted(PROPERTIES))
-def test_property_holds(prop, layout, lora_impl):
-    outcome = require_property(prop, layout, lora_impl)
+def test_property_holds(lora_property):
+    outcome = lora_property.require()
     assert outcome.passed
     assert outcome.examples > 0
 
 
 def test_megatron_initial_adapters_equal_the_references(max_tp):
     """lora.megatron draws its full adapters exactly as lora.reference does, then shards them."""
-    from harness.layouts import ParallelLayout
-    from harness.models import GPTShape
-    from harness.properties import Verifier, _assemble
-    from harness.tasks import GPTCase
-
     layout = ParallelLayout(tp=min(2, max_tp))
     lora = dict(target_modules=[], exclude_modules=["linear_proj"], dim=4, alpha=8,
                 lora_A_init_method="kaiming", lora_B_init_method="normal")
-    case = GPTCase(shape=GPTShape(), lora=lora, seed=5, layout=layout.describe(), model_dtype="float64")
-    verifier = Verifier()
-    want = verifier.reference(case)["initial_adapters"]
-    (replica,) = _assemble(verifier.run(case), layout, "initial_adapters")
-    got = replica["tensors"]
+    case = GPTCase(shape=GPTShape(), lora=lora, seed=5, layout=layout, model_dtype=torch.float64)
+    ev = Evidence(Executor(), case)
+    want = ev.reference.initial_adapters
+    ((_, got),) = replicas(ev.impl, layout, "initial_adapters")
     assert set(got) == set(want) and len(got) == 2 * 7  # qkv, fc1, fc2 on 2 layers + output_layer
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_data_parallel_replicas_are_each_compared(max_tp, max_ep):
+    """--ep 2 gives a dense model data parallelism 2: each replica's gathered gradients are compared."""
+    if max_tp < 2 or max_ep < 2:
+        import pytest
+
+        pytest.skip("needs --tp 2 --ep 2")
+    layout = ParallelLayout(tp=2, ep=2)
+    case = GPTCase(shape=GPTShape(num_layers=1), lora=dict(dim=2, alpha=4), seed=3, layout=layout, model_dtype=torch.float64)
+    records = Evidence(Executor(), case).impl
+    assert len(records) == 4 and sorted({r.dp_rank for r in records}) == [0, 1]
+    groups = replicas(records, layout, "adapter_grads")
+    assert len(groups) == 2
+    (_, first), (_, second) = groups
+    for name in first:
+        assert torch.allclose(first[name], second[name], rtol=1e-9, atol=1e-12), name
