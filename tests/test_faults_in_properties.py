@@ -63,6 +63,14 @@ def test_planted_crash_names_the_rank_and_exit_code():
     assert sum(r.verdict is Verdict.CRASH for r in outcome.records) <= 3
 
 
+def test_a_rank_that_raises_is_a_crash_naming_rank_and_traceback():
+    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.raises_in_forward", settings=SEARCH)
+    assert outcome.verdict is Verdict.CRASH, outcome.error
+    assert "rank 1 raised RuntimeError: custom kernel failed on rank 1" in outcome.error
+    assert "Traceback" in outcome.error
+    assert sum(r.verdict is Verdict.CRASH for r in outcome.records) <= 3
+
+
 def test_a_chatty_implementation_does_not_bury_the_verdict(capfd):
     outcome = check_property("forward_matches", TP2, "tests.wrong_impls.chatty", settings=settings(SEARCH, max_examples=2))
     assert outcome.passed
