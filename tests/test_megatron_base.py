@@ -393,3 +393,28 @@ def test_walk_visits_shared_module_once_and_replaces_everywhere():
     assert seen == [("", ""), ("", "a"), ("", "b"), ("b", "1")]
     assert [n for n, _ in root.named_modules()] == ["", "a", "b", "b.1"]
     assert isinstance(root.a, nn.Identity) and root.b[0] is root.a
+
+
+def test_freeze_parameters_freezes_everything_given():
+    from lora.megatron._base import freeze_parameters
+
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    freeze_parameters([a])
+    assert not any(p.requires_grad for p in a.parameters())
+    assert all(p.requires_grad for p in b.parameters())
+
+
+def test_freeze_vlm_freezes_flagged_subtrees_adapters_included():
+    from lora.megatron._base import freeze_vlm
+
+    vlm = nn.Module()
+    vlm.vision_model = nn.Linear(2, 2)
+    vlm.vision_projection = None
+    vlm.language_model = nn.Linear(2, 2)
+    vlm.eval()
+    freeze_vlm(vlm, freeze_language_model=False, training=True)
+    assert vlm.training
+    assert not any(p.requires_grad for p in vlm.vision_model.parameters())
+    assert all(p.requires_grad for p in vlm.language_model.parameters())
+    with pytest.raises(ValueError, match="vision_model"):
+        freeze_vlm(nn.Linear(1, 1))
