@@ -154,7 +154,9 @@ def _only_frozenset_calls(node: ast.AST) -> bool:
 def test_spec_module_is_plain_data():
     import lora._spec as spec
 
-    public = {name: value for name, value in vars(spec).items() if not name.startswith("_")}
+    # "@py_builtins"/"@pytest_ar": pytest's assertion rewriting marks every module of the
+    # distribution that ships a pytest11 plugin; they are not the module's own names.
+    public = {name: value for name, value in vars(spec).items() if not name.startswith(("_", "@"))}
     assert {"DEFAULT_TARGET_MODULES", "INIT_METHODS", "DROPOUT_POSITIONS", "TE_LINEAR_CLASS_NAMES"} <= set(public)
     for name, value in public.items():
         assert not inspect.isfunction(value) and not inspect.isclass(value) and not inspect.ismodule(value), name
@@ -170,13 +172,15 @@ def test_spec_module_is_plain_data():
     assert spec.DEFAULT_TARGET_MODULES == ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
-@pytest.mark.xfail(strict=False, reason="harness rewrite in progress")
 def test_harness_does_not_import_lora():
+    """The harness owns its contract: every module of it imports with ``lora`` blocked."""
     proc = _run_blocked(
         """
+        import importlib, pkgutil
         import harness
-        import harness.cli
-        import harness.pytest_plugin
+        for info in pkgutil.walk_packages(harness.__path__, "harness."):
+            importlib.import_module(info.name)
+        harness.registry()
         assert not any(m == "lora" or m.startswith("lora.") for m in sys.modules)
         print("OK")
         """,
