@@ -17,10 +17,12 @@ else happens is an infrastructure fault, raised as a :class:`RankPoolFault`
 whose ``str()`` is the full report:
 
 * :class:`RankTaskError` - one or more ranks raised (or a result could not be
-  pickled/unpickled). After the first error the parent gives the other ranks
-  ``ERROR_GRACE_S`` (bounded by the remaining timeout) to report; ranks still
-  silent then are blocked (typically in a collective waiting for the failed
-  peer) and their Python stacks are included.
+  pickled/unpickled). Once every rank has reported the fault is raised at
+  once; ranks still silent after the first error get the pool's
+  ``error_grace`` (default ``ERROR_GRACE_S`` = 0.5 s, bounded by the remaining
+  timeout) to report; ranks still silent then are blocked (typically in a
+  collective waiting for the failed peer) and their Python stacks are
+  included.
 * :class:`RankCrash` - a rank process exited (``os._exit``, a signal, ...).
   Detected at once through the process sentinels, not by timing out.
 * :class:`RankHang` - not every rank reported within the timeout. The report
@@ -30,15 +32,28 @@ whose ``str()`` is the full report:
 Any fault retires the pool: every rank process is killed and reaped, so a
 failed task never leaves a half-broken process group behind and never turns
 into a hang of the parent. :func:`get_pool` then transparently starts a fresh
-pool.
+pool. A ``KeyboardInterrupt`` (or ``SystemExit``) in the parent at any moment
+of ``run`` retires the pool the same way and propagates unchanged.
+
+Rank output
+-----------
+Each rank points its file descriptors 1 and 2 (``os.dup2``, so C-level and
+subprocess output is caught too) at one file per rank in the pool's temporary
+directory; nothing a task prints reaches the parent's terminal. After every
+task (and the pool start) the parent reads what each rank printed during it:
+``pool.last_output`` is ``{rank: text}``, keeping the last
+``OUTPUT_KEEP_BYTES`` (64 KiB) with a marker when more was printed. Fault
+exceptions carry the same dict as ``output``, and their report ends with the
+last ``OUTPUT_TAIL_LINES`` lines of each rank's output.
 
 Timeout policy
 --------------
+Settings are arguments, never environment variables.
+
 * An explicit ``run(..., timeout=T)`` always wins.
-* Otherwise the ceiling is the pool's ``timeout`` constructor argument, else
-  the environment variable ``LORA_HARNESS_RANK_TIMEOUT`` (seconds), else
-  ``DEFAULT_TIMEOUT_S`` (60 s). The first task of a ``(world_size, backend)``
-  in this process gets the ceiling.
+* Otherwise the ceiling is the pool's ``timeout`` constructor argument (also
+  accepted by :func:`get_pool`), default ``DEFAULT_TIMEOUT_S`` (60 s). The
+  first task of a ``(world_size, backend)`` in this process gets the ceiling.
 * Afterwards the timeout adapts: ``min(ceiling, max(ADAPTIVE_FLOOR_S,
   ADAPTIVE_FACTOR * slowest successful task so far))`` for that
   ``(world_size, backend)``, remembered across pool replacements in this
@@ -60,19 +75,43 @@ Ranks are started from multiprocessing's ``forkserver`` context with
 process-group rendezvous instead of a fresh ``import torch`` per rank. The
 fork server is process-global and imports its list once; a pool asking for
 more is served by restarting it with the union when no rank is alive, else
-its ranks import the rest themselves (correct, slower to start). The owner's
-``__main__`` is re-imported in each rank as ``__mp_main__`` (standard
-multiprocessing), so a script that owns a pool needs the
-``if __name__ == "__main__":`` guard.
+its ranks import the rest themselves (correct, slower to start).
+
+The owner's ``__main__`` is re-imported in each rank as ``__mp_main__``
+(standard multiprocessing), so a script that owns a pool needs the
+``if __name__ == "__main__":`` guard. Without it the re-import would start
+pools inside the ranks; instead ``RankPool``/``get_pool`` refuse to run inside
+a rank process with a ``RuntimeError`` naming the fix, the rank exits with
+``_MAIN_GUARD_EXIT_CODE`` and the owner's pool start fails at once with a
+:class:`RankCrash` whose report starts with the same advice.
 
 The rendezvous store is a ``TCPStore`` hosted by the parent on an OS-chosen
 port, so any number of pytest-xdist workers on one machine never collide.
 
-Because forkserver children are children of the fork server, not of the
-process that owns the pool, every rank runs a watchdog thread that exits the
-rank when the owning process disappears (even by SIGKILL). The fork server
-itself exits once the owner and all ranks are gone. ``shutdown_all`` runs at
-exit.
+Cleanup: nothing outlives the owner, and no ``lora-harness-ws*`` temporary
+directory is left behind.
+
+* Normal exit: ``shutdown_all`` (atexit) stops every pool of this process,
+  ``get_pool``'s or constructed directly, and removes its directory.
+* A fault or Ctrl-C: the pool is retired at once (ranks SIGKILLed, directory
+  removed).
+* SIGTERM of the owner: if SIGTERM still has its default action when the
+  first pool starts (and we are in the main thread), a handler is installed
+  that SIGKILLs every rank, removes the directories, restores the default
+  action and re-sends SIGTERM to the owner, so the owner still dies *by
+  SIGTERM* (its parent sees the usual status). Converting SIGTERM into
+  ``SystemExit`` was rejected: it can be swallowed by ``except BaseException``,
+  runs arbitrary ``finally`` blocks of the interrupted code (which may block),
+  and changes the exit status. The handler takes no locks, so it is safe
+  whatever the main thread was doing. A handler installed by someone else
+  is left alone (their code decides how to exit; atexit then cleans up).
+* SIGKILL of the owner: nothing runs in the owner. Forkserver children are
+  children of the fork server, not of the owner, so every rank runs a
+  watchdog thread (pidfd of the owner) that removes the pool's directory and
+  exits the rank when the owner disappears; ranks tolerate the directory
+  being gone. The fork server exits by itself when the owner dies (it
+  watches a pipe whose only writer is the owner), and so does
+  multiprocessing's resource tracker.
 """
 
 from __future__ import annotations
@@ -82,6 +121,8 @@ import dataclasses
 import datetime
 import faulthandler
 import importlib
+import io
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util  # imported before our atexit hook so ours runs first (LIFO)
@@ -95,6 +136,7 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
 from typing import Any, Callable
 
 __all__ = [
@@ -108,18 +150,20 @@ __all__ = [
     "shutdown_all",
     "default_timeout",
     "task_timeout",
-    "TIMEOUT_ENV",
+    "DEFAULT_TIMEOUT_S",
+    "ERROR_GRACE_S",
+    "MAIN_GUARD_MESSAGE",
 ]
 
-TIMEOUT_ENV = "LORA_HARNESS_RANK_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
 ADAPTIVE_FLOOR_S = 10.0
 ADAPTIVE_FACTOR = 10.0
 # After the first rank error, how long the others may take to report before
 # they are declared blocked. Long enough for a peer that merely finishes its
 # work; short because a peer stuck in a collective with the failed rank would
-# otherwise sit there until the gloo timeout.
-ERROR_GRACE_S = 2.0
+# otherwise sit there until the gloo timeout. Not waited at all once every
+# rank has reported. The default of RankPool(error_grace=...).
+ERROR_GRACE_S = 0.5
 # How long a graceful shutdown waits for ranks to leave before SIGKILL.
 SHUTDOWN_JOIN_S = 2.0
 # How long the parent waits for faulthandler to finish writing stacks.
@@ -127,13 +171,35 @@ STACK_DUMP_WAIT_S = 2.0
 
 _STORE_HOST = "127.0.0.1"
 _WATCHDOG_EXIT_CODE = 86  # distinctive, so a report shows "owner vanished"
+_MAIN_GUARD_EXIT_CODE = 87  # a rank re-imported a __main__ that starts pools
+_RANK_NAME_PREFIX = "lora-harness-rank"
+_DIR_PREFIX = "lora-harness-ws"
+# Rank output kept per task (the end of it) and lines of it in a fault report.
+OUTPUT_KEEP_BYTES = 64 * 1024
+OUTPUT_TAIL_LINES = 20
+# A rank's output file is emptied (between tasks) once it grows past this.
+_OUTPUT_FILE_RESET_BYTES = 8 * 1024 * 1024
+
+MAIN_GUARD_MESSAGE = (
+    "lora-harness: a rank pool was started while importing __main__ inside a rank process; "
+    'put the code that starts the pools under `if __name__ == "__main__":`'
+)
+
+# True in a rank process once _rank_main runs: pools cannot nest.
+_IN_RANK = False
 
 
 # ---------------------------------------------------------------- faults ----
 
 
 class RankPoolFault(Exception):
-    """An infrastructure fault of a rank pool; ``str()`` is the full report."""
+    """An infrastructure fault of a rank pool; ``str()`` is the full report.
+
+    ``output``: ``{rank: text}`` the ranks printed during the failed task (or
+    pool start), as ``RankPool.last_output``; empty where not applicable.
+    """
+
+    output: dict = {}
 
 
 class RankTaskError(RankPoolFault):
@@ -187,22 +253,27 @@ _slowest_ok_s: dict[tuple[int, str], float] = {}
 
 
 def default_timeout() -> float:
-    """The timeout ceiling: ``$LORA_HARNESS_RANK_TIMEOUT`` seconds, else 60."""
-    raw = os.environ.get(TIMEOUT_ENV)
-    if raw is None or raw.strip() == "":
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds; set it to e.g. 60") from None
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
-    return value
+    """The default timeout ceiling, ``DEFAULT_TIMEOUT_S``; a pool's ``timeout=`` overrides it."""
+    return DEFAULT_TIMEOUT_S
+
+
+def _seconds(name: str, value, *, allow_zero: bool = False) -> float:
+    """``value`` as a finite number of seconds, > 0 (>= 0 with ``allow_zero``), else ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    return float(value)
 
 
 def task_timeout(world_size: int, backend: str, ceiling: float | None = None) -> float:
-    """The timeout the next task of ``(world_size, backend)`` gets (module docstring)."""
-    ceiling = default_timeout() if ceiling is None else ceiling
+    """The timeout the next task of ``(world_size, backend)`` gets (module docstring).
+
+    ``ceiling``: the pool's ``timeout``; ``None`` means ``DEFAULT_TIMEOUT_S``.
+    """
+    ceiling = DEFAULT_TIMEOUT_S if ceiling is None else _seconds("timeout", ceiling)
     slowest = _slowest_ok_s.get((world_size, backend))
     if slowest is None:
         return ceiling
@@ -248,10 +319,26 @@ class _RankSpec:
     initializer: str | None
     pg_timeout_s: float
     stack_file: str
+    output_file: str
+    pool_dir: str
 
 
-def _watch_owner(owner_pid: int) -> None:
-    """Exit this rank when the owning process is gone.
+def _owner_gone(pool_dir: str) -> None:
+    """Leave this rank because its owner is gone (or dropped it): never returns.
+
+    The owner cannot clean up after a SIGKILL, so the ranks remove the pool's
+    directory; every rank tries, whichever is first wins, and a directory
+    already gone is fine. An owner that is alive only drops its pipes after
+    it has read the directory, and removes it itself anyway.
+    """
+    try:
+        shutil.rmtree(pool_dir, ignore_errors=True)
+    finally:
+        os._exit(_WATCHDOG_EXIT_CODE)
+
+
+def _watch_owner(owner_pid: int, pool_dir: str) -> None:
+    """Exit this rank (removing the pool's directory) when the owning process is gone.
 
     A pidfd becomes readable when the process exits, zombie or not, and is
     immune to pid reuse; polling ``kill(pid, 0)`` is the fallback.
@@ -259,24 +346,73 @@ def _watch_owner(owner_pid: int) -> None:
     try:
         fd = os.pidfd_open(owner_pid)
     except ProcessLookupError:
-        os._exit(_WATCHDOG_EXIT_CODE)
+        _owner_gone(pool_dir)
     except (AttributeError, OSError):
         fd = None
 
     def watch() -> None:
         if fd is not None:
             select.select([fd], [], [])
-            os._exit(_WATCHDOG_EXIT_CODE)
+            _owner_gone(pool_dir)
         while True:
             time.sleep(0.5)
             try:
                 os.kill(owner_pid, 0)
             except ProcessLookupError:
-                os._exit(_WATCHDOG_EXIT_CODE)
+                _owner_gone(pool_dir)
             except PermissionError:
                 pass
 
     threading.Thread(target=watch, name="lora-harness-owner-watchdog", daemon=True).start()
+
+
+def _redirect_output(path: str) -> None:
+    """Point fds 1 and 2 of this process (and ``sys.stdout``/``sys.stderr``) at ``path``.
+
+    ``dup2`` rather than swapping Python objects, so output of C code and of
+    subprocesses lands there too. Appending, so the owner may empty the file
+    between tasks. If the directory is already gone (the owner vanished while
+    we started), output goes to ``/dev/null``: the watchdog ends us anyway.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # Line-buffered, so what a killed rank printed up to its last newline is
+    # in the file; flushed fully after every task.
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+
+
+def _flush_output(libc) -> None:
+    """Flush Python's and C's stdio buffers into the rank's output file."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    if libc is not None:
+        try:
+            libc.fflush(None)
+        except Exception:
+            pass
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None)
+    except Exception:
+        return None
 
 
 def _error_message(kind: str, exc: BaseException) -> bytes:
@@ -299,16 +435,23 @@ def _resolve(spec: str) -> Callable:
 
 def _rank_main(spec: _RankSpec, conn) -> None:
     """Body of one rank process: init the world, then serve tasks until told to stop."""
+    global _IN_RANK
+    _IN_RANK = True
+    # Ctrl-C belongs to the owner, which kills the pool; a KeyboardInterrupt
+    # inside a rank would only race it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_owner(spec.owner_pid, spec.pool_dir)
+    _redirect_output(spec.output_file)
+    libc = _libc()
     import torch  # preloaded by the fork server: free
 
     # Ranks share a few cores; intra-op threads would only oversubscribe them.
     torch.set_num_threads(1)
-    # Ctrl-C belongs to the owner, which kills the pool; a KeyboardInterrupt
-    # inside a rank would only race it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stack_file = open(spec.stack_file, "a")
+    try:
+        stack_file = open(spec.stack_file, "a")
+    except OSError:  # the directory is gone: the owner vanished
+        _owner_gone(spec.pool_dir)
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-    _watch_owner(spec.owner_pid)
     # The fork server was started with the owner's path and environment of
     # that moment; tasks must see the owner's as of this pool's start.
     sys.path[:] = spec.sys_path
@@ -344,20 +487,21 @@ def _rank_main(spec: _RankSpec, conn) -> None:
     except BaseException as exc:
         reply = _error_message("err", exc)
         ctx = None
+    _flush_output(libc)
     try:
         conn.send_bytes(reply)
     except OSError:
-        os._exit(_WATCHDOG_EXIT_CODE)
+        _owner_gone(spec.pool_dir)
     if ctx is None:
         # Start failed; wait to be killed rather than exit, so the owner
         # reports the error instead of a crash.
-        _serve_until_eof(conn)
+        _serve_until_eof(conn, spec.pool_dir)
 
     while True:
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
-            os._exit(_WATCHDOG_EXIT_CODE)  # owner closed the pipe: it is gone
+            _owner_gone(spec.pool_dir)  # owner closed the pipe: it is gone or dropped us
         msg = pickle.loads(data)  # from the owner's own pickler: trusted shape
         if msg[0] == "stop":
             break
@@ -376,10 +520,13 @@ def _rank_main(spec: _RankSpec, conn) -> None:
         except BaseException as exc:  # SystemExit too: a task must not end the rank silently
             reply = _error_message("err", exc)
         ctx.tasks_run += 1
+        # Everything the task printed is in the file before the owner hears
+        # that it ended, so the owner's read after the report is complete.
+        _flush_output(libc)
         try:
             conn.send_bytes(reply)
         except OSError:
-            os._exit(_WATCHDOG_EXIT_CODE)
+            _owner_gone(spec.pool_dir)
 
     try:
         import torch.distributed as dist
@@ -389,12 +536,12 @@ def _rank_main(spec: _RankSpec, conn) -> None:
         stack_file.close()
 
 
-def _serve_until_eof(conn) -> None:
+def _serve_until_eof(conn, pool_dir: str) -> None:
     while True:
         try:
             conn.recv_bytes()
         except (EOFError, OSError):
-            os._exit(_WATCHDOG_EXIT_CODE)
+            _owner_gone(pool_dir)
 
 
 # ----------------------------------------------------------- owner side ----
@@ -416,15 +563,86 @@ def _indent(text: str) -> str:
     return "".join("    " + line + "\n" for line in text.rstrip("\n").splitlines()) or "    <empty>\n"
 
 
+class _MainGuardError(RuntimeError):
+    """A rank process re-imported a ``__main__`` that starts rank pools."""
+
+
+def _refuse_inside_rank() -> None:
+    """Raise if this process is a rank: pools are started by the owner only.
+
+    Two cases. While a rank re-imports the owner's ``__main__`` (forkserver
+    children run it as ``__mp_main__`` before ``_rank_main``), multiprocessing
+    marks the process ``_inheriting`` and has already given it our rank's
+    name: that is a script missing its ``__main__`` guard. The error then
+    also ends the rank with ``_MAIN_GUARD_EXIT_CODE`` (multiprocessing would
+    print a traceback and exit 1), so the owner's pool start names the cause.
+    Later (a task or initializer starting a pool) ``_IN_RANK`` is set.
+    """
+    if _IN_RANK:
+        raise RuntimeError(
+            "lora-harness: a rank pool cannot be started inside a rank process (from a task or an "
+            "initializer); start pools in the process that owns them"
+        )
+    proc = multiprocessing.current_process()
+    if getattr(proc, "_inheriting", False) and str(proc.name).startswith(_RANK_NAME_PREFIX):
+        _exit_rank_on_uncaught(_MainGuardError)
+        raise _MainGuardError(MAIN_GUARD_MESSAGE)
+
+
+def _exit_rank_on_uncaught(exc_type: type) -> None:
+    """Make an uncaught ``exc_type`` print one line and exit with ``_MAIN_GUARD_EXIT_CODE``.
+
+    The fork server's child reports an exception escaping the ``__main__``
+    re-import through ``sys.excepthook`` and then exits 1; the hook turns
+    that into our distinctive code (and one line instead of a traceback of
+    multiprocessing internals on the owner's terminal, once per rank).
+    """
+    previous = sys.excepthook
+
+    def hook(etype, value, tb):
+        if isinstance(value, exc_type):
+            try:
+                sys.stderr.write(f"{value} [rank process {os.getpid()}]\n")
+                sys.stderr.flush()
+            finally:
+                os._exit(_MAIN_GUARD_EXIT_CODE)
+        previous(etype, value, tb)
+
+    sys.excepthook = hook
+
+
+def _ceiling_of(timeout) -> float:
+    return DEFAULT_TIMEOUT_S if timeout is None else _seconds("timeout", timeout)
+
+
+def _release(pool_dir: str, owner_pid: int, fds: list) -> None:
+    """Close the owner's output fds and remove the pool's directory (owner only; once)."""
+    if os.getpid() != owner_pid:
+        return  # a forked copy of the owner: the directory is not ours
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+    shutil.rmtree(pool_dir, ignore_errors=True)
+
+
 class RankPool:
     """A persistent world of ``world_size`` rank processes on ``backend``.
 
-    See the module docstring for the task contract and the timeout policy.
-    ``timeout`` here is the ceiling (instead of ``$LORA_HARNESS_RANK_TIMEOUT``
-    or 60 s) and the process-group timeout. ``initializer`` is
+    See the module docstring for the task contract, the output capture and
+    the timeout policy. ``timeout`` is the ceiling (default
+    ``DEFAULT_TIMEOUT_S``) and the process-group timeout. ``error_grace`` is
+    how long, after a rank's error, the ranks that have not reported yet may
+    take before they are declared blocked (default ``ERROR_GRACE_S``; not
+    waited when every rank has reported). ``initializer`` is
     ``"module:function"``, called as ``function(ctx)`` on every rank once the
     process group exists. A task cannot take a keyword argument named
     ``timeout``: ``run`` consumes it.
+
+    ``last_output``: ``{rank: text}`` printed by each rank during the last
+    task (or the start), the last ``OUTPUT_KEEP_BYTES`` of it.
     """
 
     def __init__(
@@ -435,31 +653,39 @@ class RankPool:
         initializer: str | None = None,
         preload=("torch",),
         timeout: float | None = None,
+        error_grace: float = ERROR_GRACE_S,
     ):
-        if not isinstance(world_size, int) or world_size < 1:
+        _refuse_inside_rank()
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._ceiling = _ceiling_of(timeout)
+        self.error_grace = _seconds("error_grace", error_grace, allow_zero=True)
         self.world_size = world_size
         self.backend = backend
         self.initializer = initializer
         self.preload = tuple(preload)
-        self._ceiling = timeout
         self.owner_pid = os.getpid()
         self._lock = threading.Lock()
         self._retired = False
         self._procs: list = []
         self._conns: list = []
         self._store = None
-        self._stack_dir: str | None = None
+        self._dir: str | None = None
+        self._release_dir = None  # weakref.finalize: runs once, at retire, GC or exit
+        self._out_fds: list[int] = []  # owner's read/write fd of each rank's output file
+        self._out_offsets: list[int] = []  # how far the owner has read each of them
+        self.last_output: dict[int, str] = {}
         self._task_id = 0
         self.tasks_run = 0
         self.retire_reason: str | None = None
+        _install_sigterm_handler()
+        _live_pools.add(self)
         started = time.monotonic()
         try:
             self._start()
         except BaseException:
-            self._retire("start failed")
+            if not self._retired:
+                self._retire("start failed")
             raise
         self.start_seconds = time.monotonic() - started
 
@@ -478,6 +704,11 @@ class RankPool:
         )
 
     @property
+    def timeout(self) -> float:
+        """The ceiling: the ``timeout`` this pool was started with, else ``DEFAULT_TIMEOUT_S``."""
+        return self._ceiling
+
+    @property
     def next_timeout(self) -> float:
         """The timeout a ``run`` without ``timeout=`` gets now."""
         return task_timeout(self.world_size, self.backend, self._ceiling)
@@ -494,12 +725,16 @@ class RankPool:
     def _start(self) -> None:
         import torch.distributed as dist
 
-        ceiling = self._ceiling if self._ceiling is not None else default_timeout()
+        ceiling = self._ceiling
         ctx = multiprocessing.get_context("forkserver")
+        self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{self.world_size}-")
+        self._release_dir = weakref.finalize(self, _release, self._dir, self.owner_pid, self._out_fds)
+        for rank in range(self.world_size):
+            self._out_fds.append(os.open(self._output_path(rank), os.O_RDWR | os.O_CREAT, 0o600))
+            self._out_offsets.append(0)
         self._store = dist.TCPStore(
             _STORE_HOST, 0, None, True, datetime.timedelta(seconds=ceiling), wait_for_workers=False
         )
-        self._stack_dir = tempfile.mkdtemp(prefix=f"lora-harness-ws{self.world_size}-")
         # Held while forking so no other thread restarts the fork server
         # between our check for its children and our own forks.
         with _forkserver_lock:
@@ -508,6 +743,9 @@ class RankPool:
         label = f"start of a {self.world_size}-rank {self.backend} pool (initializer={self.initializer!r})"
         outcome = self._collect(list(range(self.world_size)), time.monotonic() + ceiling)
         self._raise_if_fault(outcome, label, ceiling, "the ceiling bounds a pool start")
+
+    def _output_path(self, rank: int) -> str:
+        return os.path.join(self._dir, f"rank{rank}.output")
 
     def _spawn_ranks(self, ctx, ceiling: float) -> None:
         for rank in range(self.world_size):
@@ -522,13 +760,17 @@ class RankPool:
                 preload=self.preload,
                 initializer=self.initializer,
                 pg_timeout_s=ceiling,
-                stack_file=os.path.join(self._stack_dir, f"rank{rank}.stacks"),
+                stack_file=os.path.join(self._dir, f"rank{rank}.stacks"),
+                output_file=self._output_path(rank),
+                pool_dir=self._dir,
             )
             parent_end, child_end = ctx.Pipe(duplex=True)
             proc = ctx.Process(
                 target=_rank_main,
                 args=(spec, child_end),
-                name=f"lora-harness-rank{rank}of{self.world_size}-{self.backend}",
+                # The prefix also tells _refuse_inside_rank that a process
+                # re-importing __main__ is one of our ranks.
+                name=f"{_RANK_NAME_PREFIX}{rank}of{self.world_size}-{self.backend}",
                 # daemonic: multiprocessing's own exit hook terminates them
                 # too, instead of joining them forever.
                 daemon=True,
@@ -543,9 +785,12 @@ class RankPool:
     def run(self, fn: Callable, *args, timeout: float | None = None, **kwargs) -> list:
         """Call ``fn(ctx, *args, **kwargs)`` on every rank; return the results in rank order.
 
+        What each rank printed meanwhile is in ``last_output`` afterwards.
         Raises :class:`RankTaskError`, :class:`RankCrash` or :class:`RankHang`
         (and retires the pool) on any fault; ``TypeError`` without touching
-        the pool if ``fn``/arguments cannot be pickled.
+        the pool if ``fn``/arguments cannot be pickled; ``ValueError`` for a
+        ``timeout`` that is not a positive number of seconds. A
+        ``KeyboardInterrupt`` meanwhile retires the pool and propagates.
         """
         with self._lock:
             if self._retired or os.getpid() != self.owner_pid:
@@ -553,13 +798,14 @@ class RankPool:
                     f"{self!r} is retired ({self.retire_reason}); get a fresh pool with get_pool()"
                 )
             if timeout is not None:
-                limit, policy = float(timeout), "explicit timeout= argument"
+                limit, policy = _seconds("timeout", timeout), "explicit timeout= argument"
             else:
                 limit = self.next_timeout
                 policy = (
-                    f"adaptive: min(ceiling, max({ADAPTIVE_FLOOR_S:g} s, {ADAPTIVE_FACTOR:g} x slowest "
-                    f"successful task {_slowest_ok_s.get((self.world_size, self.backend), 0.0):.3f} s)); "
-                    f"raise it with timeout= or {TIMEOUT_ENV}"
+                    f"adaptive: min(ceiling {self._ceiling:g} s, max({ADAPTIVE_FLOOR_S:g} s, "
+                    f"{ADAPTIVE_FACTOR:g} x slowest successful task "
+                    f"{_slowest_ok_s.get((self.world_size, self.backend), 0.0):.3f} s)); "
+                    f"raise it with run(..., timeout=) or the pool's timeout="
                 )
             name = _task_name(fn)
             try:
@@ -572,6 +818,7 @@ class RankPool:
             self._task_id += 1
             message = pickle.dumps(("run", self._task_id, payload), protocol=pickle.HIGHEST_PROTOCOL)
             label = f"task {name} on {self.world_size} ranks ({self.backend})"
+            self.last_output = {}
             try:
                 started = time.monotonic()
                 deadline = started + limit
@@ -580,6 +827,8 @@ class RankPool:
                 waited = time.monotonic() - started
                 results = self._raise_if_fault(outcome, label, limit, policy)
             except BaseException as exc:
+                # Faults have retired already; this is Ctrl-C, SystemExit or
+                # a bug of ours: never leave ranks running a task behind.
                 if not self._retired:
                     self._retire(f"{type(exc).__name__} in {label}")
                 raise
@@ -608,7 +857,11 @@ class RankPool:
         return sent
 
     def _collect(self, ranks: list[int], deadline: float) -> _Outcome:
-        """Wait for one message from each of ``ranks``, or their death, or the deadline."""
+        """Wait for one message from each of ``ranks``, or their death, or the deadline.
+
+        Returns as soon as every rank has reported or died. After the first
+        error or death, the rest get ``error_grace`` more seconds.
+        """
         started = time.monotonic()
         pending = set(ranks)
         reports: dict = {}
@@ -617,6 +870,7 @@ class RankPool:
         by_sentinel = {self._procs[r].sentinel: r for r in ranks}
         closed: set[int] = set()  # ranks whose pipe hit EOF: wait for the sentinel
         fault_at: float | None = None
+        grace = self.error_grace
 
         def take(rank: int, data: bytes) -> None:
             nonlocal fault_at
@@ -631,7 +885,7 @@ class RankPool:
 
         while pending:
             now = time.monotonic()
-            limit = deadline if fault_at is None else min(deadline, fault_at + ERROR_GRACE_S)
+            limit = deadline if fault_at is None else min(deadline, fault_at + grace)
             if now >= limit:
                 break
             waitables = [self._conns[r] for r in pending if r not in closed]
@@ -671,7 +925,7 @@ class RankPool:
             if msg[0] == "ok":
                 try:
                     results[rank] = pickle.loads(msg[2])
-                except BaseException as exc:
+                except Exception as exc:  # not BaseException: Ctrl-C here is the user's, not the rank's
                     errors[rank] = (
                         type(exc).__name__,
                         f"the result of rank {rank} could not be unpickled in the parent: {exc}",
@@ -680,6 +934,7 @@ class RankPool:
             else:
                 errors[rank] = tuple(msg[1:4])
         if not errors and not outcome.dead and not outcome.pending:
+            self.last_output = self._read_output(may_reset=True)
             return results
 
         pids = self.pids
@@ -687,9 +942,13 @@ class RankPool:
             stacks = self._dump_stacks(list(range(self.world_size)))
         else:
             stacks = self._dump_stacks(outcome.pending) if outcome.pending else {}
+        output = self._read_output()
+        self.last_output = output
         self._retire(f"fault in {label}")
 
         lines = []
+        if any(code == _MAIN_GUARD_EXIT_CODE for code in outcome.dead.values()):
+            lines.append(MAIN_GUARD_MESSAGE)
         if outcome.dead:
             head = ", ".join(f"rank {r} (pid {pids[r]}) exited with code {_describe_exit(c)}" for r, c in sorted(outcome.dead.items()))
             lines.append(f"RankCrash in {label}: {head}.")
@@ -710,23 +969,69 @@ class RankPool:
         for rank in sorted(stacks):
             why = "pending, no report" if rank in outcome.pending else "had reported"
             if (errors or outcome.dead) and rank in outcome.pending:
-                why = f"no report within {ERROR_GRACE_S:g} s after the first fault: blocked"
+                why = f"no report within {self.error_grace:g} s after the first fault: blocked"
             lines.append(f"--- Python stacks of rank {rank} (pid {pids[rank]}, {why}):")
             lines.append(_indent(stacks[rank]))
+        for rank, text in sorted(output.items()):
+            if not text:
+                continue
+            printed = text.rstrip("\n").splitlines()
+            tail = printed[-OUTPUT_TAIL_LINES:]
+            which = f"last {len(tail)} of {len(printed)} lines" if len(tail) < len(printed) else f"{len(printed)} line(s)"
+            lines.append(f"--- output of rank {rank} (pid {pids[rank]}) during this task, {which} (all: .output[{rank}]):")
+            lines.append(_indent("\n".join(tail)))
         lines.append(
             f"The pool was retired (all {self.world_size} rank processes killed); "
             f"the next get_pool({self.world_size}, {self.backend!r}) starts a fresh one."
         )
         report = "\n".join(lines)
         if outcome.dead:
-            raise RankCrash(report, dict(outcome.dead), errors, stacks)
-        if errors:
-            raise RankTaskError(report, errors, stacks, list(outcome.pending))
-        raise RankHang(report, stacks, list(outcome.pending), limit)
+            fault: RankPoolFault = RankCrash(report, dict(outcome.dead), errors, stacks)
+        elif errors:
+            fault = RankTaskError(report, errors, stacks, list(outcome.pending))
+        else:
+            fault = RankHang(report, stacks, list(outcome.pending), limit)
+        fault.output = output
+        raise fault
+
+    def _read_output(self, may_reset: bool = False) -> dict[int, str]:
+        """``{rank: text}`` each rank printed since the last read (the last ``OUTPUT_KEEP_BYTES``).
+
+        ``may_reset``: every rank is idle (it reported), so a file past
+        ``_OUTPUT_FILE_RESET_BYTES`` can be emptied; the ranks append, so
+        they simply continue at its new end.
+        """
+        output: dict[int, str] = {}
+        for rank, fd in enumerate(self._out_fds):
+            start = self._out_offsets[rank]
+            try:
+                size = os.fstat(fd).st_size
+                if size < start:
+                    start = 0  # emptied by someone else
+                keep_from = max(start, size - OUTPUT_KEEP_BYTES)
+                data = os.pread(fd, size - keep_from, keep_from) if size > keep_from else b""
+            except OSError as exc:
+                output[rank] = f"<could not read the output of rank {rank}: {exc}>"
+                continue
+            self._out_offsets[rank] = keep_from + len(data)
+            text = data.decode("utf-8", "replace")
+            if keep_from > start:
+                text = (
+                    f"[lora-harness: the first {keep_from - start} bytes of rank {rank}'s output "
+                    f"during this task were dropped; the last {len(data)} follow]\n" + text
+                )
+            output[rank] = text
+            if may_reset and self._out_offsets[rank] > _OUTPUT_FILE_RESET_BYTES:
+                try:
+                    os.ftruncate(fd, 0)
+                    self._out_offsets[rank] = 0
+                except OSError:
+                    pass
+        return output
 
     def _dump_stacks(self, ranks: list[int]) -> dict[int, str]:
         """Ask ``ranks`` for their Python stacks (faulthandler on SIGUSR1) and read them."""
-        paths = {r: os.path.join(self._stack_dir, f"rank{r}.stacks") for r in ranks}
+        paths = {r: os.path.join(self._dir, f"rank{r}.stacks") for r in ranks}
         offsets = {r: _file_size(paths[r]) for r in ranks}
         stacks: dict[int, str] = {}
         signalled = []
@@ -771,35 +1076,42 @@ class RankPool:
     def _retire(self, reason: str, graceful: bool = False) -> None:
         self._retired = True
         self.retire_reason = reason
+        _live_pools.discard(self)
         if os.getpid() != self.owner_pid:
             return  # a forked copy of the owner: these ranks are not ours to kill
-        if graceful:
-            stop = pickle.dumps(("stop",))
-            for conn in self._conns:
-                try:
-                    conn.send_bytes(stop)
-                except OSError:
-                    pass
-            deadline = time.monotonic() + SHUTDOWN_JOIN_S
-            for proc in self._procs:
-                if proc.pid is not None:
-                    proc.join(max(0.0, deadline - time.monotonic()))
         started = [proc for proc in self._procs if proc.pid is not None]
-        for proc in started:
-            if proc.exitcode is None:
-                try:
-                    proc.kill()
-                except (ProcessLookupError, OSError):
-                    pass
-        for proc in started:
-            # The fork server reaps them and reports through the sentinel, so
-            # after join the pid is gone from the process table.
-            proc.join(5.0)
-        for conn in self._conns:
-            conn.close()
-        self._store = None
-        if self._stack_dir:
-            shutil.rmtree(self._stack_dir, ignore_errors=True)
+        try:
+            if graceful:
+                stop = pickle.dumps(("stop",))
+                for conn in self._conns:
+                    try:
+                        conn.send_bytes(stop)
+                    except OSError:
+                        pass
+                deadline = time.monotonic() + SHUTDOWN_JOIN_S
+                for proc in started:
+                    proc.join(max(0.0, deadline - time.monotonic()))
+        finally:
+            # Even if a Ctrl-C cut the polite part short: kill first, all at
+            # once, so no rank outlives this call by more than the join.
+            for proc in started:
+                if proc.exitcode is None:
+                    try:
+                        proc.kill()
+                    except (ProcessLookupError, OSError):
+                        pass
+            try:
+                for proc in started:
+                    # The fork server reaps them and reports through the
+                    # sentinel, so after join the pid is gone from the
+                    # process table.
+                    proc.join(5.0)
+            finally:
+                for conn in self._conns:
+                    conn.close()
+                self._store = None
+                if self._release_dir is not None:
+                    self._release_dir()
 
 
 def _file_size(path: str) -> int:
@@ -819,6 +1131,11 @@ def _describe_exit(code) -> str:
             return str(code)
     if code == _WATCHDOG_EXIT_CODE:
         return f"{code} (its owner process vanished)"
+    if code == _MAIN_GUARD_EXIT_CODE:
+        return (
+            f"{code} (re-importing the owner's __main__ started a rank pool: "
+            'missing `if __name__ == "__main__":` guard)'
+        )
     return str(code)
 
 
@@ -893,39 +1210,113 @@ def _children_of(pid: int) -> list[int]:
 
 _pools: dict[tuple[int, str], RankPool] = {}
 _pools_lock = threading.Lock()
+# Every pool of this process not yet retired, get_pool's or not: what
+# shutdown_all and the SIGTERM handler clean up.
+_live_pools: "weakref.WeakSet[RankPool]" = weakref.WeakSet()
 
 
 def get_pool(world_size: int, backend: str = "gloo", **kw) -> RankPool:
     """The live pool for ``(world_size, backend)`` in this process, started if needed.
 
-    A retired or dead pool is replaced transparently; so is one started with
-    different ``initializer``/``preload``/``timeout``, since its ranks would
-    run tasks in the wrong environment.
+    ``kw`` are :class:`RankPool`'s keyword arguments. A retired or dead pool
+    is replaced transparently; so is one started with different
+    ``initializer``/``preload``/``timeout`` (``None`` and
+    ``DEFAULT_TIMEOUT_S`` are the same), since its ranks would run tasks in
+    the wrong environment or with the wrong process-group timeout.
+    ``error_grace`` only concerns the owner, so a live pool just takes the
+    value of the latest call (default ``ERROR_GRACE_S``).
     """
+    _refuse_inside_rank()
     key = (world_size, backend)
+    wanted = (kw.get("initializer"), tuple(kw.get("preload", ("torch",))), _ceiling_of(kw.get("timeout")))
+    grace = _seconds("error_grace", kw.get("error_grace", ERROR_GRACE_S), allow_zero=True)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is not None and pool.owner_pid != os.getpid():
             _pools.clear()  # inherited by fork: those ranks belong to the parent
             pool = None
         if pool is not None:
-            wanted = (kw.get("initializer"), tuple(kw.get("preload", ("torch",))), kw.get("timeout"))
             if not pool.alive or pool._config() != wanted:
                 pool.shutdown()
                 pool = None
         if pool is None:
             pool = RankPool(world_size, backend, **kw)
             _pools[key] = pool
+        else:
+            pool.error_grace = grace
         return pool
 
 
 def shutdown_all() -> None:
-    """Shut down every pool this process started (registered with atexit)."""
+    """Shut down every pool this process started (registered with atexit).
+
+    Pools made with ``RankPool(...)`` directly are included, so their
+    temporary directories go too.
+    """
+    me = os.getpid()
     with _pools_lock:
-        pools = [p for p in _pools.values() if p.owner_pid == os.getpid()]
+        pools = [p for p in _pools.values() if p.owner_pid == me]
         _pools.clear()
+    pools += [p for p in list(_live_pools) if p.owner_pid == me and p not in pools]
     for pool in pools:
         pool.shutdown()
 
 
 atexit.register(shutdown_all)
+
+
+# ---------------------------------------------------------------- SIGTERM ---
+
+_sigterm_handler_installed = False
+
+
+def _install_sigterm_handler() -> None:
+    """Clean up on SIGTERM of the owner, if SIGTERM is ours to handle.
+
+    Only where its action is still the default (terminate, no cleanup) and
+    only from the main thread (``signal.signal`` requires it). See the module
+    docstring for why the handler re-raises SIGTERM instead of exiting.
+    """
+    global _sigterm_handler_installed
+    if _sigterm_handler_installed or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError, TypeError):
+        return
+    _sigterm_handler_installed = True
+
+
+def _on_sigterm(signum, frame) -> None:
+    try:
+        _kill_everything_now()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered before kill() returns: we die by SIGTERM
+        os._exit(128 + signal.SIGTERM)  # not reached
+
+
+def _kill_everything_now() -> None:
+    """SIGKILL every rank of this process's pools and remove their directories.
+
+    Runs in a signal handler: takes no lock (the interrupted main thread may
+    hold any of them) and waits for nothing; the fork server reaps the ranks.
+    """
+    me = os.getpid()
+    try:
+        pools = [p for p in list(_live_pools) if p.owner_pid == me]
+    except RuntimeError:  # the set changed meanwhile: take what the cache has
+        pools = [p for p in list(_pools.values()) if p.owner_pid == me]
+    for pool in pools:
+        for proc in list(pool._procs):
+            popen = getattr(proc, "_popen", None)
+            if popen is not None and popen.returncode is None:
+                try:
+                    os.kill(popen.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+    for pool in pools:
+        if pool._dir:
+            shutil.rmtree(pool._dir, ignore_errors=True)

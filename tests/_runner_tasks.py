@@ -164,3 +164,79 @@ def result_failing_to_unpickle(ctx):
 def hang_everywhere(ctx, seconds=3600):
     """Every rank busy in a task: only the owner watchdog can end them."""
     planted_hang(seconds)
+
+
+# -- output capture -----------------------------------------------------------
+
+
+def chatty(ctx, tag="chatty"):
+    """Print through every route a task has: Python, raw fds, C stdio, a subprocess."""
+    import ctypes
+    import subprocess
+
+    print(f"{tag} python stdout rank {ctx.rank}")
+    print(f"{tag} python stderr rank {ctx.rank}", file=sys.stderr)
+    os.write(1, f"{tag} fd 1 rank {ctx.rank}\n".encode())
+    os.write(2, f"{tag} fd 2 rank {ctx.rank}\n".encode())
+    ctypes.CDLL(None).printf(f"{tag} libc printf rank {ctx.rank}\n".encode())  # buffered in C
+    subprocess.run(["sh", "-c", f"echo {tag} subprocess stdout rank {ctx.rank}; echo {tag} subprocess stderr rank {ctx.rank} >&2"], check=True)
+    return ctx.rank
+
+
+def print_lines(ctx, n, width=100, rank=None):
+    if rank is None or ctx.rank == rank:
+        for i in range(n):
+            print(f"line {i:06d} " + "x" * (width - 13))
+    return ctx.rank
+
+
+def print_then_fail_on_rank_1(ctx, n=30):
+    """Rank 1 prints ``n`` lines and raises; rank 0 prints one and blocks in all_reduce."""
+    if ctx.rank == 1:
+        for i in range(n):
+            print(f"rank 1 progress {i}")
+        planted_failure(ctx.rank)
+    print("rank 0 entering all_reduce", flush=True)
+    t = torch.tensor([1.0])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def fail_everywhere(ctx):
+    """Every rank raises: all report, nothing is blocked."""
+    raise ValueError(f"planted failure on every rank ({ctx.rank})")
+
+
+def fail_on_rank_1_barrier(ctx):
+    """Rank 1 raises; rank 0 waits for it in a barrier."""
+    if ctx.rank == 1:
+        planted_failure(ctx.rank)
+    dist.barrier()
+    return ctx.rank
+
+
+# -- Ctrl-C in the parent -----------------------------------------------------
+
+
+def _interrupt_on_load(rank):
+    raise KeyboardInterrupt(f"planted Ctrl-C while unpickling rank {rank}'s result")
+
+
+class InterruptsOnUnpickle:
+    """Unpickling it in the parent raises KeyboardInterrupt, as a Ctrl-C at that moment would."""
+
+    def __init__(self, rank):
+        self.rank = rank
+
+    def __reduce__(self):
+        return (_interrupt_on_load, (self.rank,))
+
+
+def result_interrupting_unpickle(ctx):
+    return InterruptsOnUnpickle(ctx.rank)
+
+
+def start_nested_pool(ctx):
+    from harness.runner import get_pool
+
+    get_pool(1)

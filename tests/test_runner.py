@@ -3,6 +3,7 @@
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import textwrap
@@ -320,12 +321,287 @@ def test_shutdown_all_leaves_no_rank_process():
     assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
 
 
+# ------------------------------------------------------------- output ----
+
+
+def test_what_each_rank_prints_is_captured_per_task_by_every_route():
+    pool = get_pool(2, **KW)
+    assert pool.run(T.chatty, "first") == [0, 1]
+    out = pool.last_output
+    assert set(out) == {0, 1}
+    for rank in (0, 1):
+        for route in ("python stdout", "python stderr", "fd 1", "fd 2", "libc printf", "subprocess stdout", "subprocess stderr"):
+            assert f"first {route} rank {rank}\n" in out[rank], (route, out[rank])
+        assert f"rank {1 - rank}" not in out[rank]  # per rank
+    # only what the last task printed
+    pool.run(T.chatty, "second")
+    assert "first" not in pool.last_output[0] and "second fd 1 rank 0" in pool.last_output[0]
+    pool.run(T.all_reduce_ranks)
+    assert pool.last_output == {0: "", 1: ""}
+
+
+def test_a_long_output_keeps_its_last_64_kib_with_a_marker():
+    pool = get_pool(2, **KW)
+    pool.run(T.print_lines, 2000, 100, 1)  # 200 kB on rank 1
+    out = pool.last_output
+    assert out[0] == ""
+    text = out[1]
+    assert text.startswith("[lora-harness: the first ") and "bytes of rank 1's output during this task were dropped" in text
+    assert len(text.encode()) <= runner.OUTPUT_KEEP_BYTES + 200
+    assert text.endswith(f"line 001999 {'x' * 87}\n")
+    assert "line 000000" not in text
+    # the next task starts from a clean slate
+    pool.run(T.print_lines, 2, 20, 1)
+    assert pool.last_output[1] == "line 000000 xxxxxxx\nline 000001 xxxxxxx\n"
+
+
+def test_a_fault_carries_each_ranks_output_and_its_report_the_tail():
+    pool = get_pool(2, **KW)
+    with pytest.raises(RankTaskError) as info:
+        pool.run(T.print_then_fail_on_rank_1, 30)
+    err = info.value
+    assert err.output[0] == "rank 0 entering all_reduce\n"
+    assert err.output[1] == "".join(f"rank 1 progress {i}\n" for i in range(30))
+    assert pool.last_output == err.output
+    report = str(err)
+    assert "--- output of rank 1" in report and "last 20 of 30 lines" in report
+    assert "rank 1 progress 29" in report and "rank 1 progress 10\n" in report
+    assert "rank 1 progress 9\n" not in report  # only the tail
+    assert "rank 0 entering all_reduce" in report
+    # faults with nothing printed carry empty texts and no output section
+    with pytest.raises(RankTaskError) as info:
+        get_pool(2, **KW).run(T.fail_everywhere)
+    assert info.value.output == {0: "", 1: ""} and "--- output of" not in str(info.value)
+
+
+CHATTY_SCRIPT = textwrap.dedent(
+    """
+    import json
+    from harness.runner import get_pool, RankTaskError
+    from tests import _runner_tasks as T
+    pool = get_pool(2, timeout=60)
+    pool.run(T.chatty, "loud")
+    outputs = [pool.last_output]
+    try:
+        pool.run(T.print_then_fail_on_rank_1, 5)
+    except RankTaskError as exc:
+        outputs.append(exc.output)
+    print(json.dumps(outputs), flush=True)
+    """
+)
+
+
+def test_a_chatty_task_puts_nothing_on_the_owners_terminal(tmp_path):
+    proc = _spawn(CHATTY_SCRIPT, tmp_path)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _reap(proc)
+    assert proc.returncode == 0, err
+    assert len(out.strip().splitlines()) == 1, out  # the JSON line only
+    assert "loud" not in err and "rank 1 progress" not in err and "entering all_reduce" not in err, err
+    chatty, failed = json.loads(out)
+    assert "loud subprocess stderr rank 1" in chatty["1"]
+    assert "rank 1 progress 4" in failed["1"]
+
+
+# ---------------------------------------------------------- error grace ----
+
+
+def test_no_grace_is_waited_when_every_rank_has_reported():
+    pool = RankPool(2, timeout=30, error_grace=20)
+    started = time.monotonic()
+    with pytest.raises(RankTaskError) as info:
+        pool.run(T.fail_everywhere)
+    assert time.monotonic() - started < 5  # far below the 20 s grace
+    assert set(info.value.errors) == {0, 1} and info.value.pending == []
+    assert _still_running(pool.pids) == []
+
+
+def test_the_error_grace_is_short_by_default_and_an_argument():
+    assert runner.ERROR_GRACE_S == 0.5
+    assert get_pool(2, **KW).error_grace == 0.5
+    for grace in (0.5, 0.1):
+        pool = get_pool(2, **KW, error_grace=grace)
+        assert pool.error_grace == grace
+        started = time.monotonic()
+        with pytest.raises(RankTaskError) as info:
+            pool.run(T.fail_on_rank_1)
+        elapsed = time.monotonic() - started
+        assert info.value.pending == [0]  # still reported as blocked, with its stack
+        assert "all_reduce" in info.value.stacks[0]
+        assert f"no report within {grace:g} s after the first fault: blocked" in str(info.value)
+        assert grace <= elapsed < grace + 1.5  # the old fixed grace alone was 2 s
+    assert get_pool(2, **KW).error_grace == 0.5  # the latest call's value (default)
+
+
+# ------------------------------------------------------------ Ctrl-C ----
+
+
+def test_ctrl_c_while_unpickling_a_result_propagates_and_kills_the_ranks():
+    pool = get_pool(2, **KW)
+    pids = pool.pids
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt, match="planted Ctrl-C"):
+        pool.run(T.result_interrupting_unpickle)
+    assert time.monotonic() - started < 2
+    assert not pool.alive and "KeyboardInterrupt" in pool.retire_reason
+    assert _still_running(pids, within=0.5) == []
+    assert not os.path.exists(pool._dir)
+    assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
+
+
+SIGINT_SCRIPT = textwrap.dedent(
+    """
+    import json, time
+    from harness.runner import get_pool
+    from tests import _runner_tasks as T
+    pool = get_pool(2, timeout=60)
+    assert pool.run(T.all_reduce_ranks) == [1.0, 1.0]
+    print(json.dumps({"ranks": pool.pids, "dir": pool._dir}), flush=True)
+    try:
+        pool.run(T.hang_everywhere)
+    except BaseException as exc:
+        print(json.dumps({
+            "caught": type(exc).__name__,
+            "at": time.time(),
+            "alive": pool.alive,
+            "reason": pool.retire_reason,
+            "report": str(exc)[:2000],
+        }), flush=True)
+        raise
+    """
+)
+
+
+def test_ctrl_c_while_waiting_for_the_ranks_propagates_and_kills_them_at_once(tmp_path):
+    proc = _spawn(SIGINT_SCRIPT, tmp_path)
+    try:
+        info = json.loads(_read_line(proc, 120))
+        time.sleep(0.5)  # the ranks are in the task, the owner waits for them
+        sent = time.time()
+        os.kill(proc.pid, signal.SIGINT)
+        caught = json.loads(_read_line(proc, 10))
+        assert caught["caught"] == "KeyboardInterrupt", caught
+        assert caught["at"] - sent < 1.5  # ranks killed and reaped meanwhile
+        assert not caught["alive"] and "KeyboardInterrupt" in caught["reason"]
+        assert _still_running(info["ranks"], within=0.2) == []
+        assert not os.path.exists(info["dir"])
+        out, err = proc.communicate(timeout=30)
+        # an uncaught KeyboardInterrupt ends Python by SIGINT, the conventional status
+        assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in err
+        assert "RankTaskError" not in err and "raised KeyboardInterrupt" not in err
+        assert _session_left(proc.pid) == []
+        assert _pool_dirs(tmp_path) == []
+    finally:
+        _reap(proc)
+
+
+# ------------------------------------------------- temporary directories ----
+
+
+def test_pool_directories_are_removed_on_shutdown_and_on_a_fault():
+    pool = RankPool(2, timeout=30)
+    assert os.path.isdir(pool._dir) and os.path.basename(pool._dir).startswith("lora-harness-ws2-")
+    pool.shutdown()
+    assert not os.path.exists(pool._dir)
+    pool = get_pool(2, **KW)
+    with pytest.raises(RankCrash):
+        pool.run(T.exit_on_rank, 0, 3)
+    assert not os.path.exists(pool._dir)
+
+
+NORMAL_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import json
+    from harness.runner import RankPool, RankTaskError, get_pool
+    from tests import _runner_tasks as T
+    cached = get_pool(2, timeout=60)
+    direct = RankPool(1, timeout=60)  # never shut down explicitly
+    cached.run(T.chatty)
+    direct.run(T.chatty)
+    try:
+        get_pool(2, timeout=60).run(T.fail_on_rank_1)
+    except RankTaskError:
+        pass
+    print(json.dumps({"dirs": [cached._dir, direct._dir, get_pool(2, timeout=60)._dir]}), flush=True)
+    """
+)
+
+
+def test_no_pool_directory_or_process_is_left_after_a_normal_exit(tmp_path):
+    proc = _spawn(NORMAL_EXIT_SCRIPT, tmp_path)
+    try:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        dirs = json.loads(out)["dirs"]
+        assert len(set(dirs)) == 3 and all(os.path.dirname(d) == str(tmp_path) for d in dirs)
+        assert _pool_dirs(tmp_path) == []
+        assert _session_left(proc.pid) == []
+    finally:
+        _reap(proc)
+
+
+# ------------------------------------------------ missing __main__ guard ----
+
+
+UNGUARDED_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from harness.runner import get_pool
+    from tests import _runner_tasks as T
+
+    # no `if __name__ == "__main__":` guard: the ranks re-import this file
+    pool = get_pool(2, timeout=300)
+    print(pool.run(T.all_reduce_ranks))
+    """
+)
+
+
+def test_a_script_without_the_main_guard_stops_at_once_with_the_fix(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT.format(root=ROOT))
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=str(tmp_path),
+        env=_child_env(tmpdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        _reap(proc)
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    # ~10 s on an idle 2-core machine (two imports of torch: the script and the
+    # fork server); bounded loosely for a loaded one, far below the 300 s
+    # ceiling a hang would take
+    assert elapsed < 60, elapsed
+    assert runner.MAIN_GUARD_MESSAGE in err
+    assert 'put the code that starts the pools under `if __name__ == "__main__":`' in err
+    assert "RankCrash" in err and "exited with code 87" in err
+    assert "An attempt has been made to start a new process" not in err  # not multiprocessing's riddle
+    assert _session_left(proc.pid) == []
+    assert _pool_dirs(tmpdir) == []
+
+
+def test_a_task_cannot_start_a_pool_inside_a_rank():
+    with pytest.raises(RankTaskError, match="cannot be started inside a rank process"):
+        get_pool(2, **KW).run(T.start_nested_pool)
+
+
 # ------------------------------------------------------ timeout policy ----
 
 
 def test_timeout_policy(monkeypatch):
     monkeypatch.setattr(runner, "_slowest_ok_s", {})
-    monkeypatch.delenv(runner.TIMEOUT_ENV, raising=False)
     assert runner.task_timeout(2, "gloo") == 60.0  # first task: the ceiling
     runner._record_success(2, "gloo", 0.05)
     assert runner.task_timeout(2, "gloo") == 10.0  # floor
@@ -335,12 +611,52 @@ def test_timeout_policy(monkeypatch):
     runner._record_success(2, "gloo", 100.0)
     assert runner.task_timeout(2, "gloo") == 60.0  # capped by the ceiling
     assert runner.task_timeout(4, "gloo") == 60.0  # per world size
-    monkeypatch.setenv(runner.TIMEOUT_ENV, "5")
-    assert runner.task_timeout(2, "gloo") == 5.0
+    assert runner.task_timeout(2, "gloo", ceiling=5.0) == 5.0
     assert runner.task_timeout(2, "gloo", ceiling=20.0) == 20.0
-    monkeypatch.setenv(runner.TIMEOUT_ENV, "soon")
-    with pytest.raises(ValueError, match=runner.TIMEOUT_ENV):
-        runner.default_timeout()
+    assert runner.task_timeout(2, "gloo", ceiling=None) == runner.DEFAULT_TIMEOUT_S == 60.0
+    with pytest.raises(ValueError, match="timeout"):
+        runner.task_timeout(2, "gloo", ceiling=0)
+
+
+def test_the_timeout_is_an_argument_not_an_environment_variable(monkeypatch):
+    assert not hasattr(runner, "TIMEOUT_ENV")
+    monkeypatch.setenv("LORA_HARNESS_RANK_TIMEOUT", "1")  # the retired variable: ignored
+    assert runner.default_timeout() == runner.DEFAULT_TIMEOUT_S == 60.0
+    pool = RankPool(1)
+    try:
+        assert pool.timeout == 60.0
+        assert pool.next_timeout <= 60.0 and pool.next_timeout >= min(60.0, runner.ADAPTIVE_FLOOR_S)
+    finally:
+        pool.shutdown()
+    pool = RankPool(1, timeout=7)
+    try:
+        assert pool.timeout == 7.0 and pool.next_timeout <= 7.0
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "60", True])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_a_clear_value_error(bad):
+    with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds > 0"):
+        RankPool(1, timeout=bad)
+    with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds > 0"):
+        get_pool(1, timeout=bad)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), "0.5"])
+def test_an_error_grace_that_is_not_seconds_is_a_clear_value_error(bad):
+    with pytest.raises(ValueError, match=r"error_grace must be a finite number of seconds >= 0"):
+        RankPool(1, error_grace=bad)
+
+
+def test_a_bad_run_timeout_is_refused_without_touching_the_pool():
+    pool = get_pool(2, **KW)
+    pids = pool.pids
+    for bad in (0, -5, float("nan"), "10"):
+        with pytest.raises(ValueError, match="timeout must be"):
+            pool.run(T.all_reduce_ranks, timeout=bad)
+    assert pool.alive and pool.pids == pids
+    assert pool.run(T.all_reduce_ranks, timeout=10) == [1.0, 1.0]
 
 
 def test_adaptive_timeout_is_used_after_a_success_and_survives_replacement():
@@ -356,11 +672,71 @@ def test_adaptive_timeout_is_used_after_a_success_and_survives_replacement():
 # -------------------------------------------------- separate processes ----
 
 
-def _child_env():
+def _child_env(tmpdir=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop(runner.TIMEOUT_ENV, None)
+    if tmpdir is not None:  # a private temp dir: "no lora-harness-ws* left" is then exact
+        env["TMPDIR"] = str(tmpdir)
     return env
+
+
+def _session_members(sid: int) -> list:
+    """Live processes of session ``sid``.
+
+    A child started with ``start_new_session`` leads its own session, and
+    every process it starts (fork server, ranks, resource tracker) stays in
+    that session even once orphaned and reparented: the exact "everything
+    whose parent chain led to the child".
+    """
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
+
+
+def _session_left(sid: int, within: float = 5.0) -> list:
+    deadline = time.monotonic() + within
+    while True:
+        left = _session_members(sid)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _pool_dirs(tmpdir) -> list:
+    return sorted(p.name for p in tmpdir.iterdir() if p.name.startswith("lora-harness-ws"))
+
+
+def _spawn(script: str, tmpdir, *argv) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *argv],
+        cwd=ROOT,
+        env=_child_env(tmpdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _reap(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    left = _session_members(proc.pid)
+    for pid in left:  # never leave a stray behind for the next test
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
 
 
 def _read_line(proc, timeout):
@@ -376,44 +752,48 @@ def _read_line(proc, timeout):
 
 OWNER_SCRIPT = textwrap.dedent(
     """
-    import json, multiprocessing.forkserver, multiprocessing.resource_tracker
+    import json, multiprocessing.forkserver, multiprocessing.resource_tracker, signal
     from harness.runner import get_pool
     from tests import _runner_tasks as T
     pool = get_pool(2, timeout=60)
     assert pool.run(T.all_reduce_ranks) == [1.0, 1.0]
+    other = get_pool(1, timeout=60)  # a second pool: a second directory
     print(json.dumps({
-        "ranks": pool.pids,
+        "ranks": pool.pids + other.pids,
         "forkserver": multiprocessing.forkserver._forkserver._forkserver_pid,
         "resource_tracker": multiprocessing.resource_tracker._resource_tracker._pid,
+        "dirs": [pool._dir, other._dir],
+        "sigterm_handler": getattr(signal.getsignal(signal.SIGTERM), "__name__", None),
     }), flush=True)
     pool.run(T.hang_everywhere)  # ranks busy, not listening: only the watchdog ends them
     """
 )
 
 
-def test_ranks_and_forkserver_exit_when_the_owner_is_sigkilled():
-    proc = subprocess.Popen(
-        [sys.executable, "-c", OWNER_SCRIPT],
-        cwd=ROOT,
-        env=_child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_nothing_outlives_the_owner_killed_by_a_signal(sig, tmp_path):
+    """SIGKILL: the ranks' watchdogs end them and remove the directories. SIGTERM:
+    the owner's handler does, and the owner still dies by SIGTERM."""
+    proc = _spawn(OWNER_SCRIPT, tmp_path)
     try:
         info = json.loads(_read_line(proc, 120))
         ranks = info["ranks"]
         assert all(_running(pid) for pid in ranks)
+        assert all(os.path.isdir(d) and os.path.dirname(d) == str(tmp_path) for d in info["dirs"])
+        members = set(_session_members(proc.pid))
+        assert {proc.pid, info["forkserver"], info["resource_tracker"], *ranks} <= members
+        assert info["sigterm_handler"] == "_on_sigterm"  # installed: SIGTERM had its default action
         time.sleep(0.5)  # let the ranks enter the hanging task
-        proc.kill()
-        proc.wait(30)
-        assert _still_running(ranks, within=10) == []
-        assert _still_running([info["forkserver"]], within=10) == []
-        assert _still_running([info["resource_tracker"]], within=10) == []
+        os.kill(proc.pid, sig)
+        assert proc.wait(30) == -sig
+        assert _session_left(proc.pid, within=5) == []  # fork server, ranks, tracker: all gone
+        assert _still_running(ranks + [info["forkserver"], info["resource_tracker"]], within=1) == []
+        deadline = time.monotonic() + 5
+        while _pool_dirs(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _pool_dirs(tmp_path) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
 
 
 WORKER_SCRIPT = textwrap.dedent(
