@@ -207,7 +207,9 @@ def check_property(
     else:
         if any(r.verdict is Verdict.ADVISORY for r in outcome.records):
             outcome.verdict = Verdict.ADVISORY
-            outcome.error = next(_lead(r) for r in outcome.records if r.verdict is Verdict.ADVISORY)
+            outcome.error = next(
+                f"[advisory] {f.message}" for r in outcome.records for f in r.findings if f.verdict is Verdict.ADVISORY
+            )
     outcome.seconds = time.monotonic() - started
     return outcome
 

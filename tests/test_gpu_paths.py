@@ -7,7 +7,9 @@ import torch
 from hypothesis import settings
 
 from harness.layouts import ParallelLayout
-from harness.properties import PROPERTIES, Verifier, check_property
+from harness.driver import check_property
+from harness.properties import registry
+from harness.runs import Executor
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 needs_two_gpus = pytest.mark.skipif(
@@ -20,10 +22,10 @@ needs_te = pytest.mark.skipif(
 
 
 @needs_two_gpus
-@pytest.mark.parametrize("prop", sorted(PROPERTIES))
+@pytest.mark.parametrize("prop", list(registry()))
 def test_properties_hold_on_nccl(prop):
     outcome = check_property(
-        prop, ParallelLayout(tp=2), "lora.megatron", settings=settings(max_examples=10, database=None), verifier=Verifier(backend="nccl")
+        prop, ParallelLayout(tp=2), "lora.megatron", settings=settings(max_examples=10, database=None), executor=Executor(backend="nccl")
     )
     assert outcome.passed, outcome.error
 
@@ -32,7 +34,7 @@ def test_properties_hold_on_nccl(prop):
 def test_te_linears_are_linear_type_and_refused_clearly():
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear  # noqa: F401
 
-    from lora._common import is_linear_type
+    from lora.megatron._base import is_linear_type
     from lora.megatron import LoRA
 
     te = pytest.importorskip("transformer_engine.pytorch")
