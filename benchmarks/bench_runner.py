@@ -1,4 +1,4 @@
-"""Print what the rank pool costs: pool start, task round trip, replacement after a fault.
+"""Print what the rank pool costs: pool start, task round trip, fault reporting, replacement after a fault.
 
     .venv/bin/python benchmarks/bench_runner.py [--preload torch,megatron.core] [--repeats 200]
 
@@ -15,7 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness import runner  # noqa: E402
-from harness.runner import RankCrash, RankPool, get_pool  # noqa: E402
+from harness.runner import RankCrash, RankPool, RankTaskError, get_pool  # noqa: E402
 
 
 def noop(ctx):
@@ -33,6 +33,24 @@ def all_reduce_rank(ctx):
 
 def echo(ctx, tensor):
     return tensor
+
+
+def fail_rank_1_while_rank_0_waits_in_barrier(ctx):
+    import torch.distributed as dist
+
+    if ctx.rank == 1:
+        raise ValueError("planted failure on rank 1")
+    dist.barrier()
+    return ctx.rank
+
+
+def fail_everywhere(ctx):
+    raise ValueError(f"planted failure on rank {ctx.rank}")
+
+
+def print_a_line(ctx):
+    print(f"rank {ctx.rank} says hello")
+    return ctx.rank
 
 
 def crash_rank_0(ctx):
@@ -91,6 +109,34 @@ def main() -> None:
         print(f"world {ws}: all_reduce task        median {_ms(med)}  p90 {_ms(p90)}")
         med, p90 = _timed(lambda: pool.run(echo, big), max(10, args.repeats // 10))
         print(f"world {ws}: 1 MiB tensor echo      median {_ms(med)}  p90 {_ms(p90)}")
+        med, p90 = _timed(lambda: pool.run(print_a_line), args.repeats)
+        print(f"world {ws}: task printing a line   median {_ms(med)}  p90 {_ms(p90)}  (captured in last_output)")
+
+    # Fault reporting: rank 1 raises while rank 0 is blocked in a barrier, so
+    # the parent waits error_grace for rank 0 before reporting it blocked;
+    # when every rank raises, nothing is waited. Then the pool is replaced.
+    for label, task in (
+        ("rank 1 raises, rank 0 blocked in barrier", fail_rank_1_while_rank_0_waits_in_barrier),
+        ("every rank raises (no one blocked)      ", fail_everywhere),
+    ):
+        faults, restarts = [], []
+        for _ in range(5):
+            pool = get_pool(2, preload=preload)
+            pool.run(noop)
+            t0 = time.perf_counter()
+            try:
+                pool.run(task)
+            except RankTaskError:
+                pass
+            faults.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            get_pool(2, preload=preload)
+            restarts.append(time.perf_counter() - t0)
+        print(
+            f"world 2: {label}: fault raised after median {_ms(statistics.median(faults))}"
+            f" (error_grace {pool.error_grace:g} s); get_pool after it (new pool) median "
+            f"{_ms(statistics.median(restarts))}  (5 faults)"
+        )
 
     pool = get_pool(2, preload=preload)
     t0 = time.perf_counter()

@@ -121,7 +121,6 @@ import dataclasses
 import datetime
 import faulthandler
 import importlib
-import io
 import math
 import multiprocessing
 import multiprocessing.connection
