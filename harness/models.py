@@ -5,17 +5,32 @@
 RMSNorm, RoPE, grouped-query attention, optional gated MLP) for whatever
 ``parallel_state`` currently says, so the same shape can be built at every
 layout and loaded with the same full weights (see ``harness.sharding``).
+
+Sequence parallelism: ``build_gpt(..., sequence_parallel=True)`` swaps
+megatron's torch-only norm (``WrappedTorchNorm``, which refuses sequence
+parallelism) for ``SequenceParallelNorm`` in every layer and in the final
+norm. Nothing else changes; with ``sequence_parallel=False`` the model is
+built exactly as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-__all__ = ["GPTShape", "ShapeError", "transformer_config", "build_gpt", "causal_mask"]
+__all__ = [
+    "GPTShape",
+    "ShapeError",
+    "transformer_config",
+    "build_gpt",
+    "causal_mask",
+    "SequenceParallelNorm",
+    "sequence_parallel_layer_spec",
+    "sequence_parallel_params",
+]
 
 
 class ShapeError(ValueError):
@@ -91,10 +106,99 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+class SequenceParallelNorm:
+    """megatron's torch norm (RMSNorm or LayerNorm, per ``config.normalization``), usable under sequence parallelism.
+
+    A drop-in for ``megatron.core.transformer.torch_norm.WrappedTorchNorm``
+    (same builder signature, same module type ``torch.nn.RMSNorm`` /
+    ``torch.nn.LayerNorm``, same parameter names ``weight`` / ``bias``, same
+    dtype: torch's default, as WrappedTorchNorm ignores ``params_dtype``),
+    minus its refusal of ``config.sequence_parallel``. A norm acts on each token on
+    its own, so on a sequence shard (s/t, b, h) it needs no communication in
+    forward or backward: each TP rank normalises its own tokens with the full,
+    replicated weight.
+
+    What the caller must know: under sequence parallelism each TP rank's
+    norm-weight (and bias) gradient covers only that rank's tokens, so the
+    ranks hold *different partial* gradients, and the full gradient is their
+    **sum over the TP group**. The parameters carry ``sequence_parallel =
+    True`` exactly like megatron's fused norms, which is what megatron's
+    grad-sync (``finalize_model_grads``) keys on to all-reduce them over TP.
+    A harness that compares per-rank gradients with a single-device run must
+    therefore sum every parameter with ``sequence_parallel`` set over the TP
+    ranks first (``sequence_parallel_params`` lists them), not take rank 0's
+    or compare each rank's.
+    """
+
+    def __new__(
+        cls,
+        config: Any,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: Optional[str] = None,
+    ) -> torch.nn.Module:
+        if getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("SequenceParallelNorm: layernorm_zero_centered_gamma is not supported by torch norms")
+        if getattr(config, "memory_efficient_layer_norm", False):
+            raise ValueError("SequenceParallelNorm: memory_efficient_layer_norm is not supported by torch norms")
+        kind = config.normalization
+        # Like WrappedTorchNorm, torch's default dtype (params_dtype is not
+        # applied), so that a model differs from its non-SP build only in SP.
+        if kind == "RMSNorm":
+            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
+        elif kind == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"SequenceParallelNorm: normalization={kind!r}; supported: 'RMSNorm', 'LayerNorm'")
+        sp = bool(config.sequence_parallel)
+        for p in norm.parameters():
+            # What megatron's own norms set, and what its grad-sync reads.
+            setattr(p, "sequence_parallel", sp)
+        return norm
+
+
+def sequence_parallel_params(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters whose per-rank gradients must be summed over TP (``sequence_parallel`` set)."""
+    return [n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False)]
+
+
+def sequence_parallel_layer_spec(normalization: str = "RMSNorm") -> Any:
+    """The local GPT block spec with ``SequenceParallelNorm`` for every norm (layers' and final).
+
+    A ``TransformerBlockSubmodules`` (GPTModel accepts it as its layer
+    spec): megatron's own local layer spec with ``input_layernorm`` and
+    ``pre_mlp_layernorm`` replaced, and the block's final norm set, since
+    from a layer spec the block would pick ``WrappedTorchNorm`` itself.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = get_gpt_layer_local_spec(normalization=normalization)
+    sub = spec.submodules
+    for field in ("input_layernorm", "pre_mlp_layernorm"):
+        current = getattr(sub, field)
+        if current is not None and getattr(current, "__name__", "") != "IdentityOp":
+            setattr(sub, field, SequenceParallelNorm)
+    return spec
+
+
 def build_gpt(
     shape: GPTShape, *, tp: int, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32, **config_overrides: Any
 ) -> Any:
-    """megatron-core GPTModel for the active parallel_state (logits gathered over TP)."""
+    """megatron-core GPTModel for the active parallel_state (logits gathered over TP).
+
+    With ``sequence_parallel=True`` every norm is a ``SequenceParallelNorm``
+    (see there: the parent must sum the norm weights' gradients over TP
+    before comparing them). megatron's own layout conventions then apply:
+    a ``decoder_input`` passed to the model must already be this rank's
+    sequence shard, (s/t, b, h) (megatron only scatters what its embedding
+    computes), and its gradient is that shard's; the output layer gathers
+    the hidden states from the sequence region and, with
+    ``parallel_output=False``, the logits over TP, so every rank returns the
+    full (b, s, vocab) logits.
+    """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -104,9 +208,19 @@ def build_gpt(
     config = transformer_config(
         shape, tp=tp, sequence_parallel=sequence_parallel, params_dtype=params_dtype, **config_overrides
     )
+    if sequence_parallel:
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+        # What megatron builds from a layer spec, with the final norm ours.
+        one_layer = sequence_parallel_layer_spec(config.normalization)
+        layer_spec = TransformerBlockSubmodules(
+            layer_specs=[one_layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelNorm
+        )
+    else:
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=layer_spec,
         vocab_size=shape.vocab_size,
         max_sequence_length=shape.seq_length,
         position_embedding_type="rope",

@@ -388,3 +388,187 @@ def lora_row_input_not_parallel(ctx: Any, seed: int) -> dict[str, Any]:
         "A": adapter.linear_in.weight.detach().clone(),
         "B": adapter.linear_out.weight.detach().clone(),
     }
+
+
+# ---------------------------------------------------- sequence parallelism
+
+
+def _seq_shard(full: torch.Tensor, tp_rank: int, tp: int, sequence_parallel: bool) -> torch.Tensor:
+    """This rank's part of an (s, b, h) activation: its sequence shard under SP, else all of it."""
+    if not sequence_parallel or tp == 1:
+        return full
+    return torch.chunk(full, tp, dim=0)[tp_rank]
+
+
+def sp_norm(ctx: Any, seed: int, normalization: str, s: int = 6, b: int = 2, h: int = 8) -> dict[str, Any]:
+    """A SequenceParallelNorm (float64) on this rank's sequence shard of a seeded input: output, input and weight grads."""
+    from harness.models import SequenceParallelNorm
+
+    tp_rank, tp = _init(ctx, seed)
+    cfg = transformer_config(
+        GPTShape(), tp=max(tp, 2), sequence_parallel=True, params_dtype=torch.float64, normalization=normalization
+    )
+    norm = SequenceParallelNorm(config=cfg, hidden_size=h, eps=1e-5).double()
+    full = {n: seeded_tensor(seed, f"norm.{n}", tuple(p.shape), std=0.1, mean=1.0 if n == "weight" else 0.0).double()
+            for n, p in norm.named_parameters()}
+    with torch.no_grad():
+        for n, p in norm.named_parameters():
+            p.copy_(full[n])
+    x_full = seeded_tensor(seed, "x", (s, b, h)).double()
+    probe_full = seeded_tensor(seed, "probe", (s, b, h)).double()
+    x = _seq_shard(x_full, tp_rank, tp, True).clone().requires_grad_(True)
+    out = norm(x)
+    (out * _seq_shard(probe_full, tp_rank, tp, True)).sum().backward()
+    return {
+        "tp_rank": tp_rank,
+        "tp": tp,
+        "type": type(norm).__name__,
+        "x_full": x_full,
+        "probe_full": probe_full,
+        "weights": full,
+        "output": out.detach(),
+        "input_grad": x.grad.detach(),
+        "grads": {n: p.grad.detach().clone() for n, p in norm.named_parameters()},
+        "sp_flags": {n: getattr(p, "sequence_parallel", None) for n, p in norm.named_parameters()},
+    }
+
+
+def _break_sp_adapter(how: str):
+    """Replace one sequence-parallel step of lora.megatron's adapter by a wrong one; returns an undo function.
+
+    "no_scatter": a row adapter's full (s, b, out) output is not split to the
+    sequence shard; "reduce_scatter": it is reduce-scattered instead of split
+    (t times the delta); "gather_split_grad": a column adapter's input gather
+    splits its gradient instead of reduce-scattering it (forward right,
+    A's partial input gradients never summed over the r/t shards).
+    """
+    from megatron.core.tensor_parallel import mappings
+
+    from lora.megatron.adapters import ParallelLinearAdapter
+
+    if how == "no_scatter":
+        attr = "_to_sequence_shard"
+
+        def broken(self, out):
+            return out
+    elif how == "reduce_scatter":
+        attr = "_to_sequence_shard"
+
+        def broken(self, out):
+            return mappings.reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+    elif how == "gather_split_grad":
+        attr = "_gather_sequence"
+
+        def broken(self, x):
+            return mappings.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.tp_group)
+    else:
+        raise ValueError(how)
+    original = getattr(ParallelLinearAdapter, attr)
+    setattr(ParallelLinearAdapter, attr, broken)
+
+    def undo() -> None:
+        setattr(ParallelLinearAdapter, attr, original)
+
+    return undo
+
+
+def gpt_sp_forward_backward(
+    ctx: Any,
+    seed: int,
+    sequence_parallel: bool,
+    lora_kw: Any = None,
+    shape_kw: Any = None,
+    break_adapter: Any = None,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, Any]:
+    """A GPT (optionally with lora.megatron on it) at the pool's TP, with or without SP; forward+backward on seeded full weights.
+
+    float64 by default, so that TP=1 and TP=2 agree to ~1e-12 and any
+    layout error stands far above the rounding. ``break_adapter`` names a
+    wrong SP step to patch in for this run (``_break_sp_adapter``).
+
+    Under SP the decoder input handed to the model is this rank's sequence
+    shard (megatron does not scatter a given decoder_input), so the input
+    gradient returned is that shard's. Logits are the full (b, s, vocab) on
+    every rank (the output layer gathers the sequence, then the vocab).
+    """
+    from harness.models import sequence_parallel_params
+    from harness.sharding import load_full_adapter_weights
+
+    tp_rank, tp = _init(ctx, seed)
+    shape = GPTShape(**(shape_kw or {}))
+    # The torch norms ignore params_dtype (as megatron's WrappedTorchNorm does): cast them too.
+    model = build_gpt(shape, tp=tp, sequence_parallel=sequence_parallel, params_dtype=dtype).to(dtype)
+    load_full_base_weights(model, seed, tp_rank, tp)
+    layout = None
+    undo = None
+    try:
+        if lora_kw is not None:
+            model, _ = _apply_lora(model, seed, lora_kw)
+            layout = load_full_adapter_weights(model, seed, tp_rank, tp, lora_kw["dim"])
+        if break_adapter:
+            undo = _break_sp_adapter(break_adapter)
+        s, b = shape.seq_length, shape.micro_batch_size
+        x_full = seeded_tensor(seed, "input", (s, b, shape.hidden_size)).to(dtype)
+        x = _seq_shard(x_full, tp_rank, tp, sequence_parallel).clone().requires_grad_(True)
+        ids = torch.zeros(b, s, dtype=torch.long)
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        try:
+            logits = model(ids, pos, causal_mask(s), decoder_input=x)
+            probe = seeded_tensor(seed, "probe", tuple(logits.shape)).to(logits.dtype)
+            (logits * probe).sum().backward()
+        except Exception as exc:  # noqa: BLE001 - the error is the result
+            return {"tp_rank": tp_rank, "tp": tp, "error": _error(exc)}
+    finally:
+        if undo is not None:
+            undo()
+    grads, parts = {}, {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        grads[name] = None if p.grad is None else p.grad.detach().clone()
+        if ".adapter." not in name:
+            parts[name] = base_partition(model, name, p)
+    return {
+        "tp_rank": tp_rank,
+        "tp": tp,
+        "error": None,
+        "logits": logits.detach(),
+        "local_input_shape": tuple(x.shape),
+        "input_grad": x.grad.detach(),
+        "grads": grads,
+        "parts": parts,
+        "adapter_layout": layout,
+        "sp_params": sequence_parallel_params(model),
+        "norm_types": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith(("input_layernorm", "pre_mlp_layernorm", "final_layernorm"))}),
+    }
+
+
+def gpt_sp_dropout(ctx: Any, seed: int, lora_kw: Any) -> dict[str, Any]:
+    """lora.megatron with dropout on an SP GPT at the pool's TP: eval logits, eval with dropout 0, two train logits."""
+    from lora.megatron.adapters import ParallelLoRALinear
+
+    tp_rank, tp = _init(ctx, seed)
+    shape = GPTShape()
+    model = build_gpt(shape, tp=tp, sequence_parallel=tp > 1)
+    load_full_base_weights(model, seed, tp_rank, tp)
+    model, _ = _apply_lora(model, seed, lora_kw)
+    s, b = shape.seq_length, shape.micro_batch_size
+    x = _seq_shard(seeded_tensor(seed, "input", (s, b, shape.hidden_size)), tp_rank, tp, tp > 1)
+    ids = torch.zeros(b, s, dtype=torch.long)
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+
+    def run() -> torch.Tensor:
+        return model(ids, pos, causal_mask(s), decoder_input=x).detach()
+
+    with torch.no_grad():
+        model.eval()
+        eval1 = run()
+        model.train()
+        train1, train2 = run(), run()
+        for m in model.modules():
+            if isinstance(m, ParallelLoRALinear):
+                m.adapter.dropout = 0.0
+        model.eval()
+        no_dropout = run()
+    return {"tp_rank": tp_rank, "eval1": eval1, "train1": train1, "train2": train2, "no_dropout": no_dropout}

@@ -14,6 +14,28 @@ The adapter layers are real megatron-core linears on the base layer's own TP
 group, so their collectives (copy-to-region, gather, all-reduce) carry the
 gradients exactly as megatron's do.
 
+Sequence parallelism (the base layer's ``sequence_parallel`` is set, TP > 1):
+activations outside the TP region are sharded along the sequence, (s/t, b, h).
+
+* column base: the base all-gathers its input along the sequence before its
+  matmul; the adapter does the same, ``gather_from_sequence_parallel_region``
+  before A. A then skips its own copy-to-region (``disable_grad_reduce``): the
+  gather's backward reduce-scatters A's partial input gradients, which both
+  sums them over the r/t shards and hands each rank its sequence shard (as the
+  base's own backward does). Output (s, b, out/t), like the base's.
+* row base: the base reduce-scatters its partial sums to (s/t, b, out). The
+  adapter's B output is already the full sum, gathered to (s, b, out) and
+  identical on every rank, so it is *split* along the sequence
+  (``scatter_to_sequence_parallel_region``: forward split, backward
+  all-gather), not reduce-scattered, which would multiply it by t.
+* row base with ``a2a``: B's output is left split along the hidden dimension,
+  (s, b, out/t), and one all-to-all turns it into (s/t, b, out).
+
+Dropout under sequence parallelism always acts on values that differ per TP
+rank (a sequence shard or a hidden shard), so it draws from the
+model-parallel stream: a column base's "pre" dropout acts on the sequence
+shard before the gather, a row base's "post" dropout after the scatter.
+
 Initialisation is drawn over the full, unsharded matrix (the SPEC's draw:
 float32 on the CPU from torch's global generator, A then B, walk order) and
 then sliced, so a given seed yields the same adapter at every layout, and
@@ -189,6 +211,8 @@ class ParallelLinearAdapter(nn.Module):
         gated: bool,
         module_name: str,
         input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        a2a: bool = False,
     ) -> None:
         super().__init__()
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -209,18 +233,31 @@ class ParallelLinearAdapter(nn.Module):
         self.input_is_parallel = input_is_parallel if kind == "row" else False
         self.tp_size = group_size(tp_group)
         self.tp_rank = group_rank(tp_group)
+        self.tp_group = tp_group
+        # megatron turns sequence parallelism off for a TP group of one.
+        self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
+        if a2a and kind != "row":
+            raise ValueError(f"lora.megatron: {module_name}: a2a applies only to row-parallel bases (this one is {kind})")
+        self.a2a = bool(a2a) and self.sequence_parallel
         cfg = _adapter_config(base_config, lora_dtype)
         common = dict(config=cfg, init_method=_noop_init, bias=False, is_expert=is_expert, tp_group=tp_group)
         if kind == "column":
-            self.linear_in = ColumnParallelLinear(in_features, dim, gather_output=True, skip_bias_add=True, **common)
+            # Under sequence parallelism the input is gathered from the
+            # sequence region first; that gather's backward reduce-scatters,
+            # so A must not all-reduce its input gradient as well.
+            self.linear_in = ColumnParallelLinear(
+                in_features, dim, gather_output=True, skip_bias_add=True,
+                disable_grad_reduce=self.sequence_parallel, **common,
+            )
         else:
             self.linear_in = RowParallelLinear(
                 in_features, dim, input_is_parallel=input_is_parallel, skip_bias_add=True, **common
             )
         # B's output stays split like the base's for a column base, and is
-        # gathered to the base's full width for a row base.
+        # gathered to the base's full width for a row base (unless a2a does
+        # the gather and the sequence split in one step).
         self.linear_out = ColumnParallelLinear(
-            dim, out_features, gather_output=(kind == "row"), skip_bias_add=True, **common
+            dim, out_features, gather_output=(kind == "row" and not self.a2a), skip_bias_add=True, **common
         )
 
     # -- initialisation ----------------------------------------------------
@@ -262,14 +299,46 @@ class ParallelLinearAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_dtype)
         if self.dropout_position == "pre":
-            # A column base sees the full (replicated) input; a row base a
-            # shard, unless it scatters the full input itself.
-            x = self._dropout(x, sharded=self.input_is_parallel)
+            # A column base sees the full (replicated) input, or its sequence
+            # shard under sequence parallelism; a row base a shard, unless it
+            # scatters the full input itself.
+            x = self._dropout(x, sharded=self.input_is_parallel or self.sequence_parallel)
+        if self.sequence_parallel and self.kind == "column":
+            x = self._gather_sequence(x)
         h, _ = self.linear_in(x)
         out, _ = self.linear_out(h)
+        if self.sequence_parallel and self.kind == "row":
+            out = self._to_sequence_shard(out)
         if self.dropout_position == "post":
-            out = self._dropout(out, sharded=(self.kind == "column"))
+            out = self._dropout(out, sharded=(self.kind == "column" or self.sequence_parallel))
         return out * self.scale
+
+    # -- sequence parallelism ---------------------------------------------
+    def _gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """(s/t, b, in) -> (s, b, in); backward: reduce-scatter of A's partial input gradients."""
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=self.tp_group)
+
+    def _to_sequence_shard(self, out: torch.Tensor) -> torch.Tensor:
+        """A row base's adapter output into the base's layout, (s/t, b, out).
+
+        Without a2a ``out`` is the full sum (s, b, out), the same on every
+        rank: split it along the sequence (backward: all-gather). With a2a it
+        is (s, b, out/t), split along the hidden dimension: one all-to-all
+        gives (s/t, b, out).
+        """
+        from megatron.core.tensor_parallel import mappings
+
+        if not self.a2a:
+            return mappings.scatter_to_sequence_parallel_region(out, group=self.tp_group)
+        s, *middle, _ = out.shape
+        if s % self.tp_size:
+            raise ValueError(
+                f"lora.megatron: {self.module_name}: sequence length {s} is not divisible by TP={self.tp_size} (a2a)"
+            )
+        flat = mappings.all_to_all_hp2sp(out, group=self.tp_group)  # (s*b/t, out), tokens in (s, b) order
+        return flat.reshape(s // self.tp_size, *middle, flat.shape[-1])
 
 
 class ParallelLoRALinear(AdapterWrapper):

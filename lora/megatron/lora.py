@@ -103,11 +103,7 @@ class LoRA(LoRABase):
         tp_group = module.tp_group
         t = group_size(tp_group)
         dim = self.adapter_rank(module, full_name)
-        if t > 1 and getattr(module, "sequence_parallel", False):
-            raise NotImplementedError(
-                f"lora.megatron: {full_name} runs with sequence parallelism at TP={t}; sequence-parallel "
-                "adapters are not implemented yet (refusing rather than computing a wrong result)"
-            )
+        sequence_parallel = t > 1 and bool(getattr(module, "sequence_parallel", False))
         if kind == "column" and dim % t:
             raise ValueError(
                 f"lora.megatron: dim={dim} is not divisible by TP={t} for {full_name} "
@@ -134,6 +130,10 @@ class LoRA(LoRABase):
             gated=is_gated_fc1(module, full_name),
             module_name=full_name,
             input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
+            sequence_parallel=sequence_parallel,
+            # a2a replaces a row adapter's gather + sequence split; a column
+            # adapter has no such step, so the flag does not concern it.
+            a2a=bool(self.a2a_experimental) and kind == "row",
         )
         adapter.reset_parameters(self.lora_A_init_method, self.lora_B_init_method)
         return ParallelLoRALinear(module, adapter)
