@@ -178,7 +178,7 @@ def _adapter_config(base_config: Any, lora_dtype: torch.dtype) -> Any:
     cfg.params_dtype = lora_dtype
     # We initialise from the full matrix ourselves (see module docstring).
     cfg.perform_initialization = False
-    # The adapter handles sequence parallelism explicitly (not yet supported).
+    # The adapter handles sequence parallelism itself (gather before A, split after B).
     cfg.sequence_parallel = False
     # These fused paths need CUDA kernels or shared buffers meant for the base.
     for flag in ("gradient_accumulation_fusion", "tp_comm_overlap", "defer_embedding_wgrad_compute"):
