@@ -244,6 +244,8 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile)
 
 
 def _print_failure(outcome: Any) -> None:
+    if outcome.records and outcome.records[-1].source == "regression":
+        print(f"    {outcome.falsifying_example} (replayed before any new draw)")
     print("    " + outcome.error.replace("\n", "\n    "))
     if outcome.minimal_case is not None:
         print("    minimal case: " + json.dumps(outcome.minimal_case.to_json(), sort_keys=True))
@@ -312,6 +314,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from harness import _quiet
 
     _quiet.quiet_parent()
+    if argv[:1] == ["report"]:
+        # Its own parser (harness.report.baseline): options pass through untouched.
+        from harness.report.baseline import main as baseline_main
+
+        return baseline_main(argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0) return instead of exiting
@@ -331,10 +338,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for layout in layouts:
                 print(f"{layout}  world {layout.min_world_size}")
             return 0
-        if args.command == "report":
-            from harness.report.baseline import main as baseline_main
-
-            return baseline_main(args.rest)
         if args.command == "replay":
             return _replay(args)
         if args.command == "contract":

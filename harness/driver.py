@@ -120,6 +120,8 @@ def check_property(
     store = regressions if isinstance(regressions, RegressionStore) or regressions is None else RegressionStore(regressions)
     outcome = PropertyOutcome(prop=prop.name, layout=layout.describe(), impl=impl)
     skip = prop.skip_reason(family, layout, caps)
+    if skip is None and layout.sp and not caps.sequence_parallel:
+        skip = f"{impl} does not declare sequence_parallel support"
     if skip:
         outcome.verdict, outcome.skipped_reason = Verdict.SKIPPED, skip
         return outcome

@@ -26,8 +26,8 @@ __all__ = ["register_profiles", "layout_set", "PROFILES", "DEFAULT_PROFILE"]
 
 DEFAULT_PROFILE = "fast"
 PROFILES = {
-    "fast": dict(max_examples=50),
-    "deep": dict(max_examples=500),
+    "fast": dict(max_examples=25),
+    "deep": dict(max_examples=250),
 }
 
 
@@ -36,7 +36,7 @@ def register_profiles() -> None:
         settings.register_profile(
             name,
             deadline=None,
-            print_blob=True,
+            print_blob=False,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
             **kw,
         )
@@ -61,15 +61,20 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[Parall
     changes what megatron-core builds only through the world size: a layout
     with EP=e runs in a world of lcm(tp, tp*e) ranks, i.e. with data
     parallelism e, where every data-parallel replica must hold and compute
-    the same adapters. A maximum that is not a power of two is refused
-    (``ValueError``), never rounded. Sequence-parallel layouts need a
-    sequence-parallel norm on CPU and come with the MoE family.
+    the same adapters. Every layout with TP > 1 also runs with sequence
+    parallelism. A maximum that is not a power of two is refused
+    (``ValueError``), never rounded.
     """
     _check_max("--tp", max_tp)
     _check_max("--ep", max_ep)
     if family != "gpt":
         raise ValueError(f"no layout set for family {family!r}; known: gpt")
-    layouts = {ParallelLayout(tp=tp, ep=ep) for tp in _powers(max_tp) for ep in _powers(max_ep)}
+    layouts = {
+        ParallelLayout(tp=tp, ep=ep, sp=sp)
+        for tp in _powers(max_tp)
+        for ep in _powers(max_ep)
+        for sp in ((False, True) if tp > 1 else (False,))
+    }
     return sorted(layouts, key=lambda layout: layout.sort_key)
 
 

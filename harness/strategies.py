@@ -33,8 +33,11 @@ _WILDCARD_TARGETS = (
 
 
 @st.composite
-def gpt_shapes(draw: Any, tp: int = 1) -> GPTShape:
-    """A tiny GPT that TP=tp can shard: heads, query groups, ffn and vocab divisible by tp."""
+def gpt_shapes(draw: Any, tp: int = 1, sequence_parallel: bool = False) -> GPTShape:
+    """A tiny GPT that TP=tp can shard: heads, query groups, ffn and vocab divisible by tp.
+
+    Under sequence parallelism the sequence is split over TP too.
+    """
     groups = tp * draw(st.integers(1, 2))
     heads = groups * draw(st.sampled_from([1, 2]))
     head_dim = draw(st.sampled_from([2, 4, 8]))  # RoPE rotates pairs: even
@@ -45,7 +48,7 @@ def gpt_shapes(draw: Any, tp: int = 1) -> GPTShape:
         num_query_groups=groups,
         ffn_hidden_size=tp * draw(st.integers(1, 6)) * 2,
         vocab_size=tp * draw(st.integers(2, 8)),
-        seq_length=draw(st.integers(1, 6)),
+        seq_length=tp * draw(st.integers(1, 3)) if sequence_parallel else draw(st.integers(1, 6)),
         micro_batch_size=draw(st.integers(1, 2)),
         gated_linear_unit=draw(st.booleans()),
         add_bias_linear=draw(st.booleans()),
@@ -107,8 +110,10 @@ def gpt_cases(
     training = draw(st.booleans())
     lora = dict(draw(lora_configs(tp, caps)), dropout=0.0 if training else draw(st.sampled_from([0.0, 0.1, 0.5])))
     lora_dtype = parse_dtype(lora.pop("lora_dtype"))
+    if layout.sp and caps.a2a:
+        lora["a2a_experimental"] = draw(st.booleans())
     return GPTCase(
-        shape=draw(gpt_shapes(tp)),
+        shape=draw(gpt_shapes(tp, sequence_parallel=layout.sp)),
         lora=lora,
         seed=draw(st.integers(0, 2**31 - 1)),
         layout=layout,

@@ -25,10 +25,13 @@ def _cli(*args, timeout=600, env=None, cwd=ROOT):
 
 def test_layouts_follow_tp_and_ep(capsys):
     assert main(["layouts", "--tp", "2"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["tp1-ep1-etp1-pp1  world 1", "tp2-ep1-etp2-pp1  world 2"]
+    assert capsys.readouterr().out.splitlines() == [
+        "tp1-ep1-etp1-pp1  world 1", "tp2-ep1-etp2-pp1  world 2", "tp2-ep1-etp2-pp1-sp  world 2",
+    ]
     assert main(["layouts", "--tp", "2", "--ep", "2"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "tp1-ep1-etp1-pp1  world 1", "tp1-ep2-etp1-pp1  world 2", "tp2-ep1-etp2-pp1  world 2", "tp2-ep2-etp2-pp1  world 4",
+        "tp1-ep1-etp1-pp1  world 1", "tp1-ep2-etp1-pp1  world 2", "tp2-ep1-etp2-pp1  world 2",
+        "tp2-ep1-etp2-pp1-sp  world 2", "tp2-ep2-etp2-pp1  world 4", "tp2-ep2-etp2-pp1-sp  world 4",
     ]
 
 
@@ -39,12 +42,14 @@ def test_verify_passes_and_writes_json_and_report(capsys, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PASS  forward_matches        tp1-ep1-etp1-pp1" in out
-    assert "PASS  forward_matches        tp2-ep1-etp2-pp1" in out
-    assert "2 passed, 0 failed" in out
+    assert "PASS  forward_matches        tp2-ep1-etp2-pp1 " in out
+    assert "PASS  forward_matches        tp2-ep1-etp2-pp1-sp" in out
+    assert "3 passed, 0 failed" in out
     data = json.loads(path.read_text())
     assert data["schema_version"] == 1
     assert [(c["property"], c["layout"], c["verdict"]) for c in data["cells"]] == [
         ("forward_matches", "tp1-ep1-etp1-pp1", "pass"), ("forward_matches", "tp2-ep1-etp2-pp1", "pass"),
+        ("forward_matches", "tp2-ep1-etp2-pp1-sp", "pass"),
     ]
     assert all(c["examples"] >= 3 for c in data["cells"])
     assert {"torch", "megatron_core", "hypothesis"} <= set(data["environment"]) or "torch" in json.dumps(data["environment"])
@@ -59,8 +64,8 @@ def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tm
     out = capsys.readouterr().out
     assert rc == 1
     assert "PASS  forward_matches        tp1-ep1-etp1-pp1" in out
-    assert "FAIL  forward_matches        tp2-ep1-etp2-pp1" in out and "(numeric)" in out
-    assert "1 passed, 1 failed" in out
+    assert "FAIL  forward_matches        tp2-ep1-etp2-pp1 " in out and "(numeric)" in out
+    assert "1 passed, 2 failed" in out
     assert "@reproduce_failure" not in out
     # The report leads with the quantity that differs first.
     assert "[numeric] output on rank 1" in out
@@ -79,7 +84,7 @@ def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tm
     rc = main(["verify", "--tp", "2", "--examples", "5", "--property", "forward_matches",
                "--impl", "tests.wrong_impls.scaled_on_rank1", "--regressions", str(tmp_path / "reg")])
     out = capsys.readouterr().out
-    assert rc == 1 and "stored regression" in out or "minimal case" in out
+    assert rc == 1 and "stored regression case" in out and "replayed before any new draw" in out
 
 
 @pytest.mark.parametrize(

@@ -179,4 +179,6 @@ def test_layout_set_refuses_what_it_would_round():
         layout_set(3)
     with pytest.raises(ValueError, match="--ep 0"):
         layout_set(2, 0)
-    assert [str(l) for l in layout_set(2, 2)] == ["tp1-ep1-etp1-pp1", "tp1-ep2-etp1-pp1", "tp2-ep1-etp2-pp1", "tp2-ep2-etp2-pp1"]
+    assert [str(l) for l in layout_set(2, 2)] == [
+        "tp1-ep1-etp1-pp1", "tp1-ep2-etp1-pp1", "tp2-ep1-etp2-pp1", "tp2-ep1-etp2-pp1-sp", "tp2-ep2-etp2-pp1", "tp2-ep2-etp2-pp1-sp",
+    ]

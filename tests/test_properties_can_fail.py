@@ -162,3 +162,11 @@ def test_fans_on_the_shard_is_advisory_under_the_bridge_contract():
     outcome = check_property("init_matches_layouts", TP2, "tests.wrong_impls.fans_on_shard", settings=SEARCH,
                              capabilities=Capabilities.bridge())
     assert outcome.passed and outcome.verdict is Verdict.ADVISORY
+
+
+def test_forward_catches_a_sequence_parallel_row_adapter_that_reduce_scatters():
+    sp = ParallelLayout(tp=2, sp=True)
+    outcome = _expect_failure("forward_matches", "tests.wrong_impls.sp_row_reduce_scattered", sp)
+    assert outcome.minimal_case.layout.sp
+    # Without sequence parallelism the same code is right.
+    _expect_pass("forward_matches", "tests.wrong_impls.sp_row_reduce_scattered", TP2)

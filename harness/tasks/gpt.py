@@ -57,7 +57,10 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
     # Seeded on the CPU, then moved: the same values on every device.
     device = getattr(ctx, "device", None) or torch.device("cpu")
     s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
-    x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype).requires_grad_(True)
+    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype)
+    # Under sequence parallelism megatron expects this rank's sequence shard
+    # as decoder_input, and its gradient is that shard's.
+    x = (full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x).clone().requires_grad_(True)
     ids = torch.zeros(b, s, dtype=torch.long, device=device)
     pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     out = model(ids, pos, causal_mask(s).to(device), decoder_input=x)
@@ -79,12 +82,25 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
         tp_size=tp,
         dp_rank=parallel_state.get_data_parallel_rank(),
         output=_cpu64(out),
-        input_grad=_cpu64(x.grad),
+        input_grad=_cpu64(_sequence_gathered(x.grad) if case.layout.sp else x.grad),
         adapter_grads=grads,
         initial_adapters=initial,
         partitions=partitions,
         findings=findings,
     )
+
+
+def _sequence_gathered(shard: Any) -> Any:
+    """The full-sequence tensor from every TP rank's sequence shard (harness-side, for the comparison)."""
+    if shard is None:
+        return None
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    pieces = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, shard.contiguous(), group=group)
+    return torch.cat(pieces, dim=0)
 
 
 def _state_findings(model: torch.nn.Module, table: dict[str, Any], case: GPTCase) -> list[Finding]:

@@ -5,7 +5,6 @@ from lora.megatron.lora import LoRA, LoRAMerge, VLMLoRA, merge_lora
 __all__ = ["LoRA", "VLMLoRA", "LoRAMerge", "merge_lora"]
 
 # What the harness may draw for this implementation (plain data: lora-harness
-# reads it without this package importing the harness). Sequence parallelism
-# and a2a are refused until the sequence-parallel adapters exist; expert
-# layers have no harness family yet.
-LORA_HARNESS_CAPABILITIES = {"contract": "strict", "sequence_parallel": False, "a2a": False, "experts": False}
+# reads it without this package importing the harness). Expert layers have
+# no harness family yet.
+LORA_HARNESS_CAPABILITIES = {"contract": "strict", "experts": False}
