@@ -40,15 +40,13 @@ class PropertyFailure(AssertionError):
     """A property does not hold for an example; the message says where and by how much."""
 
 
-_DEFAULT_EXECUTOR: Optional[Executor] = None
-
-
 def default_executor() -> Executor:
-    """One executor per process for callers that do not pass their own (its caches are per process)."""
-    global _DEFAULT_EXECUTOR
-    if _DEFAULT_EXECUTOR is None:
-        _DEFAULT_EXECUTOR = Executor()
-    return _DEFAULT_EXECUTOR
+    """A fresh executor (default backend and timeout) for callers that do not pass their own.
+
+    No module-level state: pass one ``Executor`` to many ``check_property``
+    calls to share its cache of world-size-1 runs between them.
+    """
+    return Executor()
 
 
 def _fault_verdict(exc: RankPoolFault) -> Verdict:

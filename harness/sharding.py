@@ -7,7 +7,7 @@ tensors. Two sources of truth:
 * base megatron parameters carry megatron's own ``tensor_model_parallel`` /
   ``partition_dim`` attributes; a gated ``linear_fc1`` holds, on each TP rank,
   its gate slice followed by its up slice;
-* adapter parameters follow SPEC.md's TP table, decided from the kind of the
+* adapter parameters follow harness/SPEC.md's TP table, decided from the kind of the
   base layer (``<module>.to_wrap``), never from attributes the implementation
   under test set, so an implementation that lays its shards out differently
   is caught rather than trusted.
@@ -39,7 +39,7 @@ __all__ = [
 
 
 class SpecViolation(AssertionError):
-    """The implementation under test breaks SPEC.md's parameter contract."""
+    """The implementation under test breaks harness/SPEC.md's parameter contract."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def _base_full_io(base: nn.Module, kind: str, tp_size: int) -> tuple[int, int]:
 
 
 def adapter_partitions(wrapper: nn.Module, wrapper_name: str) -> dict[str, Partition]:
-    """SPEC.md's TP table for the two adapter matrices of one wrapped module."""
+    """harness/SPEC.md's TP table for the two adapter matrices of one wrapped module."""
     kind = _base_kind(wrapper.to_wrap)
     gated = _is_gated_fc1(wrapper.to_wrap, wrapper_name)
     if kind == "column":
@@ -194,7 +194,7 @@ def load_full_adapter_weights(
 ) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
     """Set every adapter's A and B to slices of seeded full matrices (B non-zero).
 
-    Checks each parameter's name and local shape against SPEC.md and raises
+    Checks each parameter's name and local shape against harness/SPEC.md and raises
     ``SpecViolation`` naming the module when they differ. Returns, per
     parameter name, (canonical module name, partition, full shape).
     """

@@ -1,4 +1,4 @@
-"""SPEC.md's constants, as plain data: both LoRA implementations may import this module.
+"""harness/SPEC.md's constants, as plain data: both LoRA implementations may import this module.
 
 Nothing here has behaviour (no functions, no classes): `lora.reference` and
 `lora.megatron` each implement matching, init, freezing and merging on their

@@ -1,4 +1,4 @@
-"""Single-device reference LoRA, written directly from SPEC.md: the numbers every sharded implementation must reproduce.
+"""Single-device reference LoRA, written directly from harness/SPEC.md: the numbers every sharded implementation must reproduce.
 
 This module is the harness's oracle. It shares no code with `lora.megatron`
 (the implementation under test): it imports only torch, the standard library

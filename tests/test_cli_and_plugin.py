@@ -71,7 +71,7 @@ def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tm
     assert "[numeric] output on rank 1" in out
     cells = json.loads(path.read_text())["cells"]
     failing = [c for c in cells if c["verdict"] != "pass"]
-    assert len(failing) == 1 and failing[0]["minimal_case"]["layout"] == "tp2-ep1-etp2-pp1"
+    assert sorted(c["minimal_case"]["layout"] for c in failing) == ["tp2-ep1-etp2-pp1", "tp2-ep1-etp2-pp1-sp"]
     stored = list((tmp_path / "reg").glob("forward_matches--tp2-ep1-etp2-pp1--*.json"))
     assert len(stored) == 1
     replay = next(line for line in out.splitlines() if "replay: " in line).split("replay: ", 1)[1]

@@ -1,6 +1,6 @@
 """Tests of lora.megatron on real megatron-core GPT models at TP=1 (1-rank pool) and TP=2 (2-rank pool).
 
-Checked by values against SPEC.md: adapter parameter names and per-rank
+Checked by values against harness/SPEC.md: adapter parameter names and per-rank
 shapes (the TP table) for linear_qkv, linear_proj, linear_fc1 (gated or not),
 linear_fc2 and output_layer; the initial adapter is the same full matrix at
 every layout (gated fc1: B's local rows are [gate slice; up slice]); errors and

@@ -1,7 +1,7 @@
 """lora.megatron's parallelism-independent parts: config fields, matching, init, walk, freeze, merge math.
 
 Used only by `lora.megatron`. `lora.reference` (the oracle the harness
-compares against) implements all of this again on its own, from SPEC.md, so
+compares against) implements all of this again on its own, from harness/SPEC.md, so
 that the two can disagree; only the SPEC's constants (`lora._spec`) are shared.
 """
 

@@ -2,7 +2,7 @@
 
 One wrapper, ``ParallelLoRALinear``, holds the base layer (``to_wrap``) and a
 ``ParallelLinearAdapter`` (``adapter.linear_in`` = A, ``adapter.linear_out`` =
-B), laid out per the TP table of SPEC.md:
+B), laid out per the TP table of harness/SPEC.md:
 
     base      A (linear_in)                   B (linear_out)
     column    column-parallel (r/t, in),      column-parallel (out/t, r),
