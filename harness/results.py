@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+# Findings spelled out in a failure message; every one is in the records.
+MESSAGE_FINDINGS = 6
 
 
 class Verdict(str, enum.Enum):
@@ -186,6 +188,8 @@ class Check:
     def message(self, case: Any) -> str:
         head = f"{self.prop} failed for impl {case.impl} at layout {case.layout}:"
         lines = [f"[{f.verdict.value}{' ' + f.check if f.check else ''}] {f.message}" for f in self.findings]
+        if len(lines) > MESSAGE_FINDINGS:
+            lines = lines[:MESSAGE_FINDINGS] + [f"... and {len(lines) - MESSAGE_FINDINGS} more (all in results.json)"]
         return "\n  ".join([head, *lines])
 
 
