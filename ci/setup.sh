@@ -9,6 +9,6 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; assert sys.ve
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c ci/constraints.txt -e '.[test]'
-.venv/bin/python -c 'import torch, megatron.core; print("torch", torch.__version__, "megatron-core", megatron.core.__version__)'
+.venv/bin/python -W ignore -c 'import logging; logging.disable(logging.WARNING); import torch, megatron.core; print("torch", torch.__version__, "megatron-core", megatron.core.__version__)'
 # Headless Chromium for the report's browser test (tests/test_report.py fails without it under CI=true).
 if ! command -v chromium >/dev/null; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || echo "ci/setup.sh: could not install chromium; the report browser test will fail under CI" >&2; fi

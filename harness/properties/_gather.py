@@ -34,3 +34,12 @@ def compare_adapter_sets(
     for pname in sorted(got):
         stats = compare_tensors(got[pname], want[pname], tol)
         check.compare(Location(quantity, pname, ranks), stats, tol, kind=kind, check=sub, binding=binding)
+
+
+def rank_findings(prop: str, records: list[Any]) -> Check:
+    """A check holding every finding each rank reported, prefixed with its rank."""
+    result = Check(prop)
+    for rec in records:
+        for f in rec.findings:
+            result.fail(f"rank {rec.rank}: {f.message}", kind=f.kind, check=f.check, binding=f.binding)
+    return result

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from harness.properties import Property, register
+from harness.properties._gather import rank_findings
 from harness.results import Check
 
 
 def check(ev) -> Check:
-    result = Check("errors_follow_spec")
-    for rec in ev.errors:
-        for f in rec.findings:
-            result.fail(f"rank {rec.rank}: {f.message}", kind=f.kind, check=f.check, binding=f.binding)
-    return result
+    return rank_findings("errors_follow_spec", ev.errors)
 
 
 PROPERTY = register(Property(
