@@ -195,7 +195,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _run_verify(args, props, names, layouts, caps, run_settings, store, profile) -> int:
     from harness.driver import check_property
     from harness.report.environment import collect_environment
-    from harness.results import RunResults
+    from harness.results import RunResults, Verdict
     from harness.runner import shutdown_all
     from harness.runs import Executor
 
@@ -239,7 +239,9 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile)
     if results.interrupted:
         return 130
     failed = results.failed
-    print(f"{len(results.outcomes) - len(failed)} passed, {len(failed)} failed")
+    skipped = sum(o.verdict is Verdict.SKIPPED for o in results.outcomes)
+    tail = f", {skipped} skipped" if skipped else ""
+    print(f"{len(results.outcomes) - len(failed) - skipped} passed, {len(failed)} failed{tail}")
     return 1 if failed else 0
 
 
