@@ -34,7 +34,6 @@ import os
 import pickle
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -229,8 +228,34 @@ def max_ep(request: pytest.FixtureRequest) -> int:
     return request.config.getoption("ep")
 
 
-def _parts_dir(report: str) -> Path:
-    return Path(report) / ".parts"
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """What is checked and what is skipped, before the first test runs."""
+    from harness.contract import ImplLoadError, capabilities_of
+
+    name = config.getoption("lora_impl")
+    lines = [f"lora-harness: layouts {', '.join(map(str, layout_set(config.getoption('tp'), config.getoption('ep'))))}"]
+    try:
+        caps = capabilities_of(name or "lora.megatron")
+    except ImplLoadError:
+        return lines
+    contract = config.getoption("lora_contract")
+    if contract and contract != caps.contract:
+        caps = caps.with_contract(contract)
+    lines.append(f"lora-harness: impl {name or 'lora.megatron (unless a test module sets LORA_IMPL)'} ({caps.describe()})")
+    lines += [f"lora-harness: skipped: {line}" for line in caps.skipped()]
+    return lines
+
+
+_WORKER_KEY = "lora_harness_outcomes"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist: a worker finished; keep the outcomes it sent, for the summary and the report."""
+    blob = getattr(node, "workeroutput", {}).get(_WORKER_KEY)
+    session: Optional[HarnessSession] = getattr(node.config, "_lora_harness", None)
+    if blob and session is not None:
+        session.outcomes += pickle.loads(blob)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -238,38 +263,38 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     shutdown_all()
     config = session.config
-    report = config.getoption("lora_report")
     harness_session: Optional[HarnessSession] = getattr(config, "_lora_harness", None)
-    if not report or harness_session is None:
+    if harness_session is None:
         return
-    worker = getattr(config, "workerinput", None)
-    if worker is not None:
-        if harness_session.outcomes:
-            parts = _parts_dir(report)
-            parts.mkdir(parents=True, exist_ok=True)
-            with open(parts / f"{worker['workerid']}.pkl", "wb") as fh:
-                pickle.dump(harness_session.outcomes, fh)
+    if hasattr(config, "workerinput"):
+        # A pytest-xdist worker: hand the outcomes to the controller.
+        config.workeroutput[_WORKER_KEY] = pickle.dumps(harness_session.outcomes)
         return
-    _write_merged_report(config, report, harness_session.outcomes)
+    report = config.getoption("lora_report")
+    if report and harness_session.outcomes:
+        _write_merged_report(config, report, harness_session.outcomes)
 
 
-def _write_merged_report(config: Any, report: str, outcomes: list) -> None:
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """How many examples ran at each layout, over every worker."""
+    harness_session: Optional[HarnessSession] = getattr(config, "_lora_harness", None)
+    if harness_session is None or not harness_session.outcomes or hasattr(config, "workerinput"):
+        return
+    per_layout: dict[str, int] = {}
+    for outcome, _ in harness_session.outcomes:
+        per_layout[outcome.layout] = per_layout.get(outcome.layout, 0) + outcome.examples
+    terminalreporter.write_line(
+        "lora-harness examples per layout: " + ", ".join(f"{k} {v}" for k, v in sorted(per_layout.items()))
+    )
+
+
+def _write_merged_report(config: Any, report: str, collected: list) -> None:
     import datetime
-    import shutil
 
     from harness.report.environment import collect_environment
     from harness.report.writer import write_report
     from harness.results import RunResults
 
-    parts = _parts_dir(report)
-    collected = list(outcomes)
-    if parts.is_dir():
-        for path in sorted(parts.glob("*.pkl")):
-            with open(path, "rb") as fh:
-                collected += pickle.load(fh)
-        shutil.rmtree(parts, ignore_errors=True)
-    if not collected:
-        return
     impls = sorted({o.impl for o, _ in collected})
     caps = next((c for _, c in collected if c is not None), None)
     results = RunResults(
