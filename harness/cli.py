@@ -211,6 +211,12 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile)
     print(f"lora-harness verify: impl {args.impl} ({caps.describe()}), profile {profile}, layouts {', '.join(map(str, layouts))}")
     for line in results.skipped:
         print(f"  skipped: {line}")
+    import random
+
+    from harness.driver import layout_seed
+
+    base_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    print(f"  seed {base_seed} (--seed {base_seed} draws the same examples again)")
     progress = _Progress(sys.stdout)
     started = time.monotonic()
     cells = [(layout, name) for layout in layouts for name in names]
@@ -218,7 +224,7 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile)
         for layout, name in cells:
             outcome = check_property(
                 props[name], layout, args.impl, settings=run_settings, executor=executor,
-                capabilities=caps, regressions=store, seed=args.seed, progress=progress,
+                capabilities=caps, regressions=store, seed=layout_seed(base_seed, layout), progress=progress,
             )
             progress.clear()
             results.outcomes.append(outcome)

@@ -21,6 +21,9 @@ Options (all settings are arguments; nothing is read from the environment):
 * ``--lora-contract strict|bridge``: judge by this contract instead of what
   the implementation (or the module's ``LORA_CAPABILITIES``) declares;
 * ``--rank-timeout SECONDS``: ceiling for one rank task;
+* ``--lora-seed N``: base seed of the draws (random by default, printed in
+  the header; every property at a layout draws the same examples, so they
+  share their runs);
 * ``--lora-examples N``: examples per property and layout (overrides the
   hypothesis profile: ``fast`` by default, ``deep`` for nightly runs);
 * ``--report DIR``: write ``results.json``, ``report.html``, ``summary.md``
@@ -49,6 +52,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lora-contract", default=None, choices=("strict", "bridge"), help="contract to judge by (default: what the implementation declares)")
     group.addoption("--rank-timeout", type=float, default=None, help="ceiling in seconds for one rank task")
     group.addoption("--lora-examples", type=int, default=None, help="examples per property and layout (overrides the hypothesis profile)")
+    group.addoption("--lora-seed", type=int, default=None, help="base seed of the draws (default: random, printed in the header)")
     group.addoption("--report", dest="lora_report", default=None, help="write results.json, report.html and summary.md to this directory")
     group.addoption("--regressions", dest="lora_regressions", default=None, help="store failing cases here and replay stored ones first")
 
@@ -103,7 +107,22 @@ def pytest_configure(config: pytest.Config) -> None:
         except ValueError as exc:
             _usage(f"--regressions: {exc}")
     config.addinivalue_line("markers", "layouts: the test is parametrized over the --tp/--ep layout set")
-    config._lora_harness = HarnessSession(config)  # type: ignore[attr-defined]
+    worker = getattr(config, "workerinput", None)
+    if worker is not None and "lora_harness_seed" in worker:
+        seed = worker["lora_harness_seed"]  # the controller's, so every worker draws alike
+    elif config.getoption("lora_seed") is not None:
+        seed = config.getoption("lora_seed")
+    else:
+        import random
+
+        seed = random.SystemRandom().randrange(2**32)
+    config._lora_harness = HarnessSession(config, seed=seed)  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist: give each worker the controller's base seed."""
+    node.workerinput["lora_harness_seed"] = node.config._lora_harness.seed
 
 
 @dataclass
@@ -111,6 +130,7 @@ class HarnessSession:
     """The run's settings (from the command line) and every property outcome it produced."""
 
     config: Any
+    seed: int = 0
     outcomes: list = field(default_factory=list)
     _executor: Any = None
 
@@ -139,11 +159,11 @@ class HarnessSession:
         return caps.with_contract(contract) if contract and contract != caps.contract else caps
 
     def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None) -> Any:
-        from harness.driver import check_property
+        from harness.driver import check_property, layout_seed
 
         outcome = check_property(
             prop, layout, impl, settings=self.settings(), executor=self.executor, capabilities=capabilities,
-            regressions=self.config.getoption("lora_regressions"),
+            regressions=self.config.getoption("lora_regressions"), seed=layout_seed(self.seed, layout),
         )
         outcome.exception = None  # outcomes travel between xdist processes
         self.outcomes.append((outcome, capabilities))
@@ -233,7 +253,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     from harness.contract import ImplLoadError, capabilities_of
 
     name = config.getoption("lora_impl")
-    lines = [f"lora-harness: layouts {', '.join(map(str, layout_set(config.getoption('tp'), config.getoption('ep'))))}"]
+    seed = config._lora_harness.seed  # type: ignore[attr-defined]
+    lines = [
+        f"lora-harness: layouts {', '.join(map(str, layout_set(config.getoption('tp'), config.getoption('ep'))))}",
+        f"lora-harness: seed {seed} (--lora-seed {seed} draws the same examples again)",
+    ]
     try:
         caps = capabilities_of(name or "lora.megatron")
     except ImplLoadError:

@@ -31,7 +31,7 @@ _POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.tasks")
 
 
 class Executor:
-    """Sends cases to rank pools; keeps a small LRU cache of world-size-1 runs.
+    """Sends cases to rank pools; keeps an LRU cache of runs, keyed by what they depend on.
 
     ``timeout``: ceiling in seconds for one rank task (None: the pool's
     default); ``reference``: the module used as the oracle.
@@ -43,7 +43,7 @@ class Executor:
         *,
         timeout: Optional[float] = None,
         reference: str = REFERENCE_IMPL,
-        cache_size: int = 64,
+        cache_size: int = 256,
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"Executor timeout={timeout!r}: a rank timeout must be a positive number of seconds")
@@ -70,11 +70,17 @@ class Executor:
         finally:
             self.last_output = {r: t for r, t in (getattr(pool, "last_output", None) or {}).items() if t}
 
-    def world1(self, key: tuple, case: Any, task: Callable[..., Any] = run_gpt_case) -> Any:
+    def cached(self, key: tuple, make: Callable[[], Any]) -> tuple[Any, dict[int, str]]:
+        """``make()`` once per ``key`` (LRU), with what the ranks printed while it ran.
+
+        A run that raises is not cached: the fault is reported each time.
+        """
         if key in self._cache:
             self._cache.move_to_end(key)
         else:
-            self._cache[key] = self.run(case, task)[0]
+            self.last_output = {}
+            value = make()
+            self._cache[key] = (value, dict(self.last_output))
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return self._cache[key]
@@ -94,24 +100,29 @@ class Evidence:
         if kind not in RUN_KINDS:
             raise KeyError(f"unknown run kind {kind!r}; known: {', '.join(RUN_KINDS)}")
         if kind not in self._runs:
-            self._runs[kind] = getattr(self, f"_make_{kind}")()
-            for rank, text in self.executor.last_output.items():
+            value, output = getattr(self, f"_make_{kind}")()
+            self._runs[kind] = value
+            for rank, text in output.items():
                 self.output[rank] = self.output.get(rank, "") + text
         return self._runs[kind]
 
-    def _make_impl(self) -> Any:
-        return self.executor.run(self.case)
+    # Each run is cached in the executor under the whole case, so properties
+    # checked on the same example (the driver draws the same examples for
+    # every property at a layout) share it.
+    def _make_impl(self) -> tuple[Any, dict[int, str]]:
+        return self.executor.cached(("impl", repr(self.case)), lambda: self.executor.run(self.case))
 
-    def _make_errors(self) -> Any:
-        return self.executor.run(self.case, run_error_case)
+    def _make_errors(self) -> tuple[Any, dict[int, str]]:
+        return self.executor.cached(("errors", repr(self.case)), lambda: self.executor.run(self.case, run_error_case))
 
-    def _make_reference(self) -> Any:
+    def _make_reference(self) -> tuple[Any, dict[int, str]]:
         ref = self.case.with_(impl=self.executor.reference_impl, layout=ParallelLayout(), contract="strict")
-        return self.executor.world1(("reference", self.executor.reference_impl, self.case.reference_key()), ref)
+        key = ("reference", self.executor.reference_impl, self.case.reference_key())
+        return self.executor.cached(key, lambda: self.executor.run(ref)[0])
 
-    def _make_impl_tp1(self) -> Any:
+    def _make_impl_tp1(self) -> tuple[Any, dict[int, str]]:
         base = self.case.with_(layout=ParallelLayout())
-        return self.executor.world1(("impl_tp1", self.case.impl, self.case.reference_key()), base)
+        return self.executor.cached(("impl_tp1", self.case.impl, self.case.reference_key()), lambda: self.executor.run(base)[0])
 
     # Shorthands the property modules read.
     @property

@@ -46,3 +46,19 @@ def test_data_parallel_replicas_are_each_compared(max_tp, max_ep):
     (_, first), (_, second) = groups
     for name in first:
         assert torch.allclose(first[name], second[name], rtol=1e-9, atol=1e-12), name
+
+
+def test_properties_at_a_layout_share_the_runs_of_each_example():
+    """One seed per layout: every property draws the same examples, and each run is made once."""
+    from hypothesis import settings
+
+    from harness.driver import check_property, layout_seed
+
+    layout = ParallelLayout(tp=2)
+    executor = Executor()
+    run = settings(max_examples=4, database=None)
+    check_property("forward_matches", layout, LORA_IMPL, settings=run, executor=executor, seed=layout_seed(11, layout))
+    impl_runs = {k for k in executor._cache if k[0] == "impl"}
+    assert len(impl_runs) >= 4
+    check_property("backward_matches", layout, LORA_IMPL, settings=run, executor=executor, seed=layout_seed(11, layout))
+    assert {k for k in executor._cache if k[0] == "impl"} == impl_runs
