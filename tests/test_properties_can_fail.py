@@ -170,3 +170,18 @@ def test_forward_catches_a_sequence_parallel_row_adapter_that_reduce_scatters():
     assert outcome.minimal_case.layout.sp
     # Without sequence parallelism the same code is right.
     _expect_pass("forward_matches", "tests.wrong_impls.sp_row_reduce_scattered", TP2)
+
+
+def test_forward_catches_qkv_rows_in_blocked_order_and_shrinks_to_several_groups_per_rank():
+    outcome = _expect_failure("forward_matches", "tests.wrong_impls.qkv_blocked_order", TP1)
+    case = outcome.minimal_case
+    # One query group per rank hides the bug: the shrunk case keeps several.
+    assert case.shape.num_query_groups >= 2
+    assert case.shape.num_attention_heads > case.shape.num_query_groups or case.shape.num_query_groups >= 2
+
+
+def test_forward_catches_an_a2a_that_permutes_chunks():
+    sp = ParallelLayout(tp=2, sp=True)
+    outcome = _expect_failure("forward_matches", "tests.wrong_impls.a2a_chunks_permuted", sp)
+    assert outcome.minimal_case.lora.get("a2a_experimental") is True
+    _expect_pass("forward_matches", "tests.wrong_impls.a2a_chunks_permuted", TP2)

@@ -208,9 +208,10 @@ def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
         )
     non_linear = contract_point("non_linear_target")
     pattern, full_name = NON_LINEAR_TARGETS[case.seed % len(NON_LINEAR_TARGETS)]
+    type_name = type(fresh_model().get_submodule(full_name)).__name__
     expect(
         "non_linear_target", f"target_modules=[{pattern!r}] selecting a module with no adapter",
-        non_linear.strict_errors, non_linear.bridge_errors, [full_name],
+        non_linear.strict_errors, non_linear.bridge_errors, [full_name, type_name],
         lambda: impl.LoRA(target_modules=[pattern])(fresh_model()),
     )
     if tp > 1:
