@@ -5,6 +5,13 @@ outputs on ``torch.cuda.current_device()``, keeps its RNG tracker in CUDA
 generator state, and creates CUDA streams and events in the MoE token
 dispatchers. This module answers those calls on CPU, and nothing else.
 
+Two MoE paths also assume NCCL-on-GPU behaviour (``MOE_OVERRIDES``): the
+alltoall dispatcher's split sizes only become host lists when they were CUDA
+tensors (``maybe_move_tensor_to_cpu``), and its gather / reduce-scatter over
+the expert-TP group use the list forms of ``all_gather`` / ``reduce_scatter``
+with uneven sizes, which gloo refuses. Both are replaced in the module that
+calls them, by functions that compute the same tensors on gloo.
+
 Scope is the point. ``activate()`` does not touch the global ``torch.cuda``:
 it rebinds the name ``torch`` inside megatron-core's own modules to a proxy
 whose ``cuda`` attribute is a CPU stand-in and which forwards everything else
@@ -42,6 +49,8 @@ __all__ = [
     "seed_model_parallel",
     "rank_initializer",
     "CUDA_SHIM",
+    "suspend_override",
+    "MOE_OVERRIDES",
 ]
 
 # Megatron modules that use CUDA-only calls on paths the harness exercises.
@@ -257,13 +266,98 @@ def _cpu_set_cuda_rng_state(new_state: torch.Tensor, device: int = -1, graph_saf
     torch.set_rng_state(new_state)
 
 
+def _cpu_maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """``moe_utils.maybe_move_tensor_to_cpu`` as it behaves for a CUDA tensor, for a CPU one.
+
+    The alltoall token dispatcher moves its split sizes to the host with this
+    at its "DtoH point" and passes them to ``all_to_all_single``. megatron's
+    version converts only CUDA tensors (``tensor.is_cuda``), so on CPU the
+    splits stay tensors and ``all_to_all_single`` rejects them ("incompatible
+    function arguments"). Here a CPU tensor gets what a CUDA one would: a
+    host copy, as a numpy array when ``as_numpy`` (``record_stream`` is a
+    CUDA-allocator matter with nothing to do on CPU).
+    """
+    if torch.is_tensor(tensor):
+        tensor = tensor.detach().to("cpu")
+        if as_numpy:
+            return tensor.numpy().copy()
+    return tensor
+
+
+def _mappings_original(name: str) -> Any:
+    return _patched["megatron.core.tensor_parallel.mappings"][name]
+
+
+def _cpu_gather_along_first_dim(input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False) -> torch.Tensor:
+    """``mappings._gather_along_first_dim``, with uneven splits that gloo can do.
+
+    With ``output_split_sizes`` (the alltoall dispatcher's gather over the
+    expert-TP group) megatron calls the list form of ``all_gather``, which
+    gloo refuses for tensors of different sizes ("invalid tensor size").
+    Here every rank pads its rows to the largest split, the padded blocks
+    are gathered (equal sizes), and the padding is dropped: the same tensor
+    megatron's call returns. Equal splits go to megatron's own function.
+    """
+    original = _mappings_original("_gather_along_first_dim")
+    if output_split_sizes is None or group.size() == 1:
+        return original(input_, group, output_split_sizes, use_global_buffer)
+    import torch.distributed as dist
+
+    sizes = [int(n) for n in output_split_sizes]
+    width = max(sizes)
+    x = input_.contiguous()
+    if x.shape[0] < width:
+        x = torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))], dim=0)
+    gathered = x.new_empty((width * len(sizes), *x.shape[1:]))
+    dist.all_gather_into_tensor(gathered, x, group=group)
+    return torch.cat([gathered[r * width : r * width + n] for r, n in enumerate(sizes)], dim=0)
+
+
+def _cpu_reduce_scatter_along_first_dim(input_: torch.Tensor, group: Any, input_split_sizes: Any = None, use_global_buffer: bool = False) -> torch.Tensor:
+    """``mappings._reduce_scatter_along_first_dim``, with uneven splits that gloo can do.
+
+    The list form of ``reduce_scatter`` megatron uses for uneven
+    ``input_split_sizes`` is not available on gloo; an all-reduce of the
+    whole input followed by this rank's slice computes the same sums.
+    """
+    original = _mappings_original("_reduce_scatter_along_first_dim")
+    if input_split_sizes is None or group.size() == 1:
+        return original(input_, group, input_split_sizes, use_global_buffer)
+    import torch.distributed as dist
+
+    sizes = [int(n) for n in input_split_sizes]
+    summed = input_.contiguous().clone()
+    dist.all_reduce(summed, group=group)
+    rank = dist.get_rank(group)
+    start = sum(sizes[:rank])
+    return summed[start : start + sizes[rank]].contiguous()
+
+
 # Replacements for module-level functions, beyond the ``torch`` rebinding.
-_FUNCTION_OVERRIDES = {
+_FUNCTION_OVERRIDES: dict[str, dict[str, Any]] = {
     "megatron.core.tensor_parallel.random": {
         "_get_cuda_rng_state": _cpu_get_cuda_rng_state,
         "_set_cuda_rng_state": _cpu_set_cuda_rng_state,
     },
+    # Uneven gathers / reduce-scatters over the expert-TP group (alltoall
+    # dispatcher with ETP > 1); equal splits still take megatron's path.
+    "megatron.core.tensor_parallel.mappings": {
+        "_gather_along_first_dim": _cpu_gather_along_first_dim,
+        "_reduce_scatter_along_first_dim": _cpu_reduce_scatter_along_first_dim,
+    },
+    # Only the dispatcher's binding: moe_utils' own function is left as it is.
+    "megatron.core.transformer.moe.token_dispatcher": {
+        "maybe_move_tensor_to_cpu": _cpu_maybe_move_tensor_to_cpu,
+    },
 }
+
+
+#: The overrides the MoE token dispatchers need on CPU / gloo, as (module, function).
+MOE_OVERRIDES = (
+    ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu"),
+    ("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim"),
+    ("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim"),
+)
 
 
 def _patch_module(mod_name: str, module: types.ModuleType) -> None:
@@ -328,6 +422,28 @@ def deactivate() -> None:
 
 def is_active() -> bool:
     return _active
+
+
+def suspend_override(mod_name: str, fn_name: str) -> Any:
+    """Put megatron's own ``mod_name.fn_name`` back for a while; returns a function that restores the override.
+
+    For tests that show what an override fixes (``MOE_OVERRIDES`` lists the
+    MoE ones). The CUDA stand-ins and every other override stay.
+    """
+    with _lock:
+        module = sys.modules.get(mod_name)
+        saved = _patched.get(mod_name, {})
+        if module is None or fn_name not in saved:
+            raise RuntimeError(f"harness.cpu: no override of {mod_name}.{fn_name} is applied (CPU mode inactive?)")
+        replacement = module.__dict__[fn_name]
+        module.__dict__[fn_name] = saved[fn_name]
+
+    def restore() -> None:
+        with _lock:
+            if fn_name in _patched.get(mod_name, {}):
+                module.__dict__[fn_name] = replacement
+
+    return restore
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ tensors. Two sources of truth:
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -32,6 +33,8 @@ __all__ = [
     "base_partition",
     "adapter_partitions",
     "load_full_base_weights",
+    "expert_param",
+    "num_local_experts",
     "load_full_adapter_weights",
     "adapter_modules",
     "SpecViolation",
@@ -129,19 +132,83 @@ def _init_std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     return 1.0 / fan_in**0.5, 0.0
 
 
+# Routed-expert parameters, in megatron's two layouts: SequentialMLP
+# (``<experts>.local_experts.<i>.<linear>.<leaf>``) and grouped experts
+# (``<experts>.<linear>.<weight|bias><i>``, TE's GroupedLinear naming).
+_SEQUENTIAL_EXPERT = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.local_experts\.(?P<i>\d+)\.(?P<rest>.+)$")
+_GROUPED_EXPERT = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<linear>[^.]+)\.(?P<leaf>weight|bias)(?P<i>\d+)$")
+
+
+def expert_param(name: str) -> Optional[tuple[str, int]]:
+    """For a routed expert's parameter: (name template with ``{e}`` for the expert index, local index); else None.
+
+    The template is the same for SequentialMLP and grouped experts
+    (``decoder.layers.0.mlp.experts.{e}.linear_fc1.weight``), so both load
+    the same full weights. Shared experts (``shared_experts``) are not
+    routed experts.
+    """
+    name = _canonical(name)
+    m = _SEQUENTIAL_EXPERT.match(name)
+    if m:
+        return f"{m['prefix']}.{{e}}.{m['rest']}", int(m["i"])
+    m = _GROUPED_EXPERT.match(name)
+    if m:
+        return f"{m['prefix']}.{{e}}.{m['linear']}.{m['leaf']}", int(m["i"])
+    return None
+
+
+def num_local_experts(model: nn.Module) -> dict[str, int]:
+    """Per experts module (name prefix): how many local experts this rank's model holds."""
+    found: dict[str, set[int]] = {}
+    for name, _ in model.named_parameters():
+        info = expert_param(name)
+        if info is not None:
+            found.setdefault(info[0].split(".{e}.")[0], set()).add(info[1])
+    return {prefix: len(idx) for prefix, idx in found.items()}
+
+
 @torch.no_grad()
-def load_full_base_weights(model: nn.Module, seed: int, tp_rank: int, tp_size: int) -> dict[str, tuple[int, ...]]:
-    """Fill every base parameter with its slice of a seeded full tensor; returns full shapes."""
+def load_full_base_weights(
+    model: nn.Module,
+    seed: int,
+    tp_rank: int,
+    tp_size: int,
+    *,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    etp_rank: Optional[int] = None,
+    etp_size: Optional[int] = None,
+) -> dict[str, tuple[int, ...]]:
+    """Fill every base parameter with its slice of a seeded full tensor; returns full shapes.
+
+    Dense parameters (and an MoE model's router, shared experts and norms)
+    are split over TP from megatron's attributes. Routed experts: the EP
+    rank's local expert i is global expert ``ep_rank * local + i`` (its full
+    tensors are named by the global index, see ``expert_param``), and its
+    linears are split over the expert-TP group (``etp_rank`` / ``etp_size``,
+    default: same as TP). A model without experts loads exactly as before.
+    """
+    etp_rank = tp_rank if etp_rank is None else etp_rank
+    etp_size = tp_size if etp_size is None else etp_size
+    local_counts = num_local_experts(model) if ep_size > 1 else {}
     shapes = {}
     for name, param in model.named_parameters():
         if ".adapter." in f".{name}":
             continue
         part = base_partition(model, name, param)
-        shape = full_shape(param.shape, part, tp_size)
-        canonical = _canonical(name)
+        info = expert_param(name)
+        if info is None:
+            rank, size = tp_rank, tp_size
+            canonical = _canonical(name)
+        else:
+            template, i = info
+            local = local_counts.get(template.split(".{e}.")[0], 0)
+            canonical = template.format(e=ep_rank * local + i)
+            rank, size = etp_rank, etp_size
+        shape = full_shape(param.shape, part, size)
         std, mean = _init_std(canonical, shape)
         full = seeded_tensor(seed, canonical, shape, std=std, mean=mean)
-        param.copy_(shard(full, part, tp_rank, tp_size).to(param.dtype))
+        param.copy_(shard(full, part, rank, size).to(param.dtype))
         shapes[canonical] = shape
     return shapes
 
