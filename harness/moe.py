@@ -140,6 +140,11 @@ class TorchGroupedLinear(nn.Module):
     ``allreduce = False`` when expert process groups apply), exactly as
     megatron sets them on TE's grouped linears.
 
+    Initial values come from ``init_method`` applied to each local shard
+    (not sliced from a full master weight as megatron's CPU initialisation
+    does), so they differ between layouts; the harness overwrites them with
+    ``harness.sharding.load_full_base_weights`` anyway.
+
     Returns ``(output, None)``, or with ``skip_bias_add`` and a bias
     ``(output, [bias_i per expert])`` as TE does (TEGroupedMLP applies them
     per expert, scaled by the routing probabilities).

@@ -9,8 +9,8 @@ Proven by values, in float64:
   SequentialMLP and grouped experts and with both token dispatchers (same
   full weights), and its routing reaches every expert in every layer;
 * at tp1-ep2, tp2-sp, tp2-ep1-etp1-sp (2 ranks) and tp2-ep2-etp1-sp,
-  tp2-ep2-sp, tp1-ep4, tp1-ep2-etp2 (4 ranks), for both dispatchers and both
-  expert kinds, the logits, the (sequence-gathered) input gradient and every
+  tp2-ep2-sp, tp1-ep4, tp1-ep2-etp2 (4 ranks; allgather at the first and the
+  last only), for both dispatchers and both expert kinds, the logits, the (sequence-gathered) input gradient and every
   parameter gradient (unsharded over TP / ETP, gathered over EP) equal the
   world-size-1 model's; the routers' token counts per expert, summed over
   one data-parallel replica, equal world size 1's;
@@ -50,8 +50,8 @@ def _close(actual, expected, what, tol=TOL):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
-def _run(world_size, layout, **shape_kw):
-    ranks = pool(world_size).run(tasks.moe_forward_backward, SEED, layout, shape_kw)
+def _run(world_size, layout, dtype=torch.float64, **shape_kw):
+    ranks = pool(world_size).run(tasks.moe_forward_backward, SEED, layout, shape_kw, dtype)
     for r in ranks:
         assert r["error"] is None, f"{layout} {shape_kw} rank {r['rank']}: {r['error']['type']}: {r['error']['message'][:500]}"
     return ranks
@@ -60,10 +60,10 @@ def _run(world_size, layout, **shape_kw):
 _REF: dict = {}
 
 
-def _reference(**shape_kw):
-    key = tuple(sorted(shape_kw.items()))
+def _reference(dtype=torch.float64, **shape_kw):
+    key = (dtype, *sorted(shape_kw.items()))
     if key not in _REF:
-        (_REF[key],) = _run(1, "tp1", **shape_kw)
+        (_REF[key],) = _run(1, "tp1", dtype, **shape_kw)
     return _REF[key]
 
 
@@ -118,6 +118,29 @@ def test_grouped_linear_fulfils_megatrons_builder_protocols():
         assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in have.values()), cls
         base = inspect.signature(cls.__mro__[1].__init__).parameters
         assert kw_only <= set(base), (cls, kw_only - set(base))
+
+
+# ------------------------------------------------------------ expert names
+
+
+def test_expert_param_names_and_dense_names():
+    from harness.sharding import expert_param
+
+    assert expert_param("decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight") == (
+        "decoder.layers.0.mlp.experts.{e}.linear_fc1.weight", 1)
+    assert expert_param("decoder.layers.1.mlp.experts.linear_fc2.weight3") == (
+        "decoder.layers.1.mlp.experts.{e}.linear_fc2.weight", 3)
+    assert expert_param("decoder.layers.1.mlp.experts.linear_fc1.bias0") == (
+        "decoder.layers.1.mlp.experts.{e}.linear_fc1.bias", 0)
+    # Dense, router and shared-expert parameters load by the dense rules.
+    for name in (
+        "decoder.layers.0.mlp.linear_fc1.weight",
+        "decoder.layers.0.mlp.router.weight",
+        "decoder.layers.0.mlp.shared_experts.linear_fc1.weight",
+        "decoder.layers.0.self_attention.linear_qkv.weight",
+        "decoder.layers.0.mlp.linear_fc1.to_wrap.weight",
+    ):
+        assert expert_param(name) is None, name
 
 
 # --------------------------------------------------------------- shape rules
@@ -177,7 +200,7 @@ def test_world_size_one_routes_to_every_expert_and_kinds_agree():
 # ----------------------------------------------------------------- layouts
 
 
-def _check_layout(ref, ranks, layout_name):
+def _check_layout(ref, ranks, layout_name, tol=TOL):
     from harness.layouts import ParallelLayout
 
     layout = ParallelLayout.parse(layout_name)
@@ -187,10 +210,10 @@ def _check_layout(ref, ranks, layout_name):
     assert [r["tp_rank"] for r in replica] == list(range(tp))
     for r in ranks:
         assert (r["tp_size"], r["ep_size"], r["etp_size"]) == (tp, layout.ep, layout.etp_size)
-        _close(r["logits"], ref["logits"], f"{layout_name} logits on rank {r['rank']}")
+        _close(r["logits"], ref["logits"], f"{layout_name} logits on rank {r['rank']}", tol)
     # Input gradient: each TP rank holds its sequence shard under SP.
     dx = torch.cat([r["input_grad"] for r in replica], dim=0) if layout.sp else replica[0]["input_grad"]
-    _close(dx, ref["input_grad"], f"{layout_name} input grad")
+    _close(dx, ref["input_grad"], f"{layout_name} input grad", tol)
     # Routing: the same tokens go to the same experts.
     for layer, counts in ref["counts"].items():
         got = sum(r["counts"][layer] for r in replica)
@@ -218,12 +241,12 @@ def _check_layout(ref, ranks, layout_name):
                 got = sum(p[2] for p in pieces)
             elif part.dim is None:
                 for r in ranks:
-                    _close(r["grads"][name][2], full, f"{layout_name} replicated grad {name} on rank {r['rank']}")
+                    _close(r["grads"][name][2], full, f"{layout_name} replicated grad {name} on rank {r['rank']}", tol)
                 got = pieces[0][2]
             else:
                 got = unshard([p[2] for p in pieces], part)
         assert full.abs().max() > 0, name
-        _close(got, full, f"{layout_name} grad {name}")
+        _close(got, full, f"{layout_name} grad {name}", tol)
         seen.add(name)
     held = set().union(*(r["grads"] for r in ranks))
     assert held == seen, f"{layout_name}: grads not at world 1: {sorted(held - seen)}"
@@ -252,7 +275,9 @@ def test_two_rank_layouts_equal_world_size_one(dispatcher, grouped):
 def test_four_rank_layouts_equal_world_size_one(dispatcher, grouped):
     kw = dict(dispatcher=dispatcher, grouped=grouped)
     ref = _reference(**kw)
-    for layout in LAYOUTS_4:
+    # The allgather dispatcher has no uneven-split path: two layouts (ETP=1 and ETP=2 with EP=2) cover it.
+    layouts = LAYOUTS_4 if dispatcher == "alltoall" else ["tp2-ep2-etp1-sp", "tp1-ep2-etp2"]
+    for layout in layouts:
         ranks = _run(4, layout, **kw)
         _check_layout(ref, ranks, layout)
 
@@ -269,6 +294,14 @@ def test_shared_experts_equal_world_size_one(dispatcher):
     assert not torch.allclose(plain["logits"], ref["logits"], rtol=1e-3, atol=1e-3)
 
 
+def test_float32_routes_the_same_and_agrees():
+    # The harness's default dtype: routing must not flip between layouts on rounding.
+    kw = dict(dispatcher="alltoall", grouped=True)
+    ref = _reference(torch.float32, **kw)
+    assert ref["logits"].dtype == torch.float32
+    _check_layout(ref, _run(4, "tp2-ep2-sp", torch.float32, **kw), "tp2-ep2-sp", tol=1e-4)
+
+
 def test_a_wrong_expert_placement_is_caught():
     # Loading expert e at EP rank r as if it were local index i (no ep offset)
     # must break equality: the layout check is not vacuous for EP.
@@ -281,6 +314,26 @@ def test_a_wrong_expert_placement_is_caught():
 
 
 # ------------------------------------------------------ the CPU overrides
+
+
+def test_overrides_are_scoped_and_suspendable():
+    import importlib
+
+    from harness import cpu
+
+    with cpu.cpu_mode():
+        for mod_name, fn_name in cpu.MOE_OVERRIDES:
+            module = importlib.import_module(mod_name)
+            override = module.__dict__[fn_name]
+            assert override.__module__ == "harness.cpu", (mod_name, fn_name)
+            restore = cpu.suspend_override(mod_name, fn_name)
+            assert module.__dict__[fn_name].__module__.startswith("megatron."), (mod_name, fn_name)
+            restore()
+            assert module.__dict__[fn_name] is override
+        # moe_utils' own function (other callers) is untouched.
+        from megatron.core.transformer.moe import moe_utils
+
+        assert moe_utils.maybe_move_tensor_to_cpu.__module__ == "megatron.core.transformer.moe.moe_utils"
 
 
 def test_cpu_split_sizes_become_host_arrays():
