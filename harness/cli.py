@@ -1,7 +1,7 @@
 """``lora-harness``: run the property checks outside pytest.
 
     lora-harness verify --tp 2 [--ep 1] [--impl MODULE] [--profile fast|deep] [--examples N]
-                        [--property NAME ...] [--seed N] [--rank-timeout S] [--contract strict|bridge]
+                        [--property NAME ...] [--layout NAME ...] [--seed N] [--rank-timeout S] [--contract strict|bridge]
                         [--json FILE] [--report DIR] [--regressions DIR]
     lora-harness replay [FILE] [--case-json JSON] --property NAME [--impl MODULE]
     lora-harness report --baseline OLD/results.json NEW/results.json
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--profile", default=None, help="hypothesis profile: fast (default) or deep")
     v.add_argument("--examples", type=_positive_int, default=None, help="examples per property and layout (overrides the profile)")
     v.add_argument("--property", dest="properties", action="append", default=None, help="only this property (repeatable)")
+    v.add_argument("--layout", dest="layouts", action="append", default=None, help="only this layout of the set, e.g. tp2-ep1-etp2-pp1 (repeatable)")
     v.add_argument("--seed", type=int, default=None, help="hypothesis seed, for a reproducible run")
     v.add_argument("--rank-timeout", type=_positive_float, default=None, help="ceiling in seconds for one rank task")
     v.add_argument("--contract", choices=("strict", "bridge"), default=None, help="judge by this contract (default: what the implementation declares, else strict)")
@@ -165,6 +166,12 @@ def _verify(args: argparse.Namespace) -> int:
         layouts = layout_set(args.tp, args.ep)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.layouts:
+        known = {str(layout): layout for layout in layouts}
+        unknown = [name for name in args.layouts if name not in known]
+        if unknown:
+            raise UsageError(f"--layout {', '.join(unknown)} is not in the set of --tp {args.tp} --ep {args.ep}: {', '.join(known)}")
+        layouts = [known[name] for name in dict.fromkeys(args.layouts)]
     try:
         load_impl(args.impl)
         caps = capabilities_of(args.impl)

@@ -60,18 +60,19 @@ def test_verify_passes_and_writes_json_and_report(capsys, tmp_path):
 def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tmp_path):
     path = tmp_path / "fail.json"
     rc = main(["verify", "--tp", "2", "--examples", "30", "--property", "forward_matches",
+               "--layout", "tp1-ep1-etp1-pp1", "--layout", "tp2-ep1-etp2-pp1",
                "--impl", "tests.wrong_impls.scaled_on_rank1", "--json", str(path), "--regressions", str(tmp_path / "reg")])
     out = capsys.readouterr().out
     assert rc == 1
     assert "PASS  forward_matches        tp1-ep1-etp1-pp1" in out
     assert "FAIL  forward_matches        tp2-ep1-etp2-pp1 " in out and "(numeric)" in out
-    assert "1 passed, 2 failed" in out
+    assert "1 passed, 1 failed" in out and "-sp" not in out
     assert "@reproduce_failure" not in out
     # The report leads with the quantity that differs first.
     assert "[numeric] output on rank 1" in out
     cells = json.loads(path.read_text())["cells"]
     failing = [c for c in cells if c["verdict"] != "pass"]
-    assert sorted(c["minimal_case"]["layout"] for c in failing) == ["tp2-ep1-etp2-pp1", "tp2-ep1-etp2-pp1-sp"]
+    assert [c["minimal_case"]["layout"] for c in failing] == ["tp2-ep1-etp2-pp1"]
     stored = list((tmp_path / "reg").glob("forward_matches--tp2-ep1-etp2-pp1--*.json"))
     assert len(stored) == 1
     replay = next(line for line in out.splitlines() if "replay: " in line).split("replay: ", 1)[1]
@@ -81,7 +82,7 @@ def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tm
     assert main(shlex.split(replay)[1:]) == 1
     assert capsys.readouterr().out.startswith("NUMERIC  forward_matches tp2-ep1-etp2-pp1")
     # The stored case is replayed first on the next run, before any draw.
-    rc = main(["verify", "--tp", "2", "--examples", "5", "--property", "forward_matches",
+    rc = main(["verify", "--tp", "2", "--examples", "5", "--property", "forward_matches", "--layout", "tp2-ep1-etp2-pp1",
                "--impl", "tests.wrong_impls.scaled_on_rank1", "--regressions", str(tmp_path / "reg")])
     out = capsys.readouterr().out
     assert rc == 1 and "stored regression case" in out and "replayed before any new draw" in out
@@ -101,6 +102,7 @@ def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tm
         (["verify", "--tp", "3"], "--tp 3: the layout set runs every power of two"),
         (["verify", "--ep", "3"], "--ep 3: the layout set runs every power of two"),
         (["verify", "--tp", "0"], "argument --tp: 0 must be >= 1"),
+        (["verify", "--layout", "tp4-ep1-etp4-pp1"], "--layout tp4-ep1-etp4-pp1 is not in the set of --tp 2 --ep 1"),
         (["layouts", "--tp", "0"], "argument --tp: 0 must be >= 1"),
         (["verify", "--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: directory '/nonexistent-dir' does not exist"),
         (["replay", "--property", "forward_matches"], "give either a regression FILE or --case-json"),

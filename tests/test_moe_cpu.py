@@ -40,6 +40,13 @@ SEED = 11
 TOL = 1e-9
 
 
+# Building megatron's groups for a new 4-rank layout is many gloo group
+# creations; on a loaded 2-core machine that alone can exceed the adaptive
+# task timeout, so these tasks get an explicit, generous one (a hang guard,
+# not a speed target).
+TASK_TIMEOUT_S = 180
+
+
 def pool(world_size: int):
     from harness.runner import get_pool
 
@@ -51,7 +58,7 @@ def _close(actual, expected, what, tol=TOL):
 
 
 def _run(world_size, layout, dtype=torch.float64, **shape_kw):
-    ranks = pool(world_size).run(tasks.moe_forward_backward, SEED, layout, shape_kw, dtype)
+    ranks = pool(world_size).run(tasks.moe_forward_backward, SEED, layout, shape_kw, dtype, timeout=TASK_TIMEOUT_S)
     for r in ranks:
         assert r["error"] is None, f"{layout} {shape_kw} rank {r['rank']}: {r['error']['type']}: {r['error']['message'][:500]}"
     return ranks
@@ -307,7 +314,7 @@ def test_a_wrong_expert_placement_is_caught():
     # must break equality: the layout check is not vacuous for EP.
     kw = dict(dispatcher="alltoall", grouped=False)
     ref = _reference(**kw)
-    ranks = pool(2).run(tasks.moe_forward_backward, SEED, "tp1-ep2", kw, torch.float64, (), True)
+    ranks = pool(2).run(tasks.moe_forward_backward, SEED, "tp1-ep2", kw, torch.float64, (), True, timeout=TASK_TIMEOUT_S)
     assert ranks[0]["error"] is None
     with pytest.raises(AssertionError, match="logits"):
         _check_layout(ref, ranks, "tp1-ep2")
@@ -353,7 +360,7 @@ def test_alltoall_dispatcher_needs_the_split_size_override():
 
     kw = dict(dispatcher="alltoall", grouped=False)
     split_fix = (MOE_OVERRIDES[0],)
-    ranks = pool(2).run(tasks.moe_forward_backward, SEED, "tp1-ep2", kw, torch.float64, split_fix)
+    ranks = pool(2).run(tasks.moe_forward_backward, SEED, "tp1-ep2", kw, torch.float64, split_fix, timeout=TASK_TIMEOUT_S)
     for r in ranks:
         err = r["error"]
         assert err is not None, "the alltoall dispatcher ran at EP=2 without the split-size override"
@@ -367,7 +374,7 @@ def test_alltoall_dispatcher_with_etp_needs_the_uneven_gather_override():
 
     kw = dict(dispatcher="alltoall", grouped=True)
     gather_fix = (MOE_OVERRIDES[1],)
-    ranks = pool(4).run(tasks.moe_forward_backward, SEED, "tp2-ep2-sp", kw, torch.float64, gather_fix)
+    ranks = pool(4).run(tasks.moe_forward_backward, SEED, "tp2-ep2-sp", kw, torch.float64, gather_fix, timeout=TASK_TIMEOUT_S)
     errors = [r["error"] for r in ranks]
     assert all(e is not None for e in errors), "uneven expert-TP gather ran on gloo without the override"
     assert any("invalid tensor size" in e["message"] for e in errors), [e["message"][:200] for e in errors]
