@@ -216,12 +216,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             caps = session.capabilities_for(metafunc.module, impl)
         except ImplLoadError as exc:
             raise pytest.UsageError(f"lora-harness: {metafunc.module.__name__}: {exc}") from None
+        # One xdist group per layout: with ``--dist loadgroup`` every property
+        # of a layout runs in one worker and shares that worker's runs.
         params = [
-            BoundProperty(session, name, layout, impl, caps)
+            pytest.param(BoundProperty(session, name, layout, impl, caps), id=f"{name}-{layout}",
+                         marks=pytest.mark.xdist_group(name=f"lora-{layout}"))
             for layout in layouts
             for name in registry()
         ]
-        metafunc.parametrize("lora_property", params, ids=[f"{p.name}-{p.layout}" for p in params])
+        metafunc.parametrize("lora_property", params)
     if "layout" in metafunc.fixturenames:
         metafunc.parametrize("layout", layouts, ids=[l.describe() for l in layouts])
 

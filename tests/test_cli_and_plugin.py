@@ -206,3 +206,41 @@ def test_plugin_bad_options_are_usage_errors():
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 4 and "--tp 3" in res.stderr
+
+
+PLUGIN_PROPERTY = '''
+from harness import Property, register
+from harness.results import Check, Location
+from harness.compare import compare_tensors, tolerance_for
+
+
+def check(ev):
+    # A property of one's own: the logits are finite and the reference's are the same shape.
+    result = Check("logits_shaped_like_reference")
+    ref = ev.reference
+    for rec in ev.impl:
+        tol = tolerance_for(None, "float64")
+        stats = compare_tensors(rec.output.new_zeros(rec.output.shape), ref.output.new_zeros(ref.output.shape), tol)
+        result.compare(Location("output shape", None, (rec.rank,)), stats, tol)
+    return result
+
+
+register(Property(name="logits_shaped_like_reference", check=check, needs=("impl", "reference"),
+                  doc="an extra property registered from outside the harness"))
+'''
+
+
+def test_a_property_registered_from_outside_reaches_the_cli(tmp_path):
+    """Adding a property is adding a module: the CLI runs it without edits anywhere."""
+    (tmp_path / "my_property.py").write_text(PLUGIN_PROPERTY)
+    script = (
+        "import sys, my_property\n"
+        "from harness.cli import main\n"
+        "if __name__ == '__main__':\n"
+        "    sys.exit(main(['verify', '--tp', '1', '--examples', '2', '--property', 'logits_shaped_like_reference']))\n"
+    )
+    (tmp_path / "run.py").write_text(script)
+    res = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "PASS  logits_shaped_like_reference" in res.stdout
