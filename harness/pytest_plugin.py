@@ -216,11 +216,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             caps = session.capabilities_for(metafunc.module, impl)
         except ImplLoadError as exc:
             raise pytest.UsageError(f"lora-harness: {metafunc.module.__name__}: {exc}") from None
-        # One xdist group per layout: with ``--dist loadgroup`` every property
-        # of a layout runs in one worker and shares that worker's runs.
+        # One xdist group per world size: with ``--dist loadgroup`` every
+        # property of a layout runs in one worker (sharing that worker's
+        # runs), and two large worlds never compete for the same few cores.
         params = [
             pytest.param(BoundProperty(session, name, layout, impl, caps), id=f"{name}-{layout}",
-                         marks=pytest.mark.xdist_group(name=f"lora-{layout}"))
+                         marks=pytest.mark.xdist_group(name=f"lora-world{layout.min_world_size}"))
             for layout in layouts
             for name in registry()
         ]

@@ -16,6 +16,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# It runs its own pytest with two workers: keep it apart from the other heavy
+# (4-rank) tests so the 2 cores are not oversubscribed.
+pytestmark = pytest.mark.xdist_group(name="lora-world4")
+
 
 def readme_test_file() -> str:
     text = (ROOT / "README.md").read_text()

@@ -278,6 +278,7 @@ def test_two_rank_layouts_equal_world_size_one(dispatcher, grouped):
         _check_layout(ref, ranks, layout)
 
 
+@pytest.mark.xdist_group(name="lora-world4")  # 4-rank worlds run one at a time (2 cores)
 @pytest.mark.parametrize("dispatcher,grouped", KINDS)
 def test_four_rank_layouts_equal_world_size_one(dispatcher, grouped):
     kw = dict(dispatcher=dispatcher, grouped=grouped)
@@ -289,6 +290,7 @@ def test_four_rank_layouts_equal_world_size_one(dispatcher, grouped):
         _check_layout(ref, ranks, layout)
 
 
+@pytest.mark.xdist_group(name="lora-world4")  # 4-rank worlds run one at a time (2 cores)
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 def test_shared_experts_equal_world_size_one(dispatcher):
     kw = dict(dispatcher=dispatcher, grouped=True, shared_expert_ffn_hidden_size=32)
@@ -369,6 +371,7 @@ def test_alltoall_dispatcher_needs_the_split_size_override():
     _check_layout(_reference(**kw), _run(2, "tp1-ep2", **kw), "tp1-ep2")
 
 
+@pytest.mark.xdist_group(name="lora-world4")  # 4-rank worlds run one at a time (2 cores)
 def test_alltoall_dispatcher_with_etp_needs_the_uneven_gather_override():
     from harness.cpu import MOE_OVERRIDES
 

@@ -1,5 +1,6 @@
 """Every registered property, for the implementation under test (``--lora-impl``), at every layout of ``--tp``/``--ep``."""
 
+import pytest
 import torch
 
 from harness.cases import GPTCase
@@ -31,11 +32,10 @@ def test_megatron_initial_adapters_equal_the_references(max_tp):
         assert torch.equal(got[name], want[name]), name
 
 
+@pytest.mark.xdist_group(name="lora-world4")
 def test_data_parallel_replicas_are_each_compared(max_tp, max_ep):
     """--ep 2 gives a dense model data parallelism 2: each replica's gathered gradients are compared."""
     if max_tp < 2 or max_ep < 2:
-        import pytest
-
         pytest.skip("needs --tp 2 --ep 2")
     layout = ParallelLayout(tp=2, ep=2)
     case = GPTCase(shape=GPTShape(num_layers=1), lora=dict(dim=2, alpha=4), seed=3, layout=layout, model_dtype=torch.float64)
