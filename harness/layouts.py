@@ -23,11 +23,12 @@ and ``ModelParallelConfig.__post_init__``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
 from itertools import product
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = [
     "GROUP_KINDS",
@@ -325,15 +326,17 @@ class ParallelLayout:
             _built = None
             if parallel_state.model_parallel_is_initialized():
                 parallel_state.destroy_model_parallel()
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=self.tp,
-                pipeline_model_parallel_size=self.pp,
-                context_parallel_size=_CP,
-                expert_model_parallel_size=self.ep,
-                expert_tensor_parallel_size=self.etp_size,
-                order=MEGATRON_ORDER,
-                create_gloo_process_groups=create_gloo_process_groups,
-            )
+            _destroy_recorded_groups()
+            with _recording_new_groups():
+                parallel_state.initialize_model_parallel(
+                    tensor_model_parallel_size=self.tp,
+                    pipeline_model_parallel_size=self.pp,
+                    context_parallel_size=_CP,
+                    expert_model_parallel_size=self.ep,
+                    expert_tensor_parallel_size=self.etp_size,
+                    order=MEGATRON_ORDER,
+                    create_gloo_process_groups=create_gloo_process_groups,
+                )
             _built = _BuiltState(
                 key=key,
                 world_group=dist.group.WORLD,
@@ -413,6 +416,45 @@ class _BuiltState:
 _built: _BuiltState | None = None
 
 
+# Process groups megatron created for the current layout. megatron's
+# destroy_model_parallel only drops its references; a gloo group keeps its
+# threads until destroyed, so a long-lived rank that switches layouts would
+# pile up hundreds of threads (seen: ~900 per rank) and crawl. We destroy
+# what was created when the layout changes.
+_recorded_groups: list = []
+
+
+@contextlib.contextmanager
+def _recording_new_groups() -> Iterator[None]:
+    import torch.distributed as dist
+
+    original = dist.new_group
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        group = original(*args, **kwargs)
+        _recorded_groups.append(group)
+        return group
+
+    dist.new_group = recording
+    try:
+        yield
+    finally:
+        dist.new_group = original
+
+
+def _destroy_recorded_groups() -> None:
+    import torch.distributed as dist
+
+    groups, _recorded_groups[:] = list(_recorded_groups), []
+    for group in groups:
+        if group is None or group is dist.GroupMember.NON_GROUP_MEMBER or group is dist.group.WORLD:
+            continue
+        try:
+            dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001 - already gone (e.g. the world was torn down)
+            pass
+
+
 def destroy_megatron() -> None:
     """Destroy megatron-core's parallel_state groups and forget the cached layout."""
     global _built
@@ -421,6 +463,7 @@ def destroy_megatron() -> None:
     _built = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _destroy_recorded_groups()
 
 
 def current_megatron_groups() -> dict[str, list[int]]:
