@@ -107,6 +107,12 @@ def pytest_configure(config: pytest.Config) -> None:
         except ValueError as exc:
             _usage(f"--regressions: {exc}")
     config.addinivalue_line("markers", "layouts: the test is parametrized over the --tp/--ep layout set")
+    if getattr(config.option, "dist", "no") == "load":
+        # pytest-xdist's plain -n: distribute by xdist_group instead, so the
+        # properties of one layout share their runs in one worker and large
+        # worlds are not run side by side on a few cores (an explicit
+        # --dist other than "load" is left alone).
+        config.option.dist = "loadgroup"
     worker = getattr(config, "workerinput", None)
     if worker is not None and "lora_harness_seed" in worker:
         seed = worker["lora_harness_seed"]  # the controller's, so every worker draws alike
