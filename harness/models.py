@@ -25,6 +25,7 @@ __all__ = [
     "GPTShape",
     "ShapeError",
     "transformer_config",
+    "gpt_model_from_layer_spec",
     "build_gpt",
     "causal_mask",
     "SequenceParallelNorm",
@@ -199,25 +200,38 @@ def build_gpt(
     ``parallel_output=False``, the logits over TP, so every rank returns the
     full (b, s, vocab) logits.
     """
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from harness import cpu
 
     shape.check(tp)
     config = transformer_config(
         shape, tp=tp, sequence_parallel=sequence_parallel, params_dtype=params_dtype, **config_overrides
     )
     if sequence_parallel:
+        one_layer = sequence_parallel_layer_spec(config.normalization)
+    else:
+        one_layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel)
+
+
+def gpt_model_from_layer_spec(shape: GPTShape, config: Any, one_layer: Any, *, sequence_parallel: bool) -> Any:
+    """megatron's GPTModel with ``one_layer`` in every layer (logits gathered over TP).
+
+    Under sequence parallelism the block's final norm is a
+    ``SequenceParallelNorm`` too; otherwise megatron's spec is used as it is.
+    Shared by the dense and the MoE builders.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    from harness import cpu
+
+    layer_spec: Any = one_layer
+    if sequence_parallel:
         from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
         # What megatron builds from a layer spec, with the final norm ours.
-        one_layer = sequence_parallel_layer_spec(config.normalization)
         layer_spec = TransformerBlockSubmodules(
             layer_specs=[one_layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelNorm
         )
-    else:
-        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from harness.models import GPTShape, SequenceParallelNorm, ShapeError, transformer_config
+from harness.models import GPTShape, SequenceParallelNorm, ShapeError, gpt_model_from_layer_spec, transformer_config
 
 __all__ = [
     "MoEShape",
@@ -369,11 +369,6 @@ def build_moe_gpt(
     full, (b, s, vocab), on every rank. Norms use torch's default dtype
     (cast the model with ``.to(dtype)`` for float64 runs).
     """
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
-    from harness import cpu
-
     etp = tp if etp is None else etp
     shape.check(tp, ep, etp)
     if tp > 1 and not sequence_parallel:
@@ -386,23 +381,7 @@ def build_moe_gpt(
         shape, tp=tp, ep=ep, etp=etp, sequence_parallel=sequence_parallel, params_dtype=params_dtype, **config_overrides
     )
     one_layer = moe_layer_spec(shape, sequence_parallel=sequence_parallel, normalization=config.normalization)
-    if sequence_parallel:
-        layer_spec: Any = TransformerBlockSubmodules(
-            layer_specs=[one_layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelNorm
-        )
-    else:
-        layer_spec = one_layer
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec,
-        vocab_size=shape.vocab_size,
-        max_sequence_length=shape.seq_length,
-        position_embedding_type="rope",
-        parallel_output=False,
-    )
-    if cpu.is_active():
-        cpu.patch_loaded_modules()
-    return model
+    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel)
 
 
 # ----------------------------------------------------------------- routing
