@@ -5,22 +5,36 @@ This module is the harness's oracle. It shares no code with `lora.megatron`
 and the SPEC's constants (`lora._spec`, plain data). Everything is written out
 plainly: loops over `named_modules()`, explicit `x @ A.T` products.
 
-It adapts `torch.nn.Linear` and megatron-core `ColumnParallelLinear` /
-`RowParallelLinear` whose TP group has size 1 (a layer of a TP-sharded model
-is a `ValueError`: use `lora.megatron`); any other selected module is a
-`TypeError`.
+It adapts `torch.nn.Linear`, megatron-core `ColumnParallelLinear` /
+`RowParallelLinear` whose TP group has size 1, and grouped expert linears
+whose TP group has size 1 (a layer of a TP-sharded model is a `ValueError`:
+use `lora.megatron`); any other selected module is a `TypeError`.
 
     y' = base(x) + (alpha / r) * Dpost(B(A(Dpre(x))))
 
 The adapter computes in lora_dtype (or the base weight's dtype) and its result
 is cast to the base output's dtype before the sum.
 
+A grouped expert linear is recognised by its shape, not its class (TE's
+`GroupedLinear`, megatron's `TEGroupedLinear`, `harness.moe.TorchGroupedLinear`
+all qualify): an int `num_gemms` = n and its own 2-D parameters `weight0` ..
+`weight{n-1}`, each (out, in), called as `forward(x, m_splits)` with the rows
+of x grouped by expert and m_splits the tokens per expert. It counts as
+linear-type in exclude mode. Its wrapper is a `LoRAGroupedLinear`:
+- `share_expert_adapters=True`: one `LoRAAdapter` for the module, applied to
+  every row of x whatever its expert; parameters `adapter.linear_in.weight`
+  (r, in) and `adapter.linear_out.weight` (out, r), drawn A then B.
+- `share_expert_adapters=False`: one adapter per expert, parameters
+  `adapter.linear_in.weight{i}` (r, in) and `adapter.linear_out.weight{i}`
+  (out, r); expert i's adapter acts on the rows m_splits gives expert i.
+  Drawn A0, B0, A1, B1, ... over the full shapes.
+Merging folds `scale * B_i @ A_i` (shared: the same B @ A) into `weight{i}`.
+
 Fields the reference accepts but that have nothing to act on here:
 - `a2a_experimental`: only changes communication under sequence parallelism;
   a no-op on one device.
-- `share_expert_adapters`: only concerns grouped expert linears, which the
-  reference does not adapt (every expert module it sees gets its own adapter,
-  which is what sharing means for one expert per module).
+- `share_expert_adapters`: honoured for grouped expert linears (above). A
+  module holding one expert (SequentialMLP) gets its own adapter either way.
 - `normalize_moe_lora`: honoured. A module whose full name lies under
   `...mlp.experts...` gets rank `dim // moe_router_topk`, topk read from the
   module's or the model's `.config`; missing topk or a dim not divisible by it
@@ -42,7 +56,16 @@ from torch import nn
 
 from lora import _spec
 
-__all__ = ["LoRA", "VLMLoRA", "LoRAMerge", "LoRALinear", "LoRAAdapter", "merge_lora"]
+__all__ = [
+    "LoRA",
+    "VLMLoRA",
+    "LoRAMerge",
+    "LoRALinear",
+    "LoRAAdapter",
+    "LoRAGroupedLinear",
+    "LoRAExpertAdapters",
+    "merge_lora",
+]
 
 
 # ======================================================================= helpers
@@ -101,9 +124,35 @@ def _is_transformer_engine_linear(module: nn.Module) -> bool:
     return False
 
 
+def _grouped_weights(module: nn.Module) -> Optional[list[torch.Tensor]]:
+    """[weight0 .. weight{n-1}] of a grouped expert linear, else None.
+
+    Duck-typed: an int `num_gemms` = n >= 1 and n 2-D parameters
+    `weight{i}` registered on the module itself (an adapter wrapper, which
+    forwards attribute reads to its base, has none of its own).
+    """
+    n = getattr(module, "num_gemms", None)
+    if type(n) is not int or n < 1:
+        return None
+    own = module._parameters
+    weights = []
+    for i in range(n):
+        w = own.get(f"weight{i}")
+        if w is None or w.dim() != 2:
+            return None
+        weights.append(w)
+    return weights
+
+
+def _is_grouped_linear(module: nn.Module) -> bool:
+    return _grouped_weights(module) is not None
+
+
 def _is_linear_type(module: nn.Module) -> bool:
-    """Plain nn.Linear, megatron-core column/row parallel linear, or a Transformer Engine linear."""
+    """Plain nn.Linear, megatron-core column/row parallel linear, a grouped expert linear, or a Transformer Engine linear."""
     if isinstance(module, nn.Linear):
+        return True
+    if _is_grouped_linear(module):
         return True
     megatron_classes = _megatron_parallel_linear_classes()
     if megatron_classes and isinstance(module, megatron_classes):
@@ -155,11 +204,42 @@ def _draw_matrix(rows: int, cols: int, method: str) -> torch.Tensor:
     return matrix
 
 
-def _tp_group_size(module: nn.Module) -> int:
-    group = getattr(module, "tp_group", None)
+def _group_size(group: Any) -> int:
+    """World size of a process group; 1 for None or without an initialised torch.distributed."""
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
+
+
+def _tp_group_size(module: nn.Module) -> int:
+    return _group_size(getattr(module, "tp_group", None))
+
+
+def _grouped_tp_size(module: nn.Module) -> int:
+    """How many ranks share a grouped linear's weights: the largest of its TP group sizes and `tp_size`.
+
+    megatron's TEGroupedLinear with explicit expert communication hands TE
+    `tp_group=None, tp_size=1` and keeps the real expert-TP group as
+    `_tp_group`, so both attributes are consulted.
+    """
+    sizes = [_group_size(getattr(module, "tp_group", None)), _group_size(getattr(module, "_tp_group", None))]
+    tp_size = getattr(module, "tp_size", None)
+    if type(tp_size) is int:
+        sizes.append(tp_size)
+    return max(sizes)
+
+
+def _split_sizes(m_splits: Any, num_experts: int, rows: int, where: str) -> list[int]:
+    """m_splits (list of ints or 1-D tensor) as a list of ints, checked against the expert count and the rows of x."""
+    if torch.is_tensor(m_splits):
+        splits = [int(v) for v in m_splits.reshape(-1).tolist()]
+    else:
+        splits = [int(v) for v in m_splits]
+    if len(splits) != num_experts:
+        raise ValueError(f"{where}: m_splits has {len(splits)} entries for {num_experts} experts")
+    if any(v < 0 for v in splits) or sum(splits) != rows:
+        raise ValueError(f"{where}: m_splits {splits} must be non-negative and sum to the {rows} rows of x")
+    return splits
 
 
 def _find_topk(candidates: list[Any]) -> Optional[int]:
@@ -348,6 +428,116 @@ class LoRALinear(nn.Module):
         )
 
 
+class _ExpertMatrices(nn.Module):
+    """One bias-free (out_features, in_features) matrix per expert, held as `weight0` .. `weight{n-1}`."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, dtype: torch.dtype, device: Any) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        for i in range(num_experts):
+            self.register_parameter(
+                f"weight{i}", nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype, device=device))
+            )
+
+    def weights(self) -> list[torch.Tensor]:
+        return [getattr(self, f"weight{i}") for i in range(self.num_experts)]
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, bias=False"
+
+
+class LoRAExpertAdapters(nn.Module):
+    """One adapter per expert of a grouped linear: rows of expert i get (alpha/dim) * Dpost(B_i(A_i(Dpre(x_i)))).
+
+    `linear_in.weight{i}` is A_i (dim, in), `linear_out.weight{i}` is B_i
+    (out, dim). Drawn from torch's global generator over full shapes in
+    float32 on the CPU, in the order A0, B0, A1, B1, ...
+    Dropout ("pre" on the whole input, "post" on the whole result) acts on
+    all rows at once, before the split by expert / after the concatenation.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        dim: int,
+        *,
+        alpha: float,
+        dropout: float = 0.0,
+        dropout_position: str = "pre",
+        lora_A_init_method: str = "xavier",
+        lora_B_init_method: str = "zero",
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.linear_in = _ExpertMatrices(num_experts, in_features, dim, dtype, device)
+        self.linear_out = _ExpertMatrices(num_experts, dim, out_features, dtype, device)
+        for i in range(num_experts):
+            A = _draw_matrix(dim, in_features, lora_A_init_method)
+            B = _draw_matrix(out_features, dim, lora_B_init_method)
+            with torch.no_grad():
+                getattr(self.linear_in, f"weight{i}").copy_(A.to(dtype))
+                getattr(self.linear_out, f"weight{i}").copy_(B.to(dtype))
+        self.num_experts = num_experts
+        self.dim = dim
+        self.alpha = alpha
+        self.dropout = dropout
+        self.dropout_position = dropout_position
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.dim
+
+    def forward(self, x: torch.Tensor, splits: list[int]) -> torch.Tensor:
+        """x: (tokens, in) with rows grouped by expert; splits: tokens per expert (ints summing to tokens)."""
+        As = self.linear_in.weights()
+        Bs = self.linear_out.weights()
+        h = x.to(As[0].dtype)
+        if self.dropout_position == "pre" and self.training and self.dropout > 0:
+            h = F.dropout(h, p=self.dropout, training=True)
+        outs = []
+        start = 0
+        for i, count in enumerate(splits):
+            block = h[start : start + count]
+            outs.append((block @ As[i].T) @ Bs[i].T)
+            start += count
+        h = torch.cat(outs, dim=0)
+        if self.dropout_position == "post" and self.training and self.dropout > 0:
+            h = F.dropout(h, p=self.dropout, training=True)
+        return h * self.scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, dim={self.dim}, alpha={self.alpha}, dropout={self.dropout}, "
+            f"dropout_position={self.dropout_position!r}"
+        )
+
+
+class LoRAGroupedLinear(LoRALinear):
+    """A grouped expert linear (`to_wrap`, called as `to_wrap(x, m_splits)`) plus its adapter(s).
+
+    `adapter` is a `LoRAAdapter` shared by every expert (applied to all rows
+    of x) or a `LoRAExpertAdapters` (expert i's adapter on expert i's rows).
+    The base's `(output, bias)` tuple is kept, the adapter added to `output`.
+    """
+
+    def forward(self, x: torch.Tensor, m_splits: Any, *args: Any, **kwargs: Any) -> Any:
+        base_out = self.to_wrap(x, m_splits, *args, **kwargs)
+        if isinstance(self.adapter, LoRAExpertAdapters):
+            splits = _split_sizes(m_splits, self.adapter.num_experts, x.shape[0], type(self).__name__)
+            delta = self.adapter(x, splits)
+        else:
+            delta = self.adapter(x)
+        if isinstance(base_out, tuple):
+            out = base_out[0]
+            return (out + delta.to(out.dtype),) + tuple(base_out[1:])
+        return base_out + delta.to(base_out.dtype)
+
+
 def _is_wrapper(module: Any) -> bool:
     return isinstance(module, LoRALinear)
 
@@ -470,9 +660,9 @@ class LoRA:
         kind = type(module)
         raise TypeError(
             f"LoRA selected {full_name or '<root>'} of type {kind.__module__}.{kind.__qualname__}, "
-            "which has no reference adapter: the reference adapts torch.nn.Linear and megatron-core "
-            "ColumnParallelLinear/RowParallelLinear at TP size 1; narrow target_modules or use "
-            "lora.megatron for Transformer Engine layers"
+            "which has no reference adapter: the reference adapts torch.nn.Linear, megatron-core "
+            "ColumnParallelLinear/RowParallelLinear and grouped expert linears (num_gemms, weight0..) "
+            "at TP size 1; narrow target_modules or use lora.megatron for Transformer Engine layers"
         )
 
     def _rank_for(self, module: nn.Module, full_name: str) -> int:
@@ -491,8 +681,48 @@ class LoRA:
             )
         return self.dim // topk
 
+    def _adapter_dtype(self, weight: torch.Tensor) -> torch.dtype:
+        if self.lora_dtype is not None:
+            return self.lora_dtype
+        if weight.is_floating_point():
+            return weight.dtype
+        return torch.float32
+
+    def _wrap_grouped(self, module: nn.Module, full_name: str) -> "LoRAGroupedLinear":
+        """A grouped expert linear wrapped with one shared adapter or one adapter per expert."""
+        size = _grouped_tp_size(module)
+        if size != 1:
+            raise ValueError(
+                f"{full_name} ({type(module).__name__}) is a grouped expert linear sharded over a TP group "
+                f"of size {size}; the reference LoRA is single-device: use lora.megatron for parallel layers"
+            )
+        weights = _grouped_weights(module)
+        assert weights is not None
+        out_features, in_features = weights[0].shape
+        for i, w in enumerate(weights):
+            if tuple(w.shape) != (out_features, in_features):
+                raise TypeError(
+                    f"{full_name} ({type(module).__name__}): weight{i} has shape {tuple(w.shape)}, "
+                    f"weight0 has {(out_features, in_features)}; the reference needs equal expert shapes"
+                )
+        common = dict(
+            alpha=self.alpha,
+            dropout=self.dropout,
+            dropout_position=self.dropout_position,
+            lora_A_init_method=self.lora_A_init_method,
+            lora_B_init_method=self.lora_B_init_method,
+            dtype=self._adapter_dtype(weights[0]),
+            device=weights[0].device,
+        )
+        rank = self._rank_for(module, full_name)
+        if self.share_expert_adapters:
+            adapter: nn.Module = LoRAAdapter(in_features, out_features, rank, **common)
+        else:
+            adapter = LoRAExpertAdapters(len(weights), in_features, out_features, rank, **common)
+        return LoRAGroupedLinear(module, adapter)
+
     def transform(self, module: nn.Module, name: Optional[str] = None, prefix: Optional[str] = None) -> nn.Module:
-        """`module` wrapped in a LoRALinear when it is selected; otherwise `module` itself."""
+        """`module` wrapped in a LoRALinear (LoRAGroupedLinear for a grouped expert linear) when selected; else itself."""
         name = name or ""
         prefix = prefix or ""
         full_name = f"{prefix}.{name}" if prefix else name
@@ -503,13 +733,10 @@ class LoRA:
             self._matched_something = False
         if not self._selected(module, full_name):
             return module
+        if _is_grouped_linear(module):
+            return self._wrap_grouped(module, full_name)
         in_features, out_features, weight = self._base_shape(module, full_name)
-        if self.lora_dtype is not None:
-            dtype = self.lora_dtype
-        elif weight.is_floating_point():
-            dtype = weight.dtype
-        else:
-            dtype = torch.float32
+        dtype = self._adapter_dtype(weight)
         adapter = LoRAAdapter(
             in_features,
             out_features,
@@ -646,7 +873,8 @@ class LoRAMerge:
 
     `merge(...)` is the weight formula; calling the object on a model (or
     `merge_lora(model)`) replaces every adapter wrapper by its base layer,
-    whose weight now holds base + (alpha/dim) * B @ A, so the returned model's
+    whose weight now holds base + (alpha/dim) * B @ A (a grouped expert
+    linear: each `weight{i}` gets B_i @ A_i, or the shared B @ A), so the returned model's
     forward equals the adapted forward in eval mode (dropout off). Base
     weights are updated in place: the returned model shares its layers with
     the input.
@@ -693,6 +921,18 @@ class LoRAMerge:
             return module
         base = module.to_wrap
         adapter = module.adapter
+        grouped = _grouped_weights(base)
+        if grouped is not None:
+            tp_size = _grouped_tp_size(base)
+            for i, weight in enumerate(grouped):
+                if isinstance(adapter, LoRAExpertAdapters):
+                    B = getattr(adapter.linear_out, f"weight{i}")
+                    A = getattr(adapter.linear_in, f"weight{i}")
+                else:
+                    B = adapter.linear_out.weight
+                    A = adapter.linear_in.weight
+                weight.copy_(self.merge(weight, B, A, adapter.alpha, adapter.dim, tp_size=tp_size))
+            return base
         merged = self.merge(
             base.weight,
             adapter.linear_out.weight,
