@@ -21,7 +21,7 @@ import torch
 from harness.layouts import ParallelLayout
 from harness.models import GPTShape
 
-__all__ = ["GPTCase", "case_from_json", "dtype_name", "parse_dtype", "CASE_TYPES"]
+__all__ = ["CaseError", "GPTCase", "MoECase", "case_from_json", "dtype_name", "parse_dtype", "CASE_TYPES"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -46,6 +46,10 @@ def parse_dtype(value: Any) -> Optional[torch.dtype]:
     if name not in _DTYPES:
         raise ValueError(f"dtype {value!r} is not one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+class CaseError(ValueError):
+    """A case no layout can run (bad shape for its layout, bad MoE settings): raised in the parent."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,22 @@ class GPTCase:
 
     def with_(self, **changes: Any) -> "GPTCase":
         return replace(self, **changes)
+
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Raise ``CaseError`` (in the parent, before any rank works) naming the field, value and rule
+        when the case's model cannot be laid out at its layout (in ``world_size`` ranks, when given)."""
+        from harness.layouts import LayoutError
+        from harness.models import ShapeError
+
+        try:
+            if world_size is not None and not self.layout.fits(world_size):
+                self.layout._require_fit(world_size)
+            self._check_shape()
+        except (ShapeError, LayoutError) as exc:
+            raise CaseError(f"{self.family} case at layout {self.layout}: {exc}") from None
+
+    def _check_shape(self) -> None:
+        self.shape.check(self.layout.tp)
 
     def lora_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``impl.LoRA(...)``."""
@@ -140,7 +160,59 @@ class GPTCase:
         )
 
 
-CASE_TYPES: dict[str, type] = {"gpt": GPTCase}
+@dataclass(frozen=True)
+class MoECase(GPTCase):
+    """One mixture-of-experts GPT example: a ``harness.moe.MoEShape`` (experts, top-k,
+    expert widths, shared experts, token dispatcher, grouped or sequential experts).
+
+    The layout's ETP and EP split the experts; ``lora`` may carry
+    ``share_expert_adapters`` and ``normalize_moe_lora``.
+    """
+
+    family: ClassVar[str] = "moe"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from harness.moe import MoEShape
+
+        if not isinstance(self.shape, MoEShape):
+            raise TypeError(f"MoECase.shape must be a harness.moe.MoEShape, got {type(self.shape).__name__}")
+
+    def _check_shape(self) -> None:
+        layout, lora = self.layout, self.lora
+        self.shape.check(layout.tp, layout.ep, layout.etp_size)
+        if not layout.moe_trainable:
+            raise CaseError(
+                f"moe case at layout {layout}: TP={layout.tp} without sequence parallelism; megatron-core's "
+                "MoELayer requires sequence_parallel=True for MoE at TP > 1 (use a layout with -sp)"
+            )
+        topk = self.shape.moe_router_topk
+        dim = lora.get("dim", 32)
+        if lora.get("normalize_moe_lora") and dim % topk:
+            raise CaseError(
+                f"moe case: normalize_moe_lora=True needs dim divisible by moe_router_topk, "
+                f"but dim={dim} and moe_router_topk={topk}"
+            )
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "MoECase":
+        from harness.moe import MoEShape
+
+        base = GPTCase.from_json({**data, "shape": {}})
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(GPTCase)} | {"shape": MoEShape(**data["shape"])})
+
+    def describe(self) -> str:
+        s = self.shape
+        experts = f"{s.num_experts}x top{s.moe_router_topk} {'grouped' if s.grouped else 'sequential'} {s.dispatcher}"
+        if s.shared_expert_ffn_hidden_size:
+            experts += " +shared"
+        flags = "".join(
+            f" {k}" for k in ("share_expert_adapters", "normalize_moe_lora") if self.lora.get(k)
+        )
+        return super().describe().replace(f"L{s.num_layers} ", f"L{s.num_layers} {experts}{flags} ", 1)
+
+
+CASE_TYPES: dict[str, type] = {"gpt": GPTCase, "moe": MoECase}
 
 
 def case_from_json(data: Mapping[str, Any]) -> Any:

@@ -62,7 +62,8 @@ def run_example(prop: Property, case: Any, executor: Executor, source: str = "dr
     """Run one property on one case; infrastructure faults become a HANG/CRASH record."""
     started = time.monotonic()
     ev = Evidence(executor, case)
-    layout = case.layout.describe()
+    family = getattr(case, "family", "gpt")
+    layout = case.layout.describe() if family == "gpt" else f"{family}:{case.layout.describe()}"
     try:
         check = prop.check(ev)
     except RankPoolFault as exc:
@@ -75,7 +76,7 @@ def run_example(prop: Property, case: Any, executor: Executor, source: str = "dr
                          check.comparisons, check.findings, error=error, output=dict(ev.output), source=source)
 
 
-def layout_seed(base: int, layout: ParallelLayout) -> int:
+def layout_seed(base: int, layout: ParallelLayout, family: str = "gpt") -> int:
     """The hypothesis seed for every property at ``layout`` in a run seeded ``base``.
 
     One seed per layout makes every property draw the same examples there,
@@ -84,7 +85,8 @@ def layout_seed(base: int, layout: ParallelLayout) -> int:
     """
     import hashlib
 
-    digest = hashlib.sha256(f"{base}|{layout.describe()}".encode()).digest()
+    key = f"{base}|{layout.describe()}" if family == "gpt" else f"{base}|{family}|{layout.describe()}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:4], "big")
 
 
@@ -129,10 +131,13 @@ def check_property(
     executor = executor or default_executor()
     caps = capabilities_of(impl, capabilities)
     store = regressions if isinstance(regressions, RegressionStore) or regressions is None else RegressionStore(regressions)
-    outcome = PropertyOutcome(prop=prop.name, layout=layout.describe(), impl=impl)
+    cell = layout.describe() if family == "gpt" else f"{family}:{layout.describe()}"
+    outcome = PropertyOutcome(prop=prop.name, layout=cell, impl=impl, family=family)
     skip = prop.skip_reason(family, layout, caps)
     if skip is None and layout.sp and not caps.sequence_parallel:
         skip = f"{impl} does not declare sequence_parallel support"
+    if skip is None and family == "moe" and not caps.experts:
+        skip = f"{impl} does not declare expert (MoE) support"
     if skip:
         outcome.verdict, outcome.skipped_reason = Verdict.SKIPPED, skip
         return outcome
@@ -158,6 +163,8 @@ def check_property(
     # 1. Stored failures, replayed with this implementation before any draw.
     if store is not None:
         for path, stored in store.cases(prop.name, layout.describe()):
+            if stored.family != family:
+                continue
             case = stored.with_(impl=impl, contract=caps.contract, layout=layout)
             if not _inside(case, caps):
                 continue
@@ -198,7 +205,7 @@ def check_property(
 
     # Distinct database keys per property, layout and implementation, so a
     # failure recorded for one is replayed only for that one.
-    _property.hypothesis.inner_test._hypothesis_internal_add_digest = f"{prop.name}|{layout.describe()}|{impl}".encode()
+    _property.hypothesis.inner_test._hypothesis_internal_add_digest = f"{prop.name}|{cell}|{impl}".encode()
     if seed is not None:
         _property = hypothesis_seed(seed)(_property)
     try:

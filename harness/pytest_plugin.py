@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 import pytest
 
-from harness.settings import DEFAULT_PROFILE, layout_set, register_profiles
+from harness.settings import DEFAULT_PROFILE, FAMILIES, layout_set, register_profiles
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -148,11 +148,13 @@ class HarnessSession:
             self._executor = Executor(timeout=self.config.getoption("rank_timeout"))
         return self._executor
 
-    def settings(self) -> Any:
+    def settings(self, family: str = "gpt") -> Any:
         from hypothesis import settings
 
+        from harness.settings import family_settings
+
         examples = self.config.getoption("lora_examples")
-        return settings(max_examples=examples) if examples else settings()
+        return settings(max_examples=examples) if examples else family_settings(family)
 
     def impl_for(self, module: Any) -> str:
         return self.config.getoption("lora_impl") or getattr(module, "LORA_IMPL", None) or "lora.megatron"
@@ -164,12 +166,13 @@ class HarnessSession:
         contract = self.config.getoption("lora_contract")
         return caps.with_contract(contract) if contract and contract != caps.contract else caps
 
-    def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None) -> Any:
+    def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None, family: str = "gpt") -> Any:
         from harness.driver import check_property, layout_seed
 
         outcome = check_property(
-            prop, layout, impl, settings=self.settings(), executor=self.executor, capabilities=capabilities,
-            regressions=self.config.getoption("lora_regressions"), seed=layout_seed(self.seed, layout),
+            prop, layout, impl, settings=self.settings(family), executor=self.executor, capabilities=capabilities,
+            regressions=self.config.getoption("lora_regressions"), seed=layout_seed(self.seed, layout, family),
+            family=family,
         )
         outcome.exception = None  # outcomes travel between xdist processes
         self.outcomes.append((outcome, capabilities))
@@ -185,10 +188,11 @@ class BoundProperty:
     layout: Any
     impl: str
     capabilities: Any
+    family: str = "gpt"
 
     def check(self) -> Any:
         """Run it; returns the ``PropertyOutcome`` whatever the verdict."""
-        return self.session.check(self.name, self.layout, self.impl, self.capabilities)
+        return self.session.check(self.name, self.layout, self.impl, self.capabilities, self.family)
 
     def require(self) -> Any:
         """Run it; skip if it does not apply here, fail with the minimal case and replay command if it fails."""
@@ -198,7 +202,7 @@ class BoundProperty:
         if outcome.verdict is Verdict.SKIPPED:
             pytest.skip(outcome.skipped_reason)
         if not outcome.passed:
-            lines = [f"{self.name} at {outcome.layout} for {self.impl}: {outcome.verdict.value}", outcome.error]
+            lines = [f"{self.name} ({self.family}) at {outcome.layout} for {self.impl}: {outcome.verdict.value}", outcome.error]
             if outcome.minimal_case is not None:
                 import json
 
@@ -226,10 +230,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # property of a layout runs in one worker (sharing that worker's
         # runs), and two large worlds never compete for the same few cores.
         params = [
-            pytest.param(BoundProperty(session, name, layout, impl, caps), id=f"{name}-{layout}",
-                         marks=pytest.mark.xdist_group(name=f"lora-world{layout.min_world_size}"))
-            for layout in layouts
-            for name in registry()
+            pytest.param(
+                BoundProperty(session, name, layout, impl, caps, family),
+                id=f"{name}-{layout}" if family == "gpt" else f"{family}-{name}-{layout}",
+                marks=pytest.mark.xdist_group(name=f"lora-world{layout.min_world_size}"),
+            )
+            for family in FAMILIES
+            for layout in layout_set(config.getoption("tp"), config.getoption("ep"), family)
+            for name, prop in registry().items()
+            if family in prop.families
         ]
         metafunc.parametrize("lora_property", params)
     if "layout" in metafunc.fixturenames:
@@ -265,7 +274,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     name = config.getoption("lora_impl")
     seed = config._lora_harness.seed  # type: ignore[attr-defined]
     lines = [
-        f"lora-harness: layouts {', '.join(map(str, layout_set(config.getoption('tp'), config.getoption('ep'))))}",
+        f"lora-harness: {family} layouts {', '.join(map(str, layout_set(config.getoption('tp'), config.getoption('ep'), family)))}"
+        for family in FAMILIES
+    ] + [
         f"lora-harness: seed {seed} (--lora-seed {seed} draws the same examples again)",
     ]
     try:
@@ -314,12 +325,15 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     harness_session: Optional[HarnessSession] = getattr(config, "_lora_harness", None)
     if harness_session is None or not harness_session.outcomes or hasattr(config, "workerinput"):
         return
-    per_layout: dict[str, int] = {}
+    per_layout: dict[tuple[str, str], int] = {}
     for outcome, _ in harness_session.outcomes:
-        per_layout[outcome.layout] = per_layout.get(outcome.layout, 0) + outcome.examples
-    terminalreporter.write_line(
-        "lora-harness examples per layout: " + ", ".join(f"{k} {v}" for k, v in sorted(per_layout.items()))
-    )
+        key = (getattr(outcome, "family", "gpt"), outcome.layout)
+        per_layout[key] = per_layout.get(key, 0) + outcome.examples
+    for family in sorted({f for f, _ in per_layout}):
+        terminalreporter.write_line(
+            f"lora-harness {family} examples per layout: "
+            + ", ".join(f"{layout} {n}" for (f, layout), n in sorted(per_layout.items()) if f == family)
+        )
 
 
 def _write_merged_report(config: Any, report: str, collected: list) -> None:

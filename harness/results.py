@@ -225,6 +225,9 @@ class RankRecord:
     initial_adapters: dict[str, Any]
     partitions: dict[str, Partitioned]
     findings: list[Finding] = field(default_factory=list)
+    # Family-specific evidence only some properties read (e.g. the MoE task's
+    # raw shared-adapter shards and post-step logits).
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -286,7 +289,7 @@ class PropertyOutcome:
     """One property at one layout for one implementation, over every example run."""
 
     prop: str
-    layout: str
+    layout: str  # the layout's name; "<family>:<layout>" for a family other than gpt
     impl: str
     verdict: Verdict = Verdict.PASS
     examples: int = 0
@@ -300,6 +303,7 @@ class PropertyOutcome:
     regressions_replayed: int = 0
     regression_file: str = ""
     exception: Optional[BaseException] = field(default=None, repr=False)
+    family: str = "gpt"
 
     @property
     def passed(self) -> bool:
@@ -322,6 +326,7 @@ class PropertyOutcome:
             "property": self.prop,
             "layout": self.layout,
             "impl": self.impl,
+            "family": self.family,
             "verdict": self.verdict.value,
             "examples": self.examples,
             "seconds": round(self.seconds, 3),

@@ -13,7 +13,7 @@ import collections
 from typing import Any, Callable, Optional
 
 from harness.layouts import ParallelLayout
-from harness.tasks import run_error_case, run_gpt_case
+from harness.tasks import ERROR_TASKS, TASKS
 
 __all__ = ["Executor", "Evidence", "RUN_KINDS", "REFERENCE_IMPL"]
 
@@ -25,6 +25,7 @@ RUN_KINDS = {
     "reference": "the reference implementation in a world of size 1, same full weights",
     "impl_tp1": "the implementation under test itself in a world of size 1",
     "errors": "the implementation under test fed bad input at the case's layout",
+    "impl_ep1": "the implementation under test at the case's layout with expert parallelism 1 (same TP, ETP, SP)",
 }
 
 _POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.tasks")
@@ -62,8 +63,17 @@ class Executor:
             kwargs["timeout"] = self.timeout
         return get_pool(world_size, self.backend, **kwargs)
 
-    def run(self, case: Any, task: Callable[..., Any] = run_gpt_case) -> list[Any]:
-        """``task`` on every rank of a pool sized for the case's layout; one record per rank."""
+    def run(self, case: Any, task: Optional[Callable[..., Any]] = None) -> list[Any]:
+        """``task`` (default: the case family's forward/backward task) on every rank of a pool
+        sized for the case's layout; one record per rank.
+
+        The case is validated here, in the parent, so a configuration no
+        layout can run is a ``CaseError`` before any rank starts work.
+        """
+        validate = getattr(case, "validate", None)
+        if validate is not None:
+            validate()
+        task = task or TASKS[case.family]
         pool = self.pool(case.layout.min_world_size)
         try:
             return pool.run(task, case)
@@ -113,7 +123,7 @@ class Evidence:
         return self.executor.cached(("impl", repr(self.case)), lambda: self.executor.run(self.case))
 
     def _make_errors(self) -> tuple[Any, dict[int, str]]:
-        return self.executor.cached(("errors", repr(self.case)), lambda: self.executor.run(self.case, run_error_case))
+        return self.executor.cached(("errors", repr(self.case)), lambda: self.executor.run(self.case, ERROR_TASKS[self.case.family]))
 
     def _make_reference(self) -> tuple[Any, dict[int, str]]:
         ref = self.case.with_(impl=self.executor.reference_impl, layout=ParallelLayout(), contract="strict")
@@ -123,6 +133,12 @@ class Evidence:
     def _make_impl_tp1(self) -> tuple[Any, dict[int, str]]:
         base = self.case.with_(layout=ParallelLayout())
         return self.executor.cached(("impl_tp1", self.case.impl, self.case.reference_key()), lambda: self.executor.run(base)[0])
+
+    def _make_impl_ep1(self) -> tuple[Any, dict[int, str]]:
+        import dataclasses
+
+        case = self.case.with_(layout=dataclasses.replace(self.layout, ep=1, etp=self.layout.etp_size))
+        return self.executor.cached(("impl", repr(case)), lambda: self.executor.run(case))
 
     # Shorthands the property modules read.
     @property
@@ -140,3 +156,7 @@ class Evidence:
     @property
     def errors(self) -> list[Any]:
         return self.get("errors")
+
+    @property
+    def impl_ep1(self) -> list[Any]:
+        return self.get("impl_ep1")

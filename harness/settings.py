@@ -22,7 +22,17 @@ from hypothesis import HealthCheck, settings
 
 from harness.layouts import ParallelLayout
 
-__all__ = ["register_profiles", "layout_set", "PROFILES", "DEFAULT_PROFILE"]
+__all__ = ["register_profiles", "layout_set", "family_settings", "PROFILES", "DEFAULT_PROFILE", "FAMILIES", "FAMILY_EXAMPLE_SHARE"]
+
+#: The model families the harness checks, in the order they run and report.
+FAMILIES = ("gpt", "moe")
+
+#: Share of the profile's examples per property and layout that each family
+#: draws. An MoE example costs several dense ones (a bigger world at most
+#: layouts, one more run for the EP=1 comparison, an optimizer step), and
+#: its layout set is larger; a third keeps CI's minutes balanced while the
+#: deep profile still draws 80+ per layout.
+FAMILY_EXAMPLE_SHARE = {"gpt": 1.0, "moe": 1 / 3}
 
 DEFAULT_PROFILE = "fast"
 PROFILES = {
@@ -53,6 +63,16 @@ def _check_max(flag: str, value: object) -> int:
     return value
 
 
+def family_settings(family: str) -> settings:
+    """The active profile's settings with the family's share of examples (at least 2)."""
+    import math
+
+    if family not in FAMILY_EXAMPLE_SHARE:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILY_EXAMPLE_SHARE)}")
+    current = settings()
+    return settings(current, max_examples=max(2, math.ceil(current.max_examples * FAMILY_EXAMPLE_SHARE[family])))
+
+
 def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[ParallelLayout]:
     """The layouts a family's properties run at for ``--tp max_tp --ep max_ep``, cheapest first.
 
@@ -64,11 +84,27 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[Parall
     the same adapters. Every layout with TP > 1 also runs with sequence
     parallelism. A maximum that is not a power of two is refused
     (``ValueError``), never rounded.
+
+    MoE: every power-of-two TP, EP and expert-TP (ETP <= TP) whose world
+    (lcm(tp, etp*ep)) is at most ``max_tp * max_ep``; TP > 1 always with
+    sequence parallelism, which megatron-core's MoE layer requires. So
+    ``--tp 2 --ep 2`` gives tp1, tp1-ep2 (data parallel 2), tp2-sp,
+    tp2-etp1-sp (ETP != TP), tp2-ep2-sp and tp2-ep2-etp1-sp (world 4,
+    dense data parallel 2, expert data parallel 2 for ETP=1).
     """
     _check_max("--tp", max_tp)
     _check_max("--ep", max_ep)
+    if family == "moe":
+        moe = {
+            ParallelLayout(tp=tp, ep=ep, etp=etp, sp=tp > 1)
+            for tp in _powers(max_tp)
+            for ep in _powers(max_ep)
+            for etp in _powers(tp)
+            if ParallelLayout(tp=tp, ep=ep, etp=etp).min_world_size <= max_tp * max_ep
+        }
+        return sorted(moe, key=lambda layout: layout.sort_key)
     if family != "gpt":
-        raise ValueError(f"no layout set for family {family!r}; known: gpt")
+        raise ValueError(f"no layout set for family {family!r}; known: {', '.join(FAMILIES)}")
     layouts = {
         ParallelLayout(tp=tp, ep=ep, sp=sp)
         for tp in _powers(max_tp)

@@ -13,12 +13,17 @@ from typing import Any, Optional
 
 from hypothesis import strategies as st
 
-from harness.cases import GPTCase, parse_dtype
+import math
+
+from harness.cases import GPTCase, MoECase, parse_dtype
 from harness.contract import DEFAULT_TARGET_MODULES, INIT_METHODS, Capabilities
 from harness.layouts import ParallelLayout
 from harness.models import GPTShape
 
-__all__ = ["gpt_shapes", "lora_configs", "gpt_cases", "target_patterns", "cases_for"]
+__all__ = [
+    "gpt_shapes", "lora_configs", "gpt_cases", "target_patterns", "cases_for",
+    "moe_shapes", "moe_target_patterns", "moe_cases",
+]
 
 DEFAULT_TARGET_MODULES = list(DEFAULT_TARGET_MODULES)
 
@@ -125,8 +130,122 @@ def gpt_cases(
     )
 
 
+# ------------------------------------------------------------------ MoE
+
+# Patterns over an MoE GPT's linears: attention, routed experts
+# (``...mlp.experts.local_experts.<i>.linear_fc1`` or ``...mlp.experts.linear_fc1``)
+# and shared experts (``...mlp.shared_experts.linear_fc1``). Expert indices
+# are never named: megatron names experts by their *local* index, so a
+# pattern naming one would select different experts at different EP sizes.
+_MOE_TARGETS = (
+    "*.experts.*linear_fc1",
+    "*.experts.*linear_fc2",
+    "*shared_experts.linear_fc*",
+    "*.layers.0.*linear_fc2",
+)
+
+
+def moe_target_patterns() -> st.SearchStrategy[dict[str, list[str]]]:
+    """target_modules / exclude_modules for MoE models, expert and shared-expert patterns included."""
+    target_mode = st.one_of(
+        st.just(list(DEFAULT_TARGET_MODULES)),
+        st.lists(st.sampled_from(["linear_fc1", "linear_fc2", "linear_qkv"]), min_size=1, max_size=3, unique=True),
+        st.lists(st.sampled_from(_MOE_TARGETS), min_size=1, max_size=3, unique=True),
+    ).map(lambda t: {"target_modules": t, "exclude_modules": []})
+    exclude_mode = st.lists(
+        st.sampled_from(["linear_qkv", "linear_proj", "output_layer", "*shared_experts*"]), min_size=1, max_size=3, unique=True
+    ).map(lambda e: {"target_modules": [], "exclude_modules": e})
+    return st.one_of(target_mode, target_mode, exclude_mode)
+
+
+@st.composite
+def moe_shapes(draw: Any, layout: ParallelLayout) -> Any:
+    """A tiny MoE GPT the layout can shard, with enough tokens that routing reaches every expert.
+
+    Experts are divisible by EP, expert widths by ETP, the shared expert's
+    by TP; the sequence is split over TP (MoE at TP > 1 runs with sequence
+    parallelism). At least three token-to-expert assignments per expert
+    (``seq * batch * topk >= 3 * experts``) make it likely that every
+    expert gets tokens; ``tests/test_moe_family.py`` measures how often.
+    """
+    from harness.moe import MoEShape
+
+    tp, ep, etp = layout.tp, layout.ep, layout.etp_size
+    groups = tp * draw(st.integers(1, 2))
+    heads = groups * draw(st.sampled_from([1, 2]))
+    head_dim = draw(st.sampled_from([2, 4]))
+    experts = ep * draw(st.sampled_from([1, 2, 4] if ep == 1 else [1, 2]))
+    experts = max(experts, 2)
+    topk = draw(st.integers(1, min(experts, 3)))
+    batch = draw(st.integers(1, 2))
+    need = math.ceil(3 * experts / (topk * batch))
+    seq_unit = tp
+    seq = seq_unit * max(draw(st.integers(1, 3)), math.ceil(need / seq_unit))
+    shared = draw(st.one_of(st.none(), st.sampled_from([2, 4]).map(lambda k: k * tp)))
+    return MoEShape(
+        num_layers=draw(st.integers(1, 2)),
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=tp * 2,
+        vocab_size=tp * draw(st.integers(2, 4)),
+        seq_length=seq,
+        micro_batch_size=batch,
+        gated_linear_unit=draw(st.booleans()),
+        add_bias_linear=False if shared is not None else draw(st.booleans()),
+        num_experts=experts,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=etp * draw(st.integers(1, 3)) * 2,
+        shared_expert_ffn_hidden_size=shared,
+        dispatcher=draw(st.sampled_from(["allgather", "alltoall"])),
+        grouped=draw(st.booleans()),
+    )
+
+
+@st.composite
+def moe_cases(
+    draw: Any, layout: ParallelLayout, impl: str = "lora.megatron", capabilities: Optional[Capabilities] = None
+) -> MoECase:
+    """One MoE example for a layout: shape, LoRA config (expert flags included), seed, mode.
+
+    The base model runs in float64: routing picks the top-k experts by
+    score, and in float32 two layouts' summation orders can flip a near tie,
+    sending a token to another expert (a difference no tolerance can
+    absorb, and no LoRA bug). Dropout is 0: expert dropout masks are a
+    matter for the dropout-mask checks.
+    """
+    caps = capabilities or Capabilities()
+    shape = draw(moe_shapes(layout))
+    topk = shape.moe_router_topk
+    normalize = draw(st.booleans())
+    unit = math.lcm(layout.tp, topk * layout.etp_size) if normalize else math.lcm(layout.tp, layout.etp_size)
+    lora = dict(draw(moe_target_patterns()))
+    dtypes = [d for d in caps.lora_dtypes if d in (None, "float64")] or [None]
+    lora.update(
+        dim=unit * draw(st.integers(1, 2)),
+        alpha=draw(st.sampled_from([1, 4, 16])),
+        dropout=0.0,
+        dropout_position=draw(st.sampled_from(["pre", "post"])),
+        lora_A_init_method=draw(st.sampled_from(caps.init_methods)),
+        lora_B_init_method=draw(st.sampled_from(caps.init_methods)),
+        normalize_moe_lora=normalize,
+        share_expert_adapters=draw(st.booleans()),
+    )
+    return MoECase(
+        shape=shape,
+        lora=lora,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        layout=layout,
+        impl=impl,
+        training=draw(st.sampled_from([True, True, True, False])),
+        model_dtype=parse_dtype("float64"),
+        lora_dtype=parse_dtype(draw(st.sampled_from(dtypes))),
+        contract=caps.contract,
+    )
+
+
 # Case strategies per model family: (layout, impl, capabilities) -> strategy.
-_CASES = {"gpt": gpt_cases}
+_CASES = {"gpt": gpt_cases, "moe": moe_cases}
 
 
 def cases_for(family: str, layout: ParallelLayout, impl: str, capabilities: Optional[Capabilities] = None) -> st.SearchStrategy[Any]:

@@ -11,6 +11,7 @@ from harness.layouts import ParallelLayout
 from harness.models import GPTShape, ShapeError
 from harness.sharding import Partition, seeded_tensor, shard, unshard
 from harness.strategies import gpt_cases, gpt_shapes, lora_configs
+from harness.runs import RUN_KINDS
 
 
 @settings(max_examples=200, deadline=None)
@@ -168,7 +169,7 @@ def test_the_registry_finds_every_property_module():
     registered = props.registry()
     assert len(registered) == len(modules) >= 5
     for p in registered.values():
-        assert p.needs and set(p.needs) <= {"impl", "reference", "impl_tp1", "errors"}
+        assert p.needs and set(p.needs) <= set(RUN_KINDS)
         assert p.kind in ("numeric", "contract") and p.doc
 
 

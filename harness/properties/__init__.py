@@ -89,7 +89,10 @@ def registry() -> dict[str, Property]:
 
 
 # The order reports list the built-in families in: outputs, then gradients, then contract.
-_ORDER = {"forward_matches": 0, "backward_matches": 1, "init_matches_layouts": 2, "adapters_follow_spec": 3, "errors_follow_spec": 4}
+_ORDER = {
+    "forward_matches": 0, "backward_matches": 1, "init_matches_layouts": 2, "adapters_follow_spec": 3,
+    "errors_follow_spec": 4, "shared_expert_adapters_identical": 5, "ep_size_independent": 6,
+}
 
 
 def property_names(family: Optional[str] = None) -> list[str]:

@@ -10,7 +10,13 @@ from harness.sharding import Partition, unshard
 
 
 def replicas(records: list[Any], layout: Any, field: str) -> list[tuple[tuple[int, ...], dict[str, Optional[Any]]]]:
-    """[(ranks of one TP group, {param: full tensor or None})] for the per-rank dict ``field``."""
+    """[(ranks of one TP group, {param: full tensor or None})] for the per-rank dict ``field``.
+
+    Records whose tensors are already full (every partition replicated, as
+    the MoE task sends them) are compared rank by rank.
+    """
+    if records and all(p.dim is None for rec in records for p in rec.partitions.values()):
+        return [((rec.rank,), dict(getattr(rec, field))) for rec in records]
     out = []
     for ranks in layout.expected_groups(len(records))["tp"]:
         members = sorted((records[r] for r in ranks), key=lambda rec: rec.tp_rank)

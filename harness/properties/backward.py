@@ -28,6 +28,7 @@ def check(ev) -> Check:
 
 
 PROPERTY = register(Property(
+    families=("gpt", "moe"),
     name="backward_matches",
     check=check,
     needs=("impl", "reference"),

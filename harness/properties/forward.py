@@ -18,6 +18,7 @@ def check(ev) -> Check:
 
 
 PROPERTY = register(Property(
+    families=("gpt", "moe"),
     name="forward_matches",
     check=check,
     needs=("impl", "reference"),

@@ -34,6 +34,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
+    families=("gpt", "moe"),
     name="init_matches_layouts",
     check=check,
     needs=("impl", "impl_tp1"),

@@ -2,8 +2,14 @@
 
 Tasks run on every rank of a pool (``harness.runner``); they only execute:
 the example was drawn in the parent and the comparison is made there.
+``TASKS`` maps a case family to its forward/backward task, ``ERROR_TASKS``
+to its bad-input task.
 """
 
 from harness.tasks.gpt import run_error_case, run_gpt_case
+from harness.tasks.moe import run_moe_case, run_moe_error_case
 
-__all__ = ["run_gpt_case", "run_error_case"]
+__all__ = ["run_gpt_case", "run_error_case", "run_moe_case", "run_moe_error_case", "TASKS", "ERROR_TASKS"]
+
+TASKS = {"gpt": run_gpt_case, "moe": run_moe_case}
+ERROR_TASKS = {"gpt": run_error_case, "moe": run_moe_error_case}

@@ -121,7 +121,11 @@ def _state_findings(model: torch.nn.Module, table: dict[str, Any], case: GPTCase
             found.append(Finding("contract", f"{kind} parameter {name} has requires_grad={param.requires_grad}{why}", "trainable_set"))
         if is_adapter:
             base = model.get_submodule(table[name][0]).to_wrap
-            expected = case.lora_dtype or base.weight.dtype
+            # A grouped expert linear holds weight0..weight<n-1> (TE's naming).
+            base_weight = getattr(base, "weight", None)
+            if base_weight is None:
+                base_weight = getattr(base, "weight0")
+            expected = case.lora_dtype or base_weight.dtype
             if param.dtype != expected:
                 # Bridge ignores lora_dtype on the parallel path: advisory there.
                 found.append(Finding(

@@ -1,0 +1,48 @@
+"""ep_size_independent: an MoE model's outputs do not depend on the expert-parallel size.
+
+The same case at the same TP, ETP and SP with EP=1 is the comparison: the
+logits after one SGD step on the harness's adapter values (so the expert
+gradients' reduction over EP and expert data parallelism is in play), and,
+where every routed-expert adapter is shared (grouped experts with
+``share_expert_adapters``), the logits with the implementation's *own*
+initial adapters, which SPEC requires to be the same on every EP rank.
+"""
+
+from __future__ import annotations
+
+from harness.compare import compare_tensors, tolerance_for
+from harness.properties import Property, register
+from harness.results import Check, Location
+
+
+def check(ev) -> Check:
+    case = ev.case
+    tol = tolerance_for(case.lora_dtype, case.model_dtype)
+    result = Check("ep_size_independent")
+    base = ev.impl_ep1[0]
+    shared = case.shape.grouped and case.lora.get("share_expert_adapters", True)
+    for rec in ev.impl:
+        if shared:
+            result.compare(Location("output with own initial adapters", None, (rec.rank,)),
+                           compare_tensors(rec.extras["own_output"], base.extras["own_output"], tol), tol)
+        if case.training:
+            result.compare(Location("output after one optimizer step", None, (rec.rank,)),
+                           compare_tensors(rec.extras["stepped_output"], base.extras["stepped_output"], tol), tol)
+    return result
+
+
+def _applies(layout, capabilities):
+    if not capabilities.experts:
+        return "the implementation does not declare expert support"
+    return "EP=1 is the comparison itself" if layout.ep == 1 else None
+
+
+PROPERTY = register(Property(
+    name="ep_size_independent",
+    check=check,
+    needs=("impl", "impl_ep1"),
+    families=("moe",),
+    doc="outputs after an optimizer step (and, with shared expert adapters, with the implementation's own "
+    "initial adapters) equal those at EP=1",
+    applies=_applies,
+))

@@ -1,0 +1,423 @@
+"""Mixture-of-experts GPT tasks: megatron-core's MoE GPTModel at the case's layout, adapted, run, reported.
+
+``run_moe_case`` returns a ``RankRecord`` like the dense task, but every
+adapter tensor in it is already *full* and keyed by its *global* name: the
+ranks put shards back together themselves, because an expert adapter lives
+on three axes at once (split over the expert-TP group, placed by expert
+index over the EP group, replicated over expert data parallelism) and the
+reassembly needs those groups. All of it is harness code driven by
+harness/SPEC.md's naming and TP table, never by what the implementation
+under test says about itself:
+
+* a routed expert's linears (``...mlp.experts...``) are split over the
+  expert-TP (ETP) group, everything else (attention, shared experts) over TP;
+* ``local_experts.<i>`` (SequentialMLP) and ``weight<i>`` (a grouped
+  linear's per-expert adapter) on EP rank e name global expert ``e*L + i``;
+* every dense data-parallel replica is fed the same full batch, so each
+  token reaches the experts once per replica (``D = world / tp`` times in
+  all): an expert adapter's gradient is summed over the expert-data-parallel
+  group and divided by D, what a data-parallel optimizer would hold. A
+  shared grouped adapter's own EP sum is the implementation's job (SPEC),
+  so a missing one shows.
+
+The record's ``extras`` carry what only the MoE properties read: the raw
+local shards of shared grouped adapters right after creation and after one
+optimizer step (bitwise identity over EP), the logits with the
+implementation's own initial adapters and after the step (EP-size
+independence), and how many tokens each local expert received.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from harness.cases import MoECase
+from harness.contract import load_impl
+from harness.models import causal_mask
+from harness.results import Finding, Partitioned, RankRecord
+from harness.sharding import (
+    REPLICATED,
+    Partition,
+    SpecViolation,
+    adapter_modules,
+    load_full_base_weights,
+    seeded_tensor,
+    shard,
+    unshard,
+)
+
+__all__ = ["run_moe_case", "AdapterParam", "moe_adapter_table", "is_expert_name", "SGD_LR"]
+
+#: The learning rate of the one plain SGD step the task takes on the adapters.
+SGD_LR = 0.1
+
+_EXPERTS = re.compile(r"(^|\.)mlp\.experts(\.|$)")
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+_PER_EXPERT = re.compile(r"^(?P<stem>.*\.adapter\.linear_(?:in|out)\.weight)(?P<i>\d+)$")
+
+
+def is_expert_name(name: str) -> bool:
+    """Under ``...mlp.experts...``: a routed expert (``shared_experts`` is not one)."""
+    return bool(_EXPERTS.search(name))
+
+
+@dataclass(frozen=True)
+class AdapterParam:
+    """One adapter parameter of this rank, as SPEC says it must be laid out.
+
+    ``name``: the local parameter name; ``global_name``: the same parameter
+    in a world of size one; ``module``: the global name of the adapted
+    module; ``group``: "etp" or "tp", the group it is split over;
+    ``per_expert``: lives on one EP rank only (by global expert index);
+    ``shared``: a grouped linear's single adapter, the same on every EP rank.
+    """
+
+    name: str
+    global_name: str
+    module: str
+    which: str
+    part: Partition
+    full_shape: tuple[int, ...]
+    group: str
+    expert: bool
+    per_expert: bool
+    shared: bool
+
+
+def _globalise(name: str, ep_rank: int, local: int) -> str:
+    name = _LOCAL_EXPERT.sub(lambda m: f".local_experts.{ep_rank * local + int(m.group(1))}.", name)
+    m = _PER_EXPERT.match(name)
+    if m:
+        name = f"{m['stem']}{ep_rank * local + int(m['i'])}"
+    return name
+
+
+def _base_kind_and_io(base: torch.nn.Module, group_size: int) -> tuple[str, int, int]:
+    """'column' / 'row' / 'plain' and the full (out, in) of a base linear, from megatron's attributes."""
+    weight = getattr(base, "weight", None)
+    if weight is None and hasattr(base, "num_gemms"):
+        weight = getattr(base, "weight0")
+    if weight is None:
+        raise SpecViolation(f"{type(base).__name__}: a base linear with neither `weight` nor `weight0`")
+    out_local, in_local = weight.shape
+    if getattr(weight, "tensor_model_parallel", False):
+        if int(weight.partition_dim) == 0:
+            return "column", out_local * group_size, in_local
+        return "row", out_local, in_local * group_size
+    return "plain", out_local, in_local
+
+
+def moe_adapter_table(model: torch.nn.Module, case: MoECase, sizes: dict[str, int]) -> dict[str, AdapterParam]:
+    """Every adapter parameter SPEC says this rank must hold, with its global name and layout.
+
+    Raises ``SpecViolation`` naming the parameter when the implementation's
+    names or local shapes differ from SPEC's.
+    """
+    wrappers = adapter_modules(model)
+    if not wrappers:
+        raise SpecViolation("no module with `to_wrap` and `adapter` children: no adapter was applied (SPEC naming)")
+    shape = case.shape
+    local = shape.num_experts // sizes["ep_size"]
+    dim = int(case.lora.get("dim", 32))
+    normalize = bool(case.lora.get("normalize_moe_lora", False))
+    share = bool(case.lora.get("share_expert_adapters", True))
+    table: dict[str, AdapterParam] = {}
+    params = dict(model.named_parameters())
+    for wname, wrapper in wrappers.items():
+        base = wrapper.to_wrap
+        expert = is_expert_name(wname)
+        group = "etp" if expert else "tp"
+        g_rank, g_size = (sizes["etp_rank"], sizes["etp_size"]) if expert else (sizes["tp_rank"], sizes["tp_size"])
+        kind, out_full, in_full = _base_kind_and_io(base, g_size)
+        r = dim // shape.moe_router_topk if (expert and normalize) else dim
+        gated = wname.rsplit(".", 1)[-1] == "linear_fc1" and shape.gated_linear_unit
+        if kind == "column":
+            parts = {"linear_in": Partition(0), "linear_out": Partition(0, gated=gated)}
+        elif kind == "row":
+            parts = {"linear_in": Partition(1), "linear_out": Partition(0)}
+        else:
+            parts = {"linear_in": REPLICATED, "linear_out": REPLICATED}
+        fulls = {"linear_in": (r, in_full), "linear_out": (out_full, r)}
+        grouped = hasattr(base, "num_gemms")
+        per_expert_grouped = grouped and not share
+        suffixes = [str(i) for i in range(int(base.num_gemms))] if per_expert_grouped else [""]
+        for which in ("linear_in", "linear_out"):
+            part = parts[which]
+            local_shape = tuple(shard(torch.empty(fulls[which], device="meta"), part, g_rank, g_size).shape)
+            for suffix in suffixes:
+                pname = f"{wname}.adapter.{which}.weight{suffix}"
+                if pname not in params:
+                    have = sorted(n for n in params if n.startswith(f"{wname}.adapter."))
+                    raise SpecViolation(
+                        f"{wname}: missing adapter parameter {pname} (SPEC: adapter.linear_in/linear_out.weight"
+                        f"{', one per local expert with suffix <i> when share_expert_adapters=False' if grouped else ''}); "
+                        f"found {have[:6]}"
+                    )
+                if tuple(params[pname].shape) != local_shape:
+                    why = f"rank {r}" + (f" = dim {dim} // moe_router_topk {shape.moe_router_topk}" if expert and normalize else "")
+                    raise SpecViolation(
+                        f"{pname}: local shape {tuple(params[pname].shape)} on {group.upper()} rank {g_rank}/{g_size}, "
+                        f"SPEC expects {local_shape} (full {fulls[which]}, {part.describe()}, {why})"
+                    )
+                gname = _globalise(pname, sizes["ep_rank"], local)
+                table[pname] = AdapterParam(
+                    name=pname,
+                    global_name=gname,
+                    module=_globalise(wname + ".", sizes["ep_rank"], local)[:-1] if expert else wname,
+                    which=which,
+                    part=part,
+                    full_shape=fulls[which],
+                    group=group,
+                    expert=expert,
+                    per_expert=expert and (not grouped or per_expert_grouped),
+                    shared=expert and grouped and not per_expert_grouped,
+                )
+        extra = sorted(n for n in params if n.startswith(f"{wname}.adapter.") and n not in table)
+        if extra:
+            raise SpecViolation(f"{wname}: adapter parameters SPEC does not name: {extra[:6]}")
+    return table
+
+
+def _group(kind: str) -> Any:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_group,
+        "etp": ps.get_expert_tensor_parallel_group,
+        "ep": ps.get_expert_model_parallel_group,
+        "edp": ps.get_expert_data_parallel_group,
+        "dp": ps.get_data_parallel_group,
+    }[kind]()
+
+
+def _gather_full(t: torch.Tensor, info: AdapterParam, sizes: dict[str, int]) -> torch.Tensor:
+    size = sizes["etp_size"] if info.group == "etp" else sizes["tp_size"]
+    if info.part.dim is None or size == 1:
+        return t.clone()
+    pieces = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(pieces, t.contiguous(), group=_group(info.group))
+    return unshard(pieces, info.part)
+
+
+def _assemble(values: dict[str, Optional[torch.Tensor]], table: dict[str, AdapterParam], sizes: dict[str, int]) -> dict[str, Any]:
+    """Full tensors by global name: gathered over (E)TP, per-expert ones collected over EP."""
+    full: dict[str, Any] = {}
+    for pname in sorted(table):
+        info, t = table[pname], values.get(pname)
+        # A missing gradient must not leave the group's collectives unmatched.
+        present = torch.tensor([0 if t is None else 1])
+        if sizes["world"] > 1:
+            dist.all_reduce(present, op=dist.ReduceOp.MIN)
+        if int(present) == 0:
+            full[info.global_name] = None
+            continue
+        full[info.global_name] = _gather_full(t.detach().double(), info, sizes)
+    if sizes["ep_size"] > 1 and any(i.per_expert for i in table.values()):
+        mine = {table[p].global_name: full[table[p].global_name] for p in table if table[p].per_expert}
+        everyone: list[Any] = [None] * sizes["ep_size"]
+        dist.all_gather_object(everyone, mine, group=_group("ep"))
+        for other in everyone:
+            full.update(other)
+    return full
+
+
+def _ddp_reduce(model: torch.nn.Module, table: dict[str, AdapterParam], layout: Any, world: int) -> None:
+    """Make adapter grads what a data-parallel optimizer holds (see the module docstring)."""
+    dense_dp = layout.dp(world)
+    for pname in sorted(table):
+        info, p = table[pname], model.get_parameter(pname)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if info.expert:
+            if layout.expert_dp(world) > 1:
+                dist.all_reduce(p.grad, group=_group("edp"))
+            p.grad.div_(dense_dp)
+        elif dense_dp > 1:
+            dist.all_reduce(p.grad, group=_group("dp"))
+            p.grad.div_(dense_dp)
+
+
+def _cpu64(t: Any) -> Any:
+    return None if t is None else t.detach().double().cpu()
+
+
+def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
+    """Forward, backward and one SGD step of a LoRA-adapted MoE GPTModel at the case's layout."""
+    from megatron.core import parallel_state as ps
+
+    from harness.moe import build_moe_gpt, expert_sizes, layout_sizes
+    from harness.tasks.gpt import _reapply_findings, _sequence_gathered, _state_findings
+
+    layout = case.layout
+    layout.initialize_megatron(ctx.world_size, seed=case.seed)
+    impl = load_impl(case.impl)
+    sizes = dict(expert_sizes(), world=ctx.world_size)
+    model = build_moe_gpt(case.shape, **layout_sizes(layout), params_dtype=case.model_dtype).to(case.model_dtype)
+    load_full_base_weights(model, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
+    lora_kwargs = case.lora_kwargs()
+    torch.manual_seed(case.seed)
+    model = impl.LoRA(**lora_kwargs)(model, training=case.training)
+    table = moe_adapter_table(model, case, sizes)
+    shared = sorted(p for p, i in table.items() if i.shared)
+    created = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
+    initial = _assemble({p: model.get_parameter(p) for p in table}, table, sizes)
+
+    tokens: dict[str, list[int]] = {}
+
+    def count_tokens(name: str):
+        def hook(module: Any, args: Any) -> None:
+            counts = args[1]
+            counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+            tokens[name] = [a + int(b) for a, b in zip(tokens.get(name, [0] * len(counts)), counts)]
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(count_tokens(n))
+        for n, m in model.named_modules()
+        if n.endswith("mlp.experts")
+    ]
+    tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
+    s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
+    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(case.model_dtype)
+    ids = torch.zeros(b, s, dtype=torch.long)
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = causal_mask(s)
+
+    def x_shard() -> torch.Tensor:
+        return full_x.chunk(tp, dim=0)[tp_rank] if layout.sp else full_x
+
+    with torch.no_grad():
+        own_output = model(ids, pos, mask, decoder_input=x_shard())
+    for h_ in handles:
+        h_.remove()
+
+    # The harness's own adapter values: seeded full matrices by global name, B non-zero.
+    with torch.no_grad():
+        for pname, info in table.items():
+            std = 1.0 / info.full_shape[1] ** 0.5
+            full = seeded_tensor(case.seed, info.global_name, info.full_shape, std=std)
+            g_rank, g_size = (sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)
+            model.get_parameter(pname).copy_(shard(full, info.part, g_rank, g_size))
+    findings = _state_findings(model, {p: (i.name.split(".adapter.")[0],) for p, i in table.items()}, case)
+
+    x = x_shard().clone().requires_grad_(True)
+    handles = [m.register_forward_pre_hook(count_tokens(n)) for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    tokens.clear()
+    out = model(ids, pos, mask, decoder_input=x)
+    for h_ in handles:
+        h_.remove()
+    if out.dtype != case.model_dtype:
+        findings.append(Finding(
+            "contract", f"logits dtype {out.dtype}, the base model computes in {case.model_dtype} "
+            "(the adapter output must be cast back)", "output_dtype"))
+    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(out.dtype)
+    (out * probe).sum().backward()
+    grads_local = {p: model.get_parameter(p).grad for p in table}
+    extras: dict[str, Any] = {"expert_tokens": tokens, "shared_created": created}
+    if case.training:
+        _ddp_reduce(model, table, layout, ctx.world_size)
+        grads = _assemble({p: model.get_parameter(p).grad for p in table}, table, sizes)
+        with torch.no_grad():
+            for pname in table:
+                p = model.get_parameter(pname)
+                p.sub_(SGD_LR * p.grad.to(p.dtype))
+            stepped_output = model(ids, pos, mask, decoder_input=x_shard())
+        extras["shared_stepped"] = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
+        extras["stepped_output"] = _cpu64(stepped_output)
+    else:
+        grads = _assemble(grads_local, table, sizes)
+    extras["own_output"] = _cpu64(own_output)
+    extras["ep_rank"], extras["etp_rank"] = sizes["ep_rank"], sizes["etp_rank"]
+    findings += _reapply_findings(model, impl, lora_kwargs, case.training)
+    partitions = {i.global_name: Partitioned(i.module, None, False, i.full_shape) for i in table.values()}
+    if sizes["ep_size"] > 1:
+        # Per-expert adapters of the other EP ranks were collected too.
+        for name in initial:
+            if name not in partitions:
+                partitions[name] = Partitioned(name.split(".adapter.")[0], None, False, tuple(initial[name].shape))
+    return RankRecord(
+        rank=ctx.rank,
+        tp_rank=tp_rank,
+        tp_size=tp,
+        dp_rank=ps.get_data_parallel_rank(),
+        output=_cpu64(out),
+        input_grad=_cpu64(_sequence_gathered(x.grad) if layout.sp else x.grad),
+        adapter_grads={k: _cpu64(v) for k, v in grads.items()},
+        initial_adapters={k: _cpu64(v) for k, v in initial.items()},
+        partitions=partitions,
+        findings=findings,
+        extras=extras,
+    )
+
+
+def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
+    """Bad LoRA input on an MoE model must give SPEC's errors, naming the module, the value and the rule.
+
+    normalize_moe_lora with a dim not divisible by top-k (ValueError naming
+    dim and top-k); an expert rank not divisible by the expert-TP size on a
+    column-parallel expert linear (ValueError naming the module, the rank
+    and ETP); a pattern selecting the router, which has no adapter
+    (TypeError naming the module and its type).
+    """
+    import warnings
+
+    from megatron.core import parallel_state as ps
+
+    from harness.contract import contract_point
+    from harness.moe import build_moe_gpt, layout_sizes
+    from harness.results import ErrorRecord
+
+    layout = case.layout
+    layout.initialize_megatron(ctx.world_size, seed=case.seed)
+    impl = load_impl(case.impl)
+    shape = case.shape
+    etp = layout.etp_size
+    findings: list[Finding] = []
+
+    def fresh_model() -> torch.nn.Module:
+        return build_moe_gpt(shape, **layout_sizes(layout), params_dtype=case.model_dtype)
+
+    def expect(check: str, what: str, errors: tuple[str, ...], bridge_errors: tuple[str, ...], fragments: list[str], make: Any) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                make()
+        except Exception as exc:  # noqa: BLE001 - the kind of error is what is checked
+            name = type(exc).__name__
+            missing = [f for f in fragments if f not in str(exc)]
+            if name in errors and not missing:
+                return
+            problem = f"{name}({str(exc)!r}) does not name {missing}" if name in errors else f"raised {name}({exc}) instead of {' or '.join(errors)}"
+            advisory = case.contract == "bridge" and name in bridge_errors
+            findings.append(Finding("contract", f"{what}: {problem}", check, binding=not advisory))
+            return
+        findings.append(Finding("contract", f"{what}: no {' or '.join(errors)} raised", check))
+
+    topk = shape.moe_router_topk
+    if topk > 1:
+        dim = topk * (1 + case.seed % 3) + 1
+        expect(
+            "normalize_topk", f"normalize_moe_lora=True with dim={dim}, moe_router_topk={topk}", ("ValueError",), (),
+            [str(dim), str(topk)],
+            lambda: impl.LoRA(target_modules=["linear_fc1", "linear_fc2"], dim=dim, normalize_moe_lora=True)(fresh_model()),
+        )
+    if etp > 1:
+        dim = etp * (1 + case.seed % 2) + 1
+        expect(
+            "rank_divisible", f"dim={dim} at ETP={etp} on column-parallel expert linears", ("ValueError",), (),
+            [".mlp.experts.", str(dim), str(etp)],
+            lambda: impl.LoRA(target_modules=["*.experts.*linear_fc1"], dim=dim)(fresh_model()),
+        )
+    non_linear = contract_point("non_linear_target")
+    router = "decoder.layers.0.mlp.router"
+    expect(
+        "non_linear_target", "target_modules=['*.mlp.router'] selecting the router, which has no adapter",
+        non_linear.strict_errors, non_linear.bridge_errors, [router, type(fresh_model().get_submodule(router)).__name__],
+        lambda: impl.LoRA(target_modules=["*.mlp.router"], dim=etp * topk)(fresh_model()),
+    )
+    return ErrorRecord(rank=ctx.rank, tp_rank=ps.get_tensor_model_parallel_rank(), findings=findings)
