@@ -40,6 +40,7 @@ __all__ = [
     "init_adapter_weights",
     "pattern_matches",
     "is_linear_type",
+    "is_grouped_linear_shape",
     "is_expert_linear_name",
     "ModuleMatcher",
     "LoRAFields",
@@ -157,14 +158,36 @@ def _class_names_in_mro(module: object) -> Iterator[tuple[str, str]]:
         yield cls.__name__, getattr(cls, "__module__", "") or ""
 
 
+def is_grouped_linear_shape(module: object) -> bool:
+    """A grouped expert linear, duck-typed: an int `num_gemms` = n >= 1 and its OWN 2-D parameters `weight0..weight{n-1}`.
+
+    (TE's GroupedLinear, megatron's TEGroupedLinear, harness.moe.TorchGroupedLinear.)
+    Own parameters only, so an adapter wrapper, which forwards attribute
+    reads to its base, is not one.
+    """
+    if not isinstance(module, nn.Module):
+        return False
+    n = getattr(module, "num_gemms", None)
+    if type(n) is not int or n < 1:
+        return False
+    own = module._parameters
+    for i in range(n):
+        w = own.get(f"weight{i}")
+        if w is None or w.dim() != 2:
+            return False
+    return True
+
+
 def is_linear_type(module: object) -> bool:
-    """Plain nn.Linear, megatron-core Column/RowParallelLinear, or a Transformer Engine linear.
+    """Plain nn.Linear, megatron-core Column/RowParallelLinear, a grouped expert linear, or a Transformer Engine linear.
 
     Neither megatron nor TE is imported here: a module can only be a
     megatron-core parallel linear if megatron's layers module is already
     loaded, and TE classes are recognised by name.
     """
     if isinstance(module, nn.Linear):
+        return True
+    if is_grouped_linear_shape(module):
         return True
     layers = sys.modules.get(_MEGATRON_LAYERS_MODULE)
     if layers is not None and isinstance(
@@ -491,14 +514,17 @@ def moe_adapter_rank(dim: int, topk: int | None, full_name: str) -> int:
 def walk_and_replace(
     root: nn.Module,
     visit: Callable[[nn.Module, str, str], tuple[nn.Module, bool]],
+    leave: Callable[[nn.Module, str, str], None] | None = None,
 ) -> nn.Module:
     """Pre-order walk over `root` and its descendants, replacing modules in place.
 
     `visit(module, name, prefix)` returns `(replacement, descend)`; names are
     as in `root.named_modules()` (the root itself is visited with name '' and
     prefix ''). A module reachable under several names is visited once, at its
-    first name, and every occurrence gets the same replacement. Returns the
-    (possibly replaced) root.
+    first name, and every occurrence gets the same replacement. When
+    `descend` is true and `leave` is given, `leave(replacement, name, prefix)`
+    runs once the replacement's whole subtree has been walked (a post-order
+    hook). Returns the (possibly replaced) root.
     """
     done: dict[int, nn.Module] = {}
 
@@ -516,6 +542,8 @@ def walk_and_replace(
                 replacement = go(child, child_name, full)
                 if replacement is not child:
                     new._modules[child_name] = replacement
+            if leave is not None:
+                leave(new, name, prefix)
         return new
 
     return go(root, "", "")
@@ -580,6 +608,12 @@ class LoRABase(LoRAFields):
         topk = find_moe_router_topk(module, *self.__dict__.get("_walk_roots", []))
         return moe_adapter_rank(self.dim, topk, full_name)
 
+    def enter_subtree(self, module: nn.Module, full_name: str) -> None:
+        """Called before the walk descends into `module` (already transformed); a hook for subclasses."""
+
+    def leave_subtree(self, module: nn.Module, full_name: str) -> None:
+        """Called once the walk has finished `module`'s subtree; a hook for subclasses."""
+
     def _visit(self, module: nn.Module, name: str, prefix: str) -> tuple[nn.Module, bool]:
         if is_adapter_wrapper(module):
             # Already adapted (a previous call): count it as matched so the
@@ -589,7 +623,13 @@ class LoRABase(LoRAFields):
             self.matcher.matches(module.to_wrap, join_name(prefix, name))
             return module, False
         new = self.transform(module, name, prefix)
-        return new, not is_adapter_wrapper(new)
+        descend = not is_adapter_wrapper(new)
+        if descend:
+            self.enter_subtree(new, join_name(prefix, name))
+        return new, descend
+
+    def _leave(self, module: nn.Module, name: str, prefix: str) -> None:
+        self.leave_subtree(module, join_name(prefix, name))
 
     def __call__(self, model: nn.Module | list[nn.Module], training: bool = True) -> Any:
         chunks = _chunks(model)
@@ -597,7 +637,7 @@ class LoRABase(LoRAFields):
         self._walk_roots = chunks
         try:
             self.freeze_model(model, training)
-            result = [walk_and_replace(chunk, self._visit) for chunk in chunks]
+            result = [walk_and_replace(chunk, self._visit, self._leave) for chunk in chunks]
         finally:
             self._walk_roots = []
         if training:

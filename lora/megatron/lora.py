@@ -26,6 +26,15 @@ from lora.megatron._base import (
     merge_weight,
     walk_and_replace,
 )
+from lora.megatron.experts import (
+    SequentialExpertInit,
+    is_expert_wrapper,
+    is_grouped_linear,
+    is_sequential_expert_linear,
+    merge_expert_wrapper,
+    wrap_grouped_expert,
+    wrap_sequential_expert,
+)
 from lora.megatron.adapters import (
     LinearAdapter,
     LoRALinear,
@@ -64,20 +73,44 @@ class LoRA(LoRABase):
 
     def __call__(self, model: Any, training: bool = True) -> Any:
         _sync_global_rng_from_rank0()
-        return super().__call__(model, training=training)
+        self._expert_init = SequentialExpertInit()
+        try:
+            return super().__call__(model, training=training)
+        finally:
+            self._expert_init.reset()
+
+    @property
+    def expert_init(self) -> SequentialExpertInit:
+        """The SequentialMLP init replay of the current walk (a fresh one outside a walk)."""
+        if self.__dict__.get("_expert_init") is None:
+            self._expert_init = SequentialExpertInit()
+        return self._expert_init
+
+    def enter_subtree(self, module: nn.Module, full_name: str) -> None:
+        self.expert_init.enter(module, full_name)
+
+    def leave_subtree(self, module: nn.Module, full_name: str) -> None:
+        self.expert_init.leave(module, full_name)
 
     def transform(self, module: nn.Module, name: Optional[str] = None, prefix: Optional[str] = None) -> nn.Module:
         full_name = join_name(prefix or "", name or "")
         if is_adapter_wrapper(module) or not self.matcher.matches(module, full_name):
             return module
+        # Routed experts (explicit expert comm over the expert-TP group):
+        # lora.megatron.experts. Shared experts are ordinary dense linears.
+        if is_grouped_linear(module):
+            return wrap_grouped_expert(self, module, full_name)
         kind = base_parallel_kind(module)
+        if kind is not None and is_sequential_expert_linear(module):
+            return wrap_sequential_expert(self, module, full_name, kind, self.expert_init)
         if kind is None:
             if isinstance(module, nn.Linear):
                 return self._wrap_linear(module, full_name)
             raise TypeError(
                 f"lora.megatron: {full_name} matched a target pattern but its type "
                 f"{type(module).__module__}.{type(module).__qualname__} has no LoRA adapter here "
-                "(supported: megatron-core ColumnParallelLinear, RowParallelLinear, torch.nn.Linear)"
+                "(supported: megatron-core ColumnParallelLinear, RowParallelLinear, grouped expert "
+                "linears (num_gemms, weight0..), torch.nn.Linear)"
             )
         return self._wrap_parallel(module, full_name, kind)
 
@@ -147,6 +180,8 @@ class VLMLoRA(VLMFreezeMixin, LoRA):
 class LoRAMerge:
     """Fold a (possibly TP-sharded) adapter into its base weight.
 
+    Expert adapters fold on the expert-TP group (``lora.megatron.experts``);
+    a grouped linear's ``weight{i}`` gets expert i's (or the shared) B @ A.
     Calling it on a model (or ``merge_lora(model)``) replaces every adapter
     wrapper by its base layer holding the merged weight shard; base weights
     are updated in place, so the returned model shares its layers with the
@@ -192,6 +227,8 @@ class LoRAMerge:
         """The base layer with the adapter folded in, for an adapter wrapper; anything else unchanged."""
         if not is_adapter_wrapper(module):
             return module
+        if is_expert_wrapper(module):
+            return merge_expert_wrapper(self, module)
         base, adapter = module.to_wrap, module.adapter
         tp_group = getattr(base, "tp_group", None) if isinstance(module, ParallelLoRALinear) else None
         merged = self.merge(
