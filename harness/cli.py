@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -68,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--examples", type=_positive_int, default=None, help="examples per property and layout (overrides the profile)")
     v.add_argument("--property", dest="properties", action="append", default=None, help="only this property (repeatable)")
     v.add_argument("--layout", dest="layouts", action="append", default=None, help="only this layout of the set, e.g. tp2-ep1-etp2-pp1 (repeatable)")
+    v.add_argument("--family", dest="families", action="append", default=None,
+                   help="only this model family: gpt (dense) or moe (mixture of experts) (repeatable; default all)")
     v.add_argument("--seed", type=int, default=None, help="hypothesis seed, for a reproducible run")
     v.add_argument("--rank-timeout", type=_positive_float, default=None, help="ceiling in seconds for one rank task")
     v.add_argument("--contract", choices=("strict", "bridge"), default=None, help="judge by this contract (default: what the implementation declares, else strict)")
@@ -162,16 +165,22 @@ def _verify(args: argparse.Namespace) -> int:
     unknown = [p for p in names if p not in props]
     if unknown:
         raise UsageError(f"unknown --property {', '.join(unknown)}; known: {', '.join(props)}")
+    from harness.settings import FAMILIES
+
+    families = list(dict.fromkeys(args.families or FAMILIES))
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise UsageError(f"unknown --family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
     try:
-        layouts = layout_set(args.tp, args.ep)
+        layouts = {family: layout_set(args.tp, args.ep, family) for family in families}
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.layouts:
-        known = {str(layout): layout for layout in layouts}
+        known = {str(layout) for family_layouts in layouts.values() for layout in family_layouts}
         unknown = [name for name in args.layouts if name not in known]
         if unknown:
-            raise UsageError(f"--layout {', '.join(unknown)} is not in the set of --tp {args.tp} --ep {args.ep}: {', '.join(known)}")
-        layouts = [known[name] for name in dict.fromkeys(args.layouts)]
+            raise UsageError(f"--layout {', '.join(unknown)} is not in the set of --tp {args.tp} --ep {args.ep}: {', '.join(sorted(known))}")
+        layouts = {f: [l for l in ls if str(l) in args.layouts] for f, ls in layouts.items()}
     try:
         load_impl(args.impl)
         caps = capabilities_of(args.impl)
@@ -215,7 +224,9 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile)
         command="lora-harness " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lora-harness") else "lora-harness verify",
         started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    print(f"lora-harness verify: impl {args.impl} ({caps.describe()}), profile {profile}, layouts {', '.join(map(str, layouts))}")
+    print(f"lora-harness verify: impl {args.impl} ({caps.describe()}), profile {profile}")
+    for family, family_layouts in layouts.items():
+        print(f"  {family} layouts: {', '.join(map(str, family_layouts))}")
     for line in results.skipped:
         print(f"  skipped: {line}")
     import random
@@ -226,12 +237,26 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile)
     print(f"  seed {base_seed} (--seed {base_seed} draws the same examples again)")
     progress = _Progress(sys.stdout)
     started = time.monotonic()
-    cells = [(layout, name) for layout in layouts for name in names]
+    cells = [
+        (family, layout, name)
+        for family, family_layouts in layouts.items()
+        for layout in family_layouts
+        for name in names
+        if family in props[name].families
+    ]
+    from harness.settings import FAMILY_EXAMPLE_SHARE
+
+    def family_settings(family: str) -> Any:
+        if args.examples is not None:
+            return run_settings
+        return settings(run_settings, max_examples=max(2, math.ceil(run_settings.max_examples * FAMILY_EXAMPLE_SHARE[family])))
+
     try:
-        for layout, name in cells:
+        for family, layout, name in cells:
             outcome = check_property(
-                props[name], layout, args.impl, settings=run_settings, executor=executor,
-                capabilities=caps, regressions=store, seed=layout_seed(base_seed, layout), progress=progress,
+                props[name], layout, args.impl, settings=family_settings(family), executor=executor,
+                capabilities=caps, regressions=store, seed=layout_seed(base_seed, layout, family), progress=progress,
+                family=family,
             )
             progress.clear()
             results.outcomes.append(outcome)
@@ -344,14 +369,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         if args.command == "layouts":
-            from harness.settings import layout_set
+            from harness.settings import FAMILIES, layout_set
 
             try:
-                layouts = layout_set(args.tp, args.ep)
+                layouts = {family: layout_set(args.tp, args.ep, family) for family in FAMILIES}
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-            for layout in layouts:
-                print(f"{layout}  world {layout.min_world_size}")
+            for family, family_layouts in layouts.items():
+                for layout in family_layouts:
+                    print(f"{family:<4} {layout}  world {layout.min_world_size}")
             return 0
         if args.command == "replay":
             return _replay(args)

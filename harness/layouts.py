@@ -160,9 +160,16 @@ class ParallelLayout:
     etp: int | None = None
     pp: int = 1
     sp: bool = False
+    # Dense data-parallel size; None: the smallest the other sizes allow
+    # (``min_world_size``). Set it to run a layout in a bigger world, e.g.
+    # TP=2, EP=2, ETP=1 with data_parallel=2 (world 4, expert data parallel 2).
+    data_parallel: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.data_parallel is not None and self.data_parallel * self.tp * _CP == math.lcm(self.tp * _CP, self.etp_size * self.ep):
+            # The smallest data parallelism is the default: one name per layout.
+            object.__setattr__(self, "data_parallel", None)
 
     # -- validity -----------------------------------------------------------
 
@@ -173,6 +180,14 @@ class ParallelLayout:
         if self.etp is not None:
             _check_size("etp", self.etp)
         _check_size("pp", self.pp)
+        if self.data_parallel is not None:
+            _check_size("data_parallel", self.data_parallel)
+            world = self.tp * _CP * self.pp * self.data_parallel
+            if world % (self.etp_size * self.ep * self.pp):
+                raise LayoutError(
+                    f"ParallelLayout.data_parallel={self.data_parallel} is invalid: the world tp*data_parallel*pp = {world} must be divisible "
+                    f"by etp*ep*pp = {self.etp_size}*{self.ep}*{self.pp} (megatron's expert grid)"
+                )
         if not isinstance(self.sp, bool):
             raise LayoutError(f"ParallelLayout.sp={self.sp!r} is invalid: sp must be True or False")
         if self.pp != 1:
@@ -206,7 +221,9 @@ class ParallelLayout:
 
     @property
     def min_world_size(self) -> int:
-        """Smallest world megatron can lay this out in: pp * lcm(tp*cp, etp*ep)."""
+        """Smallest world megatron can lay this out in: pp * lcm(tp*cp, etp*ep), or tp*cp*pp*dp when dp is set."""
+        if self.data_parallel is not None:
+            return self.tp * _CP * self.pp * self.data_parallel
         return self.pp * math.lcm(self.tp * _CP, self.etp_size * self.ep)
 
     def fits(self, world_size: int) -> bool:
@@ -351,6 +368,8 @@ class ParallelLayout:
     def describe(self) -> str:
         """Short stable name, e.g. "tp2-ep1-etp2-pp1-sp"; used as test id and report key."""
         name = f"tp{self.tp}-ep{self.ep}-etp{self.etp_size}-pp{self.pp}"
+        if self.data_parallel is not None:
+            name += f"-dp{self.data_parallel}"
         return name + "-sp" if self.sp else name
 
     __str__ = describe
@@ -364,7 +383,7 @@ class ParallelLayout:
                 f"cannot parse layout {text!r}: expected 'tp<N>[-ep<N>][-etp<N>][-pp<N>][-sp]', "
                 "e.g. 'tp2-ep1-etp2-pp1-sp'"
             )
-        tp, ep, etp, pp, sp = m.groups()
+        tp, ep, etp, pp, dp, sp = m.groups()
         tp = int(tp)
         etp_value = None if etp is None or int(etp) == tp else int(etp)
         return cls(
@@ -373,13 +392,15 @@ class ParallelLayout:
             etp=etp_value,
             pp=1 if pp is None else int(pp),
             sp=sp is not None,
+            data_parallel=None if dp is None else int(dp),
         )
 
     # -- identity -----------------------------------------------------------
 
     @property
     def _key(self) -> tuple:
-        return (self.tp, self.ep, self.etp_size, self.pp, self.sp)
+        # dp=None and an explicit dp equal to the smallest one are the same layout.
+        return (self.tp, self.ep, self.etp_size, self.pp, self.sp, self.min_world_size)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ParallelLayout):
@@ -392,10 +413,10 @@ class ParallelLayout:
     @property
     def sort_key(self) -> tuple:
         """Cheapest first: by smallest world, then tp, ep, etp, pp, sp."""
-        return (self.min_world_size, *self._key)
+        return (self.min_world_size, *self._key[:-1])
 
 
-_NAME = re.compile(r"tp(\d+)(?:-ep(\d+))?(?:-etp(\d+))?(?:-pp(\d+))?(-sp)?")
+_NAME = re.compile(r"tp(\d+)(?:-ep(\d+))?(?:-etp(\d+))?(?:-pp(\d+))?(?:-dp(\d+))?(-sp)?")
 
 
 def _check_world(world_size: Any) -> None:

@@ -87,10 +87,11 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[Parall
 
     MoE: every power-of-two TP, EP and expert-TP (ETP <= TP) whose world
     (lcm(tp, etp*ep)) is at most ``max_tp * max_ep``; TP > 1 always with
-    sequence parallelism, which megatron-core's MoE layer requires. So
-    ``--tp 2 --ep 2`` gives tp1, tp1-ep2 (data parallel 2), tp2-sp,
-    tp2-etp1-sp (ETP != TP), tp2-ep2-sp and tp2-ep2-etp1-sp (world 4,
-    dense data parallel 2, expert data parallel 2 for ETP=1).
+    sequence parallelism, which megatron-core's MoE layer requires; plus the
+    largest layout with ETP=1 in the largest world. So ``--tp 2 --ep 2``
+    gives tp1, tp1-ep2 (data parallel 2), tp2-sp, tp2-etp1-sp (ETP != TP),
+    tp2-ep2-etp1-sp (world 2), tp2-ep2-sp (world 4, data parallel 2) and
+    tp2-ep2-etp1-dp2-sp (world 4: data parallel 2, expert data parallel 2).
     """
     _check_max("--tp", max_tp)
     _check_max("--ep", max_ep)
@@ -102,6 +103,10 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[Parall
             for etp in _powers(tp)
             if ParallelLayout(tp=tp, ep=ep, etp=etp).min_world_size <= max_tp * max_ep
         }
+        if max_tp > 1 and max_ep > 1:
+            # The largest layout with ETP < TP also in the largest world, so
+            # experts have data parallelism of their own (expert DP > 1).
+            moe.add(ParallelLayout(tp=max_tp, ep=max_ep, etp=1, sp=True, data_parallel=max_ep))
         return sorted(moe, key=lambda layout: layout.sort_key)
     if family != "gpt":
         raise ValueError(f"no layout set for family {family!r}; known: {', '.join(FAMILIES)}")
