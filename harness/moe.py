@@ -294,7 +294,8 @@ def moe_config(
         moe_pad_expert_input_to_capacity=False,
         moe_router_enable_expert_bias=False,
         moe_router_score_function="softmax",
-        moe_router_pre_softmax=False,
+        # megatron refuses top-1 routing without softmax before the top-k.
+        moe_router_pre_softmax=shape.moe_router_topk == 1,
         moe_permute_fusion=False,
         moe_router_fusion=False,
         moe_shared_expert_overlap=False,

@@ -164,21 +164,22 @@ def moe_shapes(draw: Any, layout: ParallelLayout) -> Any:
 
     Experts are divisible by EP, expert widths by ETP, the shared expert's
     by TP; the sequence is split over TP (MoE at TP > 1 runs with sequence
-    parallelism). At least three token-to-expert assignments per expert
-    (``seq * batch * topk >= 3 * experts``) make it likely that every
-    expert gets tokens; ``tests/test_moe_family.py`` measures how often.
+    parallelism). At least five token-to-expert assignments per expert
+    (``seq * batch * topk >= 5 * experts``) and a router over at least four
+    features make it likely that every expert gets tokens;
+    ``tests/test_moe_family.py`` measures how often (at least 80% of draws).
     """
     from harness.moe import MoEShape
 
     tp, ep, etp = layout.tp, layout.ep, layout.etp_size
     groups = tp * draw(st.integers(1, 2))
     heads = groups * draw(st.sampled_from([1, 2]))
-    head_dim = draw(st.sampled_from([2, 4]))
+    head_dim = draw(st.sampled_from([4, 8]))  # a router over 2 features leaves experts unchosen
     experts = ep * draw(st.sampled_from([1, 2, 4] if ep == 1 else [1, 2]))
     experts = max(experts, 2)
     topk = draw(st.integers(1, min(experts, 3)))
     batch = draw(st.integers(1, 2))
-    need = math.ceil(3 * experts / (topk * batch))
+    need = math.ceil(5 * experts / (topk * batch))
     seq_unit = tp
     seq = seq_unit * max(draw(st.integers(1, 3)), math.ceil(need / seq_unit))
     shared = draw(st.one_of(st.none(), st.sampled_from([2, 4]).map(lambda k: k * tp)))
