@@ -313,7 +313,19 @@ def expert_lora_misc(ctx: Any, seed: int, layout_name: str) -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001 - the error is the result
                 errors[what] = _error(exc)
         out[f"{k}_errors"] = errors
-    # A model whose config has no topk: normalize_moe_lora must say so.
+        # lora_dtype: adapters in bfloat16, the sum in the base's float64.
+        model = _apply_lora(build(grouped), seed, dict(target_modules=TARGETS, dim=4, lora_dtype=torch.bfloat16,
+                                                        lora_B_init_method="normal"))
+        shape = MoEShape(grouped=grouped)
+        s, b = shape.seq_length, shape.micro_batch_size
+        x = torch.chunk(seeded_tensor(seed, "input", (s, b, shape.hidden_size)).double(), sizes["tp_size"], dim=0)[sizes["tp_rank"]]
+        with torch.no_grad():
+            logits = model(torch.zeros(b, s, dtype=torch.long), torch.arange(s).unsqueeze(0).expand(b, s), causal_mask(s), decoder_input=x)
+        out[f"{k}_lora_dtype"] = {
+            "adapter_dtypes": sorted({str(p.dtype) for n, p in model.named_parameters() if ".adapter." in n}),
+            "logits_dtype": str(logits.dtype),
+            "finite": bool(torch.isfinite(logits).all()),
+        }
     from lora.megatron._base import find_moe_router_topk
 
     model = build(True)

@@ -432,6 +432,13 @@ def wrap_sequential_expert(cfg: Any, module: nn.Module, full_name: str, kind: st
 
 def wrap_grouped_expert(cfg: Any, module: nn.Module, full_name: str) -> GroupedLoRALinear:
     """A shared (share_expert_adapters) or per-expert adapter for a grouped expert linear."""
+    if getattr(getattr(module, "config", None), "use_transformer_engine_op_fuser", False):
+        # TEGroupedMLP's fused path calls TE's fused ops on the weights
+        # directly and would skip the wrapper (and the adapter) silently.
+        raise ValueError(
+            f"lora.megatron: {full_name}: grouped experts built with use_transformer_engine_op_fuser=True "
+            "run a fused implementation that bypasses adapter wrappers; build the model without it"
+        )
     kind = grouped_parallel_kind(module, full_name)
     etp_group = _grouped_etp_group(module)
     t = group_size(etp_group)
