@@ -6,6 +6,8 @@ Megatron-Bridge's PEFT LoRA): ``<module>.to_wrap.weight``,
 Matching, init methods, config validation, the module walk and the freezing
 rules live in ``lora.megatron._base``; this module decides how a matched
 linear is adapted across its TP group, and how adapters are merged back.
+Routed-expert linears (SequentialMLP experts, grouped expert linears) go to
+``lora.megatron.experts`` (expert-TP group, explicit expert communication).
 Nothing here imports ``lora.reference``: the reference is the harness's
 independent oracle.
 """
