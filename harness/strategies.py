@@ -183,6 +183,7 @@ def moe_shapes(draw: Any, layout: ParallelLayout) -> Any:
     seq_unit = tp
     seq = seq_unit * max(draw(st.integers(1, 3)), math.ceil(need / seq_unit))
     shared = draw(st.one_of(st.none(), st.sampled_from([2, 4]).map(lambda k: k * tp)))
+    grouped = draw(st.booleans())
     return MoEShape(
         num_layers=draw(st.integers(1, 2)),
         hidden_size=heads * head_dim,
@@ -193,13 +194,17 @@ def moe_shapes(draw: Any, layout: ParallelLayout) -> Any:
         seq_length=seq,
         micro_batch_size=batch,
         gated_linear_unit=draw(st.booleans()),
-        add_bias_linear=False if shared is not None else draw(st.booleans()),
+        # Biased experts only when grouped: megatron-core 0.19.2's SequentialMLP
+        # adds the expert bias in place on fc2's output, which at ETP=EP=1 is
+        # the very tensor its size-1 all-reduce returned (a view autograd
+        # forbids modifying) - a megatron failure with or without LoRA.
+        add_bias_linear=False if shared is not None or not grouped else draw(st.booleans()),
         num_experts=experts,
         moe_router_topk=topk,
         moe_ffn_hidden_size=etp * draw(st.integers(1, 3)) * 2,
         shared_expert_ffn_hidden_size=shared,
         dispatcher=draw(st.sampled_from(["allgather", "alltoall"])),
-        grouped=draw(st.booleans()),
+        grouped=grouped,
     )
 
 
