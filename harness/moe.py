@@ -90,6 +90,8 @@ class MoEShape(GPTShape):
             rules.append(
                 ("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size % tp == 0, f"divisible by TP={tp}")
             )
+        if self.add_bias_linear:
+            rules.append(("add_bias_linear", etp == 1, f"False at ETP={etp} (megatron-core: bias in MoE only with ETP == 1)"))
         if self.add_bias_linear and self.shared_expert_ffn_hidden_size is not None:
             rules.append(("add_bias_linear", False, "False with shared experts (megatron's SharedExpertMLP has no bias)"))
         for field, ok, rule in rules:

@@ -49,3 +49,23 @@ def rank_findings(prop: str, records: list[Any]) -> Check:
         for f in rec.findings:
             result.fail(f"rank {rec.rank}: {f.message}", kind=f.kind, check=f.check, binding=f.binding)
     return result
+
+
+#: The finding check a rank reports when the adapters' names or shapes break harness/SPEC.md.
+ADAPTER_LAYOUT = "adapter_layout"
+
+
+def layout_violations(prop: str, records: list[Any]) -> Optional[Check]:
+    """A failing check when a rank found the implementation's adapter names or shapes off SPEC.
+
+    Such a rank could not load the harness's adapter values, so it sent no
+    tensors: every property of the example reports the violation instead
+    of comparing.
+    """
+    found = [(rec.rank, f) for rec in records for f in rec.findings if f.check == ADAPTER_LAYOUT]
+    if not found:
+        return None
+    result = Check(prop)
+    for rank, f in found:
+        result.fail(f"rank {rank}: {f.message}", kind="contract", check=ADAPTER_LAYOUT)
+    return result

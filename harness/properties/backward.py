@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from harness.compare import compare_tensors, tolerance_for
 from harness.properties import Property, register
-from harness.properties._gather import compare_adapter_sets, replicas
+from harness.properties._gather import compare_adapter_sets, replicas, layout_violations
 from harness.results import Check, Location
 
 
+
 def check(ev) -> Check:
+    broken = layout_violations("backward_matches", ev.impl)
+    if broken is not None:
+        return broken
     case = ev.case
     tol = tolerance_for(case.lora_dtype, case.model_dtype)
     result = Check("backward_matches")

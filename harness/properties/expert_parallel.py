@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from harness.compare import compare_tensors, tolerance_for
 from harness.properties import Property, register
+from harness.properties._gather import layout_violations
 from harness.results import Check, Location
 
 
+
 def check(ev) -> Check:
+    broken = layout_violations("ep_size_independent", ev.impl + ev.impl_ep1)
+    if broken is not None:
+        return broken
     case = ev.case
     tol = tolerance_for(case.lora_dtype, case.model_dtype)
     result = Check("ep_size_independent")

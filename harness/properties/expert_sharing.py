@@ -15,10 +15,15 @@ from __future__ import annotations
 import torch
 
 from harness.properties import Property, register
+from harness.properties._gather import layout_violations
 from harness.results import Check
 
 
+
 def check(ev) -> Check:
+    broken = layout_violations("shared_expert_adapters_identical", ev.impl)
+    if broken is not None:
+        return broken
     result = Check("shared_expert_adapters_identical")
     records = ev.impl
     for moment, key in (("after creation", "shared_created"), ("after one optimizer step", "shared_stepped")):

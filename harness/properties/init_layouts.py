@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from harness.compare import tolerance_for
 from harness.properties import Property, register
-from harness.properties._gather import compare_adapter_sets, replicas
+from harness.properties._gather import compare_adapter_sets, replicas, layout_violations
 from harness.results import Check
 
 
+
 def check(ev) -> Check:
+    broken = layout_violations("init_matches_layouts", ev.impl + [ev.impl_tp1])
+    if broken is not None:
+        return broken
     case = ev.case
     result = Check("init_matches_layouts")
     # Values are drawn over the full matrix and sliced: bit-identical when

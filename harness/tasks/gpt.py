@@ -17,7 +17,13 @@ from harness.cases import GPTCase
 from harness.contract import INIT_METHODS, contract_point, load_impl
 from harness.models import build_gpt, causal_mask
 from harness.results import ErrorRecord, Finding, Partitioned, RankRecord
-from harness.sharding import adapter_modules, load_full_adapter_weights, load_full_base_weights, seeded_tensor
+from harness.sharding import (
+    SpecViolation,
+    adapter_modules,
+    load_full_adapter_weights,
+    load_full_base_weights,
+    seeded_tensor,
+)
 
 __all__ = ["run_gpt_case", "run_error_case", "NON_LINEAR_TARGETS"]
 
@@ -28,6 +34,28 @@ def _setup(ctx: Any, case: GPTCase) -> tuple[Any, int, int]:
     case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
     impl = load_impl(case.impl)
     return impl, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank of the world (every rank calls this, or none)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def violation_record(rank: int, tp_rank: int, tp_size: int, dp_rank: int, violation: Any) -> RankRecord:
+    """What a rank sends when the adapters' names or shapes break harness/SPEC.md (on it or another rank):
+    no tensors, one contract finding that every property of the example reports."""
+    message = violation or "another rank found the adapters' names or shapes off harness/SPEC.md"
+    return RankRecord(
+        rank=rank, tp_rank=tp_rank, tp_size=tp_size, dp_rank=dp_rank, output=None, input_grad=None,
+        adapter_grads={}, initial_adapters={}, partitions={},
+        findings=[Finding("contract", message, "adapter_layout")],
+    )
 
 
 def _cpu64(t: Any) -> Any:
@@ -50,7 +78,13 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
         for which in ("linear_in", "linear_out")
         if isinstance(getattr(getattr(wrapper.adapter, which, None), "weight", None), torch.Tensor)
     }
-    table = load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32))
+    try:
+        table = load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32))
+        violation = None
+    except SpecViolation as exc:
+        violation = str(exc)
+    if any_rank(violation is not None):
+        return violation_record(ctx.rank, tp_rank, tp, parallel_state.get_data_parallel_rank(), violation)
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
     findings = _state_findings(model, table, case)
 
