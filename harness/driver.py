@@ -105,6 +105,11 @@ def _lead(record: ExampleRecord) -> str:
     return record.error.splitlines()[0] if record.error else record.verdict.value
 
 
+#: Examples run while shrinking after the first failure; smaller candidates
+#: beyond it are skipped and the smallest failure found so far is reported.
+DEFAULT_SHRINK_BUDGET = 40
+
+
 def check_property(
     prop: str | Property,
     layout: ParallelLayout,
@@ -118,6 +123,7 @@ def check_property(
     max_faults: int = 3,
     family: str = "gpt",
     progress: Optional[Progress] = None,
+    shrink_budget: int = DEFAULT_SHRINK_BUDGET,
 ) -> PropertyOutcome:
     """Run one property for one layout: stored regressions first, then hypothesis draws.
 
@@ -126,6 +132,10 @@ def check_property(
     failure carries the minimal case (``minimal_case``), hypothesis's report
     (``falsifying_example``) and a ``replay_command``; with ``regressions``
     the minimal case is stored there.
+
+    Shrinking is bounded by ``shrink_budget`` runs after the first failure
+    (each run costs a rank-pool task, and hypothesis would try hundreds);
+    the case reported is the smallest failing one found within it.
     """
     prop = prop if isinstance(prop, Property) else get_property(prop)
     executor = executor or default_executor()
@@ -181,7 +191,9 @@ def check_property(
     base = settings if settings is not None else hsettings()
     run_settings = hsettings(base, deadline=None, suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
     faulted: dict[str, ExampleRecord] = {}
+    failed: dict[str, ExampleRecord] = {}
     last_failure: dict[str, Any] = {}
+    runs_after_failure = [0]
 
     @run_settings
     @given(case=cases_for(family, layout, impl, caps))
@@ -189,13 +201,22 @@ def check_property(
         key = repr(case)
         if key in faulted:
             record = faulted[key]
+        elif key in failed:
+            record = failed[key]
         elif len(faulted) >= max_faults:
             reject()
+        elif failed and runs_after_failure[0] >= shrink_budget:
+            # Shrinking is bounded: the smallest failure found so far stands.
+            reject()
         else:
+            if failed:
+                runs_after_failure[0] += 1
             record = run_example(prop, case, executor)
             note(record)
             if record.verdict in (Verdict.HANG, Verdict.CRASH):
                 faulted[key] = record
+            elif record.verdict.failing:
+                failed[key] = record
         if record.verdict.failing:
             last_failure.update(record=record, case=case)
             raise PropertyFailure(

@@ -202,7 +202,7 @@ class BoundProperty:
         if outcome.verdict is Verdict.SKIPPED:
             pytest.skip(outcome.skipped_reason)
         if not outcome.passed:
-            lines = [f"{self.name} ({self.family}) at {outcome.layout} for {self.impl}: {outcome.verdict.value}", outcome.error]
+            lines = [f"{self.name} at {outcome.layout} for {self.impl}: {outcome.verdict.value}", outcome.error]
             if outcome.minimal_case is not None:
                 import json
 

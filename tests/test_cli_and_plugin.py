@@ -26,19 +26,23 @@ def _cli(*args, timeout=600, env=None, cwd=ROOT):
 def test_layouts_follow_tp_and_ep(capsys):
     assert main(["layouts", "--tp", "2"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "tp1-ep1-etp1-pp1  world 1", "tp2-ep1-etp2-pp1  world 2", "tp2-ep1-etp2-pp1-sp  world 2",
+        "gpt  tp1-ep1-etp1-pp1  world 1", "gpt  tp2-ep1-etp2-pp1  world 2", "gpt  tp2-ep1-etp2-pp1-sp  world 2",
+        "moe  tp1-ep1-etp1-pp1  world 1", "moe  tp2-ep1-etp1-pp1-sp  world 2", "moe  tp2-ep1-etp2-pp1-sp  world 2",
     ]
     assert main(["layouts", "--tp", "2", "--ep", "2"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "tp1-ep1-etp1-pp1  world 1", "tp1-ep2-etp1-pp1  world 2", "tp2-ep1-etp2-pp1  world 2",
-        "tp2-ep1-etp2-pp1-sp  world 2", "tp2-ep2-etp2-pp1  world 4", "tp2-ep2-etp2-pp1-sp  world 4",
+        "gpt  tp1-ep1-etp1-pp1  world 1", "gpt  tp1-ep2-etp1-pp1  world 2", "gpt  tp2-ep1-etp2-pp1  world 2",
+        "gpt  tp2-ep1-etp2-pp1-sp  world 2", "gpt  tp2-ep2-etp2-pp1  world 4", "gpt  tp2-ep2-etp2-pp1-sp  world 4",
+        "moe  tp1-ep1-etp1-pp1  world 1", "moe  tp1-ep2-etp1-pp1  world 2", "moe  tp2-ep1-etp1-pp1-sp  world 2",
+        "moe  tp2-ep1-etp2-pp1-sp  world 2", "moe  tp2-ep2-etp1-pp1-sp  world 2",
+        "moe  tp2-ep2-etp1-pp1-dp2-sp  world 4", "moe  tp2-ep2-etp2-pp1-sp  world 4",
     ]
 
 
 def test_verify_passes_and_writes_json_and_report(capsys, tmp_path):
     path = tmp_path / "out.json"
     rc = main(["verify", "--tp", "2", "--examples", "3", "--property", "forward_matches", "--seed", "3",
-               "--json", str(path), "--report", str(tmp_path / "rep")])
+               "--family", "gpt", "--json", str(path), "--report", str(tmp_path / "rep")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PASS  forward_matches        tp1-ep1-etp1-pp1" in out
@@ -59,7 +63,7 @@ def test_verify_passes_and_writes_json_and_report(capsys, tmp_path):
 
 def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tmp_path):
     path = tmp_path / "fail.json"
-    rc = main(["verify", "--tp", "2", "--examples", "30", "--property", "forward_matches",
+    rc = main(["verify", "--tp", "2", "--examples", "30", "--property", "forward_matches", "--family", "gpt",
                "--layout", "tp1-ep1-etp1-pp1", "--layout", "tp2-ep1-etp2-pp1",
                "--impl", "tests.wrong_impls.scaled_on_rank1", "--json", str(path), "--regressions", str(tmp_path / "reg")])
     out = capsys.readouterr().out
@@ -83,7 +87,7 @@ def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tm
     assert capsys.readouterr().out.startswith("NUMERIC  forward_matches tp2-ep1-etp2-pp1")
     # The stored case is replayed first on the next run, before any draw.
     rc = main(["verify", "--tp", "2", "--examples", "5", "--property", "forward_matches", "--layout", "tp2-ep1-etp2-pp1",
-               "--impl", "tests.wrong_impls.scaled_on_rank1", "--regressions", str(tmp_path / "reg")])
+               "--family", "gpt", "--impl", "tests.wrong_impls.scaled_on_rank1", "--regressions", str(tmp_path / "reg")])
     out = capsys.readouterr().out
     assert rc == 1 and "stored regression case" in out and "replayed before any new draw" in out
 

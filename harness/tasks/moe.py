@@ -118,9 +118,10 @@ def moe_adapter_table(model: torch.nn.Module, case: MoECase, sizes: dict[str, in
     Raises ``SpecViolation`` naming the parameter when the implementation's
     names or local shapes differ from SPEC's.
     """
+    # No wrapper at all is legitimate here (e.g. only shared-expert patterns
+    # on a model without shared experts); the comparison with the
+    # reference's adapted set tells whether something was missed.
     wrappers = adapter_modules(model)
-    if not wrappers:
-        raise SpecViolation("no module with `to_wrap` and `adapter` children: no adapter was applied (SPEC naming)")
     shape = case.shape
     local = shape.num_experts // sizes["ep_size"]
     dim = int(case.lora.get("dim", 32))
