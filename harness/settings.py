@@ -6,8 +6,8 @@ example budgets.
 
 Profiles:
 
-* ``fast`` (the default for pytest and the CLI): 12 examples per property
-  and dense layout (72 per property over ``--tp 2 --ep 2``), enough to
+* ``fast`` (the default for pytest and the CLI): 10 examples per property
+  and dense layout (60 per property over ``--tp 2 --ep 2``), enough to
   catch a layout bug in CI minutes;
 * ``deep``: twenty times as many, for nightly runs
   (``pytest --hypothesis-profile deep`` or ``lora-harness verify --profile deep``).
@@ -31,14 +31,14 @@ FAMILIES = ("gpt", "moe")
 #: Share of the profile's examples per property and layout that each family
 #: draws. An MoE example costs several dense ones (a bigger world at most
 #: layouts, one more run for the EP=1 comparison, an optimizer step), and
-#: its layout set is larger; 40% keeps CI's minutes balanced (5 per MoE
-#: layout, 35 per property over the 7 layouts of --tp 2 --ep 2) while the
+#: its layout set is larger; 40% keeps CI's minutes balanced (4 per MoE
+#: layout, 28 per property over the 7 layouts of --tp 2 --ep 2) while the
 #: deep profile draws 100 per layout.
 FAMILY_EXAMPLE_SHARE = {"gpt": 1.0, "moe": 0.4}
 
 DEFAULT_PROFILE = "fast"
 PROFILES = {
-    "fast": dict(max_examples=12),
+    "fast": dict(max_examples=10),
     "deep": dict(max_examples=250),
 }
 

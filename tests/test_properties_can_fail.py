@@ -42,7 +42,7 @@ def _expect_failure(prop, impl, layout=TP2, **kw):
 
 
 def _expect_pass(prop, impl, layout):
-    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=15))
+    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=10))
     assert outcome.passed, outcome.error
     return outcome
 
@@ -185,3 +185,16 @@ def test_forward_catches_an_a2a_that_permutes_chunks():
     outcome = _expect_failure("forward_matches", "tests.wrong_impls.a2a_chunks_permuted", sp)
     assert outcome.minimal_case.lora.get("a2a_experimental") is True
     _expect_pass("forward_matches", "tests.wrong_impls.a2a_chunks_permuted", TP2)
+
+
+def test_merge_catches_a_fold_without_the_scale():
+    outcome = _expect_failure("merge_matches", "tests.wrong_impls.merge_without_scale", TP1)
+    assert "merged weight of" in outcome.error or "output of the merged model" in outcome.error
+    case = outcome.minimal_case
+    assert case.lora["alpha"] != case.lora["dim"]  # alpha == dim hides it
+
+
+def test_merge_catches_a_fold_that_ignores_tp():
+    _expect_pass("merge_matches", "tests.wrong_impls.merge_ignores_tp", TP1)
+    outcome = _expect_failure("merge_matches", "tests.wrong_impls.merge_ignores_tp")
+    assert "merging raised" in outcome.error or "merged weight of" in outcome.error

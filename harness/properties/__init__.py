@@ -91,7 +91,7 @@ def registry() -> dict[str, Property]:
 # The order reports list the built-in families in: outputs, then gradients, then contract.
 _ORDER = {
     "forward_matches": 0, "backward_matches": 1, "init_matches_layouts": 2, "adapters_follow_spec": 3,
-    "errors_follow_spec": 4, "shared_expert_adapters_identical": 5, "ep_size_independent": 6,
+    "errors_follow_spec": 4, "merge_matches": 5, "shared_expert_adapters_identical": 6, "ep_size_independent": 7,
 }
 
 

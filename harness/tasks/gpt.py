@@ -110,6 +110,8 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
     # Last, so that a non-idempotent implementation fails this check alone
     # and the forward/backward comparisons above see its first application.
     findings += _reapply_findings(model, impl, lora_kwargs, case.training)
+    extras = _merge_extras(model, impl, table, lora_kwargs.get("alpha", 32),
+                           lambda m: m(ids, pos, causal_mask(s).to(device), decoder_input=x.detach()))
     return RankRecord(
         rank=ctx.rank,
         tp_rank=tp_rank,
@@ -121,7 +123,21 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
         initial_adapters=initial,
         partitions=partitions,
         findings=findings,
+        extras=extras,
     )
+
+
+def _merge_extras(model: Any, impl: Any, table: Any, alpha: float, forward: Callable[[Any], Any]) -> dict[str, Any]:
+    """Merge evidence (``harness.tasks.merge``), or what the implementation raised while merging."""
+    from harness.tasks.merge import fold_model, module_merges
+
+    extras: dict[str, Any] = {}
+    try:
+        extras["merge_modules"] = module_merges(model, impl, table, alpha) if table is not None else {}
+        extras.update(fold_model(model, impl, forward))
+    except Exception as exc:  # noqa: BLE001 - reported by merge_matches alone
+        extras["merge_error"] = f"{type(exc).__name__}: {exc}"
+    return extras
 
 
 def _sequence_gathered(shard: Any) -> Any:

@@ -341,6 +341,11 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     extras["own_output"] = _cpu64(own_output)
     extras["ep_rank"], extras["etp_rank"] = sizes["ep_rank"], sizes["etp_rank"]
     findings += _reapply_findings(model, impl, lora_kwargs, case.training)
+    # Experts fold through the implementation's own model-level merge only.
+    from harness.tasks.gpt import _merge_extras
+
+    extras.update(_merge_extras(model, impl, None, lora_kwargs.get("alpha", 32),
+                                lambda m: m(ids, pos, mask, decoder_input=x_shard())))
     partitions = {i.global_name: Partitioned(i.module, None, False, i.full_shape) for i in table.values()}
     if sizes["ep_size"] > 1:
         # Per-expert adapters of the other EP ranks were collected too.

@@ -1,0 +1,61 @@
+"""merge_matches: LoRAMerge folds each adapter into its base weight exactly, and the folded model computes the adapted one.
+
+Checked on every rank without the reference: per dense module,
+``LoRAMerge().merge`` on the rank's shards returns the rank's shard of
+``W + (alpha/dim) B @ A`` (computed by the harness from the gathered full
+matrices, in float64), in the base weight's dtype; the model-level fold
+leaves no adapter wrapper, and its logits equal the adapted model's on the
+same input. MoE models check the fold (experts included).
+"""
+
+from __future__ import annotations
+
+from harness.compare import compare_tensors, tolerance_for
+from harness.properties import Property, register
+from harness.properties._gather import layout_violations
+from harness.results import Check, Location
+
+
+def check(ev) -> Check:
+    broken = layout_violations("merge_matches", ev.impl)
+    if broken is not None:
+        return broken
+    case = ev.case
+    tol = tolerance_for(case.lora_dtype, case.model_dtype)
+    result = Check("merge_matches")
+    for rec in ev.impl:
+        extras = rec.extras
+        if "merge_error" in extras:
+            result.fail(f"rank {rec.rank}: merging raised {extras['merge_error']}", kind="contract", check="merge_runs")
+            continue
+        for module, (got, want, got_dtype, base_dtype) in sorted(extras.get("merge_modules", {}).items()):
+            if got_dtype != base_dtype:
+                result.fail(f"rank {rec.rank}: LoRAMerge.merge for {module} returned {got_dtype}, the base weight is "
+                            f"{base_dtype} (SPEC: cast once to base_weight's dtype)", kind="contract", check="merge_dtype")
+            elif tuple(got.shape) != tuple(want.shape):
+                result.fail(f"rank {rec.rank}: LoRAMerge.merge for {module} returned shape {tuple(got.shape)}, "
+                            f"the base shard is {tuple(want.shape)}", check="merge_shape")
+            else:
+                result.compare(Location("merged weight", module, (rec.rank,)), compare_tensors(got, want, tol), tol)
+        if extras.get("merge_left"):
+            result.fail(f"rank {rec.rank}: the model-level merge left adapter wrappers: {extras['merge_left']}",
+                        kind="contract", check="merge_unwraps")
+        if "merged_output" in extras:
+            result.compare(Location("output of the merged model", None, (rec.rank,)),
+                           compare_tensors(extras["merged_output"], extras["adapted_output"], tol), tol)
+    return result
+
+
+def _applies(layout, capabilities):
+    return None if capabilities.merge else "the implementation does not declare LoRAMerge support"
+
+
+PROPERTY = register(Property(
+    name="merge_matches",
+    check=check,
+    needs=("impl",),
+    families=("gpt", "moe"),
+    doc="LoRAMerge.merge on each rank's shards returns the shard of W + (alpha/dim) B@A; the model-level fold "
+    "leaves no adapter and computes the adapted model's logits",
+    applies=_applies,
+))
