@@ -107,7 +107,7 @@ def _lead(record: ExampleRecord) -> str:
 
 #: Examples run while shrinking after the first failure; smaller candidates
 #: beyond it are skipped and the smallest failure found so far is reported.
-DEFAULT_SHRINK_BUDGET = 40
+DEFAULT_SHRINK_BUDGET = 20
 
 
 def check_property(

@@ -23,6 +23,11 @@ EP2 = ParallelLayout(ep=2)
 WORLD1 = ParallelLayout()
 # MoE examples cost more than dense ones; the triggers (an expert adapter,
 # grouped experts with a shared adapter) are common draws.
+# Fixed draws: what is asserted about the shrunk case must not depend on luck.
+SEED = 20261201
+# Shrinking runs after the first failure: enough for what these tests assert
+# about the shrunk case (one layer, a gated MLP, ...), and CI minutes.
+SHRINK = 12
 SEARCH = settings(max_examples=20, database=None, deadline=None)
 
 
@@ -33,7 +38,7 @@ def _needs_tp2_ep2(max_tp, max_ep):
 
 
 def _expect_failure(prop, impl, layout):
-    outcome = check_property(prop, layout, impl, settings=SEARCH, family="moe")
+    outcome = check_property(prop, layout, impl, settings=SEARCH, family="moe", seed=SEED, shrink_budget=SHRINK)
     assert not outcome.passed, f"{prop} did not catch {impl} at {layout}"
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
     assert "--case-json" in outcome.replay_command and '\\"family\\": \\"moe\\"' not in outcome.replay_command
@@ -43,7 +48,7 @@ def _expect_failure(prop, impl, layout):
 
 
 def _expect_pass(prop, impl, layout, examples=4):
-    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=examples), family="moe")
+    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=examples), family="moe", seed=SEED)
     assert outcome.passed, outcome.error
     return outcome
 
@@ -84,8 +89,6 @@ def test_shared_adapter_gradient_not_summed_over_ep_is_caught():
     impl = "tests.wrong_impls.shared_expert_grad_not_summed"
     outcome = _expect_failure("shared_expert_adapters_identical", impl, EP2)
     assert "differs after one optimizer step" in outcome.error
-    outcome = _expect_failure("backward_matches", impl, EP2)
-    assert re.search(r"gradient of \S+mlp\.experts\.linear_fc\d\.adapter\.linear_(in|out)\.weight ", outcome.error), outcome.error
     _expect_pass("backward_matches", impl, WORLD1)  # one EP rank: nothing to sum
 
 

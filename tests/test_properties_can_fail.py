@@ -21,6 +21,11 @@ TP1 = ParallelLayout()
 # Enough examples that each bug's trigger (a gated MLP, a row-parallel
 # target, TP rank 1 holding an adapter) is drawn; no database, so a failure
 # recorded for one implementation is never replayed for another.
+# Fixed draws: what is asserted about the shrunk case must not depend on luck.
+SEED = 20261201
+# Shrinking runs after the first failure: enough for what these tests assert
+# about the shrunk case (one layer, a gated MLP, ...), and CI minutes.
+SHRINK = 12
 SEARCH = settings(max_examples=60, database=None, deadline=None)
 
 
@@ -31,7 +36,7 @@ def _needs_tp2(max_tp):
 
 
 def _expect_failure(prop, impl, layout=TP2, **kw):
-    outcome = check_property(prop, layout, impl, settings=SEARCH, **kw)
+    outcome = check_property(prop, layout, impl, settings=SEARCH, seed=SEED, shrink_budget=SHRINK, **kw)
     assert not outcome.passed, f"{prop} did not catch {impl} at {layout}"
     # hypothesis's report of the shrunk example, and our replayable case
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
@@ -42,7 +47,7 @@ def _expect_failure(prop, impl, layout=TP2, **kw):
 
 
 def _expect_pass(prop, impl, layout):
-    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=10))
+    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=10), seed=SEED)
     assert outcome.passed, outcome.error
     return outcome
 
@@ -159,8 +164,8 @@ def test_a_bridge_implementation_judged_strictly_gets_contract_findings_not_nume
 def test_fans_on_the_shard_is_advisory_under_the_bridge_contract():
     from harness.contract import Capabilities
 
-    outcome = check_property("init_matches_layouts", TP2, "tests.wrong_impls.fans_on_shard", settings=SEARCH,
-                             capabilities=Capabilities.bridge())
+    outcome = check_property("init_matches_layouts", TP2, "tests.wrong_impls.fans_on_shard",
+                             settings=settings(SEARCH, max_examples=12), seed=SEED, capabilities=Capabilities.bridge())
     assert outcome.passed and outcome.verdict is Verdict.ADVISORY
 
 
