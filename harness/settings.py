@@ -6,8 +6,8 @@ example budgets.
 
 Profiles:
 
-* ``fast`` (the default for pytest and the CLI): 10 examples per property
-  and dense layout (60 per property over ``--tp 2 --ep 2``), enough to
+* ``fast`` (the default for pytest and the CLI): 8 examples per property
+  and dense layout (48 per property over ``--tp 2 --ep 2``), enough to
   catch a layout bug in CI minutes;
 * ``deep``: twenty times as many, for nightly runs
   (``pytest --hypothesis-profile deep`` or ``lora-harness verify --profile deep``).
@@ -38,7 +38,7 @@ FAMILY_EXAMPLE_SHARE = {"gpt": 1.0, "moe": 0.4}
 
 DEFAULT_PROFILE = "fast"
 PROFILES = {
-    "fast": dict(max_examples=10),
+    "fast": dict(max_examples=8),
     "deep": dict(max_examples=250),
 }
 

@@ -255,6 +255,7 @@ FOUR_RANK = {
 }
 
 
+@pytest.mark.nightly
 @pytest.mark.xdist_group(name="lora-world4")  # 4-rank worlds run one at a time (2 cores)
 @pytest.mark.parametrize("layout_name", list(FOUR_RANK))
 def test_four_rank_layouts_equal_world_size_one(layout_name):

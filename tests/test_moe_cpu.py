@@ -278,6 +278,7 @@ def test_two_rank_layouts_equal_world_size_one(dispatcher, grouped):
         _check_layout(ref, ranks, layout)
 
 
+@pytest.mark.nightly
 @pytest.mark.xdist_group(name="lora-world4")  # 4-rank worlds run one at a time (2 cores)
 @pytest.mark.parametrize("dispatcher,grouped", KINDS)
 def test_four_rank_layouts_equal_world_size_one(dispatcher, grouped):
