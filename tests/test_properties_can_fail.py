@@ -47,7 +47,7 @@ def _expect_failure(prop, impl, layout=TP2, **kw):
 
 
 def _expect_pass(prop, impl, layout):
-    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=10), seed=SEED)
+    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=6), seed=SEED)
     assert outcome.passed, outcome.error
     return outcome
 

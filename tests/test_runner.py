@@ -786,7 +786,8 @@ def test_nothing_outlives_the_owner_killed_by_a_signal(sig, tmp_path):
         time.sleep(0.5)  # let the ranks enter the hanging task
         os.kill(proc.pid, sig)
         assert proc.wait(30) == -sig
-        assert _session_left(proc.pid, within=5) == []  # fork server, ranks, tracker: all gone
+        # fork server, ranks, tracker: all gone (generous: a loaded 2-core machine exits slowly)
+        assert _session_left(proc.pid, within=20) == []
         assert _still_running(ranks + [info["forkserver"], info["resource_tracker"]], within=1) == []
         deadline = time.monotonic() + 5
         while _pool_dirs(tmp_path) and time.monotonic() < deadline:
