@@ -264,6 +264,7 @@ def test_four_rank_layouts_equal_world_size_one(layout_name):
     _check(ref, _run(4, layout_name, ids, merge=layout_name == "tp2-ep2-sp"), layout_name, ids)
 
 
+@pytest.mark.nightly
 @pytest.mark.xdist_group(name="lora-world4")  # 4-rank worlds run one at a time (2 cores)
 @pytest.mark.parametrize(
     "how,cid,match",

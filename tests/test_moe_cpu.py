@@ -291,6 +291,7 @@ def test_four_rank_layouts_equal_world_size_one(dispatcher, grouped):
         _check_layout(ref, ranks, layout)
 
 
+@pytest.mark.nightly
 @pytest.mark.xdist_group(name="lora-world4")  # 4-rank worlds run one at a time (2 cores)
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 def test_shared_experts_equal_world_size_one(dispatcher):
