@@ -212,20 +212,10 @@ NON_LINEAR_TARGETS = (
 )
 
 
-def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
-    """Bad input must give the contract's errors and warnings, naming the module, the value and the rule.
-
-    Under the ``bridge`` contract, Megatron-Bridge's error types are accepted
-    and a miss of SPEC's stricter form is an advisory finding. Variants are
-    picked from the case's seed so hypothesis can vary and shrink them.
-    """
-    from megatron.core import parallel_state
-
-    impl, tp, tp_rank = _setup(ctx, case)
-    findings: list[Finding] = []
-
-    def fresh_model() -> torch.nn.Module:
-        return build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype)
+def error_expecter(contract: str, findings: list[Finding]) -> Callable[..., None]:
+    """``expect(check, what, errors, bridge_errors, fragments, make)``: ``make()`` must raise one of
+    ``errors`` naming every fragment; otherwise a contract finding goes to ``findings`` (advisory
+    under the bridge contract when Bridge's own error type was raised)."""
 
     def expect(check: str, what: str, errors: tuple[str, ...], bridge_errors: tuple[str, ...], fragments: list[str], make: Callable[[], Any]) -> None:
         try:
@@ -241,10 +231,30 @@ def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
                 problem = f"{name}({str(exc)!r}) does not name {missing}"
             else:
                 problem = f"raised {name}({exc}) instead of {' or '.join(errors)}"
-            advisory = case.contract == "bridge" and name in bridge_errors
+            advisory = contract == "bridge" and name in bridge_errors
             findings.append(Finding("contract", f"{what}: {problem}", check, binding=not advisory))
             return
         findings.append(Finding("contract", f"{what}: no {' or '.join(errors)} raised", check))
+
+    return expect
+
+
+def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
+    """Bad input must give the contract's errors and warnings, naming the module, the value and the rule.
+
+    Under the ``bridge`` contract, Megatron-Bridge's error types are accepted
+    and a miss of SPEC's stricter form is an advisory finding. Variants are
+    picked from the case's seed so hypothesis can vary and shrink them.
+    """
+    from megatron.core import parallel_state
+
+    impl, tp, tp_rank = _setup(ctx, case)
+    findings: list[Finding] = []
+
+    def fresh_model() -> torch.nn.Module:
+        return build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype)
+
+    expect = error_expecter(case.contract, findings)
 
     both = contract_point("both_modes")
     expect(

@@ -376,13 +376,12 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
     and ETP); a pattern selecting the router, which has no adapter
     (TypeError naming the module and its type).
     """
-    import warnings
-
     from megatron.core import parallel_state as ps
 
     from harness.contract import contract_point
     from harness.moe import build_moe_gpt, layout_sizes
     from harness.results import ErrorRecord
+    from harness.tasks.gpt import error_expecter
 
     layout = case.layout
     layout.initialize_megatron(ctx.world_size, seed=case.seed)
@@ -394,21 +393,7 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
     def fresh_model() -> torch.nn.Module:
         return build_moe_gpt(shape, **layout_sizes(layout), params_dtype=case.model_dtype)
 
-    def expect(check: str, what: str, errors: tuple[str, ...], bridge_errors: tuple[str, ...], fragments: list[str], make: Any) -> None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                make()
-        except Exception as exc:  # noqa: BLE001 - the kind of error is what is checked
-            name = type(exc).__name__
-            missing = [f for f in fragments if f not in str(exc)]
-            if name in errors and not missing:
-                return
-            problem = f"{name}({str(exc)!r}) does not name {missing}" if name in errors else f"raised {name}({exc}) instead of {' or '.join(errors)}"
-            advisory = case.contract == "bridge" and name in bridge_errors
-            findings.append(Finding("contract", f"{what}: {problem}", check, binding=not advisory))
-            return
-        findings.append(Finding("contract", f"{what}: no {' or '.join(errors)} raised", check))
+    expect = error_expecter(case.contract, findings)
 
     topk = shape.moe_router_topk
     if topk > 1:
