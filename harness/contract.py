@@ -137,6 +137,12 @@ STRICTER_THAN_BRIDGE: tuple[ContractPoint, ...] = (
         "honoured",
         "ignored",
     ),
+    ContractPoint(
+        "merge_cast_once",
+        "LoRAMerge.merge precision",
+        "float32, cast once to the base dtype",
+        "in the weights' dtype: 16-bit weights round twice",
+    ),
 )
 
 _POINTS = {p.key: p for p in STRICTER_THAN_BRIDGE}

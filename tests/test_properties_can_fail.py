@@ -203,3 +203,22 @@ def test_merge_catches_a_fold_that_ignores_tp():
     _expect_pass("merge_matches", "tests.wrong_impls.merge_ignores_tp", TP1)
     outcome = _expect_failure("merge_matches", "tests.wrong_impls.merge_ignores_tp")
     assert "merging raised" in outcome.error or "merged weight of" in outcome.error
+
+
+def test_merge_catches_a_row_parallel_fold_that_gathers_a_instead_of_b():
+    _expect_pass("merge_matches", "tests.wrong_impls.merge_row_gathers_a", TP1)
+    outcome = _expect_failure("merge_matches", "tests.wrong_impls.merge_row_gathers_a")
+    assert "row-parallel" in outcome.error or "merged weight of" in outcome.error
+
+
+def test_merge_catches_the_scale_taken_from_the_local_shard():
+    _expect_pass("merge_matches", "tests.wrong_impls.merge_scale_from_shard", TP1)
+    outcome = _expect_failure("merge_matches", "tests.wrong_impls.merge_scale_from_shard")
+    assert "merged weight of" in outcome.error or "column-parallel bfloat16" in outcome.error
+
+
+def test_merge_catches_a_fold_that_rounds_twice_in_bfloat16():
+    # Every example carries the bf16 cast-once probe, so even TP=1 shows it.
+    outcome = _expect_failure("merge_matches", "tests.wrong_impls.merge_rounds_twice", TP1)
+    assert "cast once" in outcome.error and "rounding the delta to bfloat16" in outcome.error
+    assert outcome.verdict is Verdict.CONTRACT

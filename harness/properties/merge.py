@@ -5,7 +5,10 @@ Checked on every rank without the reference: per dense module,
 ``W + (alpha/dim) B @ A`` (computed by the harness from the gathered full
 matrices, in float64), in the base weight's dtype; the model-level fold
 leaves no adapter wrapper, and its logits equal the adapted model's on the
-same input. MoE models check the fold (experts included).
+same input. MoE models check the fold (experts included). On every rank,
+a bfloat16 base whose merge differs when rounded twice (``cast_once`` in
+``harness.tasks.merge``) checks "computed in float32, cast once"; Bridge
+merges in the weights' dtype, so under the bridge contract that is advisory.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ def check(ev) -> Check:
                             f"the base shard is {tuple(want.shape)}", check="merge_shape")
             else:
                 result.compare(Location("merged weight", module, (rec.rank,)), compare_tensors(got, want, tol), tol)
+        for layout, wrong in sorted((extras.get("merge_cast_once") or {}).items()):
+            if wrong:
+                result.fail(
+                    f"rank {rec.rank}: LoRAMerge.merge on a {layout}-parallel bfloat16 shard: {wrong} "
+                    "(SPEC: computed in float32, cast once to base_weight's dtype)",
+                    kind="contract", check="merge_cast_once", binding=case.contract == "strict",
+                )
         if extras.get("merge_left"):
             result.fail(f"rank {rec.rank}: the model-level merge left adapter wrappers: {extras['merge_left']}",
                         kind="contract", check="merge_unwraps")

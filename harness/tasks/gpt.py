@@ -129,12 +129,18 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
 
 def _merge_extras(model: Any, impl: Any, table: Any, alpha: float, forward: Callable[[Any], Any]) -> dict[str, Any]:
     """Merge evidence (``harness.tasks.merge``), or what the implementation raised while merging."""
-    from harness.tasks.merge import fold_model, module_merges
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from harness.tasks.merge import cast_once, fold_model, module_merges
 
     extras: dict[str, Any] = {}
     try:
         extras["merge_modules"] = module_merges(model, impl, table, alpha) if table is not None else {}
         extras.update(fold_model(model, impl, forward))
+        group = parallel_state.get_tensor_model_parallel_group()
+        size = dist.get_world_size(group) if dist.is_initialized() else 1
+        extras["merge_cast_once"] = cast_once(impl, group, size, parallel_state.get_tensor_model_parallel_rank())
     except Exception as exc:  # noqa: BLE001 - reported by merge_matches alone
         extras["merge_error"] = f"{type(exc).__name__}: {exc}"
     return extras

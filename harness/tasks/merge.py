@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from harness.sharding import Partition, adapter_modules, base_partition, shard, unshard
 
-__all__ = ["module_merges", "fold_model"]
+__all__ = ["module_merges", "fold_model", "cast_once"]
 
 
 def _gather(t: torch.Tensor, part: Partition, group: Any, size: int) -> torch.Tensor:
@@ -76,3 +76,52 @@ def fold_model(model: torch.nn.Module, impl: Any, forward: Callable[[torch.nn.Mo
         "merged_output": folded.detach().double().cpu(),
         "merge_left": sorted(adapter_modules(merged))[:5],
     }
+
+
+# 1 + 2**-8 + 2**-16 is exact in float32; cast once to bfloat16 it rounds up
+# to 1 + 2**-7. Rounded twice (the delta 2**-8 + 2**-16 to bfloat16 first,
+# a tie that goes to 2**-8, then 1 + 2**-8, a tie that goes to 1) it is 1.
+_ONCE = 1.0 + 2.0**-7
+_TWICE = 1.0
+
+
+def cast_once(impl: Any, group: Any, size: int, rank: int) -> dict[str, Any]:
+    """``{"column"|"row": None or what was wrong}``: SPEC's "computed in float32, cast once" on a bf16 base.
+
+    Full matrices, with r = out = in = 2 * size and alpha = dim (scale 1):
+    W = 1, A's rows 0 and 1 are 2**-8 and 2**-16, B's columns 0 and 1 are 1,
+    so every entry of W + B @ A is 1 + 2**-8 + 2**-16 before the cast.
+    Each rank passes its column- or row-parallel shards, as the model's
+    layers hold them, with the real group.
+    """
+    n = 2 * size
+    bf16 = torch.bfloat16
+    w = torch.ones(n, n, dtype=bf16)
+    a = torch.zeros(n, n, dtype=bf16)
+    a[0], a[1] = 2.0**-8, 2.0**-16
+    b = torch.zeros(n, n, dtype=bf16)
+    b[:, 0], b[:, 1] = 1.0, 1.0
+    col, row = Partition(0), Partition(1)
+    layouts = {
+        # base (out/t, in), A (r/t, in), B (out/t, r)
+        "column": (shard(w, col, rank, size), shard(a, col, rank, size), shard(b, col, rank, size)),
+        # base (out, in/t), A (r, in/t), B (out/t, r)
+        "row": (shard(w, row, rank, size), shard(a, row, rank, size), shard(b, col, rank, size)),
+    }
+    merger = impl.LoRAMerge()
+    out: dict[str, Any] = {}
+    for kind, (wl, al, bl) in layouts.items():
+        wl, al, bl = (t.contiguous().clone() for t in (wl, al, bl))
+        with torch.no_grad():
+            got = merger.merge(wl.clone(), bl, al, n, n, tp_size=size, tp_group=group if size > 1 else None)
+        if got.dtype != bf16:
+            out[kind] = f"returned {got.dtype} for a bfloat16 base"
+        elif tuple(got.shape) != tuple(wl.shape):
+            out[kind] = f"returned shape {tuple(got.shape)} for a base shard of {tuple(wl.shape)}"
+        elif not bool((got == _ONCE).all()):
+            vals = sorted({float(v) for v in got.float().unique()})[:4]
+            twice = " (what rounding the delta to bfloat16 before the sum gives)" if vals == [_TWICE] else ""
+            out[kind] = f"entries {vals}{twice}, want {_ONCE} = bfloat16(1 + 2**-8 + 2**-16)"
+        else:
+            out[kind] = None
+    return out
