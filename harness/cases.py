@@ -21,7 +21,7 @@ import torch
 from harness.layouts import ParallelLayout
 from harness.models import GPTShape
 
-__all__ = ["CaseError", "GPTCase", "MoECase", "case_from_json", "dtype_name", "parse_dtype", "CASE_TYPES"]
+__all__ = ["CaseError", "GPTCase", "MoECase", "VLMCase", "case_from_json", "dtype_name", "parse_dtype", "CASE_TYPES"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -72,6 +72,11 @@ class GPTCase:
     model_dtype: torch.dtype = torch.float32
     lora_dtype: Optional[torch.dtype] = None
     contract: str = "strict"
+    #: Forward/backward passes before gradients are compared (they must accumulate).
+    micro_batches: int = 1
+    #: (model grid, adapter grid): dtype names every seeded value is rounded to
+    #: before the run, so a float64 run computes on a 16-bit run's exact weights.
+    value_grid: Optional[tuple[str, str]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, ParallelLayout):
@@ -80,6 +85,15 @@ class GPTCase:
             raise TypeError(f"GPTCase.model_dtype must be a torch.dtype, got {self.model_dtype!r}")
         if "lora_dtype" in self.lora:
             raise ValueError("GPTCase.lora must not hold lora_dtype: pass it as the typed field lora_dtype")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            raise ValueError(f"GPTCase.micro_batches={self.micro_batches!r}: must be an integer >= 1")
+        if self.value_grid is not None:
+            grid = tuple(self.value_grid)
+            if len(grid) != 2:
+                raise ValueError(f"GPTCase.value_grid={self.value_grid!r}: must be (model dtype, adapter dtype)")
+            for name in grid:
+                parse_dtype(name)
+            object.__setattr__(self, "value_grid", tuple(dtype_name(parse_dtype(n)) for n in grid))
 
     def with_(self, **changes: Any) -> "GPTCase":
         return replace(self, **changes)
@@ -120,6 +134,8 @@ class GPTCase:
             self.training,
             self.model_dtype,
             self.lora_dtype,
+            self.micro_batches,
+            self.value_grid,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -134,6 +150,8 @@ class GPTCase:
             "model_dtype": dtype_name(self.model_dtype),
             "lora_dtype": dtype_name(self.lora_dtype),
             "contract": self.contract,
+            "micro_batches": self.micro_batches,
+            "value_grid": None if self.value_grid is None else list(self.value_grid),
         }
 
     @classmethod
@@ -148,6 +166,8 @@ class GPTCase:
             model_dtype=parse_dtype(data.get("model_dtype", "float32")),
             lora_dtype=parse_dtype(data.get("lora_dtype")),
             contract=data.get("contract", "strict"),
+            micro_batches=int(data.get("micro_batches", 1)),
+            value_grid=None if data.get("value_grid") is None else tuple(data["value_grid"]),
         )
 
     def describe(self) -> str:
@@ -156,6 +176,9 @@ class GPTCase:
         return (
             f"{self.family} {self.layout} L{self.shape.num_layers} h{self.shape.hidden_size} "
             f"dim {self.lora.get('dim')} {targets} {dtype_name(self.model_dtype)}"
+            f"{'' if self.lora_dtype is None else ' lora ' + dtype_name(self.lora_dtype)}"
+            f"{' dropout ' + str(self.lora.get('dropout')) if self.lora.get('dropout') else ''}"
+            f"{'' if self.micro_batches == 1 else f' {self.micro_batches} micro-batches'}"
             f"{'' if self.training else ' eval'} seed {self.seed}"
         )
 
@@ -212,7 +235,47 @@ class MoECase(GPTCase):
         return super().describe().replace(f"L{s.num_layers} ", f"L{s.num_layers} {experts}{flags} ", 1)
 
 
-CASE_TYPES: dict[str, type] = {"gpt": GPTCase, "moe": MoECase}
+@dataclass(frozen=True)
+class VLMCase(GPTCase):
+    """One vision-language example: a ``harness.vlm.VLMShape`` (megatron-core's LLaVAModel).
+
+    The task loops over all 16 combinations of VLMLoRA's three freeze flags
+    and ``training`` itself, so ``training`` is not a drawn value here;
+    ``lora`` holds the LoRA fields VLMLoRA shares with LoRA (patterns
+    reaching into the vision tower and the projection, dim, alpha, init).
+    """
+
+    family: ClassVar[str] = "vlm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from harness.vlm import VLMShape
+
+        if not isinstance(self.shape, VLMShape):
+            raise TypeError(f"VLMCase.shape must be a harness.vlm.VLMShape, got {type(self.shape).__name__}")
+
+    def _check_shape(self) -> None:
+        if self.layout.sp:
+            raise CaseError(
+                f"vlm case at layout {self.layout}: megatron-core's LLaVAModel supports sequence parallelism only "
+                "with Transformer Engine's attention (an assert in its constructor); use a layout without -sp"
+            )
+        self.shape.check(self.layout.tp)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "VLMCase":
+        from harness.vlm import VLMShape
+
+        base = GPTCase.from_json({**data, "shape": {}})
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(GPTCase)} | {"shape": VLMShape(**data["shape"])})
+
+    def describe(self) -> str:
+        s = self.shape
+        vision = f"vision h{s.vision_hidden_size} img{s.img_size}/p{s.patch_dim} proj{s.projection_ffn_hidden_size} "
+        return super().describe().replace(f"L{s.num_layers} ", f"L{s.num_layers} {vision}", 1)
+
+
+CASE_TYPES: dict[str, type] = {"gpt": GPTCase, "moe": MoECase, "vlm": VLMCase}
 
 
 def case_from_json(data: Mapping[str, Any]) -> Any:

@@ -166,7 +166,7 @@ class Capabilities:
 
     contract: str = "strict"
     init_methods: tuple[str, ...] = INIT_METHODS
-    lora_dtypes: tuple[Optional[str], ...] = (None, "float32", "float64")
+    lora_dtypes: tuple[Optional[str], ...] = (None, "float32", "float64", "bfloat16", "float16")
     experts: bool = True
     sequence_parallel: bool = True
     a2a: bool = True

@@ -116,6 +116,7 @@ class Comparison:
             "atol": self.tolerance.atol,
             "ratio": _num(self.ratio),
             "passed": self.passed,
+            "baseline_abs": None if self.stats.baseline_abs is None else _num(self.stats.baseline_abs),
         }
 
 

@@ -26,6 +26,8 @@ RUN_KINDS = {
     "impl_tp1": "the implementation under test itself in a world of size 1",
     "errors": "the implementation under test fed bad input at the case's layout",
     "impl_ep1": "the implementation under test at the case's layout with expert parallelism 1 (same TP, ETP, SP)",
+    "reference64": "the reference in float64 on the case's exact (16-bit) weights and inputs, world size 1",
+    "init": "the implementation under test's initial adapters on a larger one-layer GPT at the case's layout (harness.tasks.init)",
 }
 
 _POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.tasks")
@@ -130,6 +132,18 @@ class Evidence:
         key = ("reference", self.executor.reference_impl, self.case.reference_key())
         return self.executor.cached(key, lambda: self.executor.run(ref)[0])
 
+    def _make_reference64(self) -> tuple[Any, dict[int, str]]:
+        import torch
+
+        from harness.cases import dtype_name
+
+        case = self.case
+        grid = (dtype_name(case.model_dtype), dtype_name(case.lora_dtype or case.model_dtype))
+        ref = case.with_(impl=self.executor.reference_impl, layout=ParallelLayout(), contract="strict",
+                         model_dtype=torch.float64, lora_dtype=torch.float64, value_grid=grid)
+        key = ("reference", self.executor.reference_impl, ref.reference_key())
+        return self.executor.cached(key, lambda: self.executor.run(ref)[0])
+
     def _make_impl_tp1(self) -> tuple[Any, dict[int, str]]:
         base = self.case.with_(layout=ParallelLayout())
         return self.executor.cached(("impl_tp1", self.case.impl, self.case.reference_key()), lambda: self.executor.run(base)[0])
@@ -139,6 +153,11 @@ class Evidence:
 
         case = self.case.with_(layout=dataclasses.replace(self.layout, ep=1, etp=self.layout.etp_size))
         return self.executor.cached(("impl", repr(case)), lambda: self.executor.run(case))
+
+    def _make_init(self) -> tuple[Any, dict[int, str]]:
+        from harness.tasks.init import run_init_case
+
+        return self.executor.cached(("init", repr(self.case)), lambda: self.executor.run(self.case, run_init_case))
 
     # Shorthands the property modules read.
     @property
@@ -158,5 +177,13 @@ class Evidence:
         return self.get("errors")
 
     @property
+    def reference64(self) -> Any:
+        return self.get("reference64")
+
+    @property
     def impl_ep1(self) -> list[Any]:
         return self.get("impl_ep1")
+
+    @property
+    def init(self) -> list[Any]:
+        return self.get("init")

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 import math
 
-from harness.cases import GPTCase, MoECase, parse_dtype
+import torch
+
+from harness.cases import GPTCase, MoECase, VLMCase, parse_dtype
 from harness.contract import DEFAULT_TARGET_MODULES, INIT_METHODS, Capabilities
 from harness.layouts import ParallelLayout
 from harness.models import GPTShape
@@ -23,6 +25,7 @@ from harness.models import GPTShape
 __all__ = [
     "gpt_shapes", "lora_configs", "gpt_cases", "target_patterns", "cases_for",
     "moe_shapes", "moe_target_patterns", "moe_cases",
+    "vlm_shapes", "vlm_target_patterns", "vlm_cases",
 ]
 
 DEFAULT_TARGET_MODULES = list(DEFAULT_TARGET_MODULES)
@@ -82,11 +85,11 @@ def lora_configs(draw: Any, tp: int = 1, capabilities: Optional[Capabilities] = 
     """
     caps = capabilities or Capabilities()
     cfg = dict(draw(target_patterns()))
-    # 16-bit adapters are left to the dtype tests: rounding every adapter
-    # product to 8 bits makes two correct layouts differ by up to ~15% of a
-    # gradient's largest entry where terms cancel, which no fixed tolerance
-    # separates from a real sharding bug.
-    dtypes = [d for d in caps.lora_dtypes if d in (None, "float32", "float64")] or [None]
+    # 16-bit adapters are compared by error ratios against a float64
+    # reference (harness.compare.compare_low_precision): two correct layouts
+    # can differ by ~15% of a gradient's largest entry where terms cancel,
+    # which no fixed tolerance separates from a sharding bug.
+    dtypes = list(caps.lora_dtypes) or [None]
     cfg.update(
         dim=tp * draw(st.integers(1, 4)),
         alpha=draw(st.sampled_from([1, 2, 8, 16, 32])),
@@ -104,17 +107,25 @@ def gpt_cases(
 ) -> GPTCase:
     """One dense-GPT example for a layout: shape, LoRA config, seed, train/eval mode, dtypes.
 
-    Dropout is drawn only in eval mode (``training=False``, inference), where
-    it must act as identity: in training its masks are random per layout by
-    nature, so a forward comparison would be meaningless. The base model runs
-    in float32 (what users run) or float64 (where the tolerance can be 1e-9;
-    see ``harness.compare``).
+    Dropout is drawn in eval mode (``training=False``, inference), where it
+    must act as identity, and in training with float64 values, where
+    ``harness.dropout``'s value-keyed masks make the sharded and the
+    reference run drop exactly the same elements. The base model runs in
+    float32 (what users run), float64 (where the tolerance can be 1e-9; see
+    ``harness.compare``) or bfloat16 (compared by error ratios against a
+    float64 reference). Training draws one or two micro-batches: gradients
+    must accumulate.
     """
     caps = capabilities or Capabilities()
     tp = layout.tp
     training = draw(st.booleans())
-    lora = dict(draw(lora_configs(tp, caps)), dropout=0.0 if training else draw(st.sampled_from([0.0, 0.1, 0.5])))
+    lora = dict(draw(lora_configs(tp, caps)))
     lora_dtype = parse_dtype(lora.pop("lora_dtype"))
+    model_dtype = parse_dtype(draw(st.sampled_from(["float32", "float64", "float64", "bfloat16"])))
+    # Dropout in training compares exactly through value-keyed masks
+    # (harness.dropout), which need float64 values on both sides.
+    exact = model_dtype == torch.float64 and lora_dtype in (None, torch.float64)
+    lora["dropout"] = draw(st.sampled_from([0.0, 0.1, 0.5])) if (exact or not training) else 0.0
     if layout.sp and caps.a2a:
         lora["a2a_experimental"] = draw(st.booleans())
     return GPTCase(
@@ -124,9 +135,10 @@ def gpt_cases(
         layout=layout,
         impl=impl,
         training=training,
-        model_dtype=parse_dtype(draw(st.sampled_from(["float32", "float64"]))),
+        model_dtype=model_dtype,
         lora_dtype=lora_dtype,
         contract=caps.contract,
+        micro_batches=draw(st.integers(1, 2)) if training else 1,
     )
 
 
@@ -251,8 +263,104 @@ def moe_cases(
     )
 
 
+# ------------------------------------------------------------------ VLM
+
+# Patterns over a LLaVA's linears that reach into the vision tower
+# (``vision_model.decoder.layers.0...``) and the projection
+# (``vision_projection.encoder.linear_fc1/2``). Each selects linears only
+# (``*vision_projection*`` would select the projector itself, a TypeError by
+# SPEC) and none is anchored at the start, so the model, ``[model]`` and a
+# wrapper's ``.llava_model`` (names then start with ``llava_model.``) select
+# the same modules.
+_VLM_TARGETS = (
+    "*vision_model*linear_qkv",
+    "*vision_model.*linear_fc2",
+    "*vision_projection.*linear_fc*",
+    "*vision_projection.encoder.linear_fc2",
+    "*.decoder.layers.0.*linear_fc1",
+    "*language_model.*linear_proj",
+    "output_layer",
+)
+_VLM_EXCLUDES = ("*language_model*", "*vision_model*", "*vision_projection*", "linear_qkv", "*.mlp.linear_fc*", "output_layer")
+
+
+def vlm_target_patterns() -> st.SearchStrategy[dict[str, list[str]]]:
+    """target_modules / exclude_modules for a LLaVA, reaching the vision tower and the projection."""
+    target_mode = st.one_of(
+        st.lists(st.sampled_from(_VLM_TARGETS), min_size=1, max_size=3, unique=True),
+        st.lists(st.sampled_from(list(DEFAULT_TARGET_MODULES)), min_size=1, max_size=2, unique=True),
+    ).map(lambda t: {"target_modules": t, "exclude_modules": []})
+    exclude_mode = st.lists(st.sampled_from(_VLM_EXCLUDES), min_size=1, max_size=2, unique=True).map(
+        lambda e: {"target_modules": [], "exclude_modules": e}
+    )
+    return st.one_of(target_mode, exclude_mode)
+
+
+@st.composite
+def vlm_shapes(draw: Any, tp: int = 1) -> Any:
+    """A tiny LLaVA that TP=tp can shard: one layer per tower, hidden sizes 8-32, a 4x4 or 8x8 image of 4x4 patches."""
+    from harness.vlm import VLMShape
+
+    heads = tp * draw(st.integers(1, 2))
+    vision_heads = tp * draw(st.integers(1, 2))
+    return VLMShape(
+        num_layers=1,
+        hidden_size=heads * draw(st.sampled_from([4, 8])),
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        ffn_hidden_size=tp * 4 * draw(st.integers(1, 2)),
+        vocab_size=tp * draw(st.integers(4, 8)),
+        # The image token and at least tp text tokens (one per vocabulary shard).
+        seq_length=1 + tp * draw(st.integers(1, 2)),
+        micro_batch_size=draw(st.integers(1, 2)),
+        gated_linear_unit=draw(st.booleans()),
+        add_bias_linear=draw(st.booleans()),
+        vision_hidden_size=vision_heads * draw(st.sampled_from([4, 8])),
+        vision_num_attention_heads=vision_heads,
+        vision_ffn_hidden_size=tp * 4 * draw(st.integers(1, 2)),
+        img_size=draw(st.sampled_from([4, 8])),
+        patch_dim=4,
+        projection_ffn_hidden_size=tp * 4 * draw(st.integers(1, 2)),
+    )
+
+
+@st.composite
+def vlm_cases(
+    draw: Any, layout: ParallelLayout, impl: str = "lora.megatron", capabilities: Optional[Capabilities] = None
+) -> VLMCase:
+    """One LLaVA example for a layout: shape, patterns into every part, dim, alpha, init, seed.
+
+    The task itself covers the 16 freeze-flag and training combinations.
+    Neither init method is ``zero`` and the scale alpha/dim is at most 2,
+    so one optimizer step reaches every trainable parameter (a zero B
+    leaves A's gradient zero; a large scale saturates attention).
+    Dropout 0, float32, adapters in the base dtype: what is checked here is
+    which parameters train, not numerics.
+    """
+    caps = capabilities or Capabilities()
+    tp = layout.tp
+    inits = [m for m in caps.init_methods if m != "zero"] or ["xavier"]
+    dim = tp * draw(st.integers(1, 2))
+    lora = dict(draw(vlm_target_patterns()))
+    lora.update(
+        dim=dim,
+        alpha=dim * draw(st.sampled_from([1, 2])) // draw(st.sampled_from([1, 2])) or 1,
+        dropout=0.0,
+        lora_A_init_method=draw(st.sampled_from(inits)),
+        lora_B_init_method=draw(st.sampled_from(inits)),
+    )
+    return VLMCase(
+        shape=draw(vlm_shapes(tp)),
+        lora=lora,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        layout=layout,
+        impl=impl,
+        contract=caps.contract,
+    )
+
+
 # Case strategies per model family: (layout, impl, capabilities) -> strategy.
-_CASES = {"gpt": gpt_cases, "moe": moe_cases}
+_CASES = {"gpt": gpt_cases, "moe": moe_cases, "vlm": vlm_cases}
 
 
 def cases_for(family: str, layout: ParallelLayout, impl: str, capabilities: Optional[Capabilities] = None) -> st.SearchStrategy[Any]:

@@ -92,6 +92,8 @@ def registry() -> dict[str, Property]:
 _ORDER = {
     "forward_matches": 0, "backward_matches": 1, "init_matches_layouts": 2, "adapters_follow_spec": 3,
     "errors_follow_spec": 4, "merge_matches": 5, "shared_expert_adapters_identical": 6, "ep_size_independent": 7,
+    "init_follows_distribution": 8, "dropout_follows_spec": 9,
+    "vlm_freezing_follows_spec": 20,
 }
 
 

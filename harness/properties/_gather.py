@@ -9,20 +9,28 @@ from harness.results import Check, Location
 from harness.sharding import Partition, unshard
 
 
+def _field(rec: Any, field: str) -> dict[str, Any]:
+    """A per-rank dict: a record attribute, or ``extras.<key>``."""
+    if field.startswith("extras."):
+        return dict(rec.extras.get(field[len("extras."):]) or {})
+    return dict(getattr(rec, field))
+
+
 def replicas(records: list[Any], layout: Any, field: str) -> list[tuple[tuple[int, ...], dict[str, Optional[Any]]]]:
-    """[(ranks of one TP group, {param: full tensor or None})] for the per-rank dict ``field``.
+    """[(ranks of one TP group, {param: full tensor or None})] for the per-rank dict ``field``
+    (a record attribute, or ``extras.<key>``).
 
     Records whose tensors are already full (every partition replicated, as
     the MoE task sends them) are compared rank by rank.
     """
     if records and all(p.dim is None for rec in records for p in rec.partitions.values()):
-        return [((rec.rank,), dict(getattr(rec, field))) for rec in records]
+        return [((rec.rank,), _field(rec, field)) for rec in records]
     out = []
     for ranks in layout.expected_groups(len(records))["tp"]:
         members = sorted((records[r] for r in ranks), key=lambda rec: rec.tp_rank)
         full: dict[str, Optional[Any]] = {}
         for pname, part in members[0].partitions.items():
-            pieces = [getattr(m, field).get(pname) for m in members]
+            pieces = [_field(m, field).get(pname) for m in members]
             full[pname] = None if any(p is None for p in pieces) else unshard(pieces, Partition(part.dim, part.gated))
         out.append((tuple(ranks), full))
     return out
@@ -69,3 +77,45 @@ def layout_violations(prop: str, records: list[Any]) -> Optional[Check]:
     for rank, f in found:
         result.fail(f"rank {rank}: {f.message}", kind="contract", check=ADAPTER_LAYOUT)
     return result
+
+
+class Numeric:
+    """Compares the implementation's tensors with the reference's, the right way for the case's dtypes.
+
+    float32/float64: a fixed normwise tolerance (``harness.compare.tolerance_for``).
+    16-bit model or adapters: the error against a float64 reference on the
+    same exact values, bounded by a multiple of the single-device 16-bit
+    reference's own error (``harness.compare.compare_low_precision``); that
+    needs the ``reference64`` run, made only for such cases.
+    """
+
+    def __init__(self, ev: Any) -> None:
+        from harness.compare import is_low_precision, low_precision_eps, tolerance_for
+
+        case = ev.case
+        self.reference = ev.reference
+        self.low = is_low_precision(case.lora_dtype, case.model_dtype)
+        self.exact = ev.reference64 if self.low else None
+        self.eps = low_precision_eps(case.lora_dtype, case.model_dtype) if self.low else 0.0
+        self.tol = tolerance_for(case.lora_dtype, case.model_dtype)
+
+    def compare(self, check: Check, location: Location, actual: Any, pick: Any) -> None:
+        """``actual`` against ``pick(reference record)`` (and ``pick(float64 record)`` for 16-bit)."""
+        from harness.compare import compare_low_precision
+
+        if self.low:
+            stats, tol = compare_low_precision(actual, pick(self.reference), pick(self.exact), self.eps)
+        else:
+            tol = self.tol
+            stats = compare_tensors(actual, pick(self.reference), tol)
+        check.compare(location, stats, tol)
+
+    def compare_sets(self, check: Check, quantity: str, got: dict[str, Any], field: str, ranks: tuple[int, ...]) -> None:
+        """Every tensor of one replica's dict ``field`` against the reference's; the sets must agree."""
+        want = _field(self.reference, field)
+        if set(got) != set(want):
+            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+            check.fail(f"adapted parameters differ from the reference: missing {missing}, unexpected {extra}", check="adapted_set")
+            return
+        for pname in sorted(got):
+            self.compare(check, Location(quantity, pname, ranks), got[pname], lambda rec, p=pname: _field(rec, field).get(p))

@@ -3,14 +3,15 @@
 Adapter gradients are put back together from their shards per
 data-parallel replica (every replica must hold the same). In inference
 (``training=False``) every parameter is frozen, so only the input gradient
-is compared.
+is compared. Gradients are those of ``case.micro_batches`` forward/backward
+passes, which must accumulate; after them, one ``torch.optim.SGD`` step
+(lr 0.1) must leave the gathered adapters equal to the reference's.
 """
 
 from __future__ import annotations
 
-from harness.compare import compare_tensors, tolerance_for
 from harness.properties import Property, register
-from harness.properties._gather import compare_adapter_sets, replicas, layout_violations
+from harness.properties._gather import Numeric, replicas, layout_violations
 from harness.results import Check, Location
 
 
@@ -20,14 +21,17 @@ def check(ev) -> Check:
     if broken is not None:
         return broken
     case = ev.case
-    tol = tolerance_for(case.lora_dtype, case.model_dtype)
     result = Check("backward_matches")
-    ref, records = ev.reference, ev.impl
+    numeric = Numeric(ev)
+    records = ev.impl
     for rec in records:
-        result.compare(Location("input_grad", None, (rec.rank,)), compare_tensors(rec.input_grad, ref.input_grad, tol), tol)
+        numeric.compare(result, Location("input_grad", None, (rec.rank,)), rec.input_grad, lambda r: r.input_grad)
     if case.training:
         for ranks, grads in replicas(records, case.layout, "adapter_grads"):
-            compare_adapter_sets(result, "gradient", grads, ref.adapter_grads, ranks, tol)
+            numeric.compare_sets(result, "gradient", grads, "adapter_grads", ranks)
+        if "stepped_adapters" in ev.reference.extras:
+            for ranks, stepped in replicas(records, case.layout, "extras.stepped_adapters"):
+                numeric.compare_sets(result, "value after one SGD step", stepped, "extras.stepped_adapters", ranks)
     return result
 
 

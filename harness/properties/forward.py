@@ -1,10 +1,13 @@
-"""forward_matches: the logits on every rank equal the reference's, on the same full weights."""
+"""forward_matches: the logits on every rank equal the reference's, on the same full weights.
+
+16-bit cases compare errors against a float64 reference instead
+(``harness.properties._gather.Numeric``).
+"""
 
 from __future__ import annotations
 
-from harness.compare import compare_tensors, tolerance_for
 from harness.properties import Property, register
-from harness.properties._gather import layout_violations
+from harness.properties._gather import Numeric, layout_violations
 from harness.results import Check, Location
 
 
@@ -13,12 +16,10 @@ def check(ev) -> Check:
     broken = layout_violations("forward_matches", ev.impl)
     if broken is not None:
         return broken
-    case = ev.case
-    tol = tolerance_for(case.lora_dtype, case.model_dtype)
     result = Check("forward_matches")
-    ref = ev.reference
+    numeric = Numeric(ev)
     for rec in ev.impl:
-        result.compare(Location("output", None, (rec.rank,)), compare_tensors(rec.output, ref.output, tol), tol)
+        numeric.compare(result, Location("output", None, (rec.rank,)), rec.output, lambda r: r.output)
     return result
 
 

@@ -13,7 +13,9 @@ merges in the weights' dtype, so under the bridge contract that is advisory.
 
 from __future__ import annotations
 
-from harness.compare import compare_tensors, tolerance_for
+from harness.compare import (
+    LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, Tolerance, compare_tensors, is_low_precision, low_precision_eps, tolerance_for,
+)
 from harness.properties import Property, register
 from harness.properties._gather import layout_violations
 from harness.results import Check, Location
@@ -51,8 +53,20 @@ def check(ev) -> Check:
             result.fail(f"rank {rec.rank}: the model-level merge left adapter wrappers: {extras['merge_left']}",
                         kind="contract", check="merge_unwraps")
         if "merged_output" in extras:
-            result.compare(Location("output of the merged model", None, (rec.rank,)),
-                           compare_tensors(extras["merged_output"], extras["adapted_output"], tol), tol)
+            where = Location("output of the merged model", None, (rec.rank,))
+            if is_low_precision(case.lora_dtype, case.model_dtype):
+                # Folding rounds W + s B@A to 16 bits: the merged model is as far
+                # from the exact result as a 16-bit forward is, not bit-equal. The
+                # single-device 16-bit forward's error against float64 measures that.
+                single = float((ev.reference.output - ev.reference64.output).abs().max())
+                adapted = extras["adapted_output"]
+                eps = low_precision_eps(case.lora_dtype, case.model_dtype)
+                low_tol = Tolerance(0.0, LOW_PRECISION_FACTOR * single + LOW_PRECISION_FLOOR * eps * float(adapted.abs().max()))
+                stats = compare_tensors(extras["merged_output"], adapted, low_tol)
+                stats.baseline_abs = single
+                result.compare(where, stats, low_tol)
+            else:
+                result.compare(where, compare_tensors(extras["merged_output"], extras["adapted_output"], tol), tol)
     return result
 
 

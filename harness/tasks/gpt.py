@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from harness.cases import GPTCase
+from harness.dropout import keyed_dropout
 from harness.contract import INIT_METHODS, contract_point, load_impl
 from harness.models import build_gpt, causal_mask
 from harness.results import ErrorRecord, Finding, Partitioned, RankRecord
@@ -87,31 +88,48 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
         return violation_record(ctx.rank, tp_rank, tp, parallel_state.get_data_parallel_rank(), violation)
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
     findings = _state_findings(model, table, case)
+    model_grid, adapter_grid = _round_to_grid(model, table, case)
 
     # Seeded on the CPU, then moved: the same values on every device.
     device = getattr(ctx, "device", None) or torch.device("cpu")
     s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
-    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype)
-    # Under sequence parallelism megatron expects this rank's sequence shard
-    # as decoder_input, and its gradient is that shard's.
-    x = (full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x).clone().requires_grad_(True)
     ids = torch.zeros(b, s, dtype=torch.long, device=device)
     pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-    out = model(ids, pos, causal_mask(s).to(device), decoder_input=x)
+    first: dict[str, Any] = {}
+    # Value-keyed dropout masks (harness.dropout): the same decisions here
+    # and in the reference, so training-mode dropout compares exactly.
+    with keyed_dropout(model) as dropout_log:
+        for mb in range(case.micro_batches):
+            suffix = "" if mb == 0 else str(mb)
+            full_x = _grid(seeded_tensor(case.seed, "input" + suffix, (s, b, h)), model_grid).to(device=device, dtype=case.model_dtype)
+            # Under sequence parallelism megatron expects this rank's sequence
+            # shard as decoder_input, and its gradient is that shard's.
+            x = (full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x).clone().requires_grad_(True)
+            out = model(ids, pos, causal_mask(s).to(device), decoder_input=x)
+            # A random linear functional of the logits, so every output entry
+            # reaches the gradients with a different weight.
+            probe = _grid(seeded_tensor(case.seed, "probe" + suffix, tuple(out.shape)), model_grid).to(device=device, dtype=out.dtype)
+            # Gradients of every micro-batch must add up in .grad.
+            (out * probe).sum().backward()
+            if mb == 0:
+                first = {"out": out, "x": x}
+    out, x = first["out"], first["x"]
     if out.dtype != case.model_dtype:
         findings.append(Finding(
             "contract", f"logits dtype {out.dtype}, the base model computes in {case.model_dtype} "
             "(the adapter output must be cast back)", "output_dtype"))
-    # A random linear functional of the logits, so every output entry
-    # reaches the gradients with a different weight.
-    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(device=device, dtype=out.dtype)
-    (out * probe).sum().backward()
     grads = {p: _cpu64(model.get_parameter(p).grad) for p in table}
+    extras: dict[str, Any] = {"dropout": {"calls": dropout_log.calls, "dropped": dropout_log.dropped,
+                                          "eval_calls": dropout_log.eval_calls}}
+    if case.training:
+        extras["stepped_adapters"] = _sgd_step(model, table)
+    forward = lambda m: m(ids, pos, causal_mask(s).to(device), decoder_input=x.detach())  # noqa: E731
+    if case.training and case.lora.get("dropout", 0.0) > 0 and tp > 1:
+        extras["dropout_masks"] = _replicated_masks(model, forward)
     # Last, so that a non-idempotent implementation fails this check alone
     # and the forward/backward comparisons above see its first application.
     findings += _reapply_findings(model, impl, lora_kwargs, case.training)
-    extras = _merge_extras(model, impl, table, lora_kwargs.get("alpha", 32),
-                           lambda m: m(ids, pos, causal_mask(s).to(device), decoder_input=x.detach()))
+    extras.update(_merge_extras(model, impl, table, lora_kwargs.get("alpha", 32), forward))
     return RankRecord(
         rank=ctx.rank,
         tp_rank=tp_rank,
@@ -125,6 +143,67 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
         findings=findings,
         extras=extras,
     )
+
+
+def _grid(t: torch.Tensor, grid: Any) -> torch.Tensor:
+    """``t`` rounded to ``grid``'s values (a dtype, or None: unchanged), in its own dtype."""
+    return t if grid is None else t.to(grid).to(t.dtype)
+
+
+def _round_to_grid(model: torch.nn.Module, table: dict[str, Any], case: GPTCase) -> tuple[Any, Any]:
+    """Round every parameter to the case's value grid (adapters to the adapter grid), in place.
+
+    A float64 run on a 16-bit run's exact weights (``GPTCase.value_grid``):
+    the low-precision runs cast the same seeded values to their dtypes,
+    which is the same rounding elementwise, shards or not.
+    """
+    if case.value_grid is None:
+        return None, None
+    from harness.cases import parse_dtype
+
+    model_grid, adapter_grid = (parse_dtype(n) for n in case.value_grid)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(_grid(param, adapter_grid if name in table else model_grid))
+    return model_grid, adapter_grid
+
+
+#: Learning rate of the one optimizer step whose result is compared.
+STEP_LR = 0.1
+
+
+def _sgd_step(model: torch.nn.Module, table: dict[str, Any]) -> dict[str, Any]:
+    """One ``torch.optim.SGD`` step over the trainable parameters; the adapters after it."""
+    trainable = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if trainable:
+        torch.optim.SGD(trainable, lr=STEP_LR).step()
+    return {p: _cpu64(model.get_parameter(p)) for p in table}
+
+
+def _replicated_masks(model: torch.nn.Module, forward: Callable[[Any], Any]) -> list[str]:
+    """With the implementation's own (real) dropout: each dropout call whose input is the same on
+    every TP rank must draw the same mask on every rank (else the sharded result is no single-device
+    dropout). Returns what broke that rule."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from harness.dropout import capture_dropout
+
+    with torch.no_grad(), capture_dropout() as log:
+        forward(model)
+    group = parallel_state.get_tensor_model_parallel_group()
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, log.records, group=group)
+    if len({len(r) for r in everyone}) > 1:
+        return [f"TP ranks made different numbers of dropout calls: {[len(r) for r in everyone]}"]
+    wrong = []
+    for i, calls in enumerate(zip(*everyone)):
+        shapes_inputs = {(shape, digest) for shape, digest, _ in calls}
+        masks = {mask for _, _, mask in calls}
+        if len(shapes_inputs) == 1 and len(masks) > 1:
+            wrong.append(f"dropout call {i} on a tensor of shape {list(calls[0][0])} that is the same on every TP rank "
+                         f"drew {len(masks)} different masks across the {len(calls)} TP ranks")
+    return wrong
 
 
 def _merge_extras(model: Any, impl: Any, table: Any, alpha: float, forward: Callable[[Any], Any]) -> dict[str, Any]:

@@ -65,7 +65,11 @@ def module_merges(model: torch.nn.Module, impl: Any, table: dict[str, Any], alph
 
 
 def fold_model(model: torch.nn.Module, impl: Any, forward: Callable[[torch.nn.Module], torch.Tensor]) -> dict[str, Any]:
-    """The adapted logits, the folded model's logits, and any adapter wrapper the fold left behind."""
+    """The adapted logits, the folded model's logits, and any adapter wrapper the fold left behind.
+
+    Both in eval mode: the fold is the adapter's deterministic map (SPEC: no dropout).
+    """
+    model.eval()
     with torch.no_grad():
         adapted = forward(model)
     merged = impl.LoRAMerge()(model)

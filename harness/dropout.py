@@ -1,0 +1,124 @@
+"""Dropout the harness can reason about exactly: value-keyed masks, and captured real masks.
+
+A dropout mask drawn from an RNG differs between a sharded run and the
+single-device reference by nature, so comparing their outputs in training
+mode would need statistics. Instead every rank task (the implementation's
+and the reference's) runs inside ``keyed_dropout()``, which replaces
+``torch.nn.functional.dropout`` (what ``nn.Dropout``, Megatron-Bridge's
+adapters and ours call) by inverted dropout whose mask is a fixed function
+of each element's *value*: an element is kept when a hash of its value,
+rounded to float32, is at least ``p``. The same value gets the same
+decision on every rank and in the reference, wherever it sits, so a
+sharded run whose adapter drops the right tensor (the adapter input for
+``pre``, the adapter output for ``post``) computes exactly what the
+single-device reference computes with that mask; one that drops the base
+path, drops in eval, or drops the wrong tensor does not. The equivalence
+properties then compare training-mode dropout like everything else.
+
+Values that differ between layouts only by summation order must map to
+the same float32 to get the same decision, so the strategies draw
+training-mode dropout with float64 models and adapters only (a 1-ulp
+float64 difference crosses a float32 rounding boundary with probability
+about 2**-29 per element).
+
+``capture_dropout()`` does the opposite: it leaves the real dropout in
+place and records, per call, a fingerprint of the input and of the mask
+the implementation drew, so a rank can check the rule that a tensor
+replicated across TP ranks gets the same mask on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["keyed_mask", "keyed_dropout", "capture_dropout", "DropoutLog"]
+
+_MIX = 0x45D9F3B  # a 27-bit odd multiplier: products of 31-bit values stay inside int64
+
+
+def keyed_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep mask (bool, x's shape): True where hash(float32(x)) / 2**24 >= p."""
+    bits = x.detach().to(torch.float32).view(torch.int32).to(torch.int64)
+    h = (bits ^ (bits >> 31)) & 0x7FFFFFFF  # fold the sign in, keep 31 bits
+    for _ in range(2):
+        h = ((h >> 16) ^ h) * _MIX & 0xFFFFFFFF
+        h &= 0x7FFFFFFF
+    h = (h >> 16) ^ h
+    return (h & 0xFFFFFF).to(torch.float64) / float(1 << 24) >= p
+
+
+@dataclass
+class DropoutLog:
+    """What dropout did inside one ``keyed_dropout`` / ``capture_dropout`` block."""
+
+    calls: int = 0            # calls with p > 0 that dropped (training=True)
+    dropped: int = 0          # elements zeroed by those calls
+    eval_calls: int = 0       # calls with p > 0 and training=True made while the model was in eval mode
+    records: list[tuple[tuple[int, ...], str, str]] = field(default_factory=list)  # (shape, input digest, mask digest)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def keyed_dropout(model: Any = None) -> Iterator[DropoutLog]:
+    """``torch.nn.functional.dropout`` (and ``torch.dropout``) use value-keyed masks inside the block.
+
+    ``model``: when given, a dropping call made while ``model.training`` is
+    False counts in ``eval_calls`` (SPEC: dropout acts only in training).
+    """
+    log = DropoutLog()
+    real_f, real_t = F.dropout, torch.dropout
+
+    def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+        if not training or p == 0.0:
+            return input
+        if model is not None and not model.training:
+            log.eval_calls += 1
+        keep = keyed_mask(input, p)
+        log.calls += 1
+        log.dropped += int((~keep).sum())
+        out = input * keep.to(input.dtype) / (1.0 - p)
+        if inplace:
+            return input.copy_(out)
+        return out
+
+    def torch_dropout(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+        return dropout(input, p, train)
+
+    F.dropout, torch.dropout = dropout, torch_dropout
+    try:
+        yield log
+    finally:
+        F.dropout, torch.dropout = real_f, real_t
+
+
+@contextlib.contextmanager
+def capture_dropout() -> Iterator[DropoutLog]:
+    """The real dropout, with each dropping call's (shape, input digest, mask digest) recorded."""
+    log = DropoutLog()
+    real_f = F.dropout
+
+    def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+        if not training or p == 0.0:
+            return real_f(input, p, training, inplace)
+        before = input.detach().clone()
+        out = real_f(input, p, training, inplace)
+        mask = (out.detach() == 0) & (before != 0)
+        log.calls += 1
+        log.dropped += int(mask.sum())
+        log.records.append((tuple(before.shape), _digest(before), _digest(mask)))
+        return out
+
+    F.dropout = dropout
+    try:
+        yield log
+    finally:
+        F.dropout = real_f
