@@ -1,0 +1,184 @@
+"""The init task: the implementation's initial adapters on a GPT big enough to test their distribution.
+
+``run_init_case`` builds, at the case's layout, a one-layer GPT of a fixed
+shape (``init_shape``: hidden 128, ffn 256, vocab 128, heads and query
+groups divisible by TP) with the case's gated MLP / bias flags, applies
+``impl.LoRA(...)`` with the case's seed, init methods, patterns, alpha,
+dropout, dtypes and training mode but rank ``init_dim`` (128, a multiple of
+TP), and returns the initial adapters (A and B of every adapted module,
+each rank's shard) with the partition table that puts them back together.
+No harness weights are loaded and nothing is run backward: the draw itself
+is the evidence (``harness.properties.init_distribution`` tests it).
+
+When A or B is initialised to zero, the adapted model must compute exactly
+what the base model computes: the task runs the base model's forward on a
+seeded input before LoRA is applied and the adapted model's after, and
+records on each rank whether the logits are bitwise equal
+(``extras["zero_forward"]``).
+
+If the case's patterns adapt no module of this one-layer model (a pattern
+naming a second layer, say), the default target modules are used
+(``extras["targets"]`` says which).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from harness.cases import GPTCase
+from harness.contract import DEFAULT_TARGET_MODULES
+from harness.models import GPTShape, build_gpt, causal_mask
+from harness.results import Partitioned, RankRecord
+from harness.sharding import (
+    Partition,
+    SpecViolation,
+    adapter_full_shapes,
+    adapter_modules,
+    adapter_partitions,
+    full_shape,
+    seeded_tensor,
+    shard,
+)
+from harness.tasks.gpt import _setup, any_rank, violation_record
+
+__all__ = ["run_init_case", "init_shape", "init_dim", "INIT_HIDDEN", "INIT_FFN", "INIT_VOCAB", "INIT_DIM"]
+
+#: The init model's widths. With rank 128 every adapter matrix has at least
+#: 128 * 128 = 16384 entries (see harness.properties.init_distribution for
+#: what that buys), and the column/row splits at TP=2 change Xavier's fans
+#: by at least a factor 4/3 in variance.
+INIT_HIDDEN = 128
+INIT_FFN = 256
+INIT_VOCAB = 128
+INIT_DIM = 128
+
+
+def init_dim(tp: int) -> int:
+    """The adapter rank of the init run: INIT_DIM rounded up to a multiple of ``tp``."""
+    return -(-INIT_DIM // tp) * tp
+
+
+def init_shape(case: GPTCase) -> GPTShape:
+    """The init run's model for ``case``: fixed widths, the case's gated MLP and bias flags."""
+    tp = case.layout.tp
+    heads, groups = max(8, tp), max(4, tp)
+    return GPTShape(
+        num_layers=1,
+        hidden_size=INIT_HIDDEN,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=INIT_FFN,
+        vocab_size=max(INIT_VOCAB, tp),
+        # Only the zero-init forward reads these: a short sequence, split over TP under SP.
+        seq_length=2 * tp,
+        micro_batch_size=1,
+        gated_linear_unit=case.shape.gated_linear_unit,
+        add_bias_linear=case.shape.add_bias_linear,
+    )
+
+
+def _cpu64(t: Any) -> Any:
+    return None if t is None else t.detach().double().cpu()
+
+
+def _adapter_table(model: torch.nn.Module, tp_rank: int, tp_size: int, dim: int) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
+    """harness/SPEC.md's names and local shapes, checked as ``load_full_adapter_weights`` checks them, loading nothing."""
+    wrappers = adapter_modules(model)
+    if not wrappers:
+        raise SpecViolation("no module with `to_wrap` and `adapter` children: no adapter was applied (SPEC naming)")
+    table = {}
+    for wname, wrapper in wrappers.items():
+        parts = adapter_partitions(wrapper, wname)
+        shapes = adapter_full_shapes(wrapper, tp_size, dim)
+        for which in ("linear_in", "linear_out"):
+            pname = f"{wname}.adapter.{which}.weight"
+            try:
+                param = model.get_parameter(pname)
+            except AttributeError as exc:
+                raise SpecViolation(f"{wname}: missing adapter parameter {pname} (SPEC names A and B adapter.linear_in/linear_out)") from exc
+            part, shape = parts[which], shapes[which]
+            expected = full_shape(shape, Partition(part.dim), 1)
+            local = shard(torch.empty(expected, device="meta"), part, tp_rank, tp_size).shape if part.dim is not None else expected
+            if tuple(param.shape) != tuple(local):
+                raise SpecViolation(
+                    f"{pname}: local shape {tuple(param.shape)} on TP rank {tp_rank}/{tp_size}, SPEC expects "
+                    f"{tuple(local)} (full {shape}, {part.describe()})"
+                )
+            table[pname] = (wname, part, tuple(shape))
+    return table
+
+
+def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
+    """The implementation's initial adapters on the init model (``init_shape``), and the zero-init forward check."""
+    from megatron.core import parallel_state
+
+    impl, tp, tp_rank = _setup(ctx, case)
+    shape = init_shape(case)
+    dim = init_dim(tp)
+    zero = "zero" in (case.lora.get("lora_A_init_method", "xavier"), case.lora.get("lora_B_init_method", "zero"))
+    device = getattr(ctx, "device", None) or torch.device("cpu")
+    s, b, h = shape.seq_length, shape.micro_batch_size, shape.hidden_size
+    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype)
+    x = full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x
+    ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    mask = causal_mask(s).to(device)
+
+    def forward(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(ids, pos, mask, decoder_input=x).detach().cpu()
+
+    def adapted(lora_kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Optional[torch.Tensor]]:
+        torch.manual_seed(case.seed)
+        model = build_gpt(shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype)
+        model.train(case.training)
+        before = forward(model) if zero else None
+        # The seed right before the walk, as run_gpt_case has it.
+        torch.manual_seed(case.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = impl.LoRA(**lora_kwargs)(model, training=case.training)
+        return model, before
+
+    lora_kwargs = dict(case.lora_kwargs(), dim=dim)
+    targets = "case"
+    model, before = adapted(lora_kwargs)
+    if any_rank(not adapter_modules(model)):
+        targets = "default"
+        lora_kwargs.update(target_modules=list(DEFAULT_TARGET_MODULES), exclude_modules=[])
+        model, before = adapted(lora_kwargs)
+    initial = {
+        f"{wname}.adapter.{which}.weight": _cpu64(getattr(wrapper.adapter, which).weight)
+        for wname, wrapper in adapter_modules(model).items()
+        for which in ("linear_in", "linear_out")
+        if isinstance(getattr(getattr(wrapper.adapter, which, None), "weight", None), torch.Tensor)
+    }
+    try:
+        table = _adapter_table(model, tp_rank, tp, dim)
+        violation = None
+    except SpecViolation as exc:
+        violation = str(exc)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    if any_rank(violation is not None):
+        return violation_record(ctx.rank, tp_rank, tp, dp_rank, violation)
+    extras: dict[str, Any] = {"init_shape": shape.to_dict(), "dim": dim, "targets": targets}
+    if zero:
+        after = forward(model)
+        same = after.shape == before.shape and after.dtype == before.dtype and torch.equal(after, before)
+        diff = float((after.double() - before.double()).abs().max()) if after.shape == before.shape else float("inf")
+        extras["zero_forward"] = {"equal": bool(same), "max_abs": diff}
+    return RankRecord(
+        rank=ctx.rank,
+        tp_rank=tp_rank,
+        tp_size=tp,
+        dp_rank=dp_rank,
+        output=None,
+        input_grad=None,
+        adapter_grads={},
+        initial_adapters={p: initial.get(p) for p in table},
+        partitions={p: Partitioned(w, part.dim, part.gated, shape) for p, (w, part, shape) in table.items()},
+        extras=extras,
+    )
