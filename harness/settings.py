@@ -27,7 +27,7 @@ from harness.layouts import ParallelLayout
 __all__ = ["register_profiles", "layout_set", "family_settings", "PROFILES", "DEFAULT_PROFILE", "FAMILIES", "FAMILY_EXAMPLE_SHARE"]
 
 #: The model families the harness checks, in the order they run and report.
-FAMILIES = ("gpt", "moe")
+FAMILIES = ("gpt", "moe", "vlm")
 
 #: Share of the profile's examples per property and layout that each family
 #: draws. An MoE example costs several dense ones (a bigger world at most
@@ -35,7 +35,10 @@ FAMILIES = ("gpt", "moe")
 #: its layout set is larger; half keeps CI's minutes balanced (3 per MoE
 #: layout, 21 per property over the 7 layouts of --tp 2 --ep 2) while the
 #: deep profile draws 125 per layout.
-FAMILY_EXAMPLE_SHARE = {"gpt": 1.0, "moe": 0.5}
+#: A VLM example loops over all 16 freeze combinations itself (a fresh
+#: LLaVA each), so the fast profile's minimum of 2 per layout covers every
+#: combination twice at every layout; deep draws 50.
+FAMILY_EXAMPLE_SHARE = {"gpt": 1.0, "moe": 0.5, "vlm": 0.2}
 
 DEFAULT_PROFILE = "fast"
 PROFILES = {
@@ -95,6 +98,12 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[Parall
     gives tp1, tp1-ep2 (data parallel 2), tp2-sp, tp2-etp1-sp (ETP != TP),
     tp2-ep2-etp1-sp (world 2), tp2-ep2-sp (world 4, data parallel 2) and
     tp2-ep2-etp1-dp2-sp (world 4: data parallel 2, expert data parallel 2).
+
+    VLM (megatron-core's LLaVAModel): TP 1 and the two largest powers of two
+    up to ``max_tp``, never with sequence parallelism (LLaVA asserts that
+    it runs with Transformer Engine's attention, which CPU builds lack) and
+    never with EP (a LLaVA has no experts; data parallelism would only
+    repeat what each replica checks). ``--tp 2``: tp1, tp2.
     """
     _check_max("--tp", max_tp)
     _check_max("--ep", max_ep)
@@ -111,6 +120,9 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[Parall
             # experts have data parallelism of their own (expert DP > 1).
             moe.add(ParallelLayout(tp=max_tp, ep=max_ep, etp=1, sp=True, data_parallel=max_ep))
         return sorted(moe, key=lambda layout: layout.sort_key)
+    if family == "vlm":
+        tps = _powers(max_tp)
+        return [ParallelLayout(tp=tp) for tp in sorted({1, *tps[-2:]})]
     if family != "gpt":
         raise ValueError(f"no layout set for family {family!r}; known: {', '.join(FAMILIES)}")
     layouts = {

@@ -1,0 +1,156 @@
+"""Vision-language task: VLMLoRA on megatron-core's LLaVAModel at the case's layout, for every freeze combination.
+
+``run_vlm_case`` loops over all eight combinations of VLMLoRA's three
+freeze flags and both ``training`` values (16 combinations, the same at
+every layout; hypothesis draws the shape, the patterns and the seed). For
+each it builds a fresh ``harness.vlm.build_vlm`` model, applies
+``impl.VLMLoRA(<flags>, <the case's LoRA fields>)(<access>, training=t)``
+and records, in ``RankRecord.extras["vlm_combos"]``:
+
+* ``params`` / ``trainable``: every parameter name of the adapted LLaVA
+  model and those with ``requires_grad=True`` (names relative to the LLaVA
+  model, whatever the access form);
+* ``not_in_mode``: modules whose ``training`` flag is not ``training``;
+* ``changed`` / ``no_grad``: after one forward and backward (a seeded
+  linear functional of the logits, which reaches every parameter, the
+  vision tower and projection included) and one ``torch.optim.Adam`` step
+  (lr 0.1, eps 1e-30: the first step moves every parameter whose gradient
+  is not zero by about lr, however small the gradient) over *all*
+  parameters, the parameters whose values changed and the trainable ones
+  no gradient reached (skipped when nothing is trainable);
+* ``error``: what VLMLoRA raised, if it did.
+
+The access form cycles with the combination and the seed over the ways
+Megatron-Bridge hands a model to PEFT: the model itself, ``[model]`` (a
+list of chunks, the first one used) and a wrapper module whose
+``.llava_model`` is the model. ``extras["vlm_base"]`` holds the unadapted
+model's parameter names, its linear-type modules and its other modules,
+from which the parent computes what SPEC prescribes (``harness.vlm``);
+nothing here decides what is right.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.cases import VLMCase
+from harness.contract import load_impl
+from harness.results import RankRecord
+
+__all__ = ["run_vlm_case", "ACCESS_FORMS", "LLaVAHolder", "access_form", "ADAM_LR"]
+
+#: How the model reaches VLMLoRA: itself, as the first of a list of chunks, or as a wrapper's ``.llava_model``.
+ACCESS_FORMS = ("model", "list", "llava_model")
+#: The one optimizer step: Adam's first step is lr * g / (|g| + eps), so with a tiny eps every
+#: parameter with a non-zero gradient moves by about lr, even where attention saturates.
+ADAM_LR = 0.1
+ADAM_EPS = 1e-30
+
+
+class LLaVAHolder(nn.Module):
+    """A module whose ``.llava_model`` is the LLaVA model, as Megatron-Bridge's VLM providers hold it."""
+
+    def __init__(self, llava_model: nn.Module) -> None:
+        super().__init__()
+        self.llava_model = llava_model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.llava_model(*args, **kwargs)
+
+
+def access_form(index: int, seed: int) -> str:
+    """The access form of combination ``index`` in a case seeded ``seed``: each form covers about a third."""
+    return ACCESS_FORMS[(index + seed) % len(ACCESS_FORMS)]
+
+
+def _linear_type(module: nn.Module) -> bool:
+    """SPEC's linear types, decided by the harness from the module's class."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from lora._spec import TE_LINEAR_CLASS_NAMES
+
+    if isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
+        return True
+    return any(c.__name__ in TE_LINEAR_CLASS_NAMES for c in type(module).__mro__)
+
+
+def _inner(result: Any, access: str) -> nn.Module:
+    if access == "list":
+        return result[0]
+    if access == "llava_model":
+        return result.llava_model
+    return result
+
+
+def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool, access: str, inputs: dict[str, Any],
+               tp: int) -> dict[str, Any]:
+    from harness.cpu import seed_model_parallel
+    from harness.sharding import seeded_tensor
+    from harness.vlm import build_vlm
+
+    seed_model_parallel(case.seed)
+    model = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype)
+    root: Any = {"model": model, "list": [model], "llava_model": LLaVAHolder(model)}[access]
+    record: dict[str, Any] = dict(flags, training=training, access=access, error=None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = impl.VLMLoRA(**flags, **case.lora_kwargs())(root, training=training)
+        inner = _inner(result, access)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"VLMLoRA returned {type(result).__name__}, which does not lead to the model via {access}")
+    except Exception as exc:  # noqa: BLE001 - the parent reports it for this combination
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        return record
+    params = dict(inner.named_parameters())
+    record["params"] = sorted(params)
+    record["trainable"] = sorted(n for n, p in params.items() if p.requires_grad)
+    record["not_in_mode"] = sorted(n or "<root>" for n, m in inner.named_modules() if m.training != training)
+    if not record["trainable"]:
+        return record
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.Adam(inner.parameters(), lr=ADAM_LR, eps=ADAM_EPS)
+    optimizer.zero_grad()
+    out, _ = inner(**inputs)
+    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(out.dtype)
+    (out * probe).sum().backward()
+    record["no_grad"] = sorted(
+        n for n, p in params.items() if p.requires_grad and (p.grad is None or not bool(p.grad.ne(0).any()))
+    )
+    optimizer.step()
+    record["changed"] = sorted(n for n, p in params.items() if not torch.equal(before[n], p.detach()))
+    return record
+
+
+def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
+    """All 16 freeze combinations of VLMLoRA on a fresh LLaVA each, at the case's layout."""
+    from megatron.core import parallel_state
+
+    from harness.vlm import build_vlm, freeze_combos, vlm_inputs
+
+    case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
+    impl = load_impl(case.impl)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pristine = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype)
+    modules = dict(pristine.named_modules())
+    base = {
+        "params": sorted(n for n, _ in pristine.named_parameters()),
+        "linear": sorted(n for n, m in modules.items() if n and _linear_type(m)),
+        "other": sorted(n for n, m in modules.items() if n and not _linear_type(m)),
+    }
+    del pristine, modules
+    inputs = vlm_inputs(case.shape, case.seed, tp, case.model_dtype)
+    combos = [
+        _one_combo(impl, case, flags, training, access_form(i, case.seed), inputs, tp)
+        for i, (flags, training) in enumerate(freeze_combos())
+    ]
+    return RankRecord(
+        rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=parallel_state.get_data_parallel_rank(),
+        output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions={},
+        extras={"vlm_base": base, "vlm_combos": combos},
+    )
