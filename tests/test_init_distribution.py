@@ -24,6 +24,7 @@ from harness.results import Partitioned, RankRecord, Verdict
 from harness.stats import (
     kolmogorov_sf,
     ks_critical_value,
+    ks_false_alarm_bound,
     ks_power_lower_bound,
     ks_pvalue,
     ks_statistic,
@@ -57,6 +58,8 @@ def test_kolmogorov_tail_matches_the_tabulated_quantiles():
     # The rate the property uses: D_crit = 2.69 / (sqrt(n) + 0.12 + 0.11/sqrt(n)).
     assert ks_critical_value(N, ALPHA) == pytest.approx(0.02102, abs=1e-5)
     assert ks_pvalue(ks_critical_value(N, ALPHA), N) == pytest.approx(ALPHA, rel=1e-6)
+    # The rate holds for finite n too (DKW-Massart), not just asymptotically.
+    assert ks_false_alarm_bound(N, ALPHA) < 1.03e-6 and ks_false_alarm_bound(N // 2, ALPHA) < 1.04e-6
 
 
 def test_ks_statistic_of_a_tiny_sample_by_hand():

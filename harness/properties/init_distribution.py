@@ -31,10 +31,12 @@ fc2 and the output layer; 32768 or more for the others). A "zero" matrix
 must be exactly zero (no statistics involved).
 
 False alarms: a correct implementation fails one matrix's test with
-probability 1e-6; an example tests at most 10 matrices per distinct replica
-(5 adapted modules x A and B), so it fails with probability <= 1e-5
-(Bonferroni), and a CI run (36 examples over ``--tp 2 --ep 2``) with
-probability <= 3.6e-4. Draws are seeded, so a false alarm would replay
+probability <= 1.03e-6 (the Dvoretzky-Kiefer-Wolfowitz-Massart bound at the
+critical D, ``harness.stats.ks_false_alarm_bound``: valid for every n, not
+only asymptotically); an example tests at most 10 matrices per distinct
+replica (5 adapted modules x A and B), so it fails with probability
+<= 1.03e-5 (Bonferroni), and a CI run (36 examples over ``--tp 2 --ep 2``)
+with probability <= 3.7e-4. Draws are seeded, so a false alarm would replay
 identically.
 
 Power (``harness.stats.ks_power_lower_bound``: a lower bound from the
