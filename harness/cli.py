@@ -148,7 +148,18 @@ def _check_report_dir(path: str) -> None:
         raise UsageError(f"--report {path}: {exc}") from None
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _verify(args: argparse.Namespace, executor: Any = None, command: Optional[str] = None) -> int:
+    """The ``verify`` command: check usage, then run every property at every layout.
+
+    ``executor`` (default: a local ``harness.runs.Executor``) is where cases
+    run; ``harness.launch`` passes its torchrun one. Besides the Executor
+    interface the run reads three optional attributes of it:
+    ``layout_skip_reason(layout)`` (a layout it cannot run: recorded as
+    skipped with that reason), ``write_each_cell`` (write the outputs after
+    every property/layout cell, so a run killed later leaves a partial
+    report) and ``stop_reason`` (set after a fault that leaves it unable to
+    run more: the run stops after the current cell).
+    """
     from hypothesis import settings
 
     from harness.contract import ImplLoadError, capabilities_of, load_impl
@@ -205,28 +216,40 @@ def _verify(args: argparse.Namespace) -> int:
     run_settings = settings.get_profile(profile)
     if args.examples is not None:
         run_settings = settings(run_settings, max_examples=args.examples)
-    return _run_verify(args, props, names, layouts, caps, run_settings, store, profile)
+    return _run_verify(args, props, names, layouts, caps, run_settings, store, profile, executor, command)
 
 
-def _run_verify(args, props, names, layouts, caps, run_settings, store, profile) -> int:
+def _run_verify(args, props, names, layouts, caps, run_settings, store, profile, executor=None, command=None) -> int:
     from harness.driver import check_property
     from harness.report.environment import collect_environment
-    from harness.results import RunResults, Verdict
+    from harness.results import PropertyOutcome, RunResults, Verdict
     from harness.runner import shutdown_all
     from harness.runs import Executor
 
-    executor = Executor(timeout=args.rank_timeout)
+    if executor is None:
+        executor = Executor(timeout=args.rank_timeout)
+    skip_reason = getattr(executor, "layout_skip_reason", None)
+    if command is None:
+        command = "lora-harness " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lora-harness") else "lora-harness verify"
     results = RunResults(
         impl=args.impl,
         capabilities=caps.to_dict(),
         environment=collect_environment(args.impl),
         skipped=caps.skipped(),
-        command="lora-harness " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lora-harness") else "lora-harness verify",
+        command=command,
         started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     print(f"lora-harness verify: impl {args.impl} ({caps.describe()}), profile {profile}")
     for family, family_layouts in layouts.items():
         print(f"  {family} layouts: {', '.join(map(str, family_layouts))}")
+    unrunnable = {}
+    if skip_reason is not None:
+        for family_layouts in layouts.values():
+            for layout in family_layouts:
+                why = skip_reason(layout)
+                if why and layout not in unrunnable:
+                    unrunnable[layout] = why
+                    print(f"  skipping layout {layout}: {why}")
     for line in results.skipped:
         print(f"  skipped: {line}")
     import random
@@ -252,17 +275,29 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile)
         return settings(run_settings, max_examples=max(2, math.ceil(run_settings.max_examples * FAMILY_EXAMPLE_SHARE[family])))
 
     try:
-        for family, layout, name in cells:
-            outcome = check_property(
-                props[name], layout, args.impl, settings=family_settings(family), executor=executor,
-                capabilities=caps, regressions=store, seed=layout_seed(base_seed, layout, family), progress=progress,
-                family=family,
-            )
+        for done, (family, layout, name) in enumerate(cells, 1):
+            if layout in unrunnable:
+                cell = layout.describe() if family == "gpt" else f"{family}:{layout.describe()}"
+                outcome = PropertyOutcome(prop=name, layout=cell, impl=args.impl, family=family,
+                                          verdict=Verdict.SKIPPED, skipped_reason=unrunnable[layout])
+            else:
+                outcome = check_property(
+                    props[name], layout, args.impl, settings=family_settings(family), executor=executor,
+                    capabilities=caps, regressions=store, seed=layout_seed(base_seed, layout, family), progress=progress,
+                    family=family,
+                )
             progress.clear()
             results.outcomes.append(outcome)
             print(outcome.summary_line(), flush=True)
             if not outcome.passed:
                 _print_failure(outcome)
+            if getattr(executor, "write_each_cell", False):
+                results.seconds = time.monotonic() - started
+                _write_outputs(args, results, quiet=True)
+            stop = getattr(executor, "stop_reason", None)
+            if stop:
+                print(f"stopped after {done} of {len(cells)} property/layout cells: {stop}", flush=True)
+                break
     except KeyboardInterrupt:
         progress.clear()
         results.interrupted = True
@@ -293,7 +328,7 @@ def _print_failure(outcome: Any) -> None:
         print("    replay: " + outcome.replay_command)
 
 
-def _write_outputs(args: argparse.Namespace, results: Any) -> None:
+def _write_outputs(args: argparse.Namespace, results: Any, quiet: bool = False) -> None:
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump(results.to_json(), fh, indent=2, allow_nan=False)
@@ -301,7 +336,8 @@ def _write_outputs(args: argparse.Namespace, results: Any) -> None:
         from harness.report.writer import write_report
 
         paths = write_report(results, args.report_dir)
-        print(f"report: {', '.join(str(p) for p in paths.values())}")
+        if not quiet:
+            print(f"report: {', '.join(str(p) for p in paths.values())}")
 
 
 # ------------------------------------------------------------------ replay

@@ -1,0 +1,553 @@
+"""``torchrun ... -m harness.launch verify ...``: the property suite over a torchrun (or Slurm) world.
+
+    torchrun --nnodes N --nproc-per-node P -m harness.launch verify --tp T --ep E [--impl M]
+             [--report DIR] [--rank-timeout S] [any other ``lora-harness verify`` flag]
+
+Every rank joins one world (``env://`` rendezvous: the store torchrun's
+agent hosts). Backend: NCCL when every rank has a GPU of its own
+(``torch.cuda.is_available()`` and ``LOCAL_RANK < torch.cuda.device_count()``
+on every rank, agreed through the store), gloo otherwise. Each rank sets
+``torch.set_num_threads(1)`` and runs ``harness.cpu.rank_initializer`` as a
+local pool's rank does.
+
+Rank 0 runs ``lora-harness verify`` itself (``harness.cli._verify``, the same
+code path and outputs) with a :class:`TorchrunExecutor`: hypothesis draws,
+shrinks and compares on rank 0; the other ranks serve tasks until rank 0
+says stop. One task:
+
+1. rank 0 sets ``task/<n>`` in the store and broadcasts ``(task qualified
+   name, case, reset)`` over a gloo control group (``broadcast_object_list``);
+2. every rank runs ``task(ctx, case)`` (rank 0 in a worker thread, so its
+   main thread keeps the deadline), catching what it raises; it then marks
+   itself done in the store;
+3. rank 0 waits for every rank's mark until the task's deadline (the
+   ``--rank-timeout`` ceiling, then adaptive as in the local pool); when all
+   are done it sets ``gather/<n>`` and every rank sends its result or
+   traceback, and what it printed, with ``gather_object``.
+
+Waiting for the next task and for the gather happens on the store, never
+in a collective, so a rank idle while rank 0 draws or compares never times
+out; a collective starts only when every rank is known to be there, and
+runs under the ``--rank-timeout`` process-group timeout.
+
+Where cases run: a case at a layout runs on the whole world, the layout
+carved out of it by megatron-core's own rank generator
+(``ParallelLayout.initialize_megatron(world_size)``): data parallelism
+fills the world (tp2 in a world of 4 is tp2 x dp2; each data-parallel
+replica is compared). A layout whose model-parallel size does not divide
+the world is skipped, with the reason printed and recorded. The
+world-size-1 runs (``reference``, ``reference64``, ``impl_tp1``) run on
+rank 0 in a local world-1 rank pool (``Executor.pool(1)``), independent of
+the torchrun world.
+
+Faults: a rank whose task raises reports its traceback in the gather
+(verdict ``crash``, or ``contract`` for a SPEC violation, as locally). When
+some ranks do not report by the deadline (a hang), or stay silent
+``ERROR_GRACE_S`` after another rank raised (blocked in a collective with
+it: megatron's groups time out only after 30 minutes), rank 0 asks every
+silent rank for its Python stacks (through the store; a helper thread on
+each rank answers), reports the fault naming the ranks, and the world is
+lost: the run stops after that property, rank 0 writes the report and
+exits 1, and torchrun's agent ends the remaining ranks. A rank that dies
+makes torchrun's agent tear the job down (``record`` on the entry point
+prints its traceback); rank 0 writes results after every property/layout
+cell, so the report up to the cell before stays.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import importlib
+import io
+import os
+import pickle
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any, Callable, Optional, Sequence
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from harness.runs import REFERENCE_IMPL, Executor
+
+__all__ = ["TorchrunWorld", "TorchrunExecutor", "main", "ERROR_GRACE_S", "STACK_WAIT_S"]
+
+#: Seconds the silent ranks get to report after another rank raised; after
+#: that they are taken as blocked (in a collective with the failed rank).
+ERROR_GRACE_S = 5.0
+#: Seconds rank 0 waits for the stacks of silent ranks.
+STACK_WAIT_S = 3.0
+#: Run-time world-1 kinds (``harness.runs.Evidence`` cache keys) that run on rank 0's local pool.
+LOCAL_KINDS = frozenset({"reference", "impl_tp1"})
+
+_POLL_S = 0.01
+_IDLE_WAIT = datetime.timedelta(seconds=30)
+
+
+# ------------------------------------------------------------- rank side ---
+
+
+class _ThreadOutput(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` stand-in: a thread that is capturing writes to its buffer, others pass through."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.buffers: dict[int, io.StringIO] = {}
+
+    def write(self, text: str) -> int:
+        buf = self.buffers.get(threading.get_ident())
+        return (buf if buf is not None else self.real).write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+
+def _install_capture() -> tuple[_ThreadOutput, _ThreadOutput]:
+    out, err = _ThreadOutput(sys.stdout), _ThreadOutput(sys.stderr)
+    sys.stdout, sys.stderr = out, err
+    return out, err
+
+
+def _task_name(fn: Callable) -> str:
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def _resolve(name: str) -> Callable:
+    module, _, attr = name.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _stacks_text() -> str:
+    """The Python stacks of every thread of this process, as faulthandler prints them."""
+    with tempfile.TemporaryFile("w+") as fh:
+        faulthandler.dump_traceback(file=fh, all_threads=True)
+        fh.seek(0)
+        return fh.read()
+
+
+class TorchrunWorld:
+    """This process's rank of the torchrun world: process group, control group, store, task loop."""
+
+    def __init__(self, timeout: float) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from harness.runner import RankContext
+
+        self.timeout = float(timeout)
+        td = datetime.timedelta(seconds=self.timeout)
+        raw, rank, world_size = next(dist.rendezvous("env://", timeout=td))
+        run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self.prefix = f"lora-harness/{run}/"
+        self.store = dist.PrefixStore(self.prefix, raw)
+        self.rank, self.world_size = rank, world_size
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        has_gpu = torch.cuda.is_available() and local < torch.cuda.device_count()
+        # Every rank must agree: NCCL only when every rank has a GPU of its own.
+        self.store.add("gpu-ranks", 1 if has_gpu else 0)
+        self.store.add("gpu-votes", 1)
+        while self.store.add("gpu-votes", 0) < world_size:
+            time.sleep(_POLL_S)
+        self.backend = "nccl" if self.store.add("gpu-ranks", 0) == world_size else "gloo"
+        if self.backend == "nccl":
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group(self.backend, store=dist.PrefixStore("pg/", self.store), rank=rank,
+                                world_size=world_size, timeout=td)
+        # The control path: its own gloo group, untouched by the groups tasks build.
+        self.control = dist.new_group(backend="gloo", timeout=td)
+        torch.set_num_threads(1)
+        self.ctx = RankContext(rank=rank, world_size=world_size, backend=self.backend, pid=os.getpid(), device=device)
+        from harness.cpu import rank_initializer
+
+        rank_initializer(self.ctx)
+        self.stdout, self.stderr = _install_capture()
+        self._start_stack_server()
+
+    # -- stacks on request --------------------------------------------------
+
+    def _start_stack_server(self) -> None:
+        """A daemon thread that, once rank 0 sets ``dump``, writes this rank's stacks to ``stacks/<rank>``.
+
+        It has its own store client: a blocking wait must not hold the one the main thread uses.
+        """
+        import torch.distributed as dist
+
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not host or not port:
+            return
+
+        def serve() -> None:
+            try:
+                client = dist.PrefixStore(self.prefix, dist.TCPStore(host, int(port), is_master=False,
+                                                                     timeout=datetime.timedelta(seconds=60)))
+                while True:
+                    try:
+                        client.wait(["dump"], datetime.timedelta(days=1))
+                        break
+                    except Exception:  # noqa: BLE001 - a timed out wait: wait again; a lost store ends the thread below
+                        if not client.check(["dump"]) and not threading.main_thread().is_alive():
+                            return
+                        continue
+                client.set(f"stacks/{self.rank}", _stacks_text())
+            except Exception:  # noqa: BLE001 - the store is gone: the job is ending
+                return
+
+        threading.Thread(target=serve, name="lora-harness-stack-server", daemon=True).start()
+
+    # -- one task -------------------------------------------------------------
+
+    def execute(self, name: str, case: Any, reset: bool) -> tuple:
+        """Run the task on this rank; ``("ok", pickled value, printed)`` or ``("err", type, message, traceback, printed)``."""
+        buf = io.StringIO()
+        me = threading.get_ident()
+        self.stdout.buffers[me] = self.stderr.buffers[me] = buf
+        try:
+            try:
+                if reset:
+                    # After a fault every rank builds megatron's groups afresh.
+                    from harness.layouts import destroy_megatron
+
+                    destroy_megatron()
+                value = _resolve(name)(self.ctx, case)
+                try:
+                    blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                except BaseException as exc:
+                    raise TypeError(f"the result of the task on rank {self.rank} ({type(value).__name__}) cannot be pickled: {exc}") from exc
+                result: tuple = ("ok", blob)
+            except BaseException as exc:  # noqa: BLE001 - SystemExit too: a task must not end the rank silently
+                try:
+                    text = str(exc)
+                except Exception:  # noqa: BLE001
+                    text = f"<str() of {type(exc).__name__} failed>"
+                result = ("err", type(exc).__name__, text, traceback.format_exc())
+        finally:
+            self.stdout.buffers.pop(me, None)
+            self.stderr.buffers.pop(me, None)
+            self.ctx.tasks_run += 1
+        return result + (buf.getvalue(),)
+
+    def wait_key(self, key: str) -> bytes:
+        """The value of ``key`` once set; waits as long as it takes (rank 0 may be busy drawing or comparing)."""
+        while True:
+            try:
+                self.store.wait([key], _IDLE_WAIT)
+                return self.store.get(key)
+            except Exception:  # noqa: BLE001 - a timed out wait (DistStoreError): wait again
+                if self.store.check([key]):
+                    return self.store.get(key)
+
+    def serve(self) -> int:
+        """Ranks other than 0: run what rank 0 broadcasts until it says stop; the exit status."""
+        import torch.distributed as dist
+
+        n = 0
+        while True:
+            n += 1
+            self.wait_key(f"task/{n}")
+            box: list = [None]
+            dist.broadcast_object_list(box, src=0, group=self.control)
+            msg = box[0]
+            if msg[0] == "stop":
+                break
+            _, name, case, reset = msg
+            result = self.execute(name, case, reset)
+            self.store.set(f"done/{n}/{self.rank}", result[0])
+            if result[0] != "ok":
+                self.store.add(f"errors/{n}", 1)
+            self.store.add(f"done/{n}", 1)
+            if self.wait_key(f"gather/{n}") != b"go":
+                return 0  # rank 0 lost the world and ends the job; nothing more to do here
+            dist.gather_object(result, None, dst=0, group=self.control)
+        self.close()
+        return 0
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        try:
+            from harness.layouts import destroy_megatron
+
+            destroy_megatron()
+        except Exception:  # noqa: BLE001
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------- rank 0 ------
+
+
+class TorchrunExecutor(Executor):
+    """The ``harness.runs.Executor`` of rank 0: cases at a layout run on the torchrun world.
+
+    ``run(case, task)`` sends the task to every rank and returns one record
+    per rank, or raises ``RankTaskError``/``RankHang`` as a local pool does.
+    World-size-1 runs made through ``cached`` under a ``LOCAL_KINDS`` key go
+    to rank 0's local world-1 pool (``Executor.pool(1)``).
+    """
+
+    write_each_cell = True
+
+    def __init__(self, world: TorchrunWorld, *, reference: str = REFERENCE_IMPL, cache_size: int = 256,
+                 error_grace: float = ERROR_GRACE_S) -> None:
+        super().__init__("gloo", timeout=world.timeout, reference=reference, cache_size=cache_size)
+        self.world = world
+        self.error_grace = error_grace
+        self.stop_reason: Optional[str] = None  # set when the world is lost
+        self._lost: Any = None  # (case repr, fault) of the fault that lost it
+        self._kind: Optional[str] = None
+        self._n = 0
+        self._reset = False
+        self._slowest: Optional[float] = None
+
+    # -- where a run goes -----------------------------------------------------
+
+    def layout_skip_reason(self, layout: Any) -> Optional[str]:
+        if layout.fits(self.world.world_size):
+            return None
+        return (f"its model-parallel size needs a world that is a multiple of {layout.min_world_size}; "
+                f"the torchrun world has {self.world.world_size} ranks")
+
+    def cached(self, key: tuple, make: Callable[[], Any]) -> tuple[Any, dict[int, str]]:
+        previous, self._kind = self._kind, (key[0] if key else None)
+        try:
+            return super().cached(key, make)
+        finally:
+            self._kind = previous
+
+    def run(self, case: Any, task: Optional[Callable[..., Any]] = None) -> list[Any]:
+        if self._lost is not None:
+            self._refuse(case)
+        if self._kind in LOCAL_KINDS:
+            return super().run(case, task)
+        validate = getattr(case, "validate", None)
+        if validate is not None:
+            validate()
+        from harness.tasks import TASKS
+
+        task = task or TASKS[case.family]
+        why = self.layout_skip_reason(case.layout)
+        if why:
+            from harness.layouts import LayoutError
+
+            raise LayoutError(f"layout {case.layout}: {why}")
+        return self._run_world(task, case)
+
+    def _refuse(self, case: Any) -> None:
+        """After the world is lost: inside hypothesis, new candidates are rejected (the example that
+        faulted stays the minimal one); the case that faulted, and any case outside hypothesis,
+        get the fault again."""
+        key, fault = self._lost
+        from hypothesis import currently_in_test_context, reject
+
+        if repr(case) != key and currently_in_test_context():
+            reject()
+        raise fault
+
+    def _deadline_s(self) -> float:
+        from harness.runner import ADAPTIVE_FACTOR, ADAPTIVE_FLOOR_S
+
+        if self._slowest is None:
+            return self.timeout
+        return min(self.timeout, max(ADAPTIVE_FLOOR_S, ADAPTIVE_FACTOR * self._slowest))
+
+    def _run_world(self, task: Callable, case: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        from harness.runner import RankHang, RankTaskError
+
+        w = self.world
+        self._n += 1
+        n, name = self._n, _task_name(task)
+        label = f"task {name} on {w.world_size} torchrun ranks ({w.backend})"
+        limit = self._deadline_s()
+        reset, self._reset = self._reset, False
+        w.store.set(f"task/{n}", b"1")
+        started = time.monotonic()
+        dist.broadcast_object_list([("run", name, case, reset)], src=0, group=w.control)
+        own: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: own.update(result=w.execute(name, case, reset)),
+                                  name="lora-harness-rank0-task", daemon=True)
+        thread.start()
+        deadline = started + limit
+        fault_at: Optional[float] = None
+        while True:
+            own_done = not thread.is_alive()
+            if own_done and (w.world_size == 1 or w.store.add(f"done/{n}", 0) >= w.world_size - 1):
+                break
+            now = time.monotonic()
+            if fault_at is None and ((own_done and own["result"][0] != "ok") or (w.world_size > 1 and w.store.add(f"errors/{n}", 0))):
+                fault_at = now
+            if now >= (deadline if fault_at is None else min(deadline, fault_at + self.error_grace)):
+                break
+            time.sleep(_POLL_S)
+        waited = time.monotonic() - started
+        done = {0} if not thread.is_alive() else set()
+        done |= {r for r in range(1, w.world_size) if w.store.check([f"done/{n}/{r}"])}
+        pending = [r for r in range(w.world_size) if r not in done]
+        if not pending:
+            w.store.set(f"gather/{n}", b"go")
+            gathered: list = [None] * w.world_size
+            dist.gather_object(own["result"], gathered, dst=0, group=w.control)
+            self.last_output = {r: res[-1] for r, res in enumerate(gathered) if res[-1]}
+            errors = {r: tuple(res[1:4]) for r, res in enumerate(gathered) if res[0] != "ok"}
+            if not errors:
+                self._slowest = max(waited, self._slowest or 0.0)
+                return [pickle.loads(res[1]) for res in gathered]
+            self._reset = True
+            fault = RankTaskError(self._report(label, errors, {}, [], gathered, limit), errors)
+            fault.output = dict(self.last_output)
+            raise fault
+        # Some ranks are silent: the world cannot run another task.
+        errors = {}
+        results = {}
+        if 0 in done:
+            results[0] = own["result"]
+        for r in done - {0}:
+            if w.store.get(f"done/{n}/{r}") != b"ok":
+                errors[r] = ("?", "raised (its traceback could not be gathered: other ranks are blocked)", "")
+        if 0 in results and results[0][0] != "ok":
+            errors[0] = tuple(results[0][1:4])
+        stacks = self._stacks(pending)
+        w.store.set(f"gather/{n}", b"abort")  # the ranks that reported stop waiting and leave
+        if errors:
+            report = self._report(label, errors, stacks, pending, None, limit, blocked=True)
+            fault = RankTaskError(report, errors, stacks, pending)
+        else:
+            fault = RankHang(self._report(label, {}, stacks, pending, None, limit), stacks, pending, limit)
+        fault.output = {0: results[0][-1]} if 0 in results and results[0][-1] else {}
+        self.last_output = dict(fault.output)
+        self._lost = (repr(case), fault)
+        silent = ", ".join(map(str, pending))
+        self.stop_reason = (f"rank(s) {silent} of the torchrun world did not report ({type(fault).__name__} in {label}); "
+                            "the world cannot run further tasks")
+        raise fault
+
+    def _stacks(self, ranks: list[int]) -> dict[int, str]:
+        w = self.world
+        stacks: dict[int, str] = {}
+        if 0 in ranks:
+            stacks[0] = _stacks_text()
+        others = [r for r in ranks if r != 0]
+        if not others:
+            return stacks
+        w.store.set("dump", b"1")
+        end = time.monotonic() + STACK_WAIT_S
+        while time.monotonic() < end and not all(w.store.check([f"stacks/{r}"]) for r in others):
+            time.sleep(0.05)
+        for r in others:
+            if w.store.check([f"stacks/{r}"]):
+                stacks[r] = w.store.get(f"stacks/{r}").decode(errors="replace")
+            else:
+                stacks[r] = f"<no answer within {STACK_WAIT_S:g} s: the rank holds the GIL, or is gone>"
+        return stacks
+
+    def _report(self, label: str, errors: dict, stacks: dict, pending: list, gathered: Optional[list], limit: float,
+                blocked: bool = False) -> str:
+        lines = []
+        if errors:
+            lines.append(f"RankTaskError in {label}: " + "; ".join(f"rank {r} raised {t}: {m}" for r, (t, m, _) in sorted(errors.items())))
+        else:
+            reported = [r for r in range(self.world.world_size) if r not in pending]
+            lines.append(f"RankHang in {label}: rank(s) {pending} did not report within {limit:.3g} s "
+                         f"(reported: {reported or 'none'}). Timeout: --rank-timeout {self.timeout:g} s, "
+                         "adaptive after the first task as in the local pool.")
+        for rank, (etype, msg, tb) in sorted(errors.items()):
+            lines.append(f"--- rank {rank} raised {etype}: {msg}")
+            lines.append(_indent(tb or "<no traceback>"))
+        for rank in sorted(stacks):
+            why = (f"no report within {self.error_grace:g} s after the first fault: blocked" if blocked
+                   else "pending, no report")
+            lines.append(f"--- Python stacks of rank {rank} ({why}):")
+            lines.append(_indent(stacks[rank]))
+        for rank, res in enumerate(gathered or []):
+            text = res[-1]
+            if text:
+                tail = text.rstrip("\n").splitlines()[-20:]
+                lines.append(f"--- output of rank {rank} during this task (last {len(tail)} lines):")
+                lines.append(_indent("\n".join(tail)))
+        if pending:
+            lines.append(f"The torchrun world is lost (rank(s) {pending} cannot take another task): the run stops, "
+                         "rank 0 writes the report and exits 1, and torchrun ends the other ranks.")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Tell the other ranks to stop (unless the world is lost: they cannot listen)."""
+        import torch.distributed as dist
+
+        if self._lost is not None or self.world.world_size == 1:
+            return
+        self._n += 1
+        self.world.store.set(f"task/{self._n}", b"1")
+        dist.broadcast_object_list([("stop",)], src=0, group=self.world.control)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip("\n").splitlines())
+
+
+# ------------------------------------------------------------- entry -------
+
+
+@record
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m harness.launch`` under torchrun; the process's exit status."""
+    from harness import _quiet, cli
+    from harness.runner import DEFAULT_TIMEOUT_S, shutdown_all
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["verify"]:
+        print("usage: torchrun ... -m harness.launch verify [lora-harness verify options]", file=sys.stderr)
+        return 2
+    try:
+        args = cli._parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    world = TorchrunWorld(args.rank_timeout or DEFAULT_TIMEOUT_S)
+    if world.rank != 0:
+        return world.serve()
+    _quiet.quiet_parent()
+    executor = TorchrunExecutor(world)
+    print(f"lora-harness torchrun: {world.world_size} ranks, backend {world.backend}, rank timeout {world.timeout:g} s", flush=True)
+    command = "torchrun ... -m harness.launch " + " ".join(argv)
+    code = 1
+    try:
+        try:
+            code = cli._verify(args, executor=executor, command=command)
+        except cli.UsageError as exc:
+            print(f"lora-harness: {exc}", file=sys.stderr)
+            code = 2
+    finally:
+        lost = executor.stop_reason is not None
+        if not lost:
+            executor.close()
+    if lost:
+        # Rank 0's task thread may be blocked in a collective for good: leave
+        # without the interpreter's teardown (which could wait on it).
+        shutdown_all()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 1)
+    world.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
