@@ -48,8 +48,8 @@ from harness.models import GPTShape, ShapeError, transformer_config
 __all__ = [
     "VLMShape",
     "build_vlm",
-    "image_token_index",
     "vlm_inputs",
+    "IMAGE_TOKEN",
     "VLM_PARTS",
     "FREEZE_FLAGS",
     "freeze_combos",
@@ -65,11 +65,8 @@ VLM_PARTS = ("vision_model", "vision_projection", "language_model")
 #: VLMLoRA's freeze flags, one per part.
 FREEZE_FLAGS = ("freeze_vision_model", "freeze_vision_projection", "freeze_language_model")
 
+#: The id that marks an image's place in the text (LLaVA's default).
 IMAGE_TOKEN = -200
-
-
-def image_token_index() -> int:
-    return IMAGE_TOKEN
 
 
 @dataclass(frozen=True)

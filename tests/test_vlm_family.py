@@ -255,3 +255,15 @@ def test_wrong_projection_freeze_is_caught_at_tp2(max_tp):
     assert outcome.verdict is Verdict.CONTRACT
     assert "freeze_vision_projection=True" in outcome.error and "rank 1:" in " ".join(
         f.message for r in outcome.records for f in r.findings)
+
+
+def test_the_property_is_skipped_without_declared_vlm_support_and_elsewhere():
+    from harness.contract import Capabilities
+    from harness.properties import get_property, property_names
+
+    prop = get_property(PROP)
+    assert "VLMLoRA" in prop.skip_reason("vlm", ParallelLayout(), Capabilities(vlm=False))
+    assert prop.skip_reason("vlm", ParallelLayout(tp=2), Capabilities()) is None
+    assert prop.skip_reason("gpt", ParallelLayout(), Capabilities()) is not None
+    # Only this property applies to the family (the others need runs the vlm task does not make).
+    assert property_names("vlm") == [PROP]

@@ -116,7 +116,7 @@ def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool,
     optimizer = torch.optim.Adam(inner.parameters(), lr=ADAM_LR, eps=ADAM_EPS)
     optimizer.zero_grad()
     out, _ = inner(**inputs)
-    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(out.dtype)
+    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(device=out.device, dtype=out.dtype)
     (out * probe).sum().backward()
     record["no_grad"] = sorted(
         n for n, p in params.items() if p.requires_grad and (p.grad is None or not bool(p.grad.ne(0).any()))
@@ -144,7 +144,9 @@ def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
         "other": sorted(n for n, m in modules.items() if n and not _linear_type(m)),
     }
     del pristine, modules
-    inputs = vlm_inputs(case.shape, case.seed, tp, case.model_dtype)
+    # Seeded on the CPU, then moved: the same values on every device.
+    device = getattr(ctx, "device", None) or torch.device("cpu")
+    inputs = {k: v.to(device) for k, v in vlm_inputs(case.shape, case.seed, tp, case.model_dtype).items()}
     combos = [
         _one_combo(impl, case, flags, training, access_form(i, case.seed), inputs, tp)
         for i, (flags, training) in enumerate(freeze_combos())
