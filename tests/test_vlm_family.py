@@ -223,7 +223,7 @@ def test_the_task_covers_every_combination_access_form_and_part(max_tp):
     assert check.passed, check.message(case)
 
 
-SEARCH = settings(max_examples=4, database=None, deadline=None)
+SEARCH = settings(max_examples=3, database=None, deadline=None)
 
 
 @pytest.mark.parametrize("impl, sub, names", [
@@ -231,7 +231,7 @@ SEARCH = settings(max_examples=4, database=None, deadline=None)
     ("tests.wrong_impls.vlm_generic_freeze_overrides", "trainable_set", r"frozen but SPEC leaves them trainable"),
 ])
 def test_wrong_vlm_freezing_is_caught_with_a_shrunk_example(impl, sub, names):
-    outcome = check_property(PROP, ParallelLayout(), impl, settings=SEARCH, seed=SEED, family="vlm", shrink_budget=3)
+    outcome = check_property(PROP, ParallelLayout(), impl, settings=SEARCH, seed=SEED, family="vlm", shrink_budget=1)
     assert outcome.verdict is Verdict.CONTRACT, outcome.error
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
     assert outcome.replay_command.startswith("lora-harness replay ") and "--case-json" in outcome.replay_command
