@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="only this model family: gpt (dense) or moe (mixture of experts) (repeatable; default all)")
     v.add_argument("--seed", type=int, default=None, help="hypothesis seed, for a reproducible run")
     v.add_argument("--rank-timeout", type=_positive_float, default=None, help="ceiling in seconds for one rank task")
+    v.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                   help="torch.distributed backend of the ranks: gloo (CPU, default) or nccl (one CUDA GPU per rank)")
     v.add_argument("--contract", choices=("strict", "bridge"), default=None, help="judge by this contract (default: what the implementation declares, else strict)")
     v.add_argument("--json", dest="json_path", default=None, help="also write results.json to this file")
     v.add_argument("--report", dest="report_dir", default=None, help="write results.json, report.html and summary.md here")
@@ -213,6 +215,11 @@ def _verify(args: argparse.Namespace, executor: Any = None, command: Optional[st
         except ValueError as exc:
             raise UsageError(f"--regressions: {exc}") from None
 
+    if getattr(args, "backend", "gloo") == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--backend nccl needs CUDA GPUs (one per rank); none is available here: use --backend gloo")
     run_settings = settings.get_profile(profile)
     if args.examples is not None:
         run_settings = settings(run_settings, max_examples=args.examples)
@@ -227,7 +234,7 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
     from harness.runs import Executor
 
     if executor is None:
-        executor = Executor(timeout=args.rank_timeout)
+        executor = Executor(timeout=args.rank_timeout, backend=getattr(args, "backend", "gloo"))
     skip_reason = getattr(executor, "layout_skip_reason", None)
     if command is None:
         command = "lora-harness " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lora-harness") else "lora-harness verify"

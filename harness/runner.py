@@ -149,6 +149,7 @@ __all__ = [
     "shutdown_all",
     "default_timeout",
     "task_timeout",
+    "process_memory",
     "DEFAULT_TIMEOUT_S",
     "ERROR_GRACE_S",
     "MAIN_GUARD_MESSAGE",
@@ -715,6 +716,17 @@ class RankPool:
     def _config(self) -> tuple:
         return (self.initializer, self.preload, self._ceiling)
 
+    def memory(self) -> list[dict]:
+        """Each rank's memory now, in rank order, read from ``/proc`` by the owner (no task runs).
+
+        Per rank a dict of MiB (:func:`process_memory`): ``rss`` (resident,
+        counting pages shared with the fork server and the other ranks),
+        ``hwm`` (peak resident), ``pss`` (shared pages divided among their
+        sharers: what the rank really adds), ``uss`` (private pages only).
+        Works while a task runs; a rank that has exited reads as ``{}``.
+        """
+        return [process_memory(pid) if pid else {} for pid in self.pids]
+
     def __repr__(self) -> str:
         state = "alive" if self.alive else f"retired ({self.retire_reason})"
         return f"RankPool(world_size={self.world_size}, backend={self.backend!r}, pids={self.pids}, {state})"
@@ -1111,6 +1123,29 @@ class RankPool:
                 self._store = None
                 if self._release_dir is not None:
                     self._release_dir()
+
+
+def process_memory(pid: int) -> dict:
+    """Memory of process ``pid`` in MiB from ``/proc``: rss, hwm (peak rss), pss, uss; ``{}`` if unreadable.
+
+    Also ``threads``, its number of threads (a count, not MiB).
+    """
+    out: dict = {}
+    fields = {"VmRSS:": "rss", "VmHWM:": "hwm", "Pss:": "pss", "Private_Clean:": "uss", "Private_Dirty:": "uss",
+              "Threads:": "threads"}
+    for name in ("status", "smaps_rollup"):
+        try:
+            with open(f"/proc/{pid}/{name}") as f:
+                for line in f:
+                    parts = line.split()
+                    key = fields.get(parts[0]) if parts else None
+                    if key == "threads" and len(parts) >= 2:
+                        out[key] = int(parts[1])
+                    elif key is not None and len(parts) >= 2:
+                        out[key] = out.get(key, 0.0) + int(parts[1]) / 1024.0  # kB -> MiB
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _file_size(path: str) -> int:
