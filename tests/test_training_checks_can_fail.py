@@ -80,6 +80,9 @@ def test_low_precision_bound_is_relative_to_the_single_device_error():
     assert not bad.passed and "single-device 16-bit error 0.01" in bad.reason
     missing, _ = compare_low_precision(None, ref, exact, eps)
     assert not missing.passed
+    # A reference that overflowed float16 measures nothing: not compared, not failed.
+    overflowed, _ = compare_low_precision(exact, ref * math.inf, exact, eps)
+    assert overflowed.passed and "overflowed" in overflowed.reason
 
 
 # ---------------------------------------------------------------- can fail

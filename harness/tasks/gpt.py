@@ -60,7 +60,8 @@ def violation_record(rank: int, tp_rank: int, tp_size: int, dp_rank: int, violat
 
 
 def _cpu64(t: Any) -> Any:
-    return None if t is None else t.detach().double().cpu()
+    """A float64 CPU copy: never a view of a live tensor (float64 parameters change in place later)."""
+    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64, copy=True)
 
 
 def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
