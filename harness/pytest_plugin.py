@@ -44,6 +44,11 @@ import pytest
 from harness.settings import DEFAULT_PROFILE, FAMILIES, layout_set, register_profiles
 
 
+# At import, before any pytest_configure: hypothesis's own plugin loads
+# --hypothesis-profile in its pytest_configure, which may run before ours.
+register_profiles()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lora-harness", "LoRA sharding harness")
     group.addoption("--tp", type=int, default=2, help="largest tensor-parallel size to check, a power of two (default 2)")

@@ -33,8 +33,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{l.describe()}" for f, l in CASES])
-def test_forward_matches_at_eight_ranks(family, layout, record_property, capsys):
+@pytest.mark.parametrize("family,world8_layout", CASES, ids=[f"{f}-{l.describe()}" for f, l in CASES])
+def test_forward_matches_at_eight_ranks(family, world8_layout, record_property, capsys):
+    layout = world8_layout
     if family == "moe":
         assert layout in layout_set(2, 4, "moe"), "the 8-rank MoE layout with ETP != TP left the layout set"
     else:
