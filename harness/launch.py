@@ -77,7 +77,7 @@ __all__ = ["TorchrunWorld", "TorchrunExecutor", "main", "ERROR_GRACE_S", "STACK_
 
 #: Seconds the silent ranks get to report after another rank raised; after
 #: that they are taken as blocked (in a collective with the failed rank).
-ERROR_GRACE_S = 5.0
+ERROR_GRACE_S = 2.0
 #: Seconds rank 0 waits for the stacks of silent ranks.
 STACK_WAIT_S = 3.0
 #: Run-time world-1 kinds (``harness.runs.Evidence`` cache keys) that run on rank 0's local pool.
@@ -266,12 +266,18 @@ class TorchrunWorld:
                 break
             _, name, case, reset = msg
             result = self.execute(name, case, reset)
-            self.store.set(f"done/{n}/{self.rank}", result[0])
             if result[0] != "ok":
+                # Also through the store: rank 0 reads it there when other ranks are blocked and no gather can run.
+                self.store.set(f"error/{n}/{self.rank}", pickle.dumps(result))
                 self.store.add(f"errors/{n}", 1)
+            self.store.set(f"done/{n}/{self.rank}", result[0])
             self.store.add(f"done/{n}", 1)
             if self.wait_key(f"gather/{n}") != b"go":
-                return 0  # rank 0 lost the world and ends the job; nothing more to do here
+                # Rank 0 lost the world and ends the job. Leave at once: an orderly
+                # teardown could wait on groups whose peers are blocked.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
             dist.gather_object(result, None, dst=0, group=self.control)
         self.close()
         return 0
@@ -418,24 +424,27 @@ class TorchrunExecutor(Executor):
         results = {}
         if 0 in done:
             results[0] = own["result"]
-        for r in done - {0}:
+        for r in sorted(done - {0}):
             if w.store.get(f"done/{n}/{r}") != b"ok":
-                errors[r] = ("?", "raised (its traceback could not be gathered: other ranks are blocked)", "")
+                results[r] = pickle.loads(w.store.get(f"error/{n}/{r}"))
+                errors[r] = tuple(results[r][1:4])
         if 0 in results and results[0][0] != "ok":
             errors[0] = tuple(results[0][1:4])
         stacks = self._stacks(pending)
         w.store.set(f"gather/{n}", b"abort")  # the ranks that reported stop waiting and leave
+        listed = [results.get(r, ("", "")) for r in range(w.world_size)]
         if errors:
-            report = self._report(label, errors, stacks, pending, None, limit, blocked=True)
+            report = self._report(label, errors, stacks, pending, listed, limit, blocked=True)
             fault = RankTaskError(report, errors, stacks, pending)
         else:
-            fault = RankHang(self._report(label, {}, stacks, pending, None, limit), stacks, pending, limit)
-        fault.output = {0: results[0][-1]} if 0 in results and results[0][-1] else {}
+            fault = RankHang(self._report(label, {}, stacks, pending, listed, limit), stacks, pending, limit)
+        fault.output = {r: res[-1] for r, res in results.items() if res[-1]}
         self.last_output = dict(fault.output)
         self._lost = (repr(case), fault)
         silent = ", ".join(map(str, pending))
-        self.stop_reason = (f"rank(s) {silent} of the torchrun world did not report ({type(fault).__name__} in {label}); "
-                            "the world cannot run further tasks")
+        what = (f"rank(s) {', '.join(map(str, sorted(errors)))} raised and rank(s) {silent} stayed blocked" if errors
+                else f"rank(s) {silent} did not report within {limit:.3g} s")
+        self.stop_reason = f"{what} ({type(fault).__name__} in {label}); the torchrun world cannot run further tasks"
         raise fault
 
     def _stacks(self, ranks: list[int]) -> dict[int, str]:
