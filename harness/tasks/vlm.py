@@ -67,15 +67,17 @@ def access_form(index: int, seed: int) -> str:
     return ACCESS_FORMS[(index + seed) % len(ACCESS_FORMS)]
 
 
-def _linear_type(module: nn.Module) -> bool:
-    """SPEC's linear types, decided by the harness from the module's class."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+# megatron-core's Transformer Engine linears (the harness's own list; its LLaVA uses local specs).
+_TE_LINEARS = frozenset({"TELinear", "TEColumnParallelLinear", "TERowParallelLinear", "TELayerNormColumnParallelLinear"})
 
-    from lora._spec import TE_LINEAR_CLASS_NAMES
+
+def _linear_type(module: nn.Module) -> bool:
+    """SPEC's linear types (plain, megatron column/row parallel, TE), decided by the harness from the class."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     if isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
         return True
-    return any(c.__name__ in TE_LINEAR_CLASS_NAMES for c in type(module).__mro__)
+    return any(c.__name__ in _TE_LINEARS for c in type(module).__mro__)
 
 
 def _inner(result: Any, access: str) -> nn.Module:
