@@ -36,6 +36,8 @@ __all__ = [
     "expert_param",
     "num_local_experts",
     "load_full_adapter_weights",
+    "adapter_table",
+    "initial_adapters",
     "adapter_modules",
     "SpecViolation",
 ]
@@ -255,17 +257,13 @@ def adapter_full_shapes(wrapper: nn.Module, tp_size: int, dim: int) -> dict[str,
     return {"linear_in": (dim, in_full), "linear_out": (out_full, dim)}
 
 
-@torch.no_grad()
-def load_full_adapter_weights(
-    model: nn.Module, seed: int, tp_rank: int, tp_size: int, dim: int
-) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
-    """Set every adapter's A and B to slices of seeded full matrices (B non-zero).
+def adapter_table(model: nn.Module, tp_rank: int, tp_size: int, dim: int) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
+    """Per adapter parameter: (canonical module name, partition, full shape), loading nothing.
 
-    Checks each parameter's name and local shape against harness/SPEC.md and raises
-    ``SpecViolation`` naming the module when they differ. Returns, per
-    parameter name, (canonical module name, partition, full shape).
+    Checks each parameter's name and local shape against harness/SPEC.md and
+    raises ``SpecViolation`` naming the module when they differ.
     """
-    layout = {}
+    table = {}
     wrappers = adapter_modules(model)
     if not wrappers:
         raise SpecViolation("no module with `to_wrap` and `adapter` children: no adapter was applied (SPEC naming)")
@@ -286,10 +284,36 @@ def load_full_adapter_weights(
                     f"{pname}: local shape {tuple(param.shape)} on TP rank {tp_rank}/{tp_size}, SPEC expects "
                     f"{tuple(local)} (full {shape}, {part.describe()})"
                 )
-            # A scaled like xavier over the full matrix; B non-zero so the
-            # adapter really contributes and a wrong shard shows up.
-            std = 1.0 / shape[1] ** 0.5
-            full = seeded_tensor(seed, f"{wname}.{which}", shape, std=std)
-            param.copy_(shard(full, part, tp_rank, tp_size).to(param.dtype))
-            layout[pname] = (wname, part, shape)
-    return layout
+            table[pname] = (wname, part, tuple(shape))
+    return table
+
+
+@torch.no_grad()
+def load_full_adapter_weights(
+    model: nn.Module, seed: int, tp_rank: int, tp_size: int, dim: int
+) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
+    """Set every adapter's A and B to slices of seeded full matrices (B non-zero).
+
+    Checks names and shapes first (``adapter_table``, raising
+    ``SpecViolation``) and returns its table.
+    """
+    table = adapter_table(model, tp_rank, tp_size, dim)
+    for pname, (wname, part, shape) in table.items():
+        which = pname.rsplit(".", 2)[-2]
+        param = model.get_parameter(pname)
+        # A scaled like xavier over the full matrix; B non-zero so the
+        # adapter really contributes and a wrong shard shows up.
+        std = 1.0 / shape[1] ** 0.5
+        full = seeded_tensor(seed, f"{wname}.{which}", shape, std=std)
+        param.copy_(shard(full, part, tp_rank, tp_size).to(param.dtype))
+    return table
+
+
+def initial_adapters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter's A and B as the implementation made them: float64 CPU copies, by parameter name."""
+    return {
+        f"{wname}.adapter.{which}.weight": getattr(wrapper.adapter, which).weight.detach().to(device="cpu", dtype=torch.float64, copy=True)
+        for wname, wrapper in adapter_modules(model).items()
+        for which in ("linear_in", "linear_out")
+        if isinstance(getattr(getattr(wrapper.adapter, which, None), "weight", None), torch.Tensor)
+    }

@@ -21,6 +21,7 @@ from harness.results import ErrorRecord, Finding, Partitioned, RankRecord
 from harness.sharding import (
     SpecViolation,
     adapter_modules,
+    initial_adapters,
     load_full_adapter_weights,
     load_full_base_weights,
     seeded_tensor,
@@ -74,12 +75,7 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
     lora_kwargs = case.lora_kwargs()
     torch.manual_seed(case.seed)
     model = impl.LoRA(**lora_kwargs)(model, training=case.training)
-    initial = {
-        f"{wname}.adapter.{which}.weight": _cpu64(getattr(wrapper.adapter, which).weight)
-        for wname, wrapper in adapter_modules(model).items()
-        for which in ("linear_in", "linear_out")
-        if isinstance(getattr(getattr(wrapper.adapter, which, None), "weight", None), torch.Tensor)
-    }
+    initial = initial_adapters(model)
     try:
         table = load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32))
         violation = None

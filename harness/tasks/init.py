@@ -32,16 +32,7 @@ from harness.cases import GPTCase
 from harness.contract import DEFAULT_TARGET_MODULES
 from harness.models import GPTShape, build_gpt, causal_mask
 from harness.results import Partitioned, RankRecord
-from harness.sharding import (
-    Partition,
-    SpecViolation,
-    adapter_full_shapes,
-    adapter_modules,
-    adapter_partitions,
-    full_shape,
-    seeded_tensor,
-    shard,
-)
+from harness.sharding import SpecViolation, adapter_modules, adapter_table, initial_adapters, seeded_tensor
 from harness.tasks.gpt import _setup, any_rank, violation_record
 
 __all__ = ["run_init_case", "init_shape", "init_dim", "INIT_HIDDEN", "INIT_FFN", "INIT_VOCAB", "INIT_DIM"]
@@ -78,37 +69,6 @@ def init_shape(case: GPTCase) -> GPTShape:
         gated_linear_unit=case.shape.gated_linear_unit,
         add_bias_linear=case.shape.add_bias_linear,
     )
-
-
-def _cpu64(t: Any) -> Any:
-    return None if t is None else t.detach().double().cpu()
-
-
-def _adapter_table(model: torch.nn.Module, tp_rank: int, tp_size: int, dim: int) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
-    """harness/SPEC.md's names and local shapes, checked as ``load_full_adapter_weights`` checks them, loading nothing."""
-    wrappers = adapter_modules(model)
-    if not wrappers:
-        raise SpecViolation("no module with `to_wrap` and `adapter` children: no adapter was applied (SPEC naming)")
-    table = {}
-    for wname, wrapper in wrappers.items():
-        parts = adapter_partitions(wrapper, wname)
-        shapes = adapter_full_shapes(wrapper, tp_size, dim)
-        for which in ("linear_in", "linear_out"):
-            pname = f"{wname}.adapter.{which}.weight"
-            try:
-                param = model.get_parameter(pname)
-            except AttributeError as exc:
-                raise SpecViolation(f"{wname}: missing adapter parameter {pname} (SPEC names A and B adapter.linear_in/linear_out)") from exc
-            part, shape = parts[which], shapes[which]
-            expected = full_shape(shape, Partition(part.dim), 1)
-            local = shard(torch.empty(expected, device="meta"), part, tp_rank, tp_size).shape if part.dim is not None else expected
-            if tuple(param.shape) != tuple(local):
-                raise SpecViolation(
-                    f"{pname}: local shape {tuple(param.shape)} on TP rank {tp_rank}/{tp_size}, SPEC expects "
-                    f"{tuple(local)} (full {shape}, {part.describe()})"
-                )
-            table[pname] = (wname, part, tuple(shape))
-    return table
 
 
 def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
@@ -150,14 +110,9 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
         targets = "default"
         lora_kwargs.update(target_modules=list(DEFAULT_TARGET_MODULES), exclude_modules=[])
         model, before = adapted(lora_kwargs)
-    initial = {
-        f"{wname}.adapter.{which}.weight": _cpu64(getattr(wrapper.adapter, which).weight)
-        for wname, wrapper in adapter_modules(model).items()
-        for which in ("linear_in", "linear_out")
-        if isinstance(getattr(getattr(wrapper.adapter, which, None), "weight", None), torch.Tensor)
-    }
+    initial = initial_adapters(model)
     try:
-        table = _adapter_table(model, tp_rank, tp, dim)
+        table = adapter_table(model, tp_rank, tp, dim)
         violation = None
     except SpecViolation as exc:
         violation = str(exc)
