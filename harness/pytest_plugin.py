@@ -339,6 +339,15 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             f"lora-harness {family} examples per layout: "
             + ", ".join(f"{layout} {n}" for (f, layout), n in sorted(per_layout.items()) if f == family)
         )
+    from harness.results import coverage
+
+    # What the distinct drawn examples exercised, per layout (a property
+    # that shares its examples with another counts them once here).
+    for (family, layout), counts in sorted(coverage([o for o, _ in harness_session.outcomes]).items()):
+        extras = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "examples")
+        terminalreporter.write_line(
+            f"lora-harness {family} {layout.split(':')[-1]}: {counts['examples']} distinct examples" + (f" ({extras})" if extras else "")
+        )
 
 
 def _write_merged_report(config: Any, report: str, collected: list) -> None:

@@ -39,6 +39,8 @@ __all__ = [
     "ExampleRecord",
     "PropertyOutcome",
     "RunResults",
+    "case_features",
+    "coverage",
 ]
 
 SCHEMA_VERSION = 1
@@ -375,3 +377,40 @@ class RunResults:
             "cells": [o.to_json() for o in self.outcomes],
             "examples": [r.to_json() for o in self.outcomes for r in o.records],
         }
+
+
+def case_features(case: dict[str, Any]) -> list[str]:
+    """What a drawn example exercises beyond its layout, from its JSON form (for coverage lines)."""
+    lora = case.get("lora") or {}
+    low = ("bfloat16", "float16")
+    found = []
+    if case.get("model_dtype") in low or case.get("lora_dtype") in low:
+        found.append("16-bit")
+    if lora.get("a2a_experimental"):
+        found.append("a2a")
+    if lora.get("dropout"):
+        found.append("training dropout" if case.get("training", True) else "eval dropout")
+    if (case.get("micro_batches") or 1) > 1:
+        found.append("2+ micro-batches")
+    if not case.get("training", True):
+        found.append("inference")
+    return found
+
+
+def coverage(outcomes: list["PropertyOutcome"]) -> dict[tuple[str, str], dict[str, int]]:
+    """{(family, layout): {"examples": n, feature: count}} over the distinct examples of every outcome."""
+    import json
+
+    seen: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for outcome in outcomes:
+        key = (getattr(outcome, "family", "gpt"), outcome.layout)
+        for rec in outcome.records:
+            seen.setdefault(key, {})[json.dumps(rec.case, sort_keys=True, default=str)] = rec.case
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for key, cases in seen.items():
+        counts: dict[str, int] = {"examples": len(cases)}
+        for case in cases.values():
+            for feature in case_features(case):
+                counts[feature] = counts.get(feature, 0) + 1
+        out[key] = counts
+    return out

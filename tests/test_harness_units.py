@@ -186,3 +186,17 @@ def test_layout_set_refuses_what_it_would_round():
     assert [str(l) for l in layout_set(2, 2)] == [
         "tp1-ep1-etp1-pp1", "tp1-ep2-etp1-pp1", "tp2-ep1-etp2-pp1", "tp2-ep1-etp2-pp1-sp", "tp2-ep2-etp2-pp1", "tp2-ep2-etp2-pp1-sp",
     ]
+
+
+def test_coverage_counts_what_distinct_examples_exercise():
+    from harness.results import ExampleRecord, PropertyOutcome, Verdict, case_features, coverage
+
+    a2a = {"lora": {"a2a_experimental": True, "dropout": 0.1}, "training": True, "model_dtype": "bfloat16", "micro_batches": 2}
+    plain = {"lora": {"dropout": 0.5}, "training": False, "model_dtype": "float64", "lora_dtype": None}
+    assert case_features(a2a) == ["16-bit", "a2a", "training dropout", "2+ micro-batches"]
+    assert case_features(plain) == ["eval dropout", "inference"]
+    recs = [ExampleRecord("p", "tp2-sp", c, Verdict.PASS, 0.0) for c in (a2a, plain)]
+    # Two properties on the same two examples: counted once each.
+    outcomes = [PropertyOutcome(prop, "tp2-sp", "impl", records=list(recs)) for prop in ("forward_matches", "merge_matches")]
+    assert coverage(outcomes) == {("gpt", "tp2-sp"): {
+        "examples": 2, "16-bit": 1, "a2a": 1, "training dropout": 1, "2+ micro-batches": 1, "eval dropout": 1, "inference": 1}}
