@@ -193,6 +193,7 @@ def check_property(
     faulted: dict[str, ExampleRecord] = {}
     failed: dict[str, ExampleRecord] = {}
     last_failure: dict[str, Any] = {}
+    passed: set[str] = set()
     runs_after_failure = [0]
 
     @run_settings
@@ -203,6 +204,10 @@ def check_property(
             record = faulted[key]
         elif key in failed:
             record = failed[key]
+        elif key in passed:
+            # Hypothesis may replay a case it saw pass; rejecting it now
+            # (the budget is spent) would be an inconsistent result.
+            return
         elif len(faulted) >= max_faults:
             reject()
         elif failed and runs_after_failure[0] >= shrink_budget:
@@ -217,6 +222,8 @@ def check_property(
                 faulted[key] = record
             elif record.verdict.failing:
                 failed[key] = record
+            else:
+                passed.add(key)
         if record.verdict.failing:
             last_failure.update(record=record, case=case)
             raise PropertyFailure(
