@@ -158,7 +158,10 @@ class TorchrunWorld:
         # Every rank must agree: NCCL only when every rank has a GPU of its own.
         self.store.add("gpu-ranks", 1 if has_gpu else 0)
         self.store.add("gpu-votes", 1)
+        deadline = time.monotonic() + self.timeout
         while self.store.add("gpu-votes", 0) < world_size:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank {rank}: not every rank reported whether it has a GPU within {self.timeout:g} s")
             time.sleep(_POLL_S)
         self.backend = "nccl" if self.store.add("gpu-ranks", 0) == world_size else "gloo"
         if self.backend == "nccl":
