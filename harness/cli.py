@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--property", dest="properties", action="append", default=None, help="only this property (repeatable)")
     v.add_argument("--layout", dest="layouts", action="append", default=None, help="only this layout of the set, e.g. tp2-ep1-etp2-pp1 (repeatable)")
     v.add_argument("--family", dest="families", action="append", default=None,
-                   help="only this model family: gpt (dense) or moe (mixture of experts) (repeatable; default all)")
+                   help="only this model family: gpt (dense), moe (mixture of experts) or vlm (LLaVA, VLMLoRA freezing) (repeatable; default all)")
     v.add_argument("--seed", type=int, default=None, help="hypothesis seed, for a reproducible run")
     v.add_argument("--rank-timeout", type=_positive_float, default=None, help="ceiling in seconds for one rank task")
     v.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
