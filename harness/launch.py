@@ -80,8 +80,6 @@ __all__ = ["TorchrunWorld", "TorchrunExecutor", "main", "ERROR_GRACE_S", "STACK_
 ERROR_GRACE_S = 2.0
 #: Seconds rank 0 waits for the stacks of silent ranks.
 STACK_WAIT_S = 3.0
-#: Run-time world-1 kinds (``harness.runs.Evidence`` cache keys) that run on rank 0's local pool.
-LOCAL_KINDS = frozenset({"reference", "impl_tp1"})
 
 _POLL_S = 0.01
 _IDLE_WAIT = datetime.timedelta(seconds=30)
@@ -306,8 +304,9 @@ class TorchrunExecutor(Executor):
 
     ``run(case, task)`` sends the task to every rank and returns one record
     per rank, or raises ``RankTaskError``/``RankHang`` as a local pool does.
-    World-size-1 runs made through ``cached`` under a ``LOCAL_KINDS`` key go
-    to rank 0's local world-1 pool (``Executor.pool(1)``).
+    World-size-1 runs (``run_alone``: the reference, the float64 reference,
+    the implementation at TP=1) go to rank 0's local world-1 pool
+    (``Executor.pool(1)``).
     """
 
     write_each_cell = True
@@ -319,7 +318,6 @@ class TorchrunExecutor(Executor):
         self.error_grace = error_grace
         self.stop_reason: Optional[str] = None  # set when the world is lost
         self._lost: Any = None  # (case repr, fault) of the fault that lost it
-        self._kind: Optional[str] = None
         self._n = 0
         self._reset = False
         self._slowest: Optional[float] = None
@@ -332,18 +330,15 @@ class TorchrunExecutor(Executor):
         return (f"its model-parallel size needs a world that is a multiple of {layout.min_world_size}; "
                 f"the torchrun world has {self.world.world_size} ranks")
 
-    def cached(self, key: tuple, make: Callable[[], Any]) -> tuple[Any, dict[int, str]]:
-        previous, self._kind = self._kind, (key[0] if key else None)
-        try:
-            return super().cached(key, make)
-        finally:
-            self._kind = previous
+    def run_alone(self, case: Any) -> Any:
+        """World-size-1 runs go to rank 0's local world-1 pool, apart from the torchrun world."""
+        if self._lost is not None:
+            self._refuse(case)
+        return Executor.run(self, case)[0]
 
     def run(self, case: Any, task: Optional[Callable[..., Any]] = None) -> list[Any]:
         if self._lost is not None:
             self._refuse(case)
-        if self._kind in LOCAL_KINDS:
-            return super().run(case, task)
         validate = getattr(case, "validate", None)
         if validate is not None:
             validate()

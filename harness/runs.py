@@ -82,6 +82,11 @@ class Executor:
         finally:
             self.last_output = {r: t for r, t in (getattr(pool, "last_output", None) or {}).items() if t}
 
+    def run_alone(self, case: Any) -> Any:
+        """A world-size-1 run (the reference, the float64 reference, the implementation at TP=1):
+        the one record. An executor over a fixed world (``harness.launch``) runs these apart from it."""
+        return self.run(case)[0]
+
     def cached(self, key: tuple, make: Callable[[], Any]) -> tuple[Any, dict[int, str]]:
         """``make()`` once per ``key`` (LRU), with what the ranks printed while it ran.
 
@@ -130,7 +135,7 @@ class Evidence:
     def _make_reference(self) -> tuple[Any, dict[int, str]]:
         ref = self.case.with_(impl=self.executor.reference_impl, layout=ParallelLayout(), contract="strict")
         key = ("reference", self.executor.reference_impl, self.case.reference_key())
-        return self.executor.cached(key, lambda: self.executor.run(ref)[0])
+        return self.executor.cached(key, lambda: self.executor.run_alone(ref))
 
     def _make_reference64(self) -> tuple[Any, dict[int, str]]:
         import torch
@@ -142,11 +147,11 @@ class Evidence:
         ref = case.with_(impl=self.executor.reference_impl, layout=ParallelLayout(), contract="strict",
                          model_dtype=torch.float64, lora_dtype=torch.float64, value_grid=grid)
         key = ("reference", self.executor.reference_impl, ref.reference_key())
-        return self.executor.cached(key, lambda: self.executor.run(ref)[0])
+        return self.executor.cached(key, lambda: self.executor.run_alone(ref))
 
     def _make_impl_tp1(self) -> tuple[Any, dict[int, str]]:
         base = self.case.with_(layout=ParallelLayout())
-        return self.executor.cached(("impl_tp1", self.case.impl, self.case.reference_key()), lambda: self.executor.run(base)[0])
+        return self.executor.cached(("impl_tp1", self.case.impl, self.case.reference_key()), lambda: self.executor.run_alone(base))
 
     def _make_impl_ep1(self) -> tuple[Any, dict[int, str]]:
         import dataclasses

@@ -164,7 +164,6 @@ def test_a_rank_that_hangs_is_reported_with_its_stack(tmp_path):
     print(f"planted hang under torchrun: {seconds:.1f} s")
 
 
-@pytest.mark.nightly
 def test_two_nodes_give_the_verdicts_of_a_local_run(tmp_path):
     port = _free_port()
     report = tmp_path / "nodes"
