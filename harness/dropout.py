@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["keyed_mask", "keyed_dropout", "capture_dropout", "DropoutLog"]
 
@@ -69,56 +68,73 @@ def _digest(t: torch.Tensor) -> str:
 
 @contextlib.contextmanager
 def keyed_dropout(model: Any = None) -> Iterator[DropoutLog]:
-    """``torch.nn.functional.dropout`` (and ``torch.dropout``) use value-keyed masks inside the block.
+    """Dropout uses value-keyed masks inside the block.
 
-    ``model``: when given, a dropping call made while ``model.training`` is
-    False counts in ``eval_calls`` (SPEC: dropout acts only in training).
+    Patched where every PyTorch dropout path ends: ``torch._VF.dropout`` /
+    ``dropout_`` (what ``torch.nn.functional.dropout`` calls at each call, so
+    ``nn.Dropout`` and a ``from torch.nn.functional import dropout`` made
+    before the block are covered) and ``torch.dropout``. ``model``: when
+    given, a dropping call made while ``model.training`` is False counts in
+    ``eval_calls`` (SPEC: dropout acts only in training).
     """
     log = DropoutLog()
-    real_f, real_t = F.dropout, torch.dropout
 
-    def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
-        if not training or p == 0.0:
+    def dropout(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+        if not train or p == 0.0:
             return input
         if model is not None and not model.training:
             log.eval_calls += 1
         keep = keyed_mask(input, p)
         log.calls += 1
         log.dropped += int((~keep).sum())
-        out = input * keep.to(input.dtype) / (1.0 - p)
-        if inplace:
-            return input.copy_(out)
-        return out
+        return input * keep.to(input.dtype) / (1.0 - p)
 
-    def torch_dropout(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
-        return dropout(input, p, train)
+    def dropout_(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+        out = dropout(input, p, train)
+        return input if out is input else input.copy_(out)
 
-    F.dropout, torch.dropout = dropout, torch_dropout
-    try:
+    with _patched(dropout, dropout_):
         yield log
-    finally:
-        F.dropout, torch.dropout = real_f, real_t
 
 
 @contextlib.contextmanager
 def capture_dropout() -> Iterator[DropoutLog]:
     """The real dropout, with each dropping call's (shape, input digest, mask digest) recorded."""
     log = DropoutLog()
-    real_f = F.dropout
+    real = torch._VF.dropout
 
-    def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
-        if not training or p == 0.0:
-            return real_f(input, p, training, inplace)
+    def dropout(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+        if not train or p == 0.0:
+            return real(input, p, train)
         before = input.detach().clone()
-        out = real_f(input, p, training, inplace)
+        out = real(input, p, train)
         mask = (out.detach() == 0) & (before != 0)
         log.calls += 1
         log.dropped += int(mask.sum())
         log.records.append((tuple(before.shape), _digest(before), _digest(mask)))
         return out
 
-    F.dropout = dropout
-    try:
+    def dropout_(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+        return input.copy_(dropout(input, p, train))
+
+    with _patched(dropout, dropout_):
         yield log
+
+
+@contextlib.contextmanager
+def _patched(dropout: Any, dropout_: Any) -> Iterator[None]:
+    vf = torch._VF
+    had = {name: name in vars(vf) for name in ("dropout", "dropout_")}
+    old = {name: vars(vf).get(name) for name in had}
+    real_torch = torch.dropout
+    vf.dropout, vf.dropout_ = dropout, dropout_
+    torch.dropout = dropout
+    try:
+        yield
     finally:
-        F.dropout = real_f
+        for name, present in had.items():
+            if present:
+                setattr(vf, name, old[name])
+            else:
+                delattr(vf, name)
+        torch.dropout = real_torch

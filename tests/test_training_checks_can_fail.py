@@ -56,7 +56,22 @@ def test_keyed_dropout_replaces_functional_dropout_and_counts():
     assert torch.equal(same, x)
     assert log.calls == 2 and log.eval_calls == 1 and log.dropped == 2 * int((~keep).sum())
     # Restored afterwards: the real dropout is random again.
-    assert torch.nn.functional.dropout.__module__ == "torch.nn.functional"
+    torch.manual_seed(0)
+    first = torch.dropout(x, 0.5, True)
+    assert not torch.equal(first, out) and not torch.equal(torch.dropout(x, 0.5, True), first)
+
+
+def test_keyed_dropout_covers_every_way_to_call_dropout():
+    from torch.nn.functional import dropout as bound_before  # an implementation's own import
+
+    x = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    want = torch.where(keyed_mask(x, 0.25), x / 0.75, torch.zeros_like(x))
+    with keyed_dropout() as log:
+        outs = [bound_before(x, 0.25), torch.nn.Dropout(0.25)(x), torch.dropout(x, 0.25, True),
+                torch.nn.functional.dropout(x.clone(), 0.25, inplace=True)]
+    for out in outs:
+        assert torch.equal(out, want)
+    assert log.calls == 4
 
 
 def test_capture_dropout_records_the_real_mask():
