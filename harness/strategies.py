@@ -242,8 +242,9 @@ def moe_cases(
     The base model runs in float64: routing picks the top-k experts by
     score, and in float32 two layouts' summation orders can flip a near tie,
     sending a token to another expert (a difference no tolerance can
-    absorb, and no LoRA bug). Dropout is 0: expert dropout masks are a
-    matter for the dropout-mask checks.
+    absorb, and no LoRA bug). Dropout is drawn in training and eval: the
+    value-keyed masks of ``harness.dropout`` make expert adapters drop the
+    same elements at every layout.
     """
     caps = capabilities or Capabilities()
     shape = draw(moe_shapes(layout))
@@ -252,15 +253,18 @@ def moe_cases(
     unit = math.lcm(layout.tp, topk * layout.etp_size) if normalize else math.lcm(layout.tp, layout.etp_size)
     lora = dict(draw(moe_target_patterns()))
     dtypes = [d for d in caps.lora_dtypes if d in (None, "float64")] or [None]
+    training = draw(st.sampled_from([True, True, True, False]))
     lora.update(
         dim=unit * draw(st.integers(1, 2)),
         alpha=draw(st.sampled_from([1, 4, 16])),
-        dropout=0.0,
+        # Exact through harness.dropout's value-keyed masks (float64 values).
+        dropout=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])),
         dropout_position=draw(st.sampled_from(["pre", "post"])),
         lora_A_init_method=draw(st.sampled_from(caps.init_methods)),
         lora_B_init_method=draw(st.sampled_from(caps.init_methods)),
         normalize_moe_lora=normalize,
-        share_expert_adapters=draw(st.booleans()),
+        # SPEC's default, and the EP-sensitive case (broadcast, gradient sum): two in three.
+        share_expert_adapters=draw(st.sampled_from([True, True, False])),
     )
     return MoECase(
         shape=shape,
@@ -268,7 +272,7 @@ def moe_cases(
         seed=draw(st.integers(0, 2**31 - 1)),
         layout=layout,
         impl=impl,
-        training=draw(st.sampled_from([True, True, True, False])),
+        training=training,
         model_dtype=parse_dtype("float64"),
         lora_dtype=parse_dtype(draw(st.sampled_from(dtypes))),
         contract=caps.contract,

@@ -52,7 +52,7 @@ PROPERTY = register(Property(
     name="dropout_follows_spec",
     check=check,
     needs=("impl",),
-    families=("gpt",),
+    families=("gpt", "moe"),
     kind="contract",
     doc="dropout > 0 drops in training; eval mode never drops; a tensor replicated over TP gets the same mask on "
     "every TP rank (the value-keyed masks make forward/backward compare training-mode dropout exactly)",

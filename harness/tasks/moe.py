@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from harness.dropout import keyed_dropout
 from harness.cases import MoECase
 from harness.contract import load_impl
 from harness.models import causal_mask
@@ -298,46 +299,50 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     def x_shard() -> torch.Tensor:
         return full_x.chunk(tp, dim=0)[tp_rank] if layout.sp else full_x
 
-    with torch.no_grad():
-        own_output = model(ids, pos, mask, decoder_input=x_shard())
-    for h_ in handles:
-        h_.remove()
-
-    # The harness's own adapter values: seeded full matrices by global name, B non-zero.
-    with torch.no_grad():
-        for pname, info in table.items():
-            std = 1.0 / info.full_shape[1] ** 0.5
-            full = seeded_tensor(case.seed, info.global_name, info.full_shape, std=std)
-            g_rank, g_size = (sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)
-            model.get_parameter(pname).copy_(shard(full, info.part, g_rank, g_size))
-    findings = _state_findings(model, {p: (i.name.split(".adapter.")[0],) for p, i in table.items()}, case)
-
-    x = x_shard().clone().requires_grad_(True)
-    handles = [m.register_forward_pre_hook(count_tokens(n)) for n, m in model.named_modules() if n.endswith("mlp.experts")]
-    tokens.clear()
-    out = model(ids, pos, mask, decoder_input=x)
-    for h_ in handles:
-        h_.remove()
-    if out.dtype != case.model_dtype:
-        findings.append(Finding(
-            "contract", f"logits dtype {out.dtype}, the base model computes in {case.model_dtype} "
-            "(the adapter output must be cast back)", "output_dtype"))
-    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(out.dtype)
-    (out * probe).sum().backward()
-    grads_local = {p: model.get_parameter(p).grad for p in table}
-    extras: dict[str, Any] = {"expert_tokens": tokens, "shared_created": created}
-    if case.training:
-        _ddp_reduce(model, table, layout, ctx.world_size)
-        grads = _assemble({p: model.get_parameter(p).grad for p in table}, table, sizes)
+    # Value-keyed dropout masks (harness.dropout): expert adapters drop exactly
+    # what the reference drops, wherever EP and ETP send the tokens.
+    with keyed_dropout(model) as dropout_log:
         with torch.no_grad():
-            for pname in table:
-                p = model.get_parameter(pname)
-                p.sub_(SGD_LR * p.grad.to(p.dtype))
-            stepped_output = model(ids, pos, mask, decoder_input=x_shard())
-        extras["shared_stepped"] = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
-        extras["stepped_output"] = _cpu64(stepped_output)
-    else:
-        grads = _assemble(grads_local, table, sizes)
+            own_output = model(ids, pos, mask, decoder_input=x_shard())
+        for h_ in handles:
+            h_.remove()
+
+        # The harness's own adapter values: seeded full matrices by global name, B non-zero.
+        with torch.no_grad():
+            for pname, info in table.items():
+                std = 1.0 / info.full_shape[1] ** 0.5
+                full = seeded_tensor(case.seed, info.global_name, info.full_shape, std=std)
+                g_rank, g_size = (sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)
+                model.get_parameter(pname).copy_(shard(full, info.part, g_rank, g_size))
+        findings = _state_findings(model, {p: (i.name.split(".adapter.")[0],) for p, i in table.items()}, case)
+
+        x = x_shard().clone().requires_grad_(True)
+        handles = [m.register_forward_pre_hook(count_tokens(n)) for n, m in model.named_modules() if n.endswith("mlp.experts")]
+        tokens.clear()
+        out = model(ids, pos, mask, decoder_input=x)
+        for h_ in handles:
+            h_.remove()
+        if out.dtype != case.model_dtype:
+            findings.append(Finding(
+                "contract", f"logits dtype {out.dtype}, the base model computes in {case.model_dtype} "
+                "(the adapter output must be cast back)", "output_dtype"))
+        probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(out.dtype)
+        (out * probe).sum().backward()
+        grads_local = {p: model.get_parameter(p).grad for p in table}
+        extras: dict[str, Any] = {"expert_tokens": tokens, "shared_created": created}
+        if case.training:
+            _ddp_reduce(model, table, layout, ctx.world_size)
+            grads = _assemble({p: model.get_parameter(p).grad for p in table}, table, sizes)
+            with torch.no_grad():
+                for pname in table:
+                    p = model.get_parameter(pname)
+                    p.sub_(SGD_LR * p.grad.to(p.dtype))
+                stepped_output = model(ids, pos, mask, decoder_input=x_shard())
+            extras["shared_stepped"] = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
+            extras["stepped_output"] = _cpu64(stepped_output)
+        else:
+            grads = _assemble(grads_local, table, sizes)
+    extras["dropout"] = {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "eval_calls": dropout_log.eval_calls}
     extras["own_output"] = _cpu64(own_output)
     extras["ep_rank"], extras["etp_rank"] = sizes["ep_rank"], sizes["etp_rank"]
     findings += _reapply_findings(model, impl, lora_kwargs, case.training)

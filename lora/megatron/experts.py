@@ -71,9 +71,9 @@ generator and keeps its shard, in the order a world-size-1 walk draws:
   the local ones. The generator ends where a world-size-1 walk leaves it.
 
 Dropout uses ``apply_dropout`` on this rank's values from torch's default
-generator; the harness draws dropout 0 for experts for now, and masks are
-not made layout-independent here (under ETP > 1 the ranks that see the same
-tokens may draw different masks).
+generator. Masks are not made layout-independent here (under ETP > 1 the
+ranks that see the same tokens may draw different masks); the harness
+checks where expert dropout acts with value-keyed masks, not this stream.
 """
 
 from __future__ import annotations
