@@ -20,6 +20,11 @@ and records, in ``RankRecord.extras["vlm_combos"]``:
   no gradient reached (skipped when nothing is trainable);
 * ``error``: what VLMLoRA raised, if it did.
 
+Two more combinations follow the sixteen: the model with ``vision_model``,
+then ``vision_projection``, set to None (``none_part``), flags and mode
+picked by the seed; SPEC skips a part that is None. No step for these (such
+a model cannot run forward).
+
 The access form cycles with the combination and the seed over the ways
 Megatron-Bridge hands a model to PEFT: the model itself, ``[model]`` (a
 list of chunks, the first one used) and a wrapper module whose
@@ -43,6 +48,8 @@ from harness.results import RankRecord
 
 __all__ = ["run_vlm_case", "ACCESS_FORMS", "LLaVAHolder", "access_form", "ADAM_LR"]
 
+#: Parts a model may lack (a pipeline stage without the vision encoder): each is set to None once.
+NONE_PARTS = ("vision_model", "vision_projection")
 #: How the model reaches VLMLoRA: itself, as the first of a list of chunks, or as a wrapper's ``.llava_model``.
 ACCESS_FORMS = ("model", "list", "llava_model")
 #: The one optimizer step: Adam's first step is lr * g / (|g| + eps), so with a tiny eps every
@@ -89,15 +96,19 @@ def _inner(result: Any, access: str) -> nn.Module:
 
 
 def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool, access: str, inputs: dict[str, Any],
-               tp: int) -> dict[str, Any]:
+               tp: int, none_part: Any = None) -> dict[str, Any]:
     from harness.cpu import seed_model_parallel
     from harness.sharding import seeded_tensor
     from harness.vlm import build_vlm
 
     seed_model_parallel(case.seed)
     model = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype)
+    if none_part is not None:
+        # A pipeline stage without that part (LLaVA's add_encoder=False leaves
+        # vision_model and vision_projection None): SPEC skips None parts.
+        setattr(model, none_part, None)
     root: Any = {"model": model, "list": [model], "llava_model": LLaVAHolder(model)}[access]
-    record: dict[str, Any] = dict(flags, training=training, access=access, error=None)
+    record: dict[str, Any] = dict(flags, training=training, access=access, error=None, none_part=none_part)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -112,7 +123,8 @@ def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool,
     record["params"] = sorted(params)
     record["trainable"] = sorted(n for n, p in params.items() if p.requires_grad)
     record["not_in_mode"] = sorted(n or "<root>" for n, m in inner.named_modules() if m.training != training)
-    if not record["trainable"]:
+    if not record["trainable"] or none_part is not None:
+        # (A LLaVA without one of its parts cannot run forward: no step.)
         return record
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = torch.optim.Adam(inner.parameters(), lr=ADAM_LR, eps=ADAM_EPS)
@@ -153,6 +165,11 @@ def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
         _one_combo(impl, case, flags, training, access_form(i, case.seed), inputs, tp)
         for i, (flags, training) in enumerate(freeze_combos())
     ]
+    # Each vision part set to None once, with a combination picked by the seed.
+    everything = freeze_combos()
+    for k, part in enumerate(NONE_PARTS):
+        flags, training = everything[(case.seed + 5 * k) % len(everything)]
+        combos.append(_one_combo(impl, case, flags, training, access_form(k, case.seed), inputs, tp, none_part=part))
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=parallel_state.get_data_parallel_rank(),
         output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions={},
