@@ -160,9 +160,10 @@ class Evidence:
         return self.executor.cached(("impl", repr(case)), lambda: self.executor.run(case))
 
     def _make_init(self) -> tuple[Any, dict[int, str]]:
-        from harness.tasks.init import run_init_case
+        from harness.tasks.init import INIT_TASKS
 
-        return self.executor.cached(("init", repr(self.case)), lambda: self.executor.run(self.case, run_init_case))
+        task = INIT_TASKS[self.case.family]
+        return self.executor.cached(("init", repr(self.case)), lambda: self.executor.run(self.case, task))
 
     # Shorthands the property modules read.
     @property

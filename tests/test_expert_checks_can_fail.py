@@ -102,3 +102,11 @@ def test_expert_rank_not_normalised_is_caught():
 def test_merge_catches_expert_deltas_dropped_by_the_fold():
     outcome = _expect_failure("merge_matches", "tests.wrong_impls.merge_drops_experts", EP2)
     assert "output of the merged model" in outcome.error
+
+
+def test_init_distribution_catches_expert_adapters_that_ignore_the_init_method():
+    impl = "tests.wrong_impls.expert_init_method_ignored"
+    outcome = _expect_failure("init_follows_distribution", impl, WORLD1)
+    assert outcome.verdict is Verdict.CONTRACT
+    assert re.search(r"A of \S*experts\S*", outcome.error), outcome.error
+    assert outcome.minimal_case.lora["lora_A_init_method"] != "kaiming"

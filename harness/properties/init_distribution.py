@@ -72,8 +72,16 @@ kurtosis against the family's (3 normal, 1.8 uniform: a right std with a
 wrong kurtosis is a wrong family), and (at TP > 1, where they differ) the
 scale the shard's fans would give. Each test is also recorded as a
 comparison (``max_abs`` = D against ``atol`` = the critical D, so
-err/tol = D / D_crit < 1 passes). Dense GPT only: the MoE family's expert
-adapters are not drawn here.
+err/tol = D / D_crit < 1 passes).
+
+MoE family: the init run (``harness.tasks.init.run_moe_init_case``) puts the
+case's experts, routing, sharing and normalisation on init-sized widths
+(hidden, expert and shared-expert widths 128, expert rank 128) at the case's
+EP/ETP layout, and every rank sends full matrices by global name (expert
+adapters gathered over ETP, per-expert ones collected over EP): every
+expert A and B, shared or per expert, is tested like a dense one. An MoE
+example tests more matrices (up to two per expert and layer), so its
+false-alarm bound is that many times 1.03e-6. No zero-init forward there.
 """
 
 from __future__ import annotations
@@ -259,7 +267,8 @@ PROPERTY = register(Property(
     check=check,
     needs=("init",),
     kind="contract",
-    families=("gpt",),
+    families=("gpt", "moe"),
     doc="initial adapters, gathered, follow SPEC's init distribution over the full shape (KS test at 1e-6 per matrix, "
-        "rank 128 on a hidden-128 GPT); a zero init leaves the model's logits bitwise unchanged",
+        "rank 128 on a hidden-128 GPT or MoE GPT, expert adapters included); a zero init leaves the model's logits "
+        "bitwise unchanged",
 ))

@@ -33,9 +33,10 @@ from harness.contract import DEFAULT_TARGET_MODULES
 from harness.models import GPTShape, build_gpt, causal_mask
 from harness.results import Partitioned, RankRecord
 from harness.sharding import SpecViolation, adapter_modules, adapter_table, initial_adapters, seeded_tensor
+from harness.contract import load_impl
 from harness.tasks.gpt import _setup, any_rank, violation_record
 
-__all__ = ["run_init_case", "init_shape", "init_dim", "INIT_HIDDEN", "INIT_FFN", "INIT_VOCAB", "INIT_DIM"]
+__all__ = ["run_init_case", "run_moe_init_case", "moe_init_case", "INIT_TASKS", "init_shape", "init_dim", "INIT_HIDDEN", "INIT_FFN", "INIT_VOCAB", "INIT_DIM"]
 
 #: The init model's widths. With rank 128 every adapter matrix has at least
 #: 128 * 128 = 16384 entries (see harness.properties.init_distribution for
@@ -137,3 +138,85 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
         partitions={p: Partitioned(w, part.dim, part.gated, shape) for p, (w, part, shape) in table.items()},
         extras=extras,
     )
+
+
+def moe_init_case(case: Any) -> Any:
+    """The MoE init run's case: the case's experts, routing and flags on init-sized widths.
+
+    Hidden 128, expert and shared-expert widths 128, rank 128 (times top-k
+    with ``normalize_moe_lora``, so experts keep rank 128), rounded up to a
+    multiple of TP and ETP: every expert A and B, shared or per expert, has
+    at least 128 x 128 entries.
+    """
+    import dataclasses
+    import math
+
+    layout, shape = case.layout, case.shape
+    tp, etp = layout.tp, layout.etp_size
+    topk = shape.moe_router_topk
+    unit = math.lcm(tp, etp * topk if case.lora.get("normalize_moe_lora") else etp)
+    dim = -(-INIT_DIM * (topk if case.lora.get("normalize_moe_lora") else 1) // unit) * unit
+    big = dataclasses.replace(
+        shape,
+        num_layers=1,
+        hidden_size=INIT_HIDDEN,
+        num_attention_heads=max(8, tp),
+        num_query_groups=max(4, tp),
+        vocab_size=max(INIT_VOCAB, tp),
+        moe_ffn_hidden_size=INIT_HIDDEN,
+        shared_expert_ffn_hidden_size=None if shape.shared_expert_ffn_hidden_size is None else INIT_HIDDEN,
+    )
+    return case.with_(shape=big, lora=dict(case.lora, dim=dim))
+
+
+def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
+    """The implementation's initial adapters on an init-sized MoE GPT (``moe_init_case``), full, by global name.
+
+    Expert adapters are collected as the MoE task collects them (gathered
+    over (E)TP, per-expert ones over EP), so every rank sends full matrices.
+    """
+    from megatron.core import parallel_state as ps
+
+    from harness.moe import build_moe_gpt, expert_sizes, layout_sizes
+    from harness.tasks.moe import _assemble, full_partitions, moe_adapter_table
+
+    big = moe_init_case(case)
+    layout = big.layout
+    layout.initialize_megatron(ctx.world_size, seed=case.seed)
+    impl = load_impl(case.impl)
+    sizes = dict(expert_sizes(), world=ctx.world_size)
+    lora_kwargs = big.lora_kwargs()
+    targets = "case"
+
+    def adapted(kwargs: dict[str, Any]) -> torch.nn.Module:
+        fresh = build_moe_gpt(big.shape, **layout_sizes(layout), params_dtype=case.model_dtype).to(case.model_dtype)
+        torch.manual_seed(case.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return impl.LoRA(**kwargs)(fresh, training=case.training)
+
+    model = adapted(lora_kwargs)
+    if any_rank(not adapter_modules(model)):
+        targets = "default"
+        lora_kwargs.update(target_modules=list(DEFAULT_TARGET_MODULES), exclude_modules=[])
+        big = big.with_(lora=dict(big.lora, target_modules=list(DEFAULT_TARGET_MODULES), exclude_modules=[]))
+        model = adapted(lora_kwargs)
+    try:
+        table = moe_adapter_table(model, big, sizes)
+        violation = None
+    except SpecViolation as exc:
+        violation = str(exc)
+    if any_rank(violation is not None):
+        return violation_record(ctx.rank, sizes["tp_rank"], sizes["tp_size"], ps.get_data_parallel_rank(), violation)
+    initial = _assemble({p: model.get_parameter(p) for p in table}, table, sizes)
+    return RankRecord(
+        rank=ctx.rank, tp_rank=sizes["tp_rank"], tp_size=sizes["tp_size"], dp_rank=ps.get_data_parallel_rank(),
+        output=None, input_grad=None, adapter_grads={},
+        initial_adapters=initial,
+        partitions=full_partitions(table, initial),
+        extras={"init_shape": big.shape.to_dict(), "dim": big.lora["dim"], "targets": targets},
+    )
+
+
+#: The init run's task per case family.
+INIT_TASKS = {"gpt": run_init_case, "moe": run_moe_init_case}

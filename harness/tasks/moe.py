@@ -244,6 +244,16 @@ def _ddp_reduce(model: torch.nn.Module, table: dict[str, AdapterParam], layout: 
             p.grad.div_(dense_dp)
 
 
+def full_partitions(table: dict[str, AdapterParam], full: dict[str, Any]) -> dict[str, Partitioned]:
+    """The partition table of full, assembled tensors (``_assemble``): every one replicated, by global
+    name, the other EP ranks' per-expert adapters included."""
+    partitions = {i.global_name: Partitioned(i.module, None, False, tuple(i.full_shape)) for i in table.values()}
+    for name, tensor in full.items():
+        if name not in partitions and tensor is not None:
+            partitions[name] = Partitioned(name.split(".adapter.")[0], None, False, tuple(tensor.shape))
+    return partitions
+
+
 def _cpu64(t: Any) -> Any:
     return None if t is None else t.detach().double().cpu()
 
@@ -351,12 +361,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
 
     extras.update(_merge_extras(model, impl, None, lora_kwargs.get("alpha", 32),
                                 lambda m: m(ids, pos, mask, decoder_input=x_shard())))
-    partitions = {i.global_name: Partitioned(i.module, None, False, i.full_shape) for i in table.values()}
-    if sizes["ep_size"] > 1:
-        # Per-expert adapters of the other EP ranks were collected too.
-        for name in initial:
-            if name not in partitions:
-                partitions[name] = Partitioned(name.split(".adapter.")[0], None, False, tuple(initial[name].shape))
+    partitions = full_partitions(table, initial)
     return RankRecord(
         rank=ctx.rank,
         tp_rank=tp_rank,
