@@ -224,3 +224,13 @@ def test_merge_catches_a_fold_that_rounds_twice_in_bfloat16():
     outcome = _expect_failure("merge_matches", "tests.wrong_impls.merge_rounds_twice", TP1)
     assert "cast once" in outcome.error and "rounding the delta to bfloat16" in outcome.error
     assert outcome.verdict is Verdict.CONTRACT
+
+
+def test_spec_catches_an_a2a_flag_that_is_ignored():
+    sp = ParallelLayout(tp=2, sp=True)
+    # Same numbers: the equivalence checks cannot see it ...
+    _expect_pass("forward_matches", "tests.wrong_impls.a2a_ignored", sp)
+    # ... the count of all-to-alls in one forward can.
+    outcome = _expect_failure("adapters_follow_spec", "tests.wrong_impls.a2a_ignored", sp)
+    assert "0 all-to-all call(s)" in outcome.error and outcome.verdict is Verdict.CONTRACT
+    assert outcome.minimal_case.lora.get("a2a_experimental") is True

@@ -8,8 +8,9 @@ returns an ``ErrorRecord`` with one finding per bad-input rule broken.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -102,7 +103,10 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
             # Under sequence parallelism megatron expects this rank's sequence
             # shard as decoder_input, and its gradient is that shard's.
             x = (full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x).clone().requires_grad_(True)
-            out = model(ids, pos, causal_mask(s).to(device), decoder_input=x)
+            with _counting_all_to_all() as all_to_all_calls:
+                out = model(ids, pos, causal_mask(s).to(device), decoder_input=x)
+            if mb == 0:
+                findings += _a2a_findings(case, table, tp, all_to_all_calls[0])
             # A random linear functional of the logits, so every output entry
             # reaches the gradients with a different weight.
             probe = _grid(seeded_tensor(case.seed, "probe" + suffix, tuple(out.shape)), model_grid).to(device=device, dtype=out.dtype)
@@ -140,6 +144,45 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
         findings=findings,
         extras=extras,
     )
+
+
+@contextlib.contextmanager
+def _counting_all_to_all() -> Iterator[list[int]]:
+    """Counts ``torch.distributed.all_to_all_single`` / ``all_to_all`` calls inside the block."""
+    import torch.distributed as dist
+
+    calls = [0]
+    real_single, real_list = dist.all_to_all_single, dist.all_to_all
+
+    def single(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real_single(*args, **kwargs)
+
+    def listed(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real_list(*args, **kwargs)
+
+    dist.all_to_all_single, dist.all_to_all = single, listed
+    try:
+        yield calls
+    finally:
+        dist.all_to_all_single, dist.all_to_all = real_single, real_list
+
+
+def _a2a_findings(case: GPTCase, table: dict[str, Any], tp: int, calls: int) -> list[Finding]:
+    """SPEC: with a2a_experimental under sequence parallelism, each row-parallel adapter turns
+    (s, b, out/t) into (s/t, b, out) with one all-to-all, instead of a gather and a scatter.
+    The numbers are the same either way, so only the count of all-to-alls in one forward shows
+    whether the flag was honoured (the dense model has no other all-to-all)."""
+    if not (case.layout.sp and tp > 1 and case.lora.get("a2a_experimental")):
+        return []
+    rows = sorted({w for p, (w, part, _) in table.items() if p.endswith(".adapter.linear_in.weight") and part.dim == 1})
+    if not rows or calls == len(rows):
+        return []
+    return [Finding(
+        "contract", f"a2a_experimental=True under sequence parallelism: {calls} all-to-all call(s) in one forward for "
+        f"{len(rows)} row-parallel adapter(s) {rows[:3]}; SPEC: one all-to-all per row-parallel adapter "
+        "(sequence <-> hidden) instead of gather and scatter", "a2a_all_to_all")]
 
 
 def _grid(t: torch.Tensor, grid: Any) -> torch.Tensor:
