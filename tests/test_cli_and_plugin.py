@@ -169,25 +169,30 @@ def test_verify_in_a_subprocess_is_quiet_and_leaves_nothing_behind(tmp_path):
 
 def test_ctrl_c_ends_the_run_with_a_summary_not_a_failure(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "verify", "--tp", "2", "--examples", "500"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
+    # Output to files, not pipes: a pipe stays open while any process that
+    # inherited it lives, and waiting on it would time the wrong thing.
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.cli", "verify", "--tp", "2", "--examples", "500"],
+            cwd=ROOT, stdout=out_f, stderr=err_f, text=True, env=env,
+        )
     # Wait until it is working on examples, then interrupt.
     deadline = time.monotonic() + 120
-    first = ""
-    while time.monotonic() < deadline and "lora-harness verify:" not in first:
-        first += proc.stdout.readline()
+    while time.monotonic() < deadline and "lora-harness verify:" not in out_path.read_text():
+        time.sleep(0.1)
     time.sleep(6)
     proc.send_signal(signal.SIGINT)
     try:
         # Generous: with 4-rank tests beside it on 2 cores, the interrupted
         # pool start and the shutdown of every pool take tens of seconds.
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"verify did not end within 120 s of Ctrl-C:\n{out[-3000:]}\n{err[-3000:]}") from None
+        proc.wait()
+        raise AssertionError(f"verify did not end within 120 s of Ctrl-C:\n{out_path.read_text()[-3000:]}\n"
+                             f"{err_path.read_text()[-3000:]}") from None
+    out, err = out_path.read_text(), err_path.read_text()
     assert proc.returncode == 130, out + err
     assert "interrupted:" in out and "cells finished" in out
     assert "KeyboardInterrupt" not in out + err and "Traceback" not in err
