@@ -21,7 +21,6 @@ from harness.models import build_gpt, causal_mask
 from harness.results import ErrorRecord, Finding, Partitioned, RankRecord
 from harness.sharding import (
     SpecViolation,
-    adapter_modules,
     initial_adapters,
     load_full_adapter_weights,
     load_full_base_weights,
@@ -48,6 +47,20 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def checked_table(make: Callable[[], Any], rank: int, tp_rank: int, tp_size: int) -> tuple[Any, Any]:
+    """``(make(), None)``, or ``(None, violation_record)`` on every rank when ``make`` raised
+    ``SpecViolation`` on any rank (the adapters' names or shapes are off harness/SPEC.md)."""
+    from megatron.core import parallel_state
+
+    try:
+        table, violation = make(), None
+    except SpecViolation as exc:
+        table, violation = None, str(exc)
+    if any_rank(violation is not None):
+        return None, violation_record(rank, tp_rank, tp_size, parallel_state.get_data_parallel_rank(), violation)
+    return table, None
 
 
 def violation_record(rank: int, tp_rank: int, tp_size: int, dp_rank: int, violation: Any) -> RankRecord:
@@ -77,13 +90,10 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
     torch.manual_seed(case.seed)
     model = impl.LoRA(**lora_kwargs)(model, training=case.training)
     initial = initial_adapters(model)
-    try:
-        table = load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32))
-        violation = None
-    except SpecViolation as exc:
-        violation = str(exc)
-    if any_rank(violation is not None):
-        return violation_record(ctx.rank, tp_rank, tp, parallel_state.get_data_parallel_rank(), violation)
+    table, broken = checked_table(
+        lambda: load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
+    if broken is not None:
+        return broken
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
     findings = _state_findings(model, table, case)
     model_grid, adapter_grid = _round_to_grid(model, table, case)

@@ -32,9 +32,9 @@ from harness.cases import GPTCase
 from harness.contract import DEFAULT_TARGET_MODULES
 from harness.models import GPTShape, build_gpt, causal_mask
 from harness.results import Partitioned, RankRecord
-from harness.sharding import SpecViolation, adapter_modules, adapter_table, initial_adapters, seeded_tensor
+from harness.sharding import adapter_modules, adapter_table, initial_adapters, seeded_tensor
 from harness.contract import load_impl
-from harness.tasks.gpt import _setup, any_rank, violation_record
+from harness.tasks.gpt import _setup, any_rank, checked_table
 
 __all__ = ["run_init_case", "run_moe_init_case", "moe_init_case", "INIT_TASKS", "init_shape", "init_dim", "INIT_HIDDEN", "INIT_FFN", "INIT_VOCAB", "INIT_DIM"]
 
@@ -112,14 +112,10 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
         lora_kwargs.update(target_modules=list(DEFAULT_TARGET_MODULES), exclude_modules=[])
         model, before = adapted(lora_kwargs)
     initial = initial_adapters(model)
-    try:
-        table = adapter_table(model, tp_rank, tp, dim)
-        violation = None
-    except SpecViolation as exc:
-        violation = str(exc)
+    table, broken = checked_table(lambda: adapter_table(model, tp_rank, tp, dim), ctx.rank, tp_rank, tp)
+    if broken is not None:
+        return broken
     dp_rank = parallel_state.get_data_parallel_rank()
-    if any_rank(violation is not None):
-        return violation_record(ctx.rank, tp_rank, tp, dp_rank, violation)
     extras: dict[str, Any] = {"init_shape": shape.to_dict(), "dim": dim, "targets": targets}
     if zero:
         after = forward(model)
@@ -201,13 +197,9 @@ def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
         lora_kwargs.update(target_modules=list(DEFAULT_TARGET_MODULES), exclude_modules=[])
         big = big.with_(lora=dict(big.lora, target_modules=list(DEFAULT_TARGET_MODULES), exclude_modules=[]))
         model = adapted(lora_kwargs)
-    try:
-        table = moe_adapter_table(model, big, sizes)
-        violation = None
-    except SpecViolation as exc:
-        violation = str(exc)
-    if any_rank(violation is not None):
-        return violation_record(ctx.rank, sizes["tp_rank"], sizes["tp_size"], ps.get_data_parallel_rank(), violation)
+    table, broken = checked_table(lambda: moe_adapter_table(model, big, sizes), ctx.rank, sizes["tp_rank"], sizes["tp_size"])
+    if broken is not None:
+        return broken
     initial = _assemble({p: model.get_parameter(p) for p in table}, table, sizes)
     return RankRecord(
         rank=ctx.rank, tp_rank=sizes["tp_rank"], tp_size=sizes["tp_size"], dp_rank=ps.get_data_parallel_rank(),

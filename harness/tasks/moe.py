@@ -263,7 +263,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     from megatron.core import parallel_state as ps
 
     from harness.moe import build_moe_gpt, expert_sizes, layout_sizes
-    from harness.tasks.gpt import _reapply_findings, _sequence_gathered, _state_findings, any_rank, violation_record
+    from harness.tasks.gpt import _reapply_findings, _sequence_gathered, _state_findings, checked_table
 
     layout = case.layout
     layout.initialize_megatron(ctx.world_size, seed=case.seed)
@@ -274,13 +274,9 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     lora_kwargs = case.lora_kwargs()
     torch.manual_seed(case.seed)
     model = impl.LoRA(**lora_kwargs)(model, training=case.training)
-    try:
-        table = moe_adapter_table(model, case, sizes)
-        violation = None
-    except SpecViolation as exc:
-        violation = str(exc)
-    if any_rank(violation is not None):
-        return violation_record(ctx.rank, sizes["tp_rank"], sizes["tp_size"], ps.get_data_parallel_rank(), violation)
+    table, broken = checked_table(lambda: moe_adapter_table(model, case, sizes), ctx.rank, sizes["tp_rank"], sizes["tp_size"])
+    if broken is not None:
+        return broken
     shared = sorted(p for p, i in table.items() if i.shared)
     created = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
     initial = _assemble({p: model.get_parameter(p) for p in table}, table, sizes)
