@@ -11,6 +11,16 @@ a pool restart, and the shrinker may try dozens of candidates. After
 ``max_faults`` faulting examples in one property run, new candidates are
 rejected (hypothesis keeps the smallest faulting example found so far) and
 a candidate that already faulted is failed again from memory.
+
+Controls: before a failing example is charged to the implementation under
+test, the same case runs with a known-good implementation under the same
+contract (``control_impl``: ``lora.megatron``; ``lora.reference`` when the
+implementation under test is ``lora.megatron`` itself and the layout has
+one rank). If the control fails too, the example is the harness's defect
+(``Verdict.HARNESS``): hypothesis sees it as passing, so shrinking never
+walks into such a region, and it is never stored as a regression. When the
+implementation under test is ``lora.megatron`` at a layout of several ranks
+there is no independent control: a failure is charged as found.
 """
 
 from __future__ import annotations
@@ -31,7 +41,15 @@ from harness.runner import RankCrash, RankHang, RankPoolFault, RankTaskError
 from harness.runs import Evidence, Executor
 from harness.strategies import cases_for
 
-__all__ = ["PropertyFailure", "check_property", "require_property", "run_example", "default_executor", "replay_command", "layout_seed"]
+__all__ = [
+    "PropertyFailure", "check_property", "require_property", "run_example", "judge_example", "control_impl",
+    "default_executor", "replay_command", "layout_seed", "CONTROL_IMPL", "SINGLE_RANK_CONTROL_IMPL",
+]
+
+#: The known-good implementation a failing example is rerun with.
+CONTROL_IMPL = "lora.megatron"
+#: The control for ``CONTROL_IMPL`` itself where the layout has one rank.
+SINGLE_RANK_CONTROL_IMPL = "lora.reference"
 
 Progress = Callable[[PropertyOutcome, Optional[ExampleRecord]], None]
 
@@ -73,7 +91,49 @@ def run_example(prop: Property, case: Any, executor: Executor, source: str = "dr
                              error=str(exc), output=output, source=source)
     error = check.message(case) if check.findings else ""
     return ExampleRecord(prop.name, layout, case.to_json(), check.verdict, time.monotonic() - started,
-                         check.comparisons, check.findings, error=error, output=dict(ev.output), source=source)
+                         check.comparisons, check.findings, error=error, output=dict(ev.output), source=source,
+                         notes=list(check.notes), vacuous=check.vacuous)
+
+
+def control_impl(impl: str, layout: ParallelLayout) -> Optional[str]:
+    """The known-good implementation to rerun ``case`` with before charging a failure to ``impl``.
+
+    ``lora.megatron`` for any other implementation; for ``lora.megatron``
+    itself, ``lora.reference`` where the case's layout has a single rank,
+    else None (no independent implementation runs there).
+    """
+    if impl != CONTROL_IMPL:
+        return CONTROL_IMPL
+    if layout.min_world_size == 1:
+        return SINGLE_RANK_CONTROL_IMPL
+    return None
+
+
+def judge_example(prop: Property, case: Any, executor: Executor, source: str = "drawn", control: bool = True) -> ExampleRecord:
+    """``run_example``, and for a failing example the control run that decides whom it is charged to.
+
+    A failing example whose control (``control_impl``) fails as well comes
+    back as ``Verdict.HARNESS``: its findings are kept, its error shows both
+    outcomes, ``record.control`` is the control's record, and nothing is
+    charged to the implementation. ``control=False`` skips the control.
+    """
+    record = run_example(prop, case, executor, source=source)
+    if not control or not record.verdict.failing:
+        return record
+    other = control_impl(case.impl, case.layout)
+    if other is None:
+        return record
+    checked = run_example(prop, case.with_(impl=other), executor, source="control")
+    record.control = checked
+    if not checked.verdict.failing:
+        return record
+    record.error = (
+        f"HARNESS DEFECT, not charged to {case.impl}: the known-good control {other} fails this example too.\n"
+        f"{case.impl} ({record.verdict.value}): {_lead(record)}\n"
+        f"{other} ({checked.verdict.value}): {_lead(checked)}"
+    )
+    record.verdict = Verdict.HARNESS
+    return record
 
 
 def layout_seed(base: int, layout: ParallelLayout, family: str = "gpt") -> int:
@@ -170,6 +230,9 @@ def check_property(
             outcome.regression_file = path
         outcome.replay_command = replay_command(prop.name, case, path)
 
+    harness_defects: dict[str, tuple[ExampleRecord, Any]] = {}
+    outcome.control_impl = control_impl(impl, layout) or ""
+
     # 1. Stored failures, replayed with this implementation before any draw.
     if store is not None:
         for path, stored in store.cases(prop.name, layout.describe()):
@@ -178,9 +241,12 @@ def check_property(
             case = stored.with_(impl=impl, contract=caps.contract, layout=layout)
             if not _inside(case, caps):
                 continue
-            record = run_example(prop, case, executor, source="regression")
+            record = judge_example(prop, case, executor, source="regression")
             outcome.regressions_replayed += 1
             note(record)
+            if record.verdict is Verdict.HARNESS:
+                harness_defects.setdefault(repr(case), (record, case))
+                continue
             if record.verdict.failing:
                 conclude(record, case, PropertyFailure(f"stored regression {path} fails: {_lead(record)}"))
                 outcome.falsifying_example = f"stored regression case {path}"
@@ -216,9 +282,14 @@ def check_property(
         else:
             if failed:
                 runs_after_failure[0] += 1
-            record = run_example(prop, case, executor)
+            record = judge_example(prop, case, executor)
             note(record)
-            if record.verdict in (Verdict.HANG, Verdict.CRASH):
+            if record.verdict is Verdict.HARNESS:
+                # Not the implementation's: hypothesis sees a pass, so it
+                # never shrinks towards such cases.
+                harness_defects.setdefault(key, (record, case))
+                passed.add(key)
+            elif record.verdict in (Verdict.HANG, Verdict.CRASH):
                 faulted[key] = record
             elif record.verdict.failing:
                 failed[key] = record
@@ -253,13 +324,29 @@ def check_property(
         if last_failure:
             outcome.minimal_case = last_failure["case"]
     else:
-        if any(r.verdict is Verdict.ADVISORY for r in outcome.records):
-            outcome.verdict = Verdict.ADVISORY
-            outcome.error = next(
-                f"[advisory] {f.message}" for r in outcome.records for f in r.findings if f.verdict is Verdict.ADVISORY
-            )
+        _conclude_without_failure(outcome, harness_defects)
     outcome.seconds = time.monotonic() - started
     return outcome
+
+
+def _conclude_without_failure(outcome: PropertyOutcome, harness_defects: dict[str, tuple[ExampleRecord, Any]]) -> None:
+    """The verdict of a cell in which nothing was charged to the implementation."""
+    if harness_defects:
+        record, case = min(harness_defects.values(), key=lambda rc: len(json.dumps(rc[1].to_json(), sort_keys=True)))
+        outcome.verdict = Verdict.HARNESS
+        outcome.minimal_case = case
+        outcome.error = record.error
+        outcome.replay_command = replay_command(outcome.prop, case)
+        return
+    if any(r.verdict is Verdict.ADVISORY for r in outcome.records):
+        outcome.verdict = Verdict.ADVISORY
+        outcome.error = next(
+            f"[advisory] {f.message}" for r in outcome.records for f in r.findings if f.verdict is Verdict.ADVISORY
+        )
+        return
+    if outcome.records and all(r.verdict is Verdict.VACUOUS for r in outcome.records):
+        outcome.verdict = Verdict.VACUOUS
+        outcome.error = f"every example was vacuous: {outcome.records[0].vacuous}"
 
 
 def _inside(case: Any, caps: Capabilities) -> bool:

@@ -57,6 +57,7 @@ class DropoutLog:
     """What dropout did inside one ``keyed_dropout`` / ``capture_dropout`` block."""
 
     calls: int = 0            # calls with p > 0 that dropped (training=True)
+    elements: int = 0         # elements those calls saw
     dropped: int = 0          # elements zeroed by those calls
     eval_calls: int = 0       # calls with p > 0 and training=True made while the model was in eval mode
     records: list[tuple[tuple[int, ...], str, str]] = field(default_factory=list)  # (shape, input digest, mask digest)
@@ -86,6 +87,7 @@ def keyed_dropout(model: Any = None) -> Iterator[DropoutLog]:
             log.eval_calls += 1
         keep = keyed_mask(input, p)
         log.calls += 1
+        log.elements += input.numel()
         log.dropped += int((~keep).sum())
         return input * keep.to(input.dtype) / (1.0 - p)
 
@@ -110,6 +112,7 @@ def capture_dropout() -> Iterator[DropoutLog]:
         out = real(input, p, train)
         mask = (out.detach() == 0) & (before != 0)
         log.calls += 1
+        log.elements += before.numel()
         log.dropped += int(mask.sum())
         log.records.append((tuple(before.shape), _digest(before), _digest(mask)))
         return out

@@ -10,7 +10,10 @@ A downstream test file needs only::
 ``lora_property`` is parametrized over every registered property at every
 layout of ``--tp``/``--ep`` (ids like ``forward_matches-tp2-ep1-etp2-pp1``);
 ``require()`` runs it (stored regressions first, then hypothesis draws) and
-fails the test with the minimal case and a replay command. A test taking
+fails the test with the minimal case and a replay command; a cell in which
+every example was vacuous (nothing to check) is skipped with that reason,
+never passed; a cell whose failing examples also fail with the known-good
+control implementation fails as a ``harness`` defect, saying so. A test taking
 ``layout`` is parametrized over the layouts alone.
 
 Options (all settings are arguments; nothing is read from the environment):
@@ -206,8 +209,14 @@ class BoundProperty:
         outcome = self.check()
         if outcome.verdict is Verdict.SKIPPED:
             pytest.skip(outcome.skipped_reason)
+        if outcome.verdict is Verdict.VACUOUS:
+            # Nothing was checked: not a pass.
+            pytest.skip(f"vacuous: {outcome.error}")
         if not outcome.passed:
-            lines = [f"{self.name} at {outcome.layout} for {self.impl}: {outcome.verdict.value}", outcome.error]
+            head = f"{self.name} at {outcome.layout} for {self.impl}: {outcome.verdict.value}"
+            if outcome.verdict is Verdict.HARNESS:
+                head += " (a defect of lora-harness, not of the implementation under test)"
+            lines = [head, outcome.error]
             if outcome.minimal_case is not None:
                 import json
 

@@ -13,8 +13,15 @@ Three levels:
 
 Verdicts, most severe first: ``hang``, ``crash``, ``numeric`` (wrong outputs
 or gradients), ``contract`` (a SPEC behaviour the implementation promised,
-broken), ``advisory`` (a point where SPEC is stricter than the contract the
-implementation declared: reported, never failing), ``pass``, ``skipped``.
+broken), ``harness`` (the example fails with a known-good control
+implementation too: a defect of the harness, never charged to the
+implementation), ``advisory`` (a point where SPEC is stricter than the
+contract the implementation declared: reported, never failing),
+``vacuous`` (nothing to check: no adapter, no dropout call, or a chance
+check without the power to decide), ``pass``, ``skipped``.
+
+The first four are ``failing``: charged to the implementation under test.
+``harness`` is not, but a run that meets one does not pass either.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ __all__ = [
     "Location",
     "Comparison",
     "Finding",
+    "Note",
     "Check",
     "Partitioned",
     "RankRecord",
@@ -53,13 +61,21 @@ class Verdict(str, enum.Enum):
     CRASH = "crash"
     NUMERIC = "numeric"
     CONTRACT = "contract"
+    HARNESS = "harness"
     ADVISORY = "advisory"
+    VACUOUS = "vacuous"
     PASS = "pass"
     SKIPPED = "skipped"
 
     @property
     def failing(self) -> bool:
+        """Charged to the implementation under test."""
         return self in (Verdict.HANG, Verdict.CRASH, Verdict.NUMERIC, Verdict.CONTRACT)
+
+    @property
+    def ok(self) -> bool:
+        """Neither charged to the implementation nor a defect of the harness."""
+        return not self.failing and self is not Verdict.HARNESS
 
     @property
     def severity(self) -> int:
@@ -154,13 +170,60 @@ class Finding:
         }
 
 
+@dataclass(frozen=True)
+class Note:
+    """A sub-check that decided nothing on this example, and why.
+
+    ``status``: ``"vacuous"`` (nothing to inspect: no adapter, no dropout
+    call, no token routed to an expert) or ``"undecidable"`` (a check whose
+    outcome rests on chance, where a correct implementation would fail it
+    with probability ``p_false_alarm`` > ``harness.results.FALSE_ALARM``: it
+    is not run as a verdict).
+    """
+
+    check: str
+    status: str
+    message: str
+    p_false_alarm: Optional[float] = None
+
+    def describe(self) -> str:
+        p = "" if self.p_false_alarm is None else f" (a correct implementation would fail it with probability {self.p_false_alarm:.2g})"
+        return f"[{self.status} {self.check}] {self.message}{p}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"check": self.check, "status": self.status, "message": self.message,
+                "p_false_alarm": None if self.p_false_alarm is None else _num(self.p_false_alarm)}
+
+
+#: The largest probability with which a chance check may fail a correct
+#: implementation on one example; a check that cannot keep to it on the
+#: example at hand reports itself undecidable there instead of failing.
+FALSE_ALARM = 1e-6
+
+
 @dataclass
 class Check:
-    """One property's verdict on one example."""
+    """One property's verdict on one example.
+
+    ``vacuous``: set (to the reason) when the example gave the property
+    nothing to check at all; the example is then ``Verdict.VACUOUS``, not a
+    pass. ``notes``: sub-checks that were vacuous or undecidable.
+    """
 
     prop: str
     comparisons: list[Comparison] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    vacuous: str = ""
+
+    def note(self, check: str, status: str, message: str, p_false_alarm: Optional[float] = None) -> None:
+        if status not in ("vacuous", "undecidable"):
+            raise ValueError(f"Check.note status {status!r}: 'vacuous' or 'undecidable'")
+        self.notes.append(Note(check, status, message, p_false_alarm))
+
+    def nothing_to_check(self, reason: str) -> None:
+        """The whole example is vacuous for this property (unless a finding fails it)."""
+        self.vacuous = reason
 
     def compare(self, location: Location, stats: ErrorStats, tolerance: Tolerance, *, kind: str = "numeric", check: str = "", binding: bool = True) -> None:
         comparison = Comparison(location, stats, tolerance)
@@ -173,7 +236,9 @@ class Check:
 
     @property
     def verdict(self) -> Verdict:
-        return Verdict.worst(f.verdict for f in self.findings) if self.findings else Verdict.PASS
+        if self.findings:
+            return Verdict.worst(f.verdict for f in self.findings)
+        return Verdict.VACUOUS if self.vacuous else Verdict.PASS
 
     @property
     def passed(self) -> bool:
@@ -265,7 +330,12 @@ class ExampleRecord:
     findings: list[Finding] = field(default_factory=list)
     error: str = ""
     output: dict[int, str] = field(default_factory=dict)
-    source: str = "drawn"  # "drawn" | "regression"
+    source: str = "drawn"  # "drawn" | "regression" | "replay" | "control"
+    notes: list[Note] = field(default_factory=list)
+    vacuous: str = ""
+    # A failing example's run with the known-good control implementation
+    # (None: not run, e.g. the implementation under test is the control).
+    control: Optional["ExampleRecord"] = None
 
     @property
     def worst_ratio(self) -> float:
@@ -284,6 +354,11 @@ class ExampleRecord:
             "findings": [f.to_json() for f in self.findings],
             "error": self.error,
             "rank_output": {str(k): v for k, v in self.output.items()},
+            "notes": [n.to_json() for n in self.notes],
+            "vacuous": self.vacuous,
+            "control": None if self.control is None else {
+                "impl": self.control.case.get("impl"), "verdict": self.control.verdict.value, "error": self.control.error,
+            },
         }
 
 
@@ -307,21 +382,41 @@ class PropertyOutcome:
     regression_file: str = ""
     exception: Optional[BaseException] = field(default=None, repr=False)
     family: str = "gpt"
+    control_impl: str = ""  # the known-good implementation failures were checked against ("" if none)
 
     @property
     def passed(self) -> bool:
-        return not self.verdict.failing
+        """Nothing charged to the implementation and no harness defect met."""
+        return self.verdict.ok
+
+    @property
+    def vacuous_examples(self) -> int:
+        return sum(r.verdict is Verdict.VACUOUS for r in self.records)
+
+    @property
+    def undecided_checks(self) -> int:
+        return sum(n.status == "undecidable" for r in self.records for n in r.notes)
 
     @property
     def worst_ratio(self) -> float:
         return max((r.worst_ratio for r in self.records), default=0.0)
 
     def summary_line(self) -> str:
-        label = {Verdict.PASS: "PASS", Verdict.SKIPPED: "SKIP", Verdict.ADVISORY: "NOTE"}.get(self.verdict, "FAIL")
+        label = {Verdict.PASS: "PASS", Verdict.SKIPPED: "SKIP", Verdict.ADVISORY: "NOTE", Verdict.VACUOUS: "VOID",
+                 Verdict.HARNESS: "HBUG"}.get(self.verdict, "FAIL")
         detail = self.skipped_reason if self.verdict is Verdict.SKIPPED else (
             f"{self.examples:>4} examples  worst err/tol {self.worst_ratio:.2e}  {self.seconds:6.1f}s"
         )
-        kind = "" if label in ("PASS", "SKIP") else f" ({self.verdict.value})"
+        quiet = []
+        if self.verdict is not Verdict.SKIPPED and self.vacuous_examples and self.verdict is not Verdict.VACUOUS:
+            quiet.append(f"{self.vacuous_examples} vacuous")
+        if self.verdict is not Verdict.SKIPPED and self.undecided_checks:
+            quiet.append(f"{self.undecided_checks} undecidable")
+        if quiet:
+            detail += f"  ({', '.join(quiet)})"
+        kind = {"PASS": "", "SKIP": "", "VOID": " (vacuous: nothing to check in any example)",
+                "HBUG": " (harness defect: the known-good control fails too; not charged to the implementation)"
+                }.get(label, f" ({self.verdict.value})")
         return f"{label}  {self.prop:<22} {self.layout:<18} {detail}{kind}"
 
     def to_json(self) -> dict[str, Any]:
@@ -341,6 +436,9 @@ class PropertyOutcome:
             "skipped_reason": self.skipped_reason,
             "regressions_replayed": self.regressions_replayed,
             "regression_file": self.regression_file,
+            "vacuous_examples": self.vacuous_examples,
+            "undecided_checks": self.undecided_checks,
+            "control_impl": self.control_impl,
         }
 
 
@@ -360,7 +458,20 @@ class RunResults:
 
     @property
     def failed(self) -> list[PropertyOutcome]:
-        return [o for o in self.outcomes if not o.passed]
+        """Cells charged to the implementation under test."""
+        return [o for o in self.outcomes if o.verdict.failing]
+
+    @property
+    def harness_defects(self) -> list[PropertyOutcome]:
+        """Cells whose failing example failed with the known-good control too."""
+        return [o for o in self.outcomes if o.verdict is Verdict.HARNESS]
+
+    @property
+    def exit_code(self) -> int:
+        """0: all held; 1: the implementation failed something; 3: only harness defects were met."""
+        if self.failed:
+            return 1
+        return 3 if self.harness_defects else 0
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -47,6 +47,7 @@ __all__ = [
     "ks_pvalue",
     "ks_critical_value",
     "ks_false_alarm_bound",
+    "dkw_critical_value",
     "ks_test",
     "ks_power_lower_bound",
 ]
@@ -144,6 +145,17 @@ def ks_false_alarm_bound(n: int, alpha: float) -> float:
     """A rigorous bound on P(reject) for samples of the tested law: DKW-Massart at the critical D."""
     d = ks_critical_value(n, alpha)
     return min(1.0, 2.0 * math.exp(-2.0 * n * d * d))
+
+
+def dkw_critical_value(n: int, alpha: float) -> float:
+    """The D above which P(D_n > D) <= ``alpha`` for every n (DKW with Massart's constant):
+    sqrt(ln(2 / alpha) / (2 n)). Rejecting above it has a false-alarm rate of at most ``alpha``,
+    exactly, not asymptotically."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha={alpha!r} must lie in (0, 1)")
+    if n < 1:
+        raise ValueError(f"dkw_critical_value needs n >= 1, got {n}")
+    return math.sqrt(math.log(2.0 / alpha) / (2.0 * n))
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def _needs_tp2_ep2(max_tp, max_ep):
 
 def _expect_failure(prop, impl, layout):
     outcome = check_property(prop, layout, impl, settings=SEARCH, family="moe", seed=SEED, shrink_budget=SHRINK)
-    assert not outcome.passed, f"{prop} did not catch {impl} at {layout}"
+    assert outcome.verdict.failing, f"{prop} did not charge {impl} at {layout}: {outcome.verdict.value} {outcome.error}"
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
     assert "--case-json" in outcome.replay_command and '\\"family\\": \\"moe\\"' not in outcome.replay_command
     case = outcome.minimal_case

@@ -37,7 +37,7 @@ def _needs_tp2(max_tp):
 
 def _expect_failure(prop, impl, layout=TP2, **kw):
     outcome = check_property(prop, layout, impl, settings=SEARCH, seed=SEED, shrink_budget=SHRINK, **kw)
-    assert not outcome.passed, f"{prop} did not catch {impl} at {layout}"
+    assert outcome.verdict.failing, f"{prop} did not charge {impl} at {layout}: {outcome.verdict.value} {outcome.error}"
     # hypothesis's report of the shrunk example, and our replayable case
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
     assert outcome.replay_command.startswith("lora-harness replay ") and "--case-json" in outcome.replay_command

@@ -50,6 +50,18 @@ def compare_adapter_sets(
         check.compare(Location(quantity, pname, ranks), stats, tol, kind=kind, check=sub, binding=binding)
 
 
+def no_adapter_reason(reference: Any) -> str:
+    """Why an example has no adapter to judge ("" when it has one): the reference adapted no module.
+
+    A comparison of an unadapted model still runs (an implementation that
+    adapts or perturbs something anyway fails it), but it says nothing
+    about LoRA, so the example is reported vacuous, never as a pass.
+    """
+    if getattr(reference, "partitions", None):
+        return ""
+    return "no module of this model matches the target patterns (the reference adapted nothing): no adapter to check"
+
+
 def rank_findings(prop: str, records: list[Any]) -> Check:
     """A check holding every finding each rank reported, prefixed with its rank."""
     result = Check(prop)

@@ -11,7 +11,7 @@ passes, which must accumulate; after them, one ``torch.optim.SGD`` step
 from __future__ import annotations
 
 from harness.properties import Property, register
-from harness.properties._gather import Numeric, replicas, layout_violations
+from harness.properties._gather import Numeric, layout_violations, no_adapter_reason, replicas
 from harness.results import Check, Location
 
 
@@ -22,6 +22,7 @@ def check(ev) -> Check:
         return broken
     case = ev.case
     result = Check("backward_matches")
+    result.vacuous = no_adapter_reason(ev.reference)
     numeric = Numeric(ev)
     records = ev.impl
     for rec in records:

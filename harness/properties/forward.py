@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from harness.properties import Property, register
-from harness.properties._gather import Numeric, layout_violations
+from harness.properties._gather import Numeric, layout_violations, no_adapter_reason
 from harness.results import Check, Location
 
 
@@ -17,6 +17,7 @@ def check(ev) -> Check:
     if broken is not None:
         return broken
     result = Check("forward_matches")
+    result.vacuous = no_adapter_reason(ev.reference)
     numeric = Numeric(ev)
     for rec in ev.impl:
         numeric.compare(result, Location("output", None, (rec.rank,)), rec.output, lambda r: r.output)

@@ -130,7 +130,7 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
             "contract", f"logits dtype {out.dtype}, the base model computes in {case.model_dtype} "
             "(the adapter output must be cast back)", "output_dtype"))
     grads = {p: _cpu64(model.get_parameter(p).grad) for p in table}
-    extras: dict[str, Any] = {"dropout": {"calls": dropout_log.calls, "dropped": dropout_log.dropped,
+    extras: dict[str, Any] = {"dropout": {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "elements": dropout_log.elements,
                                           "eval_calls": dropout_log.eval_calls}}
     if case.training:
         extras["stepped_adapters"] = _sgd_step(model, table)

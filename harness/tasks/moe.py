@@ -348,7 +348,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
             extras["stepped_output"] = _cpu64(stepped_output)
         else:
             grads = _assemble(grads_local, table, sizes)
-    extras["dropout"] = {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "eval_calls": dropout_log.eval_calls}
+    extras["dropout"] = {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "elements": dropout_log.elements, "eval_calls": dropout_log.eval_calls}
     extras["own_output"] = _cpu64(own_output)
     extras["ep_rank"], extras["etp_rank"] = sizes["ep_rank"], sizes["etp_rank"]
     findings += _reapply_findings(model, impl, lora_kwargs, case.training)
