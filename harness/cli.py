@@ -9,7 +9,9 @@
     lora-harness contract
 
 ``verify`` exits 0 when every property holds, 1 when any fails (numeric,
-contract, crash or hang), 2 for bad usage (before any rank starts) and 130
+contract, crash or hang), 2 for bad usage (before any rank starts), 3 when
+nothing was charged to the implementation but a failing example failed
+with the known-good control implementation too (a harness defect), and 130
 when interrupted.
 """
 
@@ -227,6 +229,8 @@ def _verify(args: argparse.Namespace, executor: Any = None, command: Optional[st
 
 
 def _run_verify(args, props, names, layouts, caps, run_settings, store, profile, executor=None, command=None) -> int:
+    from hypothesis import settings
+
     from harness.driver import check_property
     from harness.report.environment import collect_environment
     from harness.results import PropertyOutcome, RunResults, Verdict
@@ -319,10 +323,17 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
     if results.interrupted:
         return 130
     failed = results.failed
+    defects = results.harness_defects
     skipped = sum(o.verdict is Verdict.SKIPPED for o in results.outcomes)
+    vacuous = sum(o.verdict is Verdict.VACUOUS for o in results.outcomes)
     tail = f", {skipped} skipped" if skipped else ""
-    print(f"{len(results.outcomes) - len(failed) - skipped} passed, {len(failed)} failed{tail}")
-    return 1 if failed else 0
+    if vacuous:
+        print(f"{vacuous} cell(s) vacuous: every example had nothing to check (not counted as passed)")
+    if defects:
+        print(f"{len(defects)} cell(s) met a harness defect (the known-good control failed too; exit status 3 "
+              "unless the implementation failed something): report it to lora-harness, with the case above")
+    print(f"{len(results.outcomes) - len(failed) - len(defects) - skipped - vacuous} passed, {len(failed)} failed{tail}")
+    return results.exit_code
 
 
 def _print_failure(outcome: Any) -> None:
@@ -353,7 +364,8 @@ def _write_outputs(args: argparse.Namespace, results: Any, quiet: bool = False) 
 def _replay(args: argparse.Namespace) -> int:
     from harness.cases import case_from_json
     from harness.contract import ImplLoadError, load_impl
-    from harness.driver import run_example
+    from harness.driver import judge_example
+    from harness.results import Verdict
     from harness.properties import get_property
     from harness.runner import shutdown_all
     from harness.runs import Executor
@@ -377,12 +389,18 @@ def _replay(args: argparse.Namespace) -> int:
     except ImplLoadError as exc:
         raise UsageError(f"--impl: {exc}") from None
     try:
-        record = run_example(prop, case, Executor(timeout=args.rank_timeout), source="replay")
+        record = judge_example(prop, case, Executor(timeout=args.rank_timeout), source="replay")
     finally:
         shutdown_all()
     print(f"{record.verdict.value.upper()}  {prop.name} {case.layout} impl {case.impl}  ({record.seconds:.1f}s)")
-    if record.verdict.failing:
+    if not record.verdict.ok:
         print("    " + (record.error or "").replace("\n", "\n    "))
+    for note in record.notes:
+        print("    " + note.describe())
+    if record.verdict is Verdict.VACUOUS:
+        print(f"    vacuous: {record.vacuous}")
+    if record.verdict is Verdict.HARNESS:
+        return 3
     return 1 if record.verdict.failing else 0
 
 
