@@ -251,7 +251,12 @@ def moe_cases(
     topk = shape.moe_router_topk
     normalize = draw(st.booleans())
     unit = math.lcm(layout.tp, topk * layout.etp_size) if normalize else math.lcm(layout.tp, layout.etp_size)
-    lora = dict(draw(moe_target_patterns()))
+    # Patterns that adapt nothing (only shared experts, in a model without
+    # them) would make a vacuous example: not drawn (the warning they must
+    # raise is errors_follow_spec's).
+    only_shared = ["*shared_experts.linear_fc*"]
+    lora = dict(draw(moe_target_patterns().filter(
+        lambda p: shape.shared_expert_ffn_hidden_size is not None or p["target_modules"] != only_shared)))
     dtypes = [d for d in caps.lora_dtypes if d in (None, "float64")] or [None]
     training = draw(st.sampled_from([True, True, True, False]))
     lora.update(

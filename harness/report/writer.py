@@ -187,6 +187,8 @@ class _Cell:
     def lead_record(self) -> Optional[dict[str, Any]]:
         """The failing example to show: the last one run (hypothesis replays the minimal example last)."""
         failing = [r for r in self.records if _verdict_of(r).failing]
+        if not failing:
+            failing = [r for r in self.records if _verdict_of(r) is Verdict.HARNESS]
         return failing[-1] if failing else None
 
     def lead_message(self) -> str:
@@ -234,7 +236,8 @@ class _Run:
 
     @property
     def failing(self) -> list[_Cell]:
-        return [c for c in self.cells if c.verdict.failing]
+        """Cells to show with their minimal example: charged failures, then harness defects."""
+        return [c for c in self.cells if c.verdict.failing] + [c for c in self.cells if c.verdict is Verdict.HARNESS]
 
 
 def _model(data: Mapping[str, Any]) -> _Run:
@@ -263,8 +266,12 @@ def _totals_phrase(run: _Run) -> str:
     failed = sum(n for v, n in counts.items() if v.failing)
     kinds = ", ".join(f"{v.value} {counts[v]}" for v in Verdict if v.failing and counts[v])
     parts = [f"{counts[Verdict.PASS]} passed", f"{failed} failed" + (f" ({kinds})" if kinds else "")]
+    if counts[Verdict.HARNESS]:
+        parts.append(f"{counts[Verdict.HARNESS]} harness defect(s), not charged")
     if counts[Verdict.ADVISORY]:
         parts.append(f"{counts[Verdict.ADVISORY]} advisory")
+    if counts[Verdict.VACUOUS]:
+        parts.append(f"{counts[Verdict.VACUOUS]} vacuous")
     if counts[Verdict.SKIPPED]:
         parts.append(f"{counts[Verdict.SKIPPED]} skipped")
     return ", ".join(parts)
@@ -357,6 +364,8 @@ VERDICT_LABEL = {
     Verdict.ADVISORY: "advisory",
     Verdict.CRASH: "crash",
     Verdict.HANG: "hang",
+    Verdict.HARNESS: "harness",
+    Verdict.VACUOUS: "vacuous",
     Verdict.SKIPPED: "skipped",
 }
 
@@ -367,6 +376,8 @@ VERDICT_MEANING = {
     Verdict.ADVISORY: "stricter SPEC point outside the declared contract (not failing)",
     Verdict.CRASH: "a rank raised or died",
     Verdict.HANG: "a rank did not finish in time",
+    Verdict.HARNESS: "a defect of lora-harness: the known-good control implementation fails the example too (not charged)",
+    Verdict.VACUOUS: "nothing to check in any example (no adapter, no dropout call, no power to decide): not a pass",
     Verdict.SKIPPED: "not run (outside the capabilities)",
 }
 
@@ -424,6 +435,8 @@ td.cell a:hover{text-decoration:underline}
 .v-crash{background:var(--crash-bg);color:#fff}
 .v-hang{background:var(--hang-bg);color:#fff}
 .v-skipped{background:var(--skipped-bg);color:var(--skipped-fg)}
+.v-harness{background:#5b3a8c;color:#fff}
+.v-vacuous{background:var(--skipped-bg);color:var(--skipped-fg);border:1px dashed var(--line)}
 td.v-none{background:transparent;border:1px dashed var(--line);color:var(--muted)}
 .legend{display:flex;flex-wrap:wrap;gap:6px 16px;margin:10px 0 0;font-size:12.5px;color:var(--muted)}
 .legend span.sw{display:inline-block;width:12px;height:12px;border-radius:3px;margin-right:6px;vertical-align:-2px}
@@ -500,7 +513,8 @@ def _header_html(run: _Run) -> str:
     counts = run.counts
     chips = "".join(
         f'<span class="chip v-{v.value}" title="{_E(VERDICT_MEANING[v])}"><b>{counts[v]}</b>{_E(VERDICT_LABEL[v])}</span>'
-        for v in [Verdict.PASS, Verdict.NUMERIC, Verdict.CONTRACT, Verdict.CRASH, Verdict.HANG, Verdict.ADVISORY, Verdict.SKIPPED]
+        for v in [Verdict.PASS, Verdict.NUMERIC, Verdict.CONTRACT, Verdict.CRASH, Verdict.HANG, Verdict.HARNESS,
+                  Verdict.ADVISORY, Verdict.VACUOUS, Verdict.SKIPPED]
         if counts[v] or v is Verdict.PASS
     )
     caps = d.get("capabilities") or {}
@@ -557,11 +571,11 @@ def _matrix_html(run: _Run) -> str:
             else:
                 ratio = fmt_ratio(c.worst_ratio) if c.compared else "no tensors compared"
                 meta = f'<span class="meta">{c.examples} ex · {_E(ratio)}</span>'
-                title = VERDICT_MEANING[v] + (f": {c.lead_message()}" if v.failing or v is Verdict.ADVISORY else "")
+                title = VERDICT_MEANING[v] + (f": {c.lead_message()}" if v.failing or v in (Verdict.ADVISORY, Verdict.HARNESS) else "")
                 if c.compared:
                     title += f" (worst err/tol {fmt_ratio(c.worst_ratio)} over {_plural(c.examples, 'example')})"
             inner = f'<span class="verdict">{_E(VERDICT_LABEL[v])}</span>{meta}'
-            if v.failing or v is Verdict.ADVISORY:
+            if v.failing or v in (Verdict.ADVISORY, Verdict.HARNESS):
                 inner = f'<a href="#{c.anchor}">{inner}</a>'
             cls = f"cell v-{v.value}" + (" failing" if v.failing else "")
             tds.append(
