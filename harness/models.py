@@ -27,6 +27,7 @@ __all__ = [
     "transformer_config",
     "gpt_model_from_layer_spec",
     "build_gpt",
+    "output_layer_gathers",
     "causal_mask",
     "SequenceParallelNorm",
     "sequence_parallel_layer_spec",
@@ -186,9 +187,17 @@ def sequence_parallel_layer_spec(normalization: str = "RMSNorm") -> Any:
 
 
 def build_gpt(
-    shape: GPTShape, *, tp: int, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32, **config_overrides: Any
+    shape: GPTShape, *, tp: int, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+    parallel_output: bool = False, **config_overrides: Any
 ) -> Any:
     """megatron-core GPTModel for the active parallel_state (logits gathered over TP).
+
+    ``parallel_output=True`` builds it as training does (the output layer
+    returns this rank's vocabulary shard) and gathers the logits after the
+    model, outside anything an implementation adapts (``gather_logits``);
+    ``False`` has megatron's output layer gather them, so a column-parallel
+    base there returns the full width (a configuration only the strict
+    contract promises to handle: ``output_layer_gathers``).
 
     With ``sequence_parallel=True`` every norm is a ``SequenceParallelNorm``
     (see there: the parent must sum the norm weights' gradients over TP
@@ -210,10 +219,29 @@ def build_gpt(
         one_layer = sequence_parallel_layer_spec(config.normalization)
     else:
         one_layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel)
+    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel, parallel_output=parallel_output)
 
 
-def gpt_model_from_layer_spec(shape: GPTShape, config: Any, one_layer: Any, *, sequence_parallel: bool) -> Any:
+def output_layer_gathers(contract: str) -> bool:
+    """Whether the harness builds models whose output layer gathers its logits (``parallel_output=False``).
+
+    The strict contract promises that a column-parallel base that gathers
+    its output gets a gathered adapter output too; Megatron-Bridge does
+    not (real training keeps ``parallel_output=True``), so under the
+    ``bridge`` contract the logits are gathered after the model instead.
+    """
+    return contract != "bridge"
+
+
+def _gather_logits_hook(module: Any, args: Any, output: Any) -> Any:
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(output)
+
+
+def gpt_model_from_layer_spec(
+    shape: GPTShape, config: Any, one_layer: Any, *, sequence_parallel: bool, parallel_output: bool = False
+) -> Any:
     """megatron's GPTModel with ``one_layer`` in every layer (logits gathered over TP).
 
     Under sequence parallelism the block's final norm is a
@@ -238,8 +266,12 @@ def gpt_model_from_layer_spec(shape: GPTShape, config: Any, one_layer: Any, *, s
         vocab_size=shape.vocab_size,
         max_sequence_length=shape.seq_length,
         position_embedding_type="rope",
-        parallel_output=False,
+        parallel_output=parallel_output,
     )
+    if parallel_output:
+        # The full logits for the comparisons, gathered after the model (its
+        # backward takes this rank's shard), where no adapter sits.
+        model.register_forward_hook(_gather_logits_hook)
     if cpu.is_active():
         # Building may import megatron modules that were not loaded before.
         cpu.patch_loaded_modules()

@@ -360,6 +360,7 @@ def build_moe_gpt(
     etp: Optional[int] = None,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
+    parallel_output: bool = False,
     **config_overrides: Any,
 ) -> Any:
     """megatron-core GPTModel with an MoELayer in every layer, for the active parallel_state.
@@ -369,7 +370,7 @@ def build_moe_gpt(
     them for a ParallelLayout). TP > 1 requires ``sequence_parallel=True``.
     Conventions as ``harness.models.build_gpt``: under SP a
     ``decoder_input`` must be this rank's sequence shard; logits come back
-    full, (b, s, vocab), on every rank. Norms use torch's default dtype
+    full, (b, s, vocab), on every rank (``parallel_output`` as there). Norms use torch's default dtype
     (cast the model with ``.to(dtype)`` for float64 runs).
     """
     etp = tp if etp is None else etp
@@ -384,7 +385,7 @@ def build_moe_gpt(
         shape, tp=tp, ep=ep, etp=etp, sequence_parallel=sequence_parallel, params_dtype=params_dtype, **config_overrides
     )
     one_layer = moe_layer_spec(shape, sequence_parallel=sequence_parallel, normalization=config.normalization)
-    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel)
+    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel, parallel_output=parallel_output)
 
 
 # ----------------------------------------------------------------- routing

@@ -33,8 +33,16 @@ def check(ev) -> Check:
     for rec in ev.impl:
         extras = rec.extras
         if "merge_error" in extras:
-            result.fail(f"rank {rec.rank}: merging raised {extras['merge_error']}", kind="contract", check="merge_runs")
+            api = extras["merge_error"].startswith("MergeAPIError")
+            result.fail(f"rank {rec.rank}: " + (f"LoRAMerge's API: {extras['merge_error'].split(': ', 1)[1]}" if api
+                                                 else f"merging raised {extras['merge_error']}"),
+                        kind="contract", check="merge_api" if api else "merge_runs")
             continue
+        if extras.get("merge_fold") == "harness" and rec.rank == 0:
+            # Megatron-Bridge 0.6.2's LoRAMerge is a tensor helper; SPEC adds the model-level fold.
+            result.fail("LoRAMerge() is not callable: SPEC's model-level helper (LoRAMerge()(model)) is missing; the "
+                        "harness folded the model with the implementation's own LoRAMerge.merge instead",
+                        kind="contract", check="merge_model_fold", binding=case.contract == "strict")
         for module, (got, want, got_dtype, base_dtype) in sorted(extras.get("merge_modules", {}).items()):
             if got_dtype != base_dtype:
                 result.fail(f"rank {rec.rank}: LoRAMerge.merge for {module} returned {got_dtype}, the base weight is "

@@ -17,7 +17,7 @@ import torch
 from harness.cases import GPTCase
 from harness.dropout import keyed_dropout
 from harness.contract import INIT_METHODS, contract_point, load_impl
-from harness.models import build_gpt, causal_mask
+from harness.models import build_gpt, causal_mask, output_layer_gathers
 from harness.results import ErrorRecord, Finding, Partitioned, RankRecord
 from harness.sharding import (
     SpecViolation,
@@ -84,7 +84,8 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
     from megatron.core import parallel_state
 
     impl, tp, tp_rank = _setup(ctx, case)
-    model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype)
+    model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
+                      parallel_output=not output_layer_gathers(case.contract))
     load_full_base_weights(model, case.seed, tp_rank, tp)
     lora_kwargs = case.lora_kwargs()
     torch.manual_seed(case.seed)
@@ -266,7 +267,7 @@ def _merge_extras(model: Any, impl: Any, table: Any, alpha: float, forward: Call
     extras: dict[str, Any] = {}
     try:
         extras["merge_modules"] = module_merges(model, impl, table, alpha) if table is not None else {}
-        extras.update(fold_model(model, impl, forward))
+        extras.update(fold_model(model, impl, forward, alpha))
         group = parallel_state.get_tensor_model_parallel_group()
         size = dist.get_world_size(group) if dist.is_initialized() else 1
         extras["merge_cast_once"] = cast_once(impl, group, size, parallel_state.get_tensor_model_parallel_rank())
@@ -387,7 +388,8 @@ def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
     findings: list[Finding] = []
 
     def fresh_model() -> torch.nn.Module:
-        return build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype)
+        return build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
+                      parallel_output=not output_layer_gathers(case.contract))
 
     expect = error_expecter(case.contract, findings)
 

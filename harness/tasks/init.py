@@ -30,7 +30,7 @@ import torch
 
 from harness.cases import GPTCase
 from harness.contract import DEFAULT_TARGET_MODULES
-from harness.models import GPTShape, build_gpt, causal_mask
+from harness.models import GPTShape, build_gpt, causal_mask, output_layer_gathers
 from harness.results import Partitioned, RankRecord
 from harness.sharding import adapter_modules, adapter_table, initial_adapters, seeded_tensor
 from harness.contract import load_impl
@@ -94,7 +94,8 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
 
     def adapted(lora_kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Optional[torch.Tensor]]:
         torch.manual_seed(case.seed)
-        model = build_gpt(shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype)
+        model = build_gpt(shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
+                          parallel_output=not output_layer_gathers(case.contract))
         model.train(case.training)
         before = forward(model) if zero else None
         # The seed right before the walk, as run_gpt_case has it.
@@ -185,7 +186,8 @@ def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
     targets = "case"
 
     def adapted(kwargs: dict[str, Any]) -> torch.nn.Module:
-        fresh = build_moe_gpt(big.shape, **layout_sizes(layout), params_dtype=case.model_dtype).to(case.model_dtype)
+        fresh = build_moe_gpt(big.shape, **layout_sizes(layout), params_dtype=case.model_dtype,
+                              parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
         torch.manual_seed(case.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -8,6 +8,21 @@ Two checks that do not pass through the reference:
   full matrices (SPEC's LoRAMerge table);
 * the model-level fold, ``impl.LoRAMerge()(model)``, must leave no adapter
   wrapper and give the same logits as the adapted model on the same input.
+
+Which ``merge`` the implementation offers is read off its signature
+(``merge_api``), and what is there is judged:
+
+* ``"contract"``: ``merge(base, B, A, alpha, dim, *, tp_size, tp_group)``
+  (harness/SPEC.md);
+* ``"group"``: ``merge(base, B, A, alpha, dim, *, tp_group, scale=None)``,
+  Megatron-Bridge 0.6.2's (the TP size is the group's);
+* ``"plain"``: no TP arguments (it can merge only unsharded weights: at
+  TP > 1 that is one finding naming the API difference, ``MergeAPIError``).
+
+A ``LoRAMerge`` that is not callable has no model-level fold (0.6.2's is a
+tensor helper): the harness then folds the model itself with the
+implementation's own ``merge``, module by module (``fold_with_merge``), and
+under the strict contract the missing helper is one contract finding.
 """
 
 from __future__ import annotations
@@ -19,7 +34,80 @@ import torch.distributed as dist
 
 from harness.sharding import Partition, adapter_modules, base_partition, shard, unshard
 
-__all__ = ["module_merges", "fold_model", "cast_once"]
+__all__ = ["module_merges", "fold_model", "cast_once", "merge_api", "call_merge", "MergeAPIError", "fold_with_merge"]
+
+
+class MergeAPIError(Exception):
+    """The implementation's LoRAMerge cannot do what is asked with the API it offers (named in the message)."""
+
+
+def merge_api(merger: Any) -> str:
+    """``"contract"``, ``"group"``, ``"plain"`` or ``"none"``: which ``merge`` signature ``merger`` offers."""
+    import inspect
+
+    fn = getattr(merger, "merge", None)
+    if not callable(fn):
+        return "none"
+    try:
+        names = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "contract"
+    if "tp_size" in names and "tp_group" in names:
+        return "contract"
+    if "tp_group" in names:
+        return "group"
+    return "plain"
+
+
+def call_merge(merger: Any, base: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float, dim: int, size: int, group: Any) -> torch.Tensor:
+    """``merger.merge`` on this rank's shards, called the way its signature asks (``merge_api``)."""
+    api = merge_api(merger)
+    if api == "contract":
+        return merger.merge(base, B, A, alpha, dim, tp_size=size, tp_group=group)
+    if api == "group":
+        return merger.merge(base, B, A, alpha, dim, tp_group=_real_group(group))
+    if api == "plain":
+        if size > 1:
+            raise MergeAPIError(
+                f"LoRAMerge.merge takes no TP arguments (merge(base, linear_out, linear_in, alpha, dim)), so it cannot "
+                f"merge a shard at TP={size}; SPEC: merge(..., *, tp_size, tp_group)")
+        return merger.merge(base, B, A, alpha, dim)
+    raise MergeAPIError("LoRAMerge has no merge method; SPEC: LoRAMerge().merge(base, linear_out, linear_in, alpha, dim, *, tp_size, tp_group)")
+
+
+def _real_group(group: Any) -> Any:
+    """The TP process group itself (Megatron-Bridge's merge reads the size off it: None would mean the world)."""
+    if group is not None or not dist.is_initialized():
+        return group
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def fold_with_merge(model: torch.nn.Module, merger: Any, alpha: float) -> torch.nn.Module:
+    """The model with every adapter folded by the implementation's own ``merge``, wrappers replaced by their bases.
+
+    For implementations whose ``LoRAMerge`` is a tensor helper only. Dense
+    adapters (``.adapter.linear_in/linear_out``) only; anything else raises
+    ``MergeAPIError`` naming it.
+    """
+    for wname, wrapper in sorted(adapter_modules(model).items(), key=lambda kv: -kv[0].count(".")):
+        base, adapter = wrapper.to_wrap, wrapper.adapter
+        a_lin, b_lin = getattr(adapter, "linear_in", None), getattr(adapter, "linear_out", None)
+        if not isinstance(getattr(a_lin, "weight", None), torch.Tensor) or not isinstance(getattr(base, "weight", None), torch.Tensor):
+            raise MergeAPIError(f"{wname}: the harness folds dense adapters with LoRAMerge.merge only; this one has no "
+                                "adapter.linear_in/linear_out weight and the implementation offers no model-level fold")
+        A, B = a_lin.weight, b_lin.weight
+        dim = B.shape[1]  # B is (out/t, r) for column and row bases alike
+        group, size, _ = _group_of(base)
+        with torch.no_grad():
+            merged = call_merge(merger, base.weight.detach().clone(), B.detach(), A.detach(),
+                                getattr(adapter, "alpha", alpha), dim, size, group)
+            base.weight.copy_(merged.to(base.weight.dtype))
+        parent_name, _, leaf = wname.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, base)
+    return model
 
 
 def _gather(t: torch.Tensor, part: Partition, group: Any, size: int) -> torch.Tensor:
@@ -59,26 +147,32 @@ def module_merges(model: torch.nn.Module, impl: Any, table: dict[str, Any], alph
         b_full = _gather(B, table[b_name][1], group, size)
         want = shard(w_full + (alpha / dim) * (b_full @ a_full), base_part, rank, size)
         with torch.no_grad():
-            got = merger.merge(base.weight.detach().clone(), B.detach(), A.detach(), alpha, dim, tp_size=size, tp_group=group)
+            got = call_merge(merger, base.weight.detach().clone(), B.detach(), A.detach(), alpha, dim, size, group)
         out[wname] = (got.detach().double().cpu(), want.cpu(), str(got.dtype), str(base.weight.dtype))
     return out
 
 
-def fold_model(model: torch.nn.Module, impl: Any, forward: Callable[[torch.nn.Module], torch.Tensor]) -> dict[str, Any]:
+def fold_model(model: torch.nn.Module, impl: Any, forward: Callable[[torch.nn.Module], torch.Tensor], alpha: float = 32) -> dict[str, Any]:
     """The adapted logits, the folded model's logits, and any adapter wrapper the fold left behind.
 
     Both in eval mode: the fold is the adapter's deterministic map (SPEC: no dropout).
+    ``merge_fold``: ``"model"`` when the implementation folded the model
+    itself, ``"harness"`` when its LoRAMerge is not callable and the harness
+    folded it with the implementation's own ``merge``.
     """
     model.eval()
     with torch.no_grad():
         adapted = forward(model)
-    merged = impl.LoRAMerge()(model)
+    merger = impl.LoRAMerge()
+    how = "model" if callable(merger) else "harness"
+    merged = merger(model) if how == "model" else fold_with_merge(model, merger, alpha)
     with torch.no_grad():
         folded = forward(merged)
     return {
         "adapted_output": adapted.detach().double().cpu(),
         "merged_output": folded.detach().double().cpu(),
         "merge_left": sorted(adapter_modules(merged))[:5],
+        "merge_fold": how,
     }
 
 
@@ -117,7 +211,7 @@ def cast_once(impl: Any, group: Any, size: int, rank: int) -> dict[str, Any]:
     for kind, (wl, al, bl) in layouts.items():
         wl, al, bl = (t.contiguous().clone() for t in (wl, al, bl))
         with torch.no_grad():
-            got = merger.merge(wl.clone(), bl, al, n, n, tp_size=size, tp_group=group if size > 1 else None)
+            got = call_merge(merger, wl.clone(), bl, al, n, n, size, group if size > 1 else None)
         if got.dtype != bf16:
             out[kind] = f"returned {got.dtype} for a bfloat16 base"
         elif tuple(got.shape) != tuple(wl.shape):

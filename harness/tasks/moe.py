@@ -39,7 +39,7 @@ import torch.distributed as dist
 from harness.dropout import keyed_dropout
 from harness.cases import MoECase
 from harness.contract import load_impl
-from harness.models import causal_mask
+from harness.models import causal_mask, output_layer_gathers
 from harness.results import Finding, Partitioned, RankRecord
 from harness.sharding import (
     REPLICATED,
@@ -269,7 +269,8 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     layout.initialize_megatron(ctx.world_size, seed=case.seed)
     impl = load_impl(case.impl)
     sizes = dict(expert_sizes(), world=ctx.world_size)
-    model = build_moe_gpt(case.shape, **layout_sizes(layout), params_dtype=case.model_dtype).to(case.model_dtype)
+    model = build_moe_gpt(case.shape, **layout_sizes(layout), params_dtype=case.model_dtype,
+                          parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
     load_full_base_weights(model, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
     lora_kwargs = case.lora_kwargs()
     torch.manual_seed(case.seed)
@@ -397,7 +398,8 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
     findings: list[Finding] = []
 
     def fresh_model() -> torch.nn.Module:
-        return build_moe_gpt(shape, **layout_sizes(layout), params_dtype=case.model_dtype)
+        return build_moe_gpt(shape, **layout_sizes(layout), params_dtype=case.model_dtype,
+                             parallel_output=not output_layer_gathers(case.contract))
 
     expect = error_expecter(case.contract, findings)
 
