@@ -352,7 +352,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     extras["dropout"] = {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "elements": dropout_log.elements, "eval_calls": dropout_log.eval_calls}
     extras["own_output"] = _cpu64(own_output)
     extras["ep_rank"], extras["etp_rank"] = sizes["ep_rank"], sizes["etp_rank"]
-    findings += _reapply_findings(model, impl, lora_kwargs, case.training)
+    findings += _reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
     # Experts fold through the implementation's own model-level merge only.
     from harness.tasks.gpt import _merge_extras
 
@@ -414,7 +414,7 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
     if etp > 1:
         dim = etp * (1 + case.seed % 2) + 1
         expect(
-            "rank_divisible", f"dim={dim} at ETP={etp} on column-parallel expert linears", ("ValueError",), (),
+            "rank_divisible", f"dim={dim} at ETP={etp} on column-parallel expert linears", ("ValueError",), ("AssertionError", "ValueError"),
             [".mlp.experts.", str(dim), str(etp)],
             lambda: impl.LoRA(target_modules=["*.experts.*linear_fc1"], dim=dim)(fresh_model()),
         )
