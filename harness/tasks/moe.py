@@ -418,11 +418,11 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
             [".mlp.experts.", str(dim), str(etp)],
             lambda: impl.LoRA(target_modules=["*.experts.*linear_fc1"], dim=dim)(fresh_model()),
         )
-    non_linear = contract_point("non_linear_target")
+    router_point = contract_point("router_target")
     router = "decoder.layers.0.mlp.router"
     expect(
-        "non_linear_target", "target_modules=['*.mlp.router'] selecting the router, which has no adapter",
-        non_linear.strict_errors, non_linear.bridge_errors, [router, type(fresh_model().get_submodule(router)).__name__],
+        "router_target", "target_modules=['*.mlp.router'] selecting the router, which has no adapter",
+        router_point.strict_errors, router_point.bridge_errors, [router, type(fresh_model().get_submodule(router)).__name__],
         lambda: impl.LoRA(target_modules=["*.mlp.router"], dim=etp * topk)(fresh_model()),
     )
     return ErrorRecord(rank=ctx.rank, tp_rank=ps.get_tensor_model_parallel_rank(), findings=findings)
