@@ -44,13 +44,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _rank_timeout(text: str) -> float:
+    """A --rank-timeout: a finite number of seconds from 1 to a day (harness.settings.check_rank_timeout)."""
+    from harness.settings import check_rank_timeout
+
     try:
-        value = float(text)
+        return check_rank_timeout(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seed(text: str) -> int:
+    from harness.settings import SEED_LIMIT
+
+    try:
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} must be an integer from 0 to {SEED_LIMIT - 1} (2**32 - 1)")
     return value
 
 
@@ -73,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--layout", dest="layouts", action="append", default=None, help="only this layout of the set, e.g. tp2-ep1-etp2-pp1 (repeatable)")
     v.add_argument("--family", dest="families", action="append", default=None,
                    help="only this model family: gpt (dense), moe (mixture of experts) or vlm (LLaVA, VLMLoRA freezing) (repeatable; default all)")
-    v.add_argument("--seed", type=int, default=None, help="hypothesis seed, for a reproducible run")
-    v.add_argument("--rank-timeout", type=_positive_float, default=None, help="ceiling in seconds for one rank task")
+    v.add_argument("--seed", type=_seed, default=None, help="hypothesis seed (0 to 2**32-1), for a reproducible run")
+    v.add_argument("--rank-timeout", type=_rank_timeout, default=None,
+                   help="ceiling in seconds for one rank task (1 to 86400; default 60)")
     v.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
                    help="torch.distributed backend of the ranks: gloo (CPU, default) or nccl (one CUDA GPU per rank)")
     v.add_argument("--contract", choices=("strict", "bridge"), default=None, help="judge by this contract (default: what the implementation declares, else strict)")
@@ -87,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--case-json", default=None, help="the case as JSON (as a failure report prints it)")
     r.add_argument("--property", required=True, help="the property to check")
     r.add_argument("--impl", default=None, help="module under test (default: the case's)")
-    r.add_argument("--rank-timeout", type=_positive_float, default=None)
+    r.add_argument("--rank-timeout", type=_rank_timeout, default=None, help="ceiling in seconds for one rank task (1 to 86400; default 60)")
 
     rep = sub.add_parser("report", help="compare two results.json files")
     rep.add_argument("rest", nargs=argparse.REMAINDER)
@@ -133,14 +146,29 @@ class _Progress:
 
 
 def _check_output_file(path: str) -> None:
+    """Refuse a --json path that cannot be written, by opening it for writing (permission bits
+    say nothing for root, /proc or a read-only mount); a file that did not exist is removed again."""
+    if not path.strip():
+        raise UsageError(f"--json {path!r}: give a file name")
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise UsageError(f"--json {path}: is a directory; give a file name")
     if not parent.is_dir():
+        if parent.exists() or any(p.is_file() for p in parent.parents):
+            raise UsageError(f"--json {path}: {str(parent)!r} is not a directory")
         raise UsageError(f"--json {path}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"--json {path}: not writable")
+    existed = target.exists() or target.is_symlink()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--json {path}: cannot be written ({exc.strerror or exc})") from None
+    if not existed:
+        try:
+            target.unlink()
+        except OSError:
+            pass
 
 
 def _check_report_dir(path: str) -> None:
@@ -176,7 +204,7 @@ def _verify(args: argparse.Namespace, executor: Any = None, command: Optional[st
     from harness.properties import registry
 
     props = registry()
-    names = args.properties or list(props)
+    names = list(dict.fromkeys(args.properties or props))
     unknown = [p for p in names if p not in props]
     if unknown:
         raise UsageError(f"unknown --property {', '.join(unknown)}; known: {', '.join(props)}")
@@ -186,16 +214,30 @@ def _verify(args: argparse.Namespace, executor: Any = None, command: Optional[st
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise UsageError(f"unknown --family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
+    from harness.settings import MAX_WORLD
+
+    # A torchrun executor's world may be larger than a local run's bound.
+    world = getattr(getattr(executor, "world", None), "world_size", None)
+    max_world = max(MAX_WORLD, world) if isinstance(world, int) else MAX_WORLD
     try:
-        layouts = {family: layout_set(args.tp, args.ep, family) for family in families}
+        layouts = {family: layout_set(args.tp, args.ep, family, max_world=max_world) for family in families}
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.layouts:
-        known = {str(layout) for family_layouts in layouts.values() for layout in family_layouts}
-        unknown = [name for name in args.layouts if name not in known]
+        from harness.layouts import ParallelLayout
+
+        wanted = []
+        for name in args.layouts:
+            try:
+                wanted.append(ParallelLayout.parse(name))
+            except ValueError as exc:
+                raise UsageError(f"--layout {name}: {exc}") from None
+        known = {layout for family_layouts in layouts.values() for layout in family_layouts}
+        unknown = [name for name, layout in zip(args.layouts, wanted) if layout not in known]
         if unknown:
-            raise UsageError(f"--layout {', '.join(unknown)} is not in the set of --tp {args.tp} --ep {args.ep}: {', '.join(sorted(known))}")
-        layouts = {f: [l for l in ls if str(l) in args.layouts] for f, ls in layouts.items()}
+            names_known = sorted({str(layout) for layout in known})
+            raise UsageError(f"--layout {', '.join(unknown)} is not in the set of --tp {args.tp} --ep {args.ep}: {', '.join(names_known)}")
+        layouts = {f: [l for l in ls if l in wanted] for f, ls in layouts.items()}
     try:
         load_impl(args.impl)
         caps = capabilities_of(args.impl)
@@ -203,16 +245,22 @@ def _verify(args: argparse.Namespace, executor: Any = None, command: Optional[st
         raise UsageError(f"--impl: {exc}") from None
     if args.contract and args.contract != caps.contract:
         caps = caps.with_contract(args.contract)
-    if args.json_path:
+    if args.json_path is not None:
         _check_output_file(args.json_path)
-    if args.report_dir:
+    if args.report_dir is not None:
+        if not args.report_dir.strip():
+            raise UsageError(f"--report {args.report_dir!r}: give a directory")
         _check_report_dir(args.report_dir)
     store = None
-    if args.regressions_dir:
+    if args.regressions_dir is not None:
         from harness.regressions import RegressionStore
 
+        if not args.regressions_dir.strip():
+            raise UsageError(f"--regressions {args.regressions_dir!r}: give a directory")
         store = RegressionStore(args.regressions_dir)
         try:
+            # Input first: every stored file must be a regression file, read before any rank starts.
+            store.validate()
             store.check_writable()
         except ValueError as exc:
             raise UsageError(f"--regressions: {exc}") from None
@@ -347,47 +395,119 @@ def _print_failure(outcome: Any) -> None:
 
 
 def _write_outputs(args: argparse.Namespace, results: Any, quiet: bool = False) -> None:
+    """Write --json and --report. A write that fails (the path was checked before the run, but
+    disks fill and directories go) costs one line on stderr, and the results go to a fallback
+    file in the current directory (or the temporary directory), never lost."""
+    text: Optional[str] = None
     if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump(results.to_json(), fh, indent=2, allow_nan=False)
+        text = json.dumps(results.to_json(), indent=2, allow_nan=False)
+        try:
+            with open(args.json_path, "w") as fh:
+                fh.write(text)
+        except OSError as exc:
+            _fall_back(args, text, f"--json {args.json_path}", exc, quiet)
     if args.report_dir:
         from harness.report.writer import write_report
 
-        paths = write_report(results, args.report_dir)
-        if not quiet:
-            print(f"report: {', '.join(str(p) for p in paths.values())}")
+        try:
+            paths = write_report(results, args.report_dir)
+        except (OSError, ValueError) as exc:
+            if text is None:
+                text = json.dumps(results.to_json(), indent=2, allow_nan=False)
+            _fall_back(args, text, f"--report {args.report_dir}", exc, quiet)
+        else:
+            if not quiet:
+                print(f"report: {', '.join(str(p) for p in paths.values())}")
+
+
+def _fall_back(args: argparse.Namespace, text: str, what: str, exc: BaseException, quiet: bool) -> None:
+    """Write ``text`` (results.json) to this run's fallback file and say so on stderr (once per
+    run while the cells are written one by one, then again at the end)."""
+    import tempfile
+
+    why = getattr(exc, "strerror", None) or str(exc)
+    path: Optional[Path] = getattr(args, "_fallback_json", None)
+    candidates = [path] if path is not None else [
+        Path(folder) / f"lora-harness-results-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        for folder in (os.getcwd(), tempfile.gettempdir())
+    ]
+    for candidate in candidates:
+        try:
+            candidate.write_text(text)
+        except OSError:
+            continue
+        told = getattr(args, "_fallback_told", set())
+        if not quiet or what not in told:
+            print(f"lora-harness: {what}: cannot be written ({why}); the results are in {candidate}", file=sys.stderr, flush=True)
+        told.add(what)
+        args._fallback_json, args._fallback_told = candidate, told
+        return
+    print(f"lora-harness: {what}: cannot be written ({why}), nor a fallback file in {os.getcwd()} or "
+          f"{tempfile.gettempdir()}: the results of this run are lost", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ replay
 
 
-def _replay(args: argparse.Namespace) -> int:
+def _replay_case(args: argparse.Namespace) -> Any:
+    """The case ``replay`` reruns, fully checked: one UsageError naming the file (or --case-json),
+    the field and the rule for anything that is not a valid case fitting its layout."""
+    from collections.abc import Mapping
+
     from harness.cases import case_from_json
-    from harness.contract import ImplLoadError, load_impl
+    from harness.regressions import check_regression
+
+    if (args.file is None) == (args.case_json is None):
+        raise UsageError("replay: give either a regression FILE or --case-json, not both or neither")
+    if args.file is not None:
+        where = f"replay {args.file}"
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{where}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    else:
+        where, text = "--case-json", args.case_json
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    try:
+        if args.file is not None and isinstance(data, Mapping) and ("schema" in data or "case" in data):
+            # A regression file: its schema, version and fields are checked as a store's are.
+            return check_regression(data, where)
+        case = case_from_json(data)
+        case.validate()
+    except ValueError as exc:  # CaseError too
+        message = str(exc)
+        raise UsageError(message if message.startswith(where) else f"{where}: {message}") from None
+    return case
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from harness.contract import ImplLoadError, capabilities_of, load_impl
     from harness.driver import judge_example
     from harness.results import Verdict
     from harness.properties import get_property
     from harness.runner import shutdown_all
     from harness.runs import Executor
 
-    if (args.file is None) == (args.case_json is None):
-        raise UsageError("replay: give either a regression FILE or --case-json, not both or neither")
+    case = _replay_case(args)
     try:
-        if args.file is not None:
-            data = json.loads(Path(args.file).read_text())
-            data = data.get("case", data)
-        else:
-            data = json.loads(args.case_json)
-        case = case_from_json(data)
         prop = get_property(args.property)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"replay: {exc}") from None
-    if args.impl:
+    except ValueError as exc:
+        raise UsageError(f"--property: {exc}") from None
+    if args.impl is not None:
+        if not args.impl.strip():
+            raise UsageError(f"--impl {args.impl!r}: give an importable module name, e.g. mypkg.lora")
         case = case.with_(impl=args.impl)
     try:
         load_impl(case.impl)
+        caps = capabilities_of(case.impl)
     except ImplLoadError as exc:
         raise UsageError(f"--impl: {exc}") from None
+    skip = prop.skip_reason(case.family, case.layout, caps)
+    if skip:
+        raise UsageError(f"replay --property {prop.name}: cannot replay this {case.family} case at {case.layout}: {skip}")
     try:
         record = judge_example(prop, case, Executor(timeout=args.rank_timeout), source="replay")
     finally:

@@ -22,6 +22,7 @@ runner. The harness draws only inside the profile and says what it skipped.
 from __future__ import annotations
 
 import importlib
+import reprlib
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping, Optional
@@ -143,6 +144,46 @@ STRICTER_THAN_BRIDGE: tuple[ContractPoint, ...] = (
         "float32, cast once to the base dtype",
         "in the weights' dtype: 16-bit weights round twice",
     ),
+    ContractPoint(
+        "merge_model_fold",
+        "LoRAMerge as a model transform",
+        "LoRAMerge()(model) folds every adapter",
+        "a tensor helper only: merge(..., *, tp_group, scale=None)",
+    ),
+    ContractPoint(
+        "idempotent",
+        "applying the LoRA a second time",
+        "changes nothing",
+        "raises",
+    ),
+    ContractPoint(
+        "rank_divisible",
+        "a rank TP cannot split",
+        "ValueError naming module, rank and TP",
+        "AssertionError",
+        ("ValueError",),
+        ("AssertionError", "ValueError"),
+    ),
+    ContractPoint(
+        "router_target",
+        "pattern selecting the MoE router",
+        "TypeError naming module and type",
+        "adapts the router",
+        ("TypeError",),
+        ("TypeError",),
+    ),
+    ContractPoint(
+        "unmatched_warns",
+        "pattern that matches nothing",
+        "a warning naming it",
+        "silence",
+    ),
+    ContractPoint(
+        "vlm_access_forms",
+        "how VLMLoRA takes the model",
+        "the model, [model], or a wrapper's .llava_model",
+        "a list of chunks only",
+    ),
 )
 
 _POINTS = {p.key: p for p in STRICTER_THAN_BRIDGE}
@@ -153,6 +194,34 @@ def contract_point(key: str) -> ContractPoint:
 
 
 _DTYPE_NAMES = (None, "float32", "float64", "bfloat16", "float16")
+_FLAGS = ("experts", "sequence_parallel", "a2a", "vlm", "merge")
+
+
+def _names_problem(value: Any, allowed: tuple, what: str) -> Optional[str]:
+    names = ", ".join(map(str, allowed))
+    if not isinstance(value, (list, tuple)):
+        return f"must be a list of {what}s ({names}), not a {type(value).__name__}"
+    if not value:
+        return f"must list at least one {what} ({names})"
+    bad = [v for v in value if not (v is None or isinstance(v, str)) or v not in allowed]
+    if bad:
+        return f"{', '.join(map(repr, bad))}: not {'an' if what[0] in 'aeiou' else 'a'} {what}; each must be one of {names}"
+    return None
+
+
+def _field_problem(name: str, value: Any) -> Optional[str]:
+    """The rule a ``Capabilities`` field's value breaks, or None."""
+    if name == "contract":
+        if not isinstance(value, str) or value not in CONTRACTS:
+            return f"must be one of {', '.join(CONTRACTS)}"
+    elif name == "init_methods":
+        return _names_problem(value, INIT_METHODS, "init method name")
+    elif name == "lora_dtypes":
+        return _names_problem(value, _DTYPE_NAMES, "adapter dtype name")
+    elif name in _FLAGS:
+        if not isinstance(value, bool):
+            return f"must be True or False, not a {type(value).__name__}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -174,21 +243,12 @@ class Capabilities:
     merge: bool = True
 
     def __post_init__(self) -> None:
-        if self.contract not in CONTRACTS:
-            raise ValueError(f"Capabilities.contract={self.contract!r}: must be one of {', '.join(CONTRACTS)}")
+        for f in fields(self):
+            problem = _field_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise ValueError(f"Capabilities.{f.name}={getattr(self, f.name)!r}: {problem}")
         object.__setattr__(self, "init_methods", tuple(self.init_methods))
         object.__setattr__(self, "lora_dtypes", tuple(self.lora_dtypes))
-        bad = [m for m in self.init_methods if m not in INIT_METHODS]
-        if bad or not self.init_methods:
-            raise ValueError(
-                f"Capabilities.init_methods={list(self.init_methods)!r}: each must be one of {', '.join(INIT_METHODS)}"
-                " and at least one is needed"
-            )
-        bad = [d for d in self.lora_dtypes if d not in _DTYPE_NAMES]
-        if bad or not self.lora_dtypes:
-            raise ValueError(
-                f"Capabilities.lora_dtypes={list(self.lora_dtypes)!r}: each must be one of {_DTYPE_NAMES}"
-            )
 
     @classmethod
     def strict(cls, **changes: Any) -> "Capabilities":
@@ -202,10 +262,24 @@ class Capabilities:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = "capabilities") -> "Capabilities":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Capabilities from plain data (an implementation's ``LORA_HARNESS_CAPABILITIES``).
+
+        Every key must be a field and every value of the field's type
+        (booleans ``True``/``False``, lists of known names, a known contract);
+        ``ValueError`` names ``where``, the key, the value and the rule.
+        Fields left out take the declared contract's defaults.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where} must be a dict of Capabilities fields, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted((k for k in data if k not in known), key=repr)
         if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"{where}: unknown keys {unknown}; known: {', '.join(known)}")
+        for key in known:
+            if key in data:
+                problem = _field_problem(key, data[key])
+                if problem:
+                    raise ValueError(f"{where}[{key!r}] = {data[key]!r}: {problem}")
         base = cls.bridge() if data.get("contract") == "bridge" else cls()
         return replace(base, **dict(data))
 
@@ -270,7 +344,7 @@ def load_impl(module_name: str) -> Any:
         raise ImplLoadError(f"implementation {module_name!r}: give an importable module name, e.g. mypkg.lora")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is one usage error
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import failure is one usage error
         where = ""
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
@@ -286,13 +360,34 @@ def load_impl(module_name: str) -> Any:
             f"implementation {module_name!r} does not expose {', '.join(missing)} "
             f"(the LoRA API needs {', '.join(REQUIRED_NAMES)})"
         )
+    for name in REQUIRED_NAMES:
+        value = getattr(module, name)
+        if not isinstance(value, type):
+            raise ImplLoadError(
+                f"implementation {module_name!r}: {module_name}.{name} must be a class (the harness calls "
+                f"{name}(...) with SPEC's fields and uses its methods), but it is {reprlib.repr(value)}, of type {type(value).__name__}"
+            )
     return module
 
 
 def capabilities_of(module_name: str, override: Optional[Capabilities] = None) -> Capabilities:
-    """``override`` if given, else the module's ``LORA_HARNESS_CAPABILITIES`` dict, else full SPEC."""
+    """``override`` if given, else the module's ``LORA_HARNESS_CAPABILITIES`` dict, else full SPEC.
+
+    ``ImplLoadError`` (one line naming the module, the key, the value and the
+    rule) for capabilities that are not a dict of valid fields.
+    """
     if override is not None:
-        return override
+        if isinstance(override, Capabilities):
+            return override
+        if isinstance(override, Mapping):
+            try:
+                return Capabilities.from_mapping(override, f"capabilities for {module_name}")
+            except ValueError as exc:
+                raise ImplLoadError(str(exc)) from exc
+        raise ImplLoadError(
+            f"capabilities for {module_name} must be a harness.contract.Capabilities or a dict of its fields, "
+            f"got {type(override).__name__}"
+        )
     module = sys.modules.get(module_name) or load_impl(module_name)
     data = getattr(module, CAPABILITIES_ATTR, None)
     if data is None:
@@ -300,7 +395,10 @@ def capabilities_of(module_name: str, override: Optional[Capabilities] = None) -
     if isinstance(data, Capabilities):
         return data
     if not isinstance(data, Mapping):
-        raise ImplLoadError(f"{module_name}.{CAPABILITIES_ATTR} must be a dict of Capabilities fields, got {type(data).__name__}")
+        raise ImplLoadError(
+            f"{module_name}.{CAPABILITIES_ATTR} must be a dict of Capabilities fields (or a Capabilities), "
+            f"got {type(data).__name__}"
+        )
     try:
         return Capabilities.from_mapping(data, f"{module_name}.{CAPABILITIES_ATTR}")
     except (TypeError, ValueError) as exc:

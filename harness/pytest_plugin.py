@@ -23,15 +23,30 @@ Options (all settings are arguments; nothing is read from the environment):
   module's ``LORA_IMPL`` (default ``lora.megatron``);
 * ``--lora-contract strict|bridge``: judge by this contract instead of what
   the implementation (or the module's ``LORA_CAPABILITIES``) declares;
-* ``--rank-timeout SECONDS``: ceiling for one rank task;
-* ``--lora-seed N``: base seed of the draws (random by default, printed in
-  the header; every property at a layout draws the same examples, so they
-  share their runs);
+* ``--rank-timeout SECONDS``: ceiling for one rank task (1 to 86400);
+* ``--lora-seed N``: base seed of the draws (0 to 2**32-1; random by
+  default, printed in the header; every property at a layout draws the same
+  examples, so they share their runs);
 * ``--lora-examples N``: examples per property and layout (overrides the
   hypothesis profile: ``fast`` by default, ``deep`` for nightly runs);
 * ``--report DIR``: write ``results.json``, ``report.html``, ``summary.md``
   (merged over pytest-xdist workers);
 * ``--regressions DIR``: store failing cases there, replay stored ones first.
+
+Ini option (``[tool.pytest.ini_options]`` or ``pytest.ini``):
+
+* ``lora_regressions = "tests/regressions"``: the project's own regression
+  store, relative to the ini file. It is replayed on every run, but written
+  only when no ``--lora-impl`` is given on the command line, so a run
+  against another implementation never leaves its failing cases in the
+  project's store. An explicit ``--regressions DIR`` replaces it and is
+  read and written.
+
+Every option is checked in ``pytest_configure``, before any rank process
+starts: a bad value (a size beyond ``harness.settings.MAX_WORLD`` ranks, a
+rank timeout outside 1 to 86400 s, an implementation that does not load or
+declares invalid capabilities, an unknown ``--hypothesis-profile``, a
+malformed file in the regression store) is one ``pytest.UsageError``.
 """
 
 from __future__ import annotations
@@ -44,7 +59,7 @@ from typing import Any, Optional
 
 import pytest
 
-from harness.settings import DEFAULT_PROFILE, FAMILIES, layout_set, register_profiles
+from harness.settings import DEFAULT_PROFILE, FAMILIES, PROFILES, layout_set, register_profiles
 
 
 # At import, before any pytest_configure: hypothesis's own plugin loads
@@ -62,20 +77,74 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lora-examples", type=int, default=None, help="examples per property and layout (overrides the hypothesis profile)")
     group.addoption("--lora-seed", type=int, default=None, help="base seed of the draws (default: random, printed in the header)")
     group.addoption("--report", dest="lora_report", default=None, help="write results.json, report.html and summary.md to this directory")
-    group.addoption("--regressions", dest="lora_regressions", default=None, help="store failing cases here and replay stored ones first")
+    group.addoption("--regressions", dest="lora_regressions", default=None,
+                    help="store failing cases here and replay stored ones first (replaces the lora_regressions ini store)")
+    parser.addini(
+        "lora_regressions",
+        help="the project's own regression store (relative to the ini file): replayed on every run, "
+        "written only when no --lora-impl is given",
+        default="",
+    )
 
 
 def _usage(message: str) -> None:
     raise pytest.UsageError(f"lora-harness: {message}")
 
 
+def _check_profile(config: pytest.Config) -> None:
+    """An unknown --hypothesis-profile is a usage error (hypothesis's own plugin, which loads it
+    after this one's pytest_configure, would end in an INTERNALERROR)."""
+    profile = config.getoption("hypothesis_profile", default=None)
+    if not profile:
+        return
+    from hypothesis import settings
+    from hypothesis.errors import InvalidArgument
+
+    try:
+        settings.get_profile(profile)
+    except InvalidArgument:
+        known = sorted(getattr(settings, "_profiles", None) or PROFILES)
+        _usage(f"--hypothesis-profile {profile!r} is not a registered hypothesis profile; known: {', '.join(known)}")
+
+
+def _regression_store(config: pytest.Config) -> Any:
+    """``--regressions DIR`` (read and written), else the ``lora_regressions`` ini store
+    (written only when no --lora-impl is given), else None; validated either way."""
+    from pathlib import Path
+
+    from harness.regressions import RegressionStore
+
+    explicit = config.getoption("lora_regressions")
+    if explicit is not None:
+        if not explicit.strip():
+            _usage(f"--regressions {explicit!r}: give a directory")
+        store, flag = RegressionStore(explicit), f"--regressions {explicit}"
+    else:
+        configured = (config.getini("lora_regressions") or "").strip()
+        if not configured:
+            return None
+        base = config.inipath.parent if config.inipath is not None else config.rootpath
+        path = Path(configured)
+        store = RegressionStore(path if path.is_absolute() else base / path, writable=config.getoption("lora_impl") is None)
+        flag = f"lora_regressions = {configured!r} ({config.inipath or 'ini'})"
+    try:
+        store.validate()
+        store.check_writable()
+    except ValueError as exc:
+        _usage(f"{flag}: {exc}")
+    return store
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     from hypothesis import settings
 
     from harness import _quiet
+    from harness.settings import check_rank_timeout, check_seed
 
     _quiet.quiet_parent()
     register_profiles()
+    _check_profile(config)
     if not config.getoption("hypothesis_profile", default=None):
         settings.load_profile(DEFAULT_PROFILE)
     try:
@@ -83,22 +152,33 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         _usage(str(exc))
     timeout = config.getoption("rank_timeout")
-    if timeout is not None and not timeout > 0:
-        _usage(f"--rank-timeout {timeout}: must be a positive number of seconds")
+    if timeout is not None:
+        try:
+            check_rank_timeout(timeout)
+        except ValueError as exc:
+            _usage(f"--rank-timeout {exc}")
     examples = config.getoption("lora_examples")
     if examples is not None and examples < 1:
         _usage(f"--lora-examples {examples}: must be >= 1")
+    if config.getoption("lora_seed") is not None:
+        try:
+            check_seed("--lora-seed", config.getoption("lora_seed"))
+        except ValueError as exc:
+            _usage(str(exc))
     impl = config.getoption("lora_impl")
     if impl is not None:
-        from harness.contract import ImplLoadError, load_impl
+        from harness.contract import ImplLoadError, capabilities_of, load_impl
 
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
             load_impl(impl)
+            capabilities_of(impl)
         except ImplLoadError as exc:
             _usage(f"--lora-impl: {exc}")
     report = config.getoption("lora_report")
+    if report is not None and not report.strip():
+        _usage(f"--report {report!r}: give a directory")
     if report and not hasattr(config, "workerinput"):
         from harness.report.writer import check_writable
 
@@ -106,14 +186,7 @@ def pytest_configure(config: pytest.Config) -> None:
             check_writable(report)
         except (OSError, ValueError) as exc:
             _usage(f"--report {report}: {exc}")
-    regressions = config.getoption("lora_regressions")
-    if regressions:
-        from harness.regressions import RegressionStore
-
-        try:
-            RegressionStore(regressions).check_writable()
-        except ValueError as exc:
-            _usage(f"--regressions: {exc}")
+    store = _regression_store(config)
     config.addinivalue_line("markers", "layouts: the test is parametrized over the --tp/--ep layout set")
     if getattr(config.option, "dist", "no") == "load":
         # pytest-xdist's plain -n: distribute by xdist_group instead, so the
@@ -130,7 +203,7 @@ def pytest_configure(config: pytest.Config) -> None:
         import random
 
         seed = random.SystemRandom().randrange(2**32)
-    config._lora_harness = HarnessSession(config, seed=seed)  # type: ignore[attr-defined]
+    config._lora_harness = HarnessSession(config, seed=seed, store=store)  # type: ignore[attr-defined]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -147,6 +220,9 @@ class HarnessSession:
     seed: int = 0
     outcomes: list = field(default_factory=list)
     _executor: Any = None
+    #: The ``harness.regressions.RegressionStore`` failing cases are replayed from (and, unless
+    #: it is read-only, stored in); None: no store.
+    store: Any = None
 
     @property
     def executor(self) -> Any:
@@ -179,9 +255,16 @@ class HarnessSession:
 
         outcome = check_property(
             prop, layout, impl, settings=self.settings(family), executor=self.executor, capabilities=capabilities,
-            regressions=self.config.getoption("lora_regressions"), seed=layout_seed(self.seed, layout, family),
+            regressions=self.store, seed=layout_seed(self.seed, layout, family),
             family=family,
         )
+        if self.store is not None and self.store.read_only and outcome.regression_file in (None, "None"):
+            # A read-only store's save() writes nothing and returns None: no file to name or replay.
+            from harness.driver import replay_command
+
+            outcome.regression_file = ""
+            if outcome.minimal_case is not None:
+                outcome.replay_command = replay_command(outcome.prop, outcome.minimal_case, None)
         outcome.exception = None  # outcomes travel between xdist processes
         self.outcomes.append((outcome, capabilities))
         return outcome
@@ -238,8 +321,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         impl = session.impl_for(metafunc.module)
         try:
             caps = session.capabilities_for(metafunc.module, impl)
-        except ImplLoadError as exc:
-            raise pytest.UsageError(f"lora-harness: {metafunc.module.__name__}: {exc}") from None
+        except (ImplLoadError, TypeError, ValueError) as exc:
+            # The module's LORA_IMPL / LORA_CAPABILITIES (the command line's were checked in
+            # pytest_configure): one collection error line for this module, no traceback.
+            raise pytest.Collector.CollectError(f"lora-harness: {metafunc.module.__name__}: {exc}") from None
         # One xdist group per world size: with ``--dist loadgroup`` every
         # property of a layout runs in one worker (sharing that worker's
         # runs), and two large worlds never compete for the same few cores.

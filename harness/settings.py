@@ -24,7 +24,22 @@ from hypothesis import HealthCheck, settings
 
 from harness.layouts import ParallelLayout
 
-__all__ = ["register_profiles", "layout_set", "family_settings", "PROFILES", "DEFAULT_PROFILE", "FAMILIES", "FAMILY_EXAMPLE_SHARE"]
+__all__ = [
+    "register_profiles",
+    "layout_set",
+    "family_settings",
+    "check_world",
+    "check_rank_timeout",
+    "check_seed",
+    "PROFILES",
+    "DEFAULT_PROFILE",
+    "FAMILIES",
+    "FAMILY_EXAMPLE_SHARE",
+    "MAX_WORLD",
+    "RANK_TIMEOUT_MIN_S",
+    "RANK_TIMEOUT_MAX_S",
+    "SEED_LIMIT",
+]
 
 #: The model families the harness checks, in the order they run and report.
 FAMILIES = ("gpt", "moe", "vlm")
@@ -58,6 +73,79 @@ def register_profiles() -> None:
         )
 
 
+#: The largest world (in ranks) a layout set may need: the largest layout of
+#: ``--tp T --ep E`` runs in T*E ranks, and a local run starts one process
+#: per rank (each importing torch and megatron-core, a few hundred MB). A
+#: torchrun world larger than this raises the bound to its own size.
+MAX_WORLD = 64
+
+#: Bounds of ``--rank-timeout`` (seconds). Below one second no task can
+#: finish (a rank's first task imports torch and megatron-core and builds a
+#: model; the adaptive timeout never goes below 10 s); above a day a hang is
+#: no longer detected in any useful time.
+RANK_TIMEOUT_MIN_S = 1.0
+RANK_TIMEOUT_MAX_S = 86400.0
+
+#: Seeds (``--seed``, ``--lora-seed``) are 0 <= seed < SEED_LIMIT, the range random seeds are drawn from.
+SEED_LIMIT = 2**32
+
+
+def check_rank_timeout(value: object) -> float:
+    """``value`` as a rank timeout in seconds, or ``ValueError`` saying which rule it breaks.
+
+    The message starts with the value (``"1e-09 must be ..."``); callers prefix the flag.
+    """
+    import math
+
+    text = value if isinstance(value, str) else repr(value)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!s} is not a number of seconds") from None
+    shown = f"{seconds:g}"
+    bounds = f"from {RANK_TIMEOUT_MIN_S:g} to {RANK_TIMEOUT_MAX_S:g}"
+    if math.isnan(seconds):
+        raise ValueError(f"{shown} is not a number of seconds ({bounds})")
+    if not math.isfinite(seconds):
+        raise ValueError(
+            f"{shown} must be a finite number of seconds, {bounds} (an infinite timeout would turn hang detection off)"
+        )
+    if not seconds > 0:
+        raise ValueError(f"{shown} must be a positive number of seconds, {bounds}")
+    if seconds < RANK_TIMEOUT_MIN_S:
+        raise ValueError(
+            f"{shown} must be at least {RANK_TIMEOUT_MIN_S:g} second (a rank task starts a process group, "
+            "imports torch and megatron-core and builds a model; the default is 60)"
+        )
+    if seconds > RANK_TIMEOUT_MAX_S:
+        raise ValueError(
+            f"{shown} must be at most {RANK_TIMEOUT_MAX_S:g} seconds (one day; a longer ceiling leaves a hang undetected)"
+        )
+    return seconds
+
+
+def check_seed(flag: str, value: object) -> int:
+    """``value`` if it is a seed (an integer, 0 <= seed < 2**32), else ``ValueError`` naming ``flag``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{flag} {value!r}: must be an integer from 0 to {SEED_LIMIT - 1} (2**32 - 1)")
+    return value
+
+
+def check_world(max_tp: int, max_ep: int = 1, limit: int = MAX_WORLD) -> None:
+    """``ValueError`` when the largest layout of ``--tp max_tp --ep max_ep`` needs more than ``limit`` ranks."""
+    import os
+
+    world = max_tp * max_ep
+    if world > limit:
+        raise ValueError(
+            f"--tp {max_tp} --ep {max_ep}: the largest layout of the set needs a world of {world} ranks, "
+            f"more than the {limit} the harness runs (a local run starts one process per rank; "
+            f"this machine has {os.cpu_count() or 'an unknown number of'} CPUs); use a smaller --tp or --ep"
+        )
+
+
 def _check_max(flag: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{flag} {value!r}: must be an integer >= 1")
@@ -79,7 +167,7 @@ def family_settings(family: str) -> settings:
     return settings(current, max_examples=max(2, math.ceil(current.max_examples * FAMILY_EXAMPLE_SHARE[family])))
 
 
-def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[ParallelLayout]:
+def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt", max_world: int = MAX_WORLD) -> list[ParallelLayout]:
     """The layouts a family's properties run at for ``--tp max_tp --ep max_ep``, cheapest first.
 
     Dense GPT: every power-of-two TP up to ``max_tp`` times every
@@ -89,7 +177,8 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[Parall
     parallelism e, where every data-parallel replica must hold and compute
     the same adapters. Every layout with TP > 1 also runs with sequence
     parallelism. A maximum that is not a power of two is refused
-    (``ValueError``), never rounded.
+    (``ValueError``), never rounded, and so is a set whose largest layout
+    needs more than ``max_world`` ranks (``MAX_WORLD``, 64, by default).
 
     MoE: every power-of-two TP, EP and expert-TP (ETP <= TP) whose world
     (lcm(tp, etp*ep)) is at most ``max_tp * max_ep``; TP > 1 always with
@@ -107,6 +196,7 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt") -> list[Parall
     """
     _check_max("--tp", max_tp)
     _check_max("--ep", max_ep)
+    check_world(max_tp, max_ep, max_world)
     if family == "moe":
         moe = {
             ParallelLayout(tp=tp, ep=ep, etp=etp, sp=tp > 1)

@@ -78,27 +78,63 @@ class BaselineError(ValueError):
 # ---------------------------------------------------------------- loading
 
 
-def _validate(data: Any, name: str) -> Mapping[str, Any]:
+#: The results schema versions this code reads.
+KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+
+
+def _validate(data: Any, name: str, role: Optional[str] = None) -> Mapping[str, Any]:
+    """``data`` if it is a results.json this code reads; ``BaselineError`` naming ``name``
+    (and ``role``: the baseline or the new run) otherwise."""
     if not isinstance(data, Mapping) or data.get("schema") != SCHEMA_NAME:
         raise BaselineError(f"{name} is not a lora-harness results.json (no \"schema\": \"{SCHEMA_NAME}\")")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if isinstance(version, bool) or version not in KNOWN_SCHEMA_VERSIONS:
+        which = f"{name} ({role})" if role else name
+        known = ", ".join(map(str, KNOWN_SCHEMA_VERSIONS))
+        if isinstance(version, int) and not isinstance(version, bool) and version > max(KNOWN_SCHEMA_VERSIONS):
+            advice = "it was written by a newer lora-harness: compare the two runs with that version"
+        elif isinstance(version, int) and not isinstance(version, bool):
+            advice = "it was written by an older lora-harness: rerun that run with this version"
+        else:
+            advice = "a results.json this lora-harness writes has an integer \"schema_version\""
         raise BaselineError(
-            f"{name} has results schema version {version!r}, but this lora-harness reads version {SCHEMA_VERSION}; "
-            "rerun the baseline with this version"
+            f"{which} has results schema version {version!r}, but this lora-harness reads version {known} only; {advice}"
         )
     if not isinstance(data.get("cells"), list):
         raise BaselineError(f"{name} has no \"cells\" list")
     return data
 
 
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Load and validate a ``results.json`` (or the ``results.json`` in directory ``path``)."""
+def _missing(p: Path) -> str:
+    """Why ``p`` cannot be opened: which part of it is missing, or is a file where a directory must be."""
+    for parent in reversed(p.parents):
+        if str(parent) in ("", ".", parent.anchor):
+            continue
+        try:
+            if parent.exists() and not parent.is_dir():
+                return f"{p}: no such file ({parent} is a file, not a directory)"
+        except OSError:
+            break
+    return f"{p}: no such file"
+
+
+def load_results(path: str | Path, role: Optional[str] = None) -> dict[str, Any]:
+    """Load and validate a ``results.json`` (or the ``results.json`` in directory ``path``).
+
+    ``role`` ("the baseline (OLD)", "the new run (NEW)") is named in a schema
+    version error, so it says which of two files is the unknown one.
+    """
     p = Path(path)
+    try:
+        if p.is_dir():
+            p = p / "results.json"
+        exists = p.exists()
+    except OSError as e:
+        raise BaselineError(f"{p}: cannot read it ({e.strerror or e})") from e
+    if not exists:
+        raise BaselineError(_missing(p))
     if p.is_dir():
-        p = p / "results.json"
-    if not p.exists():
-        raise BaselineError(f"{p}: no such file")
+        raise BaselineError(f"{p}: is a directory without a results.json")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -107,7 +143,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise BaselineError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
-    return dict(_validate(data, str(p)))
+    return dict(_validate(data, str(p), role))
 
 
 # ---------------------------------------------------------------- diff
@@ -234,8 +270,8 @@ class BaselineDiff:
 def compare(old: Mapping[str, Any], new: Mapping[str, Any], growth_factor: float = DEFAULT_GROWTH_FACTOR,
             floor: float = GROWTH_FLOOR) -> BaselineDiff:
     """Diff two ``results.json`` dicts cell by cell (see the module docstring for what counts)."""
-    if not growth_factor > 1:
-        raise BaselineError(f"growth factor must be > 1, got {growth_factor}")
+    if not (growth_factor > 1 and math.isfinite(growth_factor)):
+        raise BaselineError(f"--growth-factor {growth_factor}: must be a finite number > 1")
     _validate(old, "the baseline (OLD)")
     _validate(new, "the new run (NEW)")
     before, after = _cells(old, "OLD"), _cells(new, "NEW")
@@ -289,8 +325,13 @@ def compare(old: Mapping[str, Any], new: Mapping[str, Any], growth_factor: float
 # ---------------------------------------------------------------- CLI
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lora-harness report",
         description="Compare a run's results.json with a baseline's: exit 1 when a cell newly fails or its error grew.",
     )
@@ -310,8 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     try:
-        old = load_results(args.baseline)
-        new = load_results(args.new)
+        old = load_results(args.baseline, "the baseline, --baseline OLD")
+        new = load_results(args.new, "the new run, NEW")
         diff = compare(old, new, growth_factor=args.growth_factor)
     except BaselineError as e:
         print(f"lora-harness report: {e}", file=sys.stderr)

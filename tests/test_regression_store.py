@@ -1,0 +1,218 @@
+"""The regression store is input, not evidence: every file in it is checked before any rank starts,
+and a read-only store (the project's own, under another implementation) is replayed, never written."""
+
+import copy
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from harness import runner
+from harness.cases import case_from_json
+from harness.cli import main
+from harness.regressions import REGRESSION_SCHEMA, RegressionStore, check_regression, read_regression_file
+
+ROOT = Path(__file__).resolve().parents[1]
+STORED = ROOT / "tests" / "regressions" / "merge_matches--tp1-ep1-etp1-pp1--797db6a18cb9.json"
+
+
+def _good() -> dict:
+    return json.loads(STORED.read_text())
+
+
+def _store_with(tmp_path: Path, name: str, content: str | dict) -> RegressionStore:
+    directory = tmp_path / "reg"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "good.json").write_text(STORED.read_text())
+    (directory / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    return RegressionStore(directory)
+
+
+def test_the_projects_own_store_is_valid():
+    assert RegressionStore(ROOT / "tests" / "regressions").validate() >= 1
+
+
+def _mutated(change) -> dict:
+    data = copy.deepcopy(_good())
+    change(data)
+    return data
+
+
+BAD_FILES = {
+    "truncated": (STORED.read_text()[:200], "not valid JSON"),
+    "empty": ("", "not valid JSON"),
+    "a list": ("[1, 2]", "holds a list, not a regression file"),
+    "foreign schema": (json.dumps({"schema": "something-else", "version": 1}), "\"schema\" is 'something-else'"),
+    "no schema": (json.dumps({"hello": 1}), "\"schema\" is None"),
+    "unknown version": (_mutated(lambda d: d.update(version=7)), "version 7 is not one this lora-harness reads (1)"),
+    "no property": (_mutated(lambda d: d.pop("property")), "field 'property' is missing"),
+    "no case": (_mutated(lambda d: d.pop("case")), "field 'case' is missing"),
+    "property not a string": (_mutated(lambda d: d.update(property=3)), "field 'property' = 3: must be a non-empty string"),
+    "case lacks its shape": (_mutated(lambda d: d["case"].pop("shape")), "case field 'shape' is missing"),
+    "negative size": (_mutated(lambda d: d["case"]["shape"].update(hidden_size=-4)), "shape.hidden_size = -4: must be an integer >= 1"),
+    "layout does not fit": (
+        _mutated(lambda d: (d["case"].update(layout="tp2-ep1-etp2-pp1"), d.update(layout="tp2-ep1-etp2-pp1"),
+                            d["case"]["shape"].update(num_query_groups=1))),
+        "num_query_groups=1 must be divisible by TP=2",
+    ),
+    "layout differs from the case's": (_mutated(lambda d: d.update(layout="tp2-ep1-etp2-pp1")), "would never be replayed"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_FILES))
+def test_validate_names_the_bad_file_and_what_is_wrong(what, tmp_path):
+    content, message = BAD_FILES[what]
+    store = _store_with(tmp_path, "bad.json", content)
+    with pytest.raises(ValueError) as info:
+        store.validate()
+    text = str(info.value)
+    assert str(tmp_path / "reg" / "bad.json") in text and message in text, text
+    assert "\n" not in text
+    # Reading the store for a replay fails the same way: a bad file is never skipped silently.
+    with pytest.raises(ValueError, match="bad.json"):
+        store.cases("merge_matches", "tp1-ep1-etp1-pp1")
+
+
+def test_validate_counts_files_and_several_bad_files_are_counted(tmp_path):
+    store = _store_with(tmp_path, "bad1.json", "[]")
+    (tmp_path / "reg" / "bad2.json").write_text("{")
+    with pytest.raises(ValueError, match=r"bad1\.json: holds a list.*\(and 1 more bad file there\)"):
+        store.validate()
+    assert RegressionStore(tmp_path / "absent").validate() == 0
+    assert _store_with(tmp_path / "x", "other.json", _good()).validate() == 2
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        RegressionStore(tmp_path / "afile").validate()
+
+
+def test_check_regression_returns_the_case():
+    case = check_regression(_good(), "x")
+    assert case.to_json() == _good()["case"]
+    data, case2 = read_regression_file(STORED)
+    assert data["schema"] == REGRESSION_SCHEMA and case2 == case
+
+
+def test_a_read_only_store_replays_but_never_writes(tmp_path):
+    directory = tmp_path / "reg"
+    directory.mkdir()
+    (directory / STORED.name).write_text(STORED.read_text())
+    case = case_from_json(_good()["case"])
+    read_only = RegressionStore(directory, writable=False)
+    assert read_only.read_only and not read_only.writable
+    assert read_only.save("forward_matches", case, "numeric", "boom") is None
+    assert sorted(p.name for p in directory.iterdir()) == [STORED.name]
+    assert [p.name for p, _ in read_only.cases("merge_matches", "tp1-ep1-etp1-pp1")] == [STORED.name]
+    # Nothing is created for a read-only store, not even its directory.
+    absent = RegressionStore(tmp_path / "absent", writable=False)
+    absent.check_writable()
+    assert absent.save("forward_matches", case, "numeric", "boom") is None
+    assert not (tmp_path / "absent").exists()
+    # A writable one stores the case, and what it writes validates.
+    path = RegressionStore(directory).save("forward_matches", case, "numeric", "boom")
+    assert path is not None and path.is_file()
+    assert RegressionStore(directory).validate() == 2
+
+
+def test_the_plugin_passes_a_read_only_store_and_no_file_name(monkeypatch):
+    """The driver stores through ``store.save``; for a read-only store nothing is named or replayed from a file."""
+    import harness.driver as driver
+    from harness.layouts import ParallelLayout
+    from harness.pytest_plugin import HarnessSession
+    from harness.results import PropertyOutcome, Verdict
+
+    case = case_from_json(_good()["case"])
+    seen = {}
+
+    def fake_check_property(prop, layout, impl, **kwargs):
+        seen["store"] = kwargs["regressions"]
+        saved = kwargs["regressions"].save(prop, case, "numeric", "boom")
+        outcome = PropertyOutcome(prop=prop, layout="tp1-ep1-etp1-pp1", impl=impl, verdict=Verdict.NUMERIC)
+        outcome.minimal_case = case
+        outcome.regression_file = str(saved)  # what the driver does with save()'s result
+        outcome.replay_command = driver.replay_command(prop, case, str(saved))
+        return outcome
+
+    class Config:
+        def getoption(self, name):
+            return None
+
+    monkeypatch.setattr(driver, "check_property", fake_check_property)
+    store = RegressionStore("/nonexistent/never-written", writable=False)
+    session = HarnessSession(Config(), seed=1, store=store)
+    session._executor = object()
+    outcome = session.check("merge_matches", ParallelLayout(), "some.other.impl")
+    assert seen["store"] is store
+    assert outcome.regression_file == ""
+    assert "--case-json" in outcome.replay_command and "None" not in outcome.replay_command.split("--case-json")[0]
+
+
+def test_pyproject_names_the_store_as_an_ini_option_not_an_addopt():
+    ini = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert ini["lora_regressions"] == "tests/regressions"
+    assert "--regressions" not in ini.get("addopts", "")
+
+
+STORE_PROBE = '''
+def test_store(lora_harness):
+    store = lora_harness.store
+    print("STORE", None if store is None else store.directory.name, None if store is None else store.writable)
+'''
+
+
+# A stand-in implementation that imports nothing heavy (the store is the point here).
+STUB_IMPL = "class LoRA: pass\nclass VLMLoRA: pass\nclass LoRAMerge: pass\n"
+
+
+def _pytest(tmp_path, *args, ini="[pytest]\nlora_regressions = reg\n"):
+    (tmp_path / "pytest.ini").write_text(ini)
+    (tmp_path / "test_probe.py").write_text(STORE_PROBE)
+    (tmp_path / "stub_impl.py").write_text(STUB_IMPL)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly",
+         "test_probe.py", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}{__import__('os').pathsep}{ROOT}"},
+    )
+
+
+def test_the_ini_store_is_written_only_without_lora_impl(tmp_path):
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "reg" / STORED.name).write_text(STORED.read_text())
+    res = _pytest(tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "STORE reg True" in res.stdout
+    res = _pytest(tmp_path, "--lora-impl", "stub_impl")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "STORE reg False" in res.stdout
+    # An explicit --regressions replaces it and is written, whatever the implementation.
+    res = _pytest(tmp_path, "--lora-impl", "stub_impl", "--regressions", str(tmp_path / "mine"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "STORE mine True" in res.stdout
+    # No ini option, no --regressions: no store.
+    res = _pytest(tmp_path, "--lora-impl", "stub_impl", ini="[pytest]\n")
+    assert res.returncode == 0 and "STORE None None" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_bad_file_in_the_ini_store_is_one_usage_error(tmp_path):
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "reg" / "x.json").write_text('{"schema": "lora-harness-regression", "version": 1')
+    res = _pytest(tmp_path)
+    assert res.returncode == 4, res.stdout + res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR: lora-harness: lora_regressions = 'reg'"), res.stderr
+    assert "x.json: not valid JSON" in err[0]
+    assert "Traceback" not in res.stdout + res.stderr and "INTERNALERROR" not in res.stdout + res.stderr
+
+
+def test_verify_refuses_a_store_with_a_foreign_file_before_any_rank_starts(tmp_path, capsys):
+    runner.shutdown_all()
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "reg" / "notes.json").write_text(json.dumps({"schema": "my-notes", "text": "hello"}))
+    rc = main(["verify", "--tp", "1", "--regressions", str(tmp_path / "reg")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("lora-harness: --regressions: regression file ") and "notes.json" in err and "'my-notes'" in err
+    assert not runner._pools
