@@ -226,8 +226,9 @@ def check_property(
         outcome.exception = exception
         path = None
         if store is not None:
-            path = str(store.save(prop.name, case, record.verdict.value, _lead(record)))
-            outcome.regression_file = path
+            saved = store.save(prop.name, case, record.verdict.value, _lead(record))
+            path = None if saved is None else str(saved)  # a read-only store keeps nothing
+            outcome.regression_file = path or ""
         outcome.replay_command = replay_command(prop.name, case, path)
 
     harness_defects: dict[str, tuple[ExampleRecord, Any]] = {}

@@ -258,13 +258,6 @@ class HarnessSession:
             regressions=self.store, seed=layout_seed(self.seed, layout, family),
             family=family,
         )
-        if self.store is not None and self.store.read_only and outcome.regression_file in (None, "None"):
-            # A read-only store's save() writes nothing and returns None: no file to name or replay.
-            from harness.driver import replay_command
-
-            outcome.regression_file = ""
-            if outcome.minimal_case is not None:
-                outcome.replay_command = replay_command(outcome.prop, outcome.minimal_case, None)
         outcome.exception = None  # outcomes travel between xdist processes
         self.outcomes.append((outcome, capabilities))
         return outcome

@@ -116,37 +116,45 @@ def test_a_read_only_store_replays_but_never_writes(tmp_path):
     assert RegressionStore(directory).validate() == 2
 
 
-def test_the_plugin_passes_a_read_only_store_and_no_file_name(monkeypatch):
-    """The driver stores through ``store.save``; for a read-only store nothing is named or replayed from a file."""
+def test_the_plugin_passes_a_read_only_store_and_no_file_name(monkeypatch, tmp_path):
+    """The plugin hands the driver its store object; a read-only store keeps nothing, and the
+    failure's replay command carries the case itself, never a file name."""
     import harness.driver as driver
+    from hypothesis import settings
+
     from harness.layouts import ParallelLayout
+    from harness.properties import Property
     from harness.pytest_plugin import HarnessSession
-    from harness.results import PropertyOutcome, Verdict
+    from harness.results import Check, Verdict
 
-    case = case_from_json(_good()["case"])
+    def planted(ev):
+        result = Check("planted")
+        result.fail("always", kind="numeric", check="planted")
+        return result
+
+    prop = Property(name="planted", check=planted, needs=(), doc="fails every example")
     seen = {}
+    real = driver.check_property
 
-    def fake_check_property(prop, layout, impl, **kwargs):
+    def spy(p, layout, impl, **kwargs):
         seen["store"] = kwargs["regressions"]
-        saved = kwargs["regressions"].save(prop, case, "numeric", "boom")
-        outcome = PropertyOutcome(prop=prop, layout="tp1-ep1-etp1-pp1", impl=impl, verdict=Verdict.NUMERIC)
-        outcome.minimal_case = case
-        outcome.regression_file = str(saved)  # what the driver does with save()'s result
-        outcome.replay_command = driver.replay_command(prop, case, str(saved))
-        return outcome
+        kwargs["settings"] = settings(max_examples=1, database=None, deadline=None)
+        return real(prop, layout, impl, **kwargs)
 
     class Config:
         def getoption(self, name):
             return None
 
-    monkeypatch.setattr(driver, "check_property", fake_check_property)
-    store = RegressionStore("/nonexistent/never-written", writable=False)
+    monkeypatch.setattr(driver, "check_property", spy)
+    store = RegressionStore(tmp_path / "never-written", writable=False)
     session = HarnessSession(Config(), seed=1, store=store)
-    session._executor = object()
-    outcome = session.check("merge_matches", ParallelLayout(), "some.other.impl")
+    # lora.megatron at a two-rank layout: no independent control, so the planted failure is charged.
+    outcome = session.check("merge_matches", ParallelLayout(tp=2), "lora.megatron")
     assert seen["store"] is store
+    assert outcome.verdict is Verdict.NUMERIC
     assert outcome.regression_file == ""
-    assert "--case-json" in outcome.replay_command and "None" not in outcome.replay_command.split("--case-json")[0]
+    assert "--case-json" in outcome.replay_command and "None" not in outcome.replay_command
+    assert not (tmp_path / "never-written").exists()
 
 
 def test_pyproject_names_the_store_as_an_ini_option_not_an_addopt():
