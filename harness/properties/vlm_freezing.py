@@ -141,7 +141,7 @@ def check(ev) -> Check:
     for rec in ev.impl:
         base = rec.extras["vlm_base"]
         for i, combo in enumerate(rec.extras["vlm_combos"]):
-            combo_findings(result, rec.rank, combo, base, lora, ref_combos[i], case.contract)
+            combo_findings(result, rec.rank, combo, base, lora, ref_combos[i], ev.case.contract)
     return result
 
 
