@@ -194,7 +194,7 @@ def contract_point(key: str) -> ContractPoint:
 
 
 _DTYPE_NAMES = (None, "float32", "float64", "bfloat16", "float16")
-_FLAGS = ("experts", "sequence_parallel", "a2a", "vlm", "merge")
+_FLAGS = ("experts", "grouped_experts", "sequence_parallel", "a2a", "vlm", "merge")
 
 
 def _names_problem(value: Any, allowed: tuple, what: str) -> Optional[str]:
@@ -237,6 +237,7 @@ class Capabilities:
     init_methods: tuple[str, ...] = INIT_METHODS
     lora_dtypes: tuple[Optional[str], ...] = (None, "float32", "float64", "bfloat16", "float16")
     experts: bool = True
+    grouped_experts: bool = True
     sequence_parallel: bool = True
     a2a: bool = True
     vlm: bool = True
@@ -309,6 +310,8 @@ class Capabilities:
             out.append(f"lora_dtype {', '.join(missing_dtypes)} (not supported)")
         for flag, what in (
             ("experts", "expert (MoE) adapters"),
+            ("grouped_experts", "grouped experts (megatron's TEGroupedMLP; on CPU a torch grouped linear the "
+                                "implementation does not recognise): MoE examples use SequentialMLP"),
             ("sequence_parallel", "sequence-parallel layouts"),
             ("a2a", "a2a_experimental"),
             ("vlm", "VLMLoRA"),

@@ -355,7 +355,8 @@ def _inside(case: Any, caps: Capabilities) -> bool:
     lora = case.lora
     inits = {lora.get("lora_A_init_method", "xavier"), lora.get("lora_B_init_method", "zero")}
     dtype = None if case.lora_dtype is None else str(case.lora_dtype).replace("torch.", "")
-    return inits <= set(caps.init_methods) and dtype in caps.lora_dtypes
+    grouped = bool(getattr(getattr(case, "shape", None), "grouped", False))
+    return inits <= set(caps.init_methods) and dtype in caps.lora_dtypes and (caps.grouped_experts or not grouped)
 
 
 def require_property(prop: str | Property, layout: ParallelLayout, impl: str = "lora.megatron", **kw: Any) -> PropertyOutcome:

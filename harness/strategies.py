@@ -183,7 +183,7 @@ def moe_target_patterns() -> st.SearchStrategy[dict[str, list[str]]]:
 
 
 @st.composite
-def moe_shapes(draw: Any, layout: ParallelLayout) -> Any:
+def moe_shapes(draw: Any, layout: ParallelLayout, grouped_experts: bool = True) -> Any:
     """A tiny MoE GPT the layout can shard, with enough tokens that routing reaches every expert.
 
     Experts are divisible by EP, expert widths by ETP, the shared expert's
@@ -207,7 +207,7 @@ def moe_shapes(draw: Any, layout: ParallelLayout) -> Any:
     seq_unit = tp
     seq = seq_unit * max(draw(st.integers(1, 3)), math.ceil(need / seq_unit))
     shared = draw(st.one_of(st.none(), st.sampled_from([2, 4]).map(lambda k: k * tp)))
-    grouped = draw(st.booleans())
+    grouped = draw(st.booleans()) if grouped_experts else False
     return MoEShape(
         num_layers=draw(st.integers(1, 2)),
         hidden_size=heads * head_dim,
@@ -247,7 +247,7 @@ def moe_cases(
     same elements at every layout.
     """
     caps = capabilities or Capabilities()
-    shape = draw(moe_shapes(layout))
+    shape = draw(moe_shapes(layout, grouped_experts=caps.grouped_experts))
     topk = shape.moe_router_topk
     normalize = draw(st.booleans())
     unit = math.lcm(layout.tp, topk * layout.etp_size) if normalize else math.lcm(layout.tp, layout.etp_size)
