@@ -105,7 +105,18 @@ that decides each; ``BRIDGE_SUPPORT`` holds the same as data):
   ``is_expert=True``): adapted on the expert-TP group (``is_expert_linear``,
   ``peft/utils.py:673``); forward and backward run at TP=1, EP=2
   (alltoall and allgather dispatchers) and TP=ETP=2 with sequence
-  parallelism (not checked by value here; that is the harness's job).
+  parallelism. At TP=2, ETP=1 the harness's ``forward_matches`` passed (one
+  example, ``moe:tp2-ep1-etp1-pp1-sp``). At ETP=2
+  the column (fc1) expert adapter computes its formula but the row (fc2)
+  one does not: its A is megatron's ``RowParallelLinear(is_expert=True)``
+  (``peft/utils.py:1007``), whose output megatron leaves unreduced
+  (``explicit_expert_comm``, ``megatron/core/tensor_parallel/layers.py:1326``
+  and ``:1472``: the dispatcher sums the base's partial outputs later), and
+  its B, ``ColumnParallelLinear(gather_output=True)`` (``:1047``), gathers
+  each rank's ``B_r (A_r x_r)`` where ``B_r (A x)`` is meant; summed over
+  ETP that is not ``B A x`` (``tests/test_bridge_compat.py`` pins it; the
+  harness's ``forward_matches`` fails at ``moe:tp2-ep1-etp2-pp1-sp`` with
+  target ``linear_fc2``, max|diff| 0.55).
 * The harness's grouped-expert stand-in ``harness.moe.TorchColumnParallelGroupedLinear``
   / ``TorchRowParallelGroupedLinear`` (``TEGroupedMLP`` without TE):
   refused. ``linear_fc1`` matches by name, but ``get_adapter_attributes_from_linear``
@@ -189,7 +200,8 @@ BRIDGE_SUPPORT: dict[str, bool] = {
     "column_row_parallel_tp2": True,
     "sequence_parallel": True,
     "a2a_experimental": True,
-    "sequential_mlp_experts": True,
+    "sequential_mlp_experts": True,  # adapted at every layout tried; ETP=1 values passed the harness once
+    "sequential_mlp_row_expert_etp2_values": False,  # fc2 adapter at ETP=2: not B A x (module docstring)
     "grouped_experts_torch_standin": False,  # peft/utils.py:643, NotImplementedError
     "topk_router": True,
     "vlm_list_of_chunks": True,
@@ -200,19 +212,19 @@ BRIDGE_SUPPORT: dict[str, bool] = {
 }
 
 # The profile for the harness (harness.contract.Capabilities fields only).
-# "experts" is False although SequentialMLP experts work: the harness has one
-# flag for all experts and draws its grouped stand-in half of the time, which
-# Bridge refuses on CPU for want of Transformer Engine (peft/utils.py:643), a
-# failure that would be charged to Bridge. It can be True once the harness
-# can be told to draw SequentialMLP experts only.
+# SequentialMLP experts are adapted (their ETP=2 row adapter is wrong: a
+# finding the harness should report, so experts stays True); the harness's
+# grouped stand-in is refused (peft/utils.py:643) for want of Transformer
+# Engine, not through a fault of Bridge's, hence grouped_experts False.
 BRIDGE_CAPABILITIES: dict[str, Any] = {
     "contract": "bridge",
     "init_methods": ["xavier", "kaiming", "normal", "zero"],
     "lora_dtypes": [None],
-    "experts": False,
+    "experts": True,
+    "grouped_experts": False,
     "sequence_parallel": True,
     "a2a": True,
-    "vlm": True,  # a bare LLaVAModel is Bridge's TypeError (lora.py:240): a finding, not a harness gap
+    "vlm": True,  # a bare LLaVAModel is Bridge's TypeError (lora.py:240); SPEC's bridge column says "a list of chunks only"
     "merge": True,
 }
 

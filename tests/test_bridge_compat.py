@@ -11,6 +11,8 @@
   ``LoRAMerge().merge`` computes base + (alpha/dim) B A;
 * values at TP=2 (two spawned gloo ranks with ``harness.cpu``): the same
   with and without sequence parallelism and with ``a2a_experimental``;
+  SequentialMLP experts at ETP=2: the column expert's adapter computes its
+  formula, the row expert's does not (Bridge's, observed and pinned here);
 * what Bridge refuses on CPU, with the exception it raises (grouped-expert
   stand-in, a bare LLaVAModel) and what it adapts (SequentialMLP experts,
   the router, ``[LLaVAModel]``).
@@ -156,6 +158,7 @@ def test_import_gives_bridges_own_classes(fresh_import):
     caps = Capabilities.from_mapping(fresh_import["caps"])
     assert caps.contract == "bridge" and caps.init_methods == ("xavier", "kaiming", "normal", "zero")
     assert caps.lora_dtypes == (None,)
+    assert caps.experts and not caps.grouped_experts and caps.sequence_parallel and caps.a2a
 
 
 def test_bridge_sees_no_transformer_engine(fresh_import):
@@ -417,9 +420,63 @@ def _tp2_rank(rank: int, world: int, store: str, out_dir: str) -> None:
             "y": y.detach(), "z": z.detach(), "shapes": shapes, "all_to_all_calls": calls[0],
             "grads": {n: p.grad.detach().clone() for n, p in block.named_parameters() if ".adapter." in n},
         }
+    results["experts"] = _expert_adapters_at_etp2(lora, rank, world)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def _expert_adapters_at_etp2(lora, rank: int, world: int) -> dict:
+    """SequentialMLP expert 0's adapters at TP=ETP=2 with SP (allgather dispatcher): what each computes.
+
+    Returns, for fc1 (column) and fc2 (row), the largest difference from the
+    adapter's formula and the formula's largest magnitude. For fc2 the row
+    base's output is a partial sum that the dispatcher adds up over ETP, so
+    the adapter's outputs are compared summed over the ranks too.
+    """
+    from megatron.core import parallel_state
+
+    from harness import cpu
+    from harness.models import causal_mask
+    from harness.moe import MoEShape, build_moe_gpt
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(world, expert_tensor_parallel_size=world)
+    cpu.seed_model_parallel(0)
+    model = build_moe_gpt(MoEShape(num_layers=1, dispatcher="allgather"), tp=world, sequence_parallel=True)
+    cpu.patch_loaded_modules()
+    model = _apply(lora, model, dim=DIM, alpha=ALPHA, target_modules=["linear_fc1", "linear_fc2"],
+                   lora_B_init_method="normal")
+    expert = model.decoder.layers[0].mlp.experts.local_experts[0]
+    seen = {}
+    for name in ("linear_fc1", "linear_fc2"):
+        getattr(expert, name).adapter.register_forward_hook(
+            lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0].detach(), out.detach())))
+    s, b = 8, 2
+    x = _seeded(20, s, b, 32).chunk(world, 0)[rank]
+    with torch.no_grad():
+        model(torch.zeros(b, s, dtype=torch.long), torch.arange(s).unsqueeze(0).expand(b, s), causal_mask(s),
+              decoder_input=x)
+
+    def gathered(t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    out = {}
+    x1, y1 = seen["linear_fc1"]
+    a1, b1 = expert.linear_fc1.adapter.linear_in.weight.detach(), expert.linear_fc1.adapter.linear_out.weight.detach()
+    want1 = SCALE * (x1 @ gathered(a1).T @ b1.T)  # A split along dim (gathered), B along out (this rank's rows)
+    out["fc1"] = (int(x1.shape[0]), float((y1 - want1).abs().max()), float(want1.abs().max()))
+    x2, y2 = seen["linear_fc2"]
+    a2, b2 = expert.linear_fc2.adapter.linear_in.weight.detach(), expert.linear_fc2.adapter.linear_out.weight.detach()
+    partial = x2 @ a2.T  # A split along in: this rank's part of A x
+    dist.all_reduce(partial)
+    want2 = SCALE * (partial @ gathered(b2).T)
+    got2 = y2.clone()
+    dist.all_reduce(got2)  # as the dispatcher adds the row experts' outputs over ETP
+    out["fc2"] = (int(x2.shape[0]), float((got2 - want2).abs().max()), float(want2.abs().max()))
+    return out
 
 
 def test_lora_on_megatron_linears_at_tp2(tmp_path):
@@ -466,3 +523,12 @@ def test_lora_on_megatron_linears_at_tp2(tmp_path):
         assert res["sp_a2a"]["all_to_all_calls"] == 2
         for name, g in res["sp"]["grads"].items():
             torch.testing.assert_close(res["sp_a2a"]["grads"][name], g, rtol=1e-5, atol=1e-5)
+        # SequentialMLP experts at ETP=2: the column expert's adapter computes its formula; the row
+        # expert's does not (observed with Bridge 0.6.2 and megatron-core 0.19.2): its A is megatron's
+        # RowParallelLinear(is_expert=True), whose output is left unreduced (explicit_expert_comm), and
+        # its B gathers each rank's B_r (A_r x_r) instead of B_r (A x) (peft/utils.py:1007, :1047).
+        tokens1, diff1, size1 = res["experts"]["fc1"]
+        tokens2, diff2, size2 = res["experts"]["fc2"]
+        assert tokens1 > 0 and tokens2 > 0
+        assert diff1 <= 1e-5 * max(size1, 1.0), res["experts"]
+        assert diff2 > 0.1 * size2, res["experts"]
