@@ -140,7 +140,7 @@ def _position_ids_on_cpu() -> Iterator[None]:
         torch.Tensor.cuda = original  # type: ignore[method-assign]
 
 
-def build_vlm(shape: VLMShape, *, tp: int, params_dtype: torch.dtype = torch.float32) -> Any:
+def build_vlm(shape: VLMShape, *, tp: int, params_dtype: torch.dtype = torch.float32, parallel_output: bool = False) -> Any:
     """megatron-core's LLaVAModel for the active parallel_state (logits gathered over TP).
 
     Language model: the local GPT layer spec (RMSNorm, RoPE, optional gated
@@ -194,7 +194,11 @@ def build_vlm(shape: VLMShape, *, tp: int, params_dtype: torch.dtype = torch.flo
             vision_projection_config=projection,
             vision_projection_layer_spec=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
             vision_projection_type="mlp",
-            parallel_output=False,
+            # False: the language model's output layer gathers the logits (the
+            # strict contract's promise); True under bridge, as in training
+            # (``harness.models.output_layer_gathers``). The logits only feed
+            # a loss here; nothing compares them.
+            parallel_output=parallel_output,
             language_position_embedding_type="rope",
             img_h=shape.img_size,
             img_w=shape.img_size,

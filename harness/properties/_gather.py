@@ -62,6 +62,25 @@ def no_adapter_reason(reference: Any) -> str:
     return "no module of this model matches the target patterns (the reference adapted nothing): no adapter to check"
 
 
+def pattern_hint(lora: dict[str, Any], params: list[str]) -> str:
+    """Why the adapted set may differ: a module SPEC's matching leaves out but a pattern matches when its
+    '.' is read as a regular-expression wildcard (a matcher that turns '*' into '.*' and escapes nothing)."""
+    import re
+
+    patterns = list(lora.get("target_modules") or []) + list(lora.get("exclude_modules") or [])
+    modules = sorted({p.split(".adapter.")[0].split(".to_wrap.")[0] for p in params})
+    for module in modules:
+        for pattern in patterns:
+            if "*" not in pattern:
+                continue
+            literal = re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), module)
+            regex = re.fullmatch(pattern.replace("*", ".*"), module)
+            if regex and not literal:
+                return (f" ({module} matches pattern {pattern!r} only if its '.' is read as a regular-expression "
+                        "wildcard; SPEC: '*' is the only wildcard, every other character is literal)")
+    return ""
+
+
 def rank_findings(prop: str, records: list[Any]) -> Check:
     """A check holding every finding each rank reported, prefixed with its rank."""
     result = Check(prop)
@@ -105,6 +124,7 @@ class Numeric:
         from harness.compare import is_low_precision, low_precision_eps, tolerance_for
 
         case = ev.case
+        self.case = case
         self.reference = ev.reference
         self.low = is_low_precision(case.lora_dtype, case.model_dtype)
         self.exact = ev.reference64 if self.low else None
@@ -127,7 +147,8 @@ class Numeric:
         want = _field(self.reference, field)
         if set(got) != set(want):
             missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-            check.fail(f"adapted parameters differ from the reference: missing {missing}, unexpected {extra}", check="adapted_set")
+            check.fail(f"adapted parameters differ from the reference: missing {missing}, unexpected {extra}"
+                       + pattern_hint(self.case.lora, missing + extra), check="adapted_set")
             return
         for pname in sorted(got):
             self.compare(check, Location(quantity, pname, ranks), got[pname], lambda rec, p=pname: _field(rec, field).get(p))

@@ -80,9 +80,9 @@ def combo_findings(result: Check, rank: int, combo: dict[str, Any], base: dict[s
         why = " (SPEC: freeze_model skips a part that is None)" if part is not None else ""
         # Megatron-Bridge takes the model as a list of chunks only: the other
         # access forms are SPEC's (contract point vlm_access_forms).
-        other_form = combo.get("access") != "list" and part is None
+        other_form = combo.get("access") != "list"
         if other_form:
-            why = f" (SPEC: VLMLoRA also takes the model itself and a wrapper's .llava_model, not only [model])"
+            why += " (SPEC: VLMLoRA also takes the model itself and a wrapper's .llava_model, not only [model])"
         result.fail(f"{where} raised {combo['error']}{why}", kind="contract",
                     check="vlm_access_forms" if other_form else "access",
                     binding=not (other_form and contract == "bridge"))

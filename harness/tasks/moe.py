@@ -29,6 +29,8 @@ independence), and how many tokens each local expert received.
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -352,12 +354,21 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     extras["dropout"] = {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "elements": dropout_log.elements, "eval_calls": dropout_log.eval_calls}
     extras["own_output"] = _cpu64(own_output)
     extras["ep_rank"], extras["etp_rank"] = sizes["ep_rank"], sizes["etp_rank"]
-    findings += _reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
     # Experts fold through the implementation's own model-level merge only.
     from harness.tasks.gpt import _merge_extras
 
     extras.update(_merge_extras(model, impl, None, lora_kwargs.get("alpha", 32),
                                 lambda m: m(ids, pos, mask, decoder_input=x_shard())))
+
+    # Idempotence last, on a freshly adapted model (as in the dense task).
+    def adapted() -> torch.nn.Module:
+        fresh = build_moe_gpt(case.shape, **layout_sizes(layout), params_dtype=case.model_dtype,
+                              parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
+        load_full_base_weights(fresh, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
+        torch.manual_seed(case.seed)
+        return impl.LoRA(**lora_kwargs)(fresh, training=case.training)
+
+    findings += _reapply_findings(adapted(), impl, lora_kwargs, case.training, case.contract)
     partitions = full_partitions(table, initial)
     return RankRecord(
         rank=ctx.rank,
@@ -423,6 +434,6 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
     expect(
         "router_target", "target_modules=['*.mlp.router'] selecting the router, which has no adapter",
         router_point.strict_errors, router_point.bridge_errors, [router, type(fresh_model().get_submodule(router)).__name__],
-        lambda: impl.LoRA(target_modules=["*.mlp.router"], dim=etp * topk)(fresh_model()),
+        lambda: impl.LoRA(target_modules=["*.mlp.router"], dim=math.lcm(layout.tp, etp) * topk)(fresh_model()),
     )
     return ErrorRecord(rank=ctx.rank, tp_rank=ps.get_tensor_model_parallel_rank(), findings=findings)

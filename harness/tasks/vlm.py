@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from harness.cases import VLMCase
+from harness.models import output_layer_gathers
 from harness.contract import load_impl
 from harness.results import RankRecord
 
@@ -102,7 +103,8 @@ def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool,
     from harness.vlm import build_vlm
 
     seed_model_parallel(case.seed)
-    model = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype)
+    model = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype,
+                      parallel_output=not output_layer_gathers(case.contract))
     if none_part is not None:
         # A pipeline stage without that part (LLaVA's add_encoder=False leaves
         # vision_model and vision_projection None): SPEC skips None parts.
@@ -150,7 +152,8 @@ def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
     impl = load_impl(case.impl)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pristine = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype)
+    pristine = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype,
+                      parallel_output=not output_layer_gathers(case.contract))
     modules = dict(pristine.named_modules())
     base = {
         "params": sorted(n for n, _ in pristine.named_parameters()),
