@@ -9,6 +9,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; assert sys.ve
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c ci/constraints.txt -e '.[test]'
+# Megatron-Bridge's LoRA, judged by the harness in CI (tests/test_bridge_golden.py):
+# its own dependencies are GPU and training packages the peft LoRA does not use.
+.venv/bin/python -m pip install --quiet --no-deps -c ci/constraints.txt megatron-bridge
 .venv/bin/python -W ignore -c 'import logging; logging.disable(logging.WARNING); import torch, megatron.core; print("torch", torch.__version__, "megatron-core", megatron.core.__version__)'
 # Headless Chromium for the report's browser test (tests/test_report.py fails without it under CI=true).
 if ! command -v chromium >/dev/null; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || echo "ci/setup.sh: could not install chromium; the report browser test will fail under CI" >&2; fi
