@@ -12,7 +12,7 @@ name with its seed. Target: 0 failing cells.
     python benchmarks/false_alarms.py [--seeds 20] [--deep-seeds 2] [--impl lora.megatron ...] [--workers 2]
 
 Correct implementations: ``lora.megatron`` (strict contract) and
-``tests.impls.bridge_like`` (bridge contract); Megatron-Bridge itself once
+``tests.impls.declares_bridge`` (lora.megatron under the bridge contract); Megatron-Bridge itself once
 it runs out of the box. It takes a while: about three minutes per fast run
 on two cores, much longer per deep run. Not a test: it prints figures.
 """
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_IMPLS = ("lora.megatron", "tests.impls.bridge_like")
+DEFAULT_IMPLS = ("lora.megatron", "tests.impls.declares_bridge")
 
 
 def downstream_file() -> str:

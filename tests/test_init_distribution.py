@@ -231,7 +231,7 @@ def test_lora_megatron_passes_at_tp2(tp2):
     assert min(t.numel() for t in full.values()) == 16384
     assert full["decoder.layers.0.mlp.linear_fc1.adapter.linear_out.weight"].shape == (512, 128)  # gated
     # Bridge's contract, drawn over the full matrix: nothing to report either.
-    _passes("tests.impls.bridge_like", tp2, examples=3)
+    _passes("tests.impls.declares_bridge", tp2, examples=3)
 
 
 def test_fans_on_the_shard_is_caught_at_tp2_and_advisory_under_bridge(tp2):

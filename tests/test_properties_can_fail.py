@@ -139,7 +139,7 @@ def test_a_contract_check_that_raises_hides_no_other_verdict():
 
 def test_a_bridge_contract_implementation_gets_numeric_verdicts():
     """Only Bridge's four init methods and Bridge's error types: numeric properties pass, no rank errors."""
-    impl = "tests.impls.bridge_like"
+    impl = "tests.impls.declares_bridge"
     for prop in ("forward_matches", "backward_matches", "adapters_follow_spec"):
         outcome = _expect_pass(prop, impl, TP2)
         inits = {c["lora"].get(k) for r in outcome.records for c in [r.case] for k in ("lora_A_init_method", "lora_B_init_method")}
@@ -155,7 +155,7 @@ def test_a_bridge_contract_implementation_gets_numeric_verdicts():
 def test_a_bridge_implementation_judged_strictly_gets_contract_findings_not_numeric():
     from harness.contract import Capabilities
 
-    impl = "tests.impls.bridge_like"
+    impl = "tests.impls.declares_bridge"
     strict = Capabilities.bridge().with_contract("strict")
     outcome = check_property("errors_follow_spec", TP2, impl, settings=settings(SEARCH, max_examples=5), capabilities=strict)
     assert outcome.verdict is Verdict.CONTRACT
