@@ -121,7 +121,9 @@ def judge_example(prop: Property, case: Any, executor: Executor, source: str = "
     if not control or not record.verdict.failing:
         return record
     other = control_impl(case.impl, case.layout)
-    if other is None:
+    if other is None or getattr(executor, "stop_reason", None):
+        # No independent implementation here, or a world a fault left unable
+        # to run anything more (torchrun): charged as found, no control.
         return record
     checked = run_example(prop, case.with_(impl=other), executor, source="control")
     record.control = checked
