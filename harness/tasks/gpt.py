@@ -138,19 +138,11 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
     forward = lambda m: m(ids, pos, causal_mask(s).to(device), decoder_input=x.detach())  # noqa: E731
     if case.training and case.lora.get("dropout", 0.0) > 0 and tp > 1:
         extras["dropout_masks"] = _replicated_masks(model, forward)
+    # Idempotence after the comparisons above, and undone before the merge
+    # below (``_reapply_findings`` restores the module tree): a
+    # non-idempotent implementation fails this check alone.
+    findings += _reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
     extras.update(_merge_extras(model, impl, table, lora_kwargs.get("alpha", 32), forward))
-
-    # Idempotence last, on a freshly adapted model of its own: a non-idempotent
-    # implementation fails this check alone, and neither the comparisons nor
-    # the merge above see a second application.
-    def adapted() -> torch.nn.Module:
-        fresh = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
-                          parallel_output=not output_layer_gathers(case.contract))
-        load_full_base_weights(fresh, case.seed, tp_rank, tp)
-        torch.manual_seed(case.seed)
-        return impl.LoRA(**lora_kwargs)(fresh, training=case.training)
-
-    findings += _reapply_findings(adapted(), impl, lora_kwargs, case.training, case.contract)
     return RankRecord(
         rank=ctx.rank,
         tp_rank=tp_rank,
@@ -335,13 +327,31 @@ def _reapply_findings(model: torch.nn.Module, impl: Any, lora_kwargs: dict[str, 
     """Applying the same LoRA again must change nothing (SPEC: idempotent); raising is a finding too
     (every miss advisory under the bridge contract: contract point ``idempotent``)."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tree = [(m, dict(m._modules), m.training) for m in model.modules()]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        model = impl.LoRA(**lora_kwargs)(model, training=training)
+        again = impl.LoRA(**lora_kwargs)(model, training=training)
+        return _idempotence_findings(before, dict(again.named_parameters()), contract)
     except Exception as exc:  # noqa: BLE001 - this check's finding alone
         return [Finding("contract", f"applying LoRA a second time raised {type(exc).__name__}: {exc}", "idempotent",
                         binding=contract == "strict")]
+    finally:
+        # Undo whatever the second application did, so what runs after this
+        # check (the merge) sees the model of the first application.
+        for module, children, mode in tree:
+            module._modules.clear()
+            module._modules.update(children)
+            module.training = mode
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in before:
+                    param.requires_grad_(flags[name])
+                    if param.shape == before[name].shape:
+                        param.copy_(before[name])
+
+
+def _idempotence_findings(before: dict[str, Any], after: dict[str, Any], contract: str) -> list[Finding]:
     strict = contract == "strict"
-    after = dict(model.named_parameters())
     added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
     if added or removed:
         return [Finding("contract", f"applying LoRA twice changed the parameters: added {added[:4]}, removed {removed[:4]}",

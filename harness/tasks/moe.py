@@ -354,21 +354,13 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     extras["dropout"] = {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "elements": dropout_log.elements, "eval_calls": dropout_log.eval_calls}
     extras["own_output"] = _cpu64(own_output)
     extras["ep_rank"], extras["etp_rank"] = sizes["ep_rank"], sizes["etp_rank"]
+    # Idempotence, undone before the merge (as in the dense task).
+    findings += _reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
     # Experts fold through the implementation's own model-level merge only.
     from harness.tasks.gpt import _merge_extras
 
     extras.update(_merge_extras(model, impl, None, lora_kwargs.get("alpha", 32),
                                 lambda m: m(ids, pos, mask, decoder_input=x_shard())))
-
-    # Idempotence last, on a freshly adapted model (as in the dense task).
-    def adapted() -> torch.nn.Module:
-        fresh = build_moe_gpt(case.shape, **layout_sizes(layout), params_dtype=case.model_dtype,
-                              parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
-        load_full_base_weights(fresh, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
-        torch.manual_seed(case.seed)
-        return impl.LoRA(**lora_kwargs)(fresh, training=case.training)
-
-    findings += _reapply_findings(adapted(), impl, lora_kwargs, case.training, case.contract)
     partitions = full_partitions(table, initial)
     return RankRecord(
         rank=ctx.rank,
