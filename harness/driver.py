@@ -195,9 +195,10 @@ def check_property(
     (``falsifying_example``) and a ``replay_command``; with ``regressions``
     the minimal case is stored there.
 
-    Shrinking is bounded by ``shrink_budget`` runs after the first failure
-    (each run costs a rank-pool task, and hypothesis would try hundreds);
-    the case reported is the smallest failing one found within it.
+    Shrinking is bounded by ``shrink_budget`` example runs after the first
+    failure, a failing candidate's control run included (each run costs a
+    rank-pool task, and hypothesis would try hundreds); the case reported
+    is the smallest failing one found within it.
     """
     prop = prop if isinstance(prop, Property) else get_property(prop)
     executor = executor or default_executor()
@@ -287,6 +288,9 @@ def check_property(
                 runs_after_failure[0] += 1
             record = judge_example(prop, case, executor)
             note(record)
+            if failed and record.control is not None:
+                # The budget is in example runs: a control run counts too.
+                runs_after_failure[0] += 1
             if record.verdict is Verdict.HARNESS:
                 # Not the implementation's: hypothesis sees a pass, so it
                 # never shrinks towards such cases.

@@ -23,8 +23,9 @@ TP1 = ParallelLayout()
 # recorded for one implementation is never replayed for another.
 # Fixed draws: what is asserted about the shrunk case must not depend on luck.
 SEED = 20261201
-# Shrinking runs after the first failure: enough for what these tests assert
-# about the shrunk case (one layer, a gated MLP, ...), and CI minutes.
+# Shrinking runs after the first failure (a failing candidate's control run
+# counts): enough for what these tests assert about the shrunk case, and CI
+# minutes; the two tests that assert how far it shrinks get twice as many.
 SHRINK = 12
 SEARCH = settings(max_examples=60, database=None, deadline=None)
 
@@ -35,8 +36,8 @@ def _needs_tp2(max_tp):
         pytest.skip("needs --tp 2 or more")
 
 
-def _expect_failure(prop, impl, layout=TP2, **kw):
-    outcome = check_property(prop, layout, impl, settings=SEARCH, seed=SEED, shrink_budget=SHRINK, **kw)
+def _expect_failure(prop, impl, layout=TP2, shrink=SHRINK, **kw):
+    outcome = check_property(prop, layout, impl, settings=SEARCH, seed=SEED, shrink_budget=shrink, **kw)
     assert outcome.verdict.failing, f"{prop} did not charge {impl} at {layout}: {outcome.verdict.value} {outcome.error}"
     # hypothesis's report of the shrunk example, and our replayable case
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
@@ -59,7 +60,7 @@ def test_forward_catches_scale_on_one_rank():
 
 
 def test_forward_catches_gate_up_swap_and_shrinks_to_a_gated_mlp():
-    outcome = _expect_failure("forward_matches", "tests.wrong_impls.gate_up_swapped")
+    outcome = _expect_failure("forward_matches", "tests.wrong_impls.gate_up_swapped", shrink=2 * SHRINK)
     case = outcome.minimal_case
     assert case.shape.gated_linear_unit
     # Shrinking reaches a small model: no more than two groups of two heads.
@@ -180,7 +181,7 @@ def test_forward_catches_a_sequence_parallel_row_adapter_that_reduce_scatters():
 
 
 def test_forward_catches_qkv_rows_in_blocked_order_and_shrinks_to_several_groups_per_rank():
-    outcome = _expect_failure("forward_matches", "tests.wrong_impls.qkv_blocked_order", TP1)
+    outcome = _expect_failure("forward_matches", "tests.wrong_impls.qkv_blocked_order", TP1, shrink=2 * SHRINK)
     case = outcome.minimal_case
     # One query group per rank hides the bug: the shrunk case keeps several.
     assert case.shape.num_query_groups >= 2
