@@ -94,8 +94,10 @@ def run_matrix() -> list[dict[str, Any]]:
     return rows
 
 
-def key(row: dict[str, Any]) -> tuple[str, str, str, tuple[str, ...]]:
-    return (row["property"], row["layout"], row["verdict"], tuple(row["checks"]))
+def key(row: dict[str, Any]) -> tuple[str, str, str]:
+    """What a fresh run must reproduce exactly: the cell and its verdict. The finding checks behind
+    it depend on how far shrinking went (each must still be one the table explains)."""
+    return (row["property"], row["layout"], row["verdict"])
 
 
 def main(argv: list[str]) -> int:
