@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--ep", type=_positive_int, default=1, help="largest expert-parallel size, a power of two (default 1)")
     v.add_argument("--impl", default="lora.megatron", help="module under test (default lora.megatron)")
     v.add_argument("--profile", default=None, help="hypothesis profile: fast (default) or deep")
-    v.add_argument("--examples", type=_positive_int, default=None, help="examples per property and layout (overrides the profile)")
+    v.add_argument("--examples", type=_positive_int, default=None, help="drawn examples per property and layout, after the designed ones (overrides the profile)")
     v.add_argument("--property", dest="properties", action="append", default=None, help="only this property (repeatable)")
     v.add_argument("--layout", dest="layouts", action="append", default=None, help="only this layout of the set, e.g. tp2-ep1-etp2-pp1 (repeatable)")
     v.add_argument("--family", dest="families", action="append", default=None,
@@ -331,7 +331,7 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
     def family_settings(family: str) -> Any:
         if args.examples is not None:
             return run_settings
-        return settings(run_settings, max_examples=max(2, math.ceil(run_settings.max_examples * FAMILY_EXAMPLE_SHARE[family])))
+        return settings(run_settings, max_examples=max(1, math.ceil(run_settings.max_examples * FAMILY_EXAMPLE_SHARE[family])))
 
     try:
         for done, (family, layout, name) in enumerate(cells, 1):
@@ -375,6 +375,13 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
     skipped = sum(o.verdict is Verdict.SKIPPED for o in results.outcomes)
     vacuous = sum(o.verdict is Verdict.VACUOUS for o in results.outcomes)
     tail = f", {skipped} skipped" if skipped else ""
+    from harness.design import coverage_lines
+
+    paths = coverage_lines(results.outcomes, caps)
+    if paths:
+        print("paths exercised per layout (designed examples first, then drawn; harness.design):")
+        for line in paths:
+            print("  " + line)
     if vacuous:
         print(f"{vacuous} cell(s) vacuous: every example had nothing to check (not counted as passed)")
     if defects:

@@ -30,9 +30,10 @@ import shlex
 import time
 from typing import Any, Callable, Optional
 
-from hypothesis import HealthCheck, given, reject, seed as hypothesis_seed, settings as hsettings
+from hypothesis import HealthCheck, Phase, given, reject, seed as hypothesis_seed, settings as hsettings
 
 from harness.contract import Capabilities, capabilities_of
+from harness.design import designed_rows
 from harness.layouts import ParallelLayout
 from harness.properties import Property, get_property
 from harness.regressions import RegressionStore
@@ -186,6 +187,7 @@ def check_property(
     family: str = "gpt",
     progress: Optional[Progress] = None,
     shrink_budget: int = DEFAULT_SHRINK_BUDGET,
+    designed: bool = True,
 ) -> PropertyOutcome:
     """Run one property for one layout: stored regressions first, then hypothesis draws.
 
@@ -257,7 +259,7 @@ def check_property(
                 outcome.seconds = time.monotonic() - started
                 return outcome
 
-    # 2. New draws under hypothesis.
+    # 2. The designed examples (harness.design), then 3. new draws, all under hypothesis.
     base = settings if settings is not None else hsettings()
     run_settings = hsettings(base, deadline=None, suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
     faulted: dict[str, ExampleRecord] = {}
@@ -266,71 +268,94 @@ def check_property(
     passed: set[str] = set()
     runs_after_failure = [0]
 
-    @run_settings
-    @given(case=cases_for(family, layout, impl, caps))
-    def _property(case: Any) -> None:
-        key = repr(case)
-        if key in faulted:
-            record = faulted[key]
-        elif key in failed:
-            record = failed[key]
-        elif key in passed:
-            # Hypothesis may replay a case it saw pass; rejecting it now
-            # (the budget is spent) would be an inconsistent result.
-            return
-        elif len(faulted) >= max_faults:
-            reject()
-        elif failed and runs_after_failure[0] >= shrink_budget:
-            # Shrinking is bounded: the smallest failure found so far stands.
-            reject()
-        else:
-            if failed:
-                runs_after_failure[0] += 1
-            record = judge_example(prop, case, executor)
-            note(record)
-            if failed and record.control is not None:
-                # The budget is in example runs: a control run counts too.
-                runs_after_failure[0] += 1
-            if record.verdict is Verdict.HARNESS:
-                # Not the implementation's: hypothesis sees a pass, so it
-                # never shrinks towards such cases.
-                harness_defects.setdefault(key, (record, case))
-                passed.add(key)
-            elif record.verdict in (Verdict.HANG, Verdict.CRASH):
-                faulted[key] = record
-            elif record.verdict.failing:
-                failed[key] = record
-            else:
-                passed.add(key)
-        if record.verdict.failing:
-            last_failure.update(record=record, case=case)
-            raise PropertyFailure(
-                f"{prop.name} failed for impl {impl} at layout {layout} ({record.verdict.value}):\n  "
-                + (record.error or _lead(record)).replace("\n", "\n  ")
-            )
+    def search(strategy: Any, search_settings: hsettings, search_seed: Optional[int], digest: str, source: str) -> bool:
+        """One hypothesis search; True when it ended the cell (a failure, or an error of its own)."""
+        runs_after_failure[0] = 0
 
-    # Distinct database keys per property, layout and implementation, so a
-    # failure recorded for one is replayed only for that one.
-    _property.hypothesis.inner_test._hypothesis_internal_add_digest = f"{prop.name}|{cell}|{impl}".encode()
-    if seed is not None:
-        _property = hypothesis_seed(seed)(_property)
-    try:
-        _property()
-    except (PropertyFailure, RankPoolFault) as exc:
-        # Hypothesis replays the minimal example last: the last failure is the minimal one.
-        notes = getattr(exc, "__notes__", [])
-        outcome.falsifying_example = "\n".join(n for n in notes if n and "reproduce_failure" not in n)
-        if last_failure:
-            conclude(last_failure["record"], last_failure["case"], exc)
-        else:  # pragma: no cover - every failure goes through _property
-            outcome.verdict, outcome.error, outcome.exception = Verdict.CRASH, str(exc), exc
-    except Exception as exc:  # noqa: BLE001 - a harness or hypothesis error is reported, not hidden
-        notes = getattr(exc, "__notes__", [])
-        outcome.falsifying_example = "\n".join(n for n in notes if n)
-        outcome.verdict, outcome.error, outcome.exception = Verdict.CRASH, f"{type(exc).__name__}: {exc}", exc
-        if last_failure:
-            outcome.minimal_case = last_failure["case"]
-    else:
+        @search_settings
+        @given(case=strategy)
+        def _property(case: Any) -> None:
+            key = repr(case)
+            if key in faulted:
+                record = faulted[key]
+            elif key in failed:
+                record = failed[key]
+            elif key in passed:
+                # Hypothesis may replay a case it saw pass; rejecting it now
+                # (the budget is spent) would be an inconsistent result.
+                return
+            elif len(faulted) >= max_faults:
+                reject()
+            elif failed and runs_after_failure[0] >= shrink_budget:
+                # Shrinking is bounded: the smallest failure found so far stands.
+                reject()
+            else:
+                if failed:
+                    runs_after_failure[0] += 1
+                record = judge_example(prop, case, executor, source=source)
+                note(record)
+                if failed and record.control is not None:
+                    # The budget is in example runs: a control run counts too.
+                    runs_after_failure[0] += 1
+                if record.verdict is Verdict.HARNESS:
+                    # Not the implementation's: hypothesis sees a pass, so it
+                    # never shrinks towards such cases.
+                    harness_defects.setdefault(key, (record, case))
+                    passed.add(key)
+                elif record.verdict in (Verdict.HANG, Verdict.CRASH):
+                    faulted[key] = record
+                elif record.verdict.failing:
+                    failed[key] = record
+                else:
+                    passed.add(key)
+            if record.verdict.failing:
+                last_failure.update(record=record, case=case)
+                raise PropertyFailure(
+                    f"{prop.name} failed for impl {impl} at layout {layout} ({record.verdict.value}):\n  "
+                    + (record.error or _lead(record)).replace("\n", "\n  ")
+                )
+
+        # Distinct database keys per property, layout, implementation (and
+        # designed row), so a failure recorded for one is replayed only there.
+        _property.hypothesis.inner_test._hypothesis_internal_add_digest = digest.encode()
+        if search_seed is not None:
+            _property = hypothesis_seed(search_seed)(_property)
+        try:
+            _property()
+        except (PropertyFailure, RankPoolFault) as exc:
+            # Hypothesis replays the minimal example last: the last failure is the minimal one.
+            notes = getattr(exc, "__notes__", [])
+            outcome.falsifying_example = "\n".join(n for n in notes if n and "reproduce_failure" not in n)
+            if last_failure:
+                conclude(last_failure["record"], last_failure["case"], exc)
+            else:  # pragma: no cover - every failure goes through _property
+                outcome.verdict, outcome.error, outcome.exception = Verdict.CRASH, str(exc), exc
+            return True
+        except Exception as exc:  # noqa: BLE001 - a harness or hypothesis error is reported, not hidden
+            notes = getattr(exc, "__notes__", [])
+            outcome.falsifying_example = "\n".join(n for n in notes if n)
+            outcome.verdict, outcome.error, outcome.exception = Verdict.CRASH, f"{type(exc).__name__}: {exc}", exc
+            if last_failure:
+                outcome.minimal_case = last_failure["case"]
+            return True
+        return False
+
+    digest = f"{prop.name}|{cell}|{impl}"
+    ended = False
+    if designed:
+        # Each designed row is a one-example search over a strategy with the
+        # row's features fixed: hypothesis's first example is the row's
+        # plainest case (the same for every implementation), and a failure
+        # shrinks inside the row and is stored like a drawn one.
+        one = hsettings(run_settings, max_examples=1, database=None, phases=(Phase.generate, Phase.shrink))
+        for i, row in enumerate(designed_rows(family, layout, caps)):
+            outcome.designed += 1
+            if search(cases_for(family, layout, impl, caps, row=row), one, 0, f"{digest}|designed{i}", "designed"):
+                ended = True
+                break
+    if not ended and run_settings.max_examples > 0:
+        ended = search(cases_for(family, layout, impl, caps), run_settings, seed, digest, "drawn")
+    if not ended:
         _conclude_without_failure(outcome, harness_defects)
     outcome.seconds = time.monotonic() - started
     return outcome

@@ -435,6 +435,15 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             f"lora-harness {family} {layout.split(':')[-1]}: {counts['examples']} distinct examples" + (f" ({extras})" if extras else "")
         )
+    from harness.design import coverage_lines
+
+    by_impl: dict[str, list[Any]] = {}
+    for outcome, caps in harness_session.outcomes:
+        by_impl.setdefault(outcome.impl, []).append((outcome, caps))
+    for impl, pairs in sorted(by_impl.items()):
+        caps = next((c for _, c in pairs if c is not None), None)
+        for line in coverage_lines([o for o, _ in pairs], caps):
+            terminalreporter.write_line(f"lora-harness paths ({impl}) {line}")
 
 
 def _write_merged_report(config: Any, report: str, collected: list) -> None:

@@ -330,7 +330,7 @@ class ExampleRecord:
     findings: list[Finding] = field(default_factory=list)
     error: str = ""
     output: dict[int, str] = field(default_factory=dict)
-    source: str = "drawn"  # "drawn" | "regression" | "replay" | "control"
+    source: str = "drawn"  # "designed" | "drawn" | "regression" | "replay" | "control"
     notes: list[Note] = field(default_factory=list)
     vacuous: str = ""
     # A failing example's run with the known-good control implementation
@@ -383,6 +383,7 @@ class PropertyOutcome:
     exception: Optional[BaseException] = field(default=None, repr=False)
     family: str = "gpt"
     control_impl: str = ""  # the known-good implementation failures were checked against ("" if none)
+    designed: int = 0  # designed examples run (harness.design), before the drawn ones
 
     @property
     def passed(self) -> bool:
@@ -439,6 +440,7 @@ class PropertyOutcome:
             "vacuous_examples": self.vacuous_examples,
             "undecided_checks": self.undecided_checks,
             "control_impl": self.control_impl,
+            "designed_examples": self.designed,
         }
 
 

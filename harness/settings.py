@@ -6,11 +6,13 @@ example budgets.
 
 Profiles:
 
-* ``fast`` (the default for pytest and the CLI): 6 examples per property
-  and dense layout (36 per property over ``--tp 2 --ep 2``; the can-fail
-  tests show each planted bug is found within a few draws), to stay within
-  CI's ten minutes on two cores;
-* ``deep``: twenty times as many, for nightly runs
+* ``fast`` (the default for pytest and the CLI): the designed examples of
+  every layout (``harness.design``: a covering array of the contract's
+  paths, 8 to 29 per family and layout) and then 2 drawn examples per
+  property and dense layout, 1 per MoE or VLM layout: coverage by design,
+  exploration by a few draws, within CI's ten minutes on two cores;
+* ``deep``: the designed examples and 250 drawn ones per dense layout
+  (125 MoE, 50 VLM), for nightly runs
   (``pytest --hypothesis-profile deep`` or ``lora-harness verify --profile deep``).
 
 A failing example is printed as a JSON case with the ``lora-harness replay``
@@ -44,20 +46,18 @@ __all__ = [
 #: The model families the harness checks, in the order they run and report.
 FAMILIES = ("gpt", "moe", "vlm")
 
-#: Share of the profile's examples per property and layout that each family
-#: draws. An MoE example costs several dense ones (a bigger world at most
+#: Share of the profile's drawn examples per property and layout that each
+#: family draws (the designed examples of harness.design run first, in every
+#: profile). An MoE example costs several dense ones (a bigger world at most
 #: layouts, one more run for the EP=1 comparison, an optimizer step), and
-#: its layout set is larger; half keeps CI's minutes balanced (3 per MoE
-#: layout, 21 per property over the 7 layouts of --tp 2 --ep 2) while the
-#: deep profile draws 125 per layout.
-#: A VLM example loops over all 16 freeze combinations itself (a fresh
-#: LLaVA each), so the fast profile's minimum of 2 per layout covers every
-#: combination twice at every layout; deep draws 50.
+#: its layout set is larger: half (fast 1 per layout, deep 125). A VLM
+#: example loops over all 16 freeze combinations itself (a fresh LLaVA
+#: each): a fifth (fast 1, deep 50).
 FAMILY_EXAMPLE_SHARE = {"gpt": 1.0, "moe": 0.5, "vlm": 0.2}
 
 DEFAULT_PROFILE = "fast"
 PROFILES = {
-    "fast": dict(max_examples=6),
+    "fast": dict(max_examples=2),
     "deep": dict(max_examples=250),
 }
 
@@ -158,13 +158,13 @@ def _check_max(flag: str, value: object) -> int:
 
 
 def family_settings(family: str) -> settings:
-    """The active profile's settings with the family's share of examples (at least 2)."""
+    """The active profile's settings with the family's share of drawn examples (at least 1; designed ones come first)."""
     import math
 
     if family not in FAMILY_EXAMPLE_SHARE:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILY_EXAMPLE_SHARE)}")
     current = settings()
-    return settings(current, max_examples=max(2, math.ceil(current.max_examples * FAMILY_EXAMPLE_SHARE[family])))
+    return settings(current, max_examples=max(1, math.ceil(current.max_examples * FAMILY_EXAMPLE_SHARE[family])))
 
 
 def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt", max_world: int = MAX_WORLD) -> list[ParallelLayout]:
