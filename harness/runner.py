@@ -306,6 +306,43 @@ class RankContext:
     tasks_run: int = 0  # tasks started in this process before the current one
 
 
+def _rebuild_tensor(data: bytes, dtype: Any, shape: tuple, requires_grad: bool, parameter: bool) -> Any:
+    import torch
+
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    t = flat.view(dtype).reshape(shape)
+    if parameter:
+        return torch.nn.Parameter(t, requires_grad=requires_grad)
+    return t.requires_grad_(True) if requires_grad else t
+
+
+class _TensorPickler(pickle.Pickler):
+    """Pickles CPU tensors as their raw bytes: torch's own reduction saves each
+    storage with ``torch.save`` (a zip archive per tensor), about 0.1 ms a
+    tensor each way, which for a rank task's records (hundreds of small
+    tensors) was a tenth of a second per example. Anything unusual
+    (sparse, quantized, other devices, subclasses) goes torch's way."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is None or type(obj) not in (torch.Tensor, torch.nn.Parameter):
+            return NotImplemented
+        if obj.device.type != "cpu" or obj.layout is not torch.strided or obj.is_quantized:
+            return NotImplemented
+        t = obj.detach().resolve_conj().resolve_neg().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return _rebuild_tensor, (data, t.dtype, tuple(t.shape), obj.requires_grad, type(obj) is torch.nn.Parameter)
+
+
+def dumps(value: Any) -> bytes:
+    """``pickle.dumps`` with CPU tensors as raw bytes (``_TensorPickler``); ``pickle.loads`` reads it."""
+    import io
+
+    buffer = io.BytesIO()
+    _TensorPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
 @dataclasses.dataclass
 class _RankSpec:
     rank: int
@@ -510,7 +547,7 @@ def _rank_main(spec: _RankSpec, conn) -> None:
             fn, args, kwargs = pickle.loads(payload)
             value = fn(ctx, *args, **kwargs)
             try:
-                blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                blob = dumps(value)
             except BaseException as exc:
                 raise TypeError(
                     f"the result of the task on rank {ctx.rank} ({type(value).__name__}) cannot be pickled "
