@@ -52,6 +52,7 @@ malformed file in the regression store) is one ``pytest.UsageError``.
 from __future__ import annotations
 
 import os
+import re
 import pickle
 import sys
 from dataclasses import dataclass, field
@@ -195,6 +196,11 @@ def pytest_configure(config: pytest.Config) -> None:
         # --dist other than "load" is left alone).
         config.option.dist = "loadgroup"
     worker = getattr(config, "workerinput", None)
+    if worker is not None and worker.get("lora_harness_loadgroup"):
+        # A worker parses the original command line (plain -n), so it would
+        # not tag its tests with their xdist_group and the controller's
+        # loadgroup scheduler would see no groups: tell it here.
+        config.option.loadgroup = True
     if worker is not None and "lora_harness_seed" in worker:
         seed = worker["lora_harness_seed"]  # the controller's, so every worker draws alike
     elif config.getoption("lora_seed") is not None:
@@ -208,8 +214,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """pytest-xdist: give each worker the controller's base seed."""
+    """pytest-xdist: give each worker the controller's base seed, and its distribution mode."""
     node.workerinput["lora_harness_seed"] = node.config._lora_harness.seed
+    node.workerinput["lora_harness_loadgroup"] = getattr(node.config.option, "dist", "no") == "loadgroup"
 
 
 @dataclass
@@ -303,6 +310,67 @@ class BoundProperty:
         return outcome
 
 
+def _parallel_score(family: str, layout: Any) -> int:
+    """How many kinds of parallelism a layout exercises (TP, EP, SP, ETP != TP, data parallelism)."""
+    dp = (layout.data_parallel or 1) > 1 or (family != "moe" and layout.ep > 1)
+    return (layout.tp > 1) + (family == "moe" and layout.ep > 1) + bool(layout.sp) + (
+        family == "moe" and layout.etp_size != layout.tp) + bool(dp)
+
+
+def cell_order(cells: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """(family, layout) pairs in the order their cells run: cheap and sensitive first, all of them.
+
+    First, per family (dense, then MoE), the layout with the most kinds of
+    parallelism per rank among those with TP or EP > 1 (``--tp 2 --ep 2``:
+    gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where most sharding bugs
+    show; then the others by parallelism per rank; layouts of one rank
+    (which only the non-sharding checks can fail) last.
+    """
+    family_rank = {f: i for i, f in enumerate(FAMILIES)}
+
+    def density(cell: tuple[str, Any]) -> tuple:
+        family, layout = cell
+        world = layout.min_world_size
+        return (world == 1, -_parallel_score(family, layout) / world, world, family_rank.get(family, 99), layout.sort_key)
+
+    rest = sorted(cells, key=density)
+    first = []
+    for family in ("gpt", "moe"):
+        best = next((c for c in rest if c[0] == family and c[1].min_world_size > 1), None)
+        if best is not None:
+            first.append(best)
+    return first + [c for c in rest if c not in first]
+
+
+_CELL_ID = re.compile(r"\[(?:(moe|vlm)-)?[a-z0-9_]+-(tp\d+-ep\d+-etp\d+-pp\d+(?:-dp\d+)?(?:-sp)?)\]")
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's ``loadgroup``, grouping the plugin's cells by family and layout from their ids.
+
+    xdist marks a group by renaming the item's node id, which pytest 9 no
+    longer reads (``Node.nodeid`` comes from ``_id``): without this every
+    property of a layout would run in whichever worker is free, each
+    remaking the same runs. Other tests keep xdist's own grouping (when
+    their ids carry it) or run one by one.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LayoutScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            match = _CELL_ID.search(nodeid)
+            if match:
+                return f"lora-{match.group(1) or 'gpt'}-{match.group(2)}"
+            if nodeid.rfind("@") > nodeid.rfind("]"):
+                return nodeid.split("@")[-1]
+            return nodeid
+
+    return LayoutScheduling(config, log)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
     layouts = layout_set(config.getoption("tp"), config.getoption("ep"))
@@ -318,17 +386,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             # The module's LORA_IMPL / LORA_CAPABILITIES (the command line's were checked in
             # pytest_configure): one collection error line for this module, no traceback.
             raise pytest.Collector.CollectError(f"lora-harness: {metafunc.module.__name__}: {exc}") from None
-        # One xdist group per world size: with ``--dist loadgroup`` every
-        # property of a layout runs in one worker (sharing that worker's
-        # runs), and two large worlds never compete for the same few cores.
+        # One xdist group per family and layout: every property of a layout
+        # runs in one worker and shares that worker's runs of each example
+        # (pytest-xdist's own group suffix is lost under pytest 9, so the
+        # plugin's scheduler, ``pytest_xdist_make_scheduler`` below, reads
+        # the group from the test id). Layouts run in ``cell_order``: the
+        # cheap, sensitive ones first, so a user's ``pytest -x`` stops soon.
+        cells = cell_order([
+            (family, layout)
+            for family in FAMILIES
+            for layout in layout_set(config.getoption("tp"), config.getoption("ep"), family)
+        ])
         params = [
             pytest.param(
                 BoundProperty(session, name, layout, impl, caps, family),
                 id=f"{name}-{layout}" if family == "gpt" else f"{family}-{name}-{layout}",
-                marks=pytest.mark.xdist_group(name=f"lora-world{layout.min_world_size}"),
+                marks=pytest.mark.xdist_group(name=f"lora-{family}-{layout}"),
             )
-            for family in FAMILIES
-            for layout in layout_set(config.getoption("tp"), config.getoption("ep"), family)
+            for family, layout in cells
             for name, prop in registry().items()
             if family in prop.families
         ]

@@ -46,7 +46,7 @@ class Executor:
         *,
         timeout: Optional[float] = None,
         reference: str = REFERENCE_IMPL,
-        cache_size: int = 256,
+        cache_size: int = 2048,
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"Executor timeout={timeout!r}: a rank timeout must be a positive number of seconds")
@@ -130,7 +130,12 @@ class Evidence:
         return self.executor.cached(("impl", repr(self.case)), lambda: self.executor.run(self.case))
 
     def _make_errors(self) -> tuple[Any, dict[int, str]]:
-        return self.executor.cached(("errors", repr(self.case)), lambda: self.executor.run(self.case, ERROR_TASKS[self.case.family]))
+        # The bad-input tasks read only the implementation, contract, layout,
+        # shape, base dtype and seed (never the LoRA config, mode or adapter
+        # dtype): examples that agree on those share one run.
+        c = self.case
+        key = ("errors", c.family, c.impl, c.contract, repr(c.layout), repr(c.shape), c.model_dtype, c.seed)
+        return self.executor.cached(key, lambda: self.executor.run(c, ERROR_TASKS[c.family]))
 
     def _make_reference(self) -> tuple[Any, dict[int, str]]:
         ref = self.case.with_(impl=self.executor.reference_impl, layout=ParallelLayout(), contract="strict")

@@ -1,0 +1,127 @@
+"""Designed examples (harness.design): every pair of feature values at every layout, the same for every
+implementation, and a failing designed example shrinks and is stored like a drawn one."""
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+
+from harness.contract import Capabilities
+from harness.design import TRIPLES, _valid, coverage_of, designed_rows, factors, row_of_case
+from harness.driver import check_property
+from harness.layouts import ParallelLayout
+from harness.regressions import RegressionStore
+from harness.settings import FAMILIES, layout_set
+from harness.strategies import cases_for
+
+CAPS = {"strict": Capabilities(), "bridge": Capabilities.bridge(), "no-grouped": Capabilities(grouped_experts=False)}
+
+
+def _cells():
+    for family in FAMILIES:
+        for layout in layout_set(2, 2, family):
+            yield family, layout
+
+
+@pytest.mark.parametrize("caps_name", sorted(CAPS))
+@pytest.mark.parametrize("family,lay", list(_cells()), ids=lambda v: str(v))
+def test_every_feasible_pair_and_triple_appears(family, lay, caps_name):
+    layout = lay
+    """Checked by brute force over the whole product, apart from the greedy construction."""
+    caps = CAPS[caps_name]
+    fs = factors(family, layout, caps)
+    rows = designed_rows(family, layout, caps)
+    names = [f.name for f in fs]
+    assert all(set(r) == set(names) for r in rows)
+    assert all(_valid(family, r) for r in rows), "a designed row breaks a rule of the exact comparisons"
+    product = [dict(zip(names, values)) for values in itertools.product(*(f.levels for f in fs))]
+    feasible = [r for r in product if _valid(family, r)]
+    interactions = list(itertools.combinations(names, 2)) + list(TRIPLES.get(family, ()))
+    for inter in interactions:
+        want = {tuple(r[n] for n in inter) for r in feasible}
+        got = {tuple(r[n] for n in inter) for r in rows}
+        assert want <= got, f"{family} {layout} {caps_name}: {inter} misses {sorted(map(repr, want - got))[:3]}"
+    # Far fewer rows than the product, and every value of every feature appears.
+    assert len(rows) <= 40 < len(feasible) or len(feasible) <= 40
+    for f in fs:
+        assert {repr(v) for v in f.levels} == {repr(r[f.name]) for r in rows}, f.name
+
+
+def test_the_design_depends_on_declared_capabilities_only():
+    layout = ParallelLayout(tp=2, ep=2, sp=True)
+    assert designed_rows("moe", layout, Capabilities()) == designed_rows("moe", layout, Capabilities())
+    assert designed_rows("moe", layout, Capabilities.bridge()) != designed_rows("moe", layout, Capabilities())
+    no_grouped = designed_rows("moe", layout, CAPS["no-grouped"])
+    assert {r["expert_kind"] for r in no_grouped} == {"sequential"}
+    bridge = designed_rows("gpt", ParallelLayout(tp=2), Capabilities.bridge())
+    assert {r["lora_dtype"] for r in bridge} == {None} and "xavier_uniform" not in {r["init"][0] for r in bridge}
+
+
+@pytest.mark.parametrize("family,lay", [("gpt", ParallelLayout(tp=2, sp=True)), ("moe", ParallelLayout(tp=2, ep=2, sp=True)),
+                                        ("vlm", ParallelLayout(tp=2))], ids=str)
+def test_a_rows_case_has_the_rows_features(family, lay):
+    layout = lay
+    """The strategy honours every feature of every row: the case, read back, is the row."""
+    rows = designed_rows(family, layout)
+    cases = []
+    for row in rows:
+        @settings(max_examples=1, database=None)
+        @given(cases_for(family, layout, "lora.megatron", None, row=row))
+        def draw(case):
+            cases.append(case)
+
+        draw()
+    for row, case in zip(rows, cases):
+        case.validate()
+        got = row_of_case(family, json.loads(json.dumps(case.to_json())))
+        assert {k: got.get(k) for k in row} == row
+    cov = coverage_of(family, layout, None, [c.to_json() for c in cases], len(rows))
+    assert cov.pairs_run == cov.pairs and not cov.missing
+    # Fewer examples cover fewer pairs, and the line names what was not run.
+    partial = coverage_of(family, layout, None, [cases[0].to_json()], 1)
+    assert partial.pairs_run < partial.pairs and "NOT exercised" in partial.line()
+
+
+def test_dropout_rows_can_decide():
+    """A designed dropout row has power: the elements the adapters see make (1-p)^n far below 1e-6."""
+    row = next(r for r in designed_rows("gpt", ParallelLayout()) if r["dropout"] != "none" and r["training"])
+    cases = []
+
+    @settings(max_examples=1, database=None)
+    @given(cases_for("gpt", ParallelLayout(), "lora.megatron", None, row=row))
+    def draw(case):
+        cases.append(case)
+
+    draw()
+    s = cases[0].shape
+    assert cases[0].lora["dropout"] == 0.5
+    assert s.seq_length * s.micro_batch_size * s.hidden_size >= 40  # one adapter's input alone: 0.5**40 ~ 1e-12
+
+
+def test_a_combination_bug_is_caught_by_design_at_every_seed(tmp_path):
+    """gate_up_swapped shows only with a gated MLP: the designed rows reach it whatever the seed, before any draw."""
+    layout = ParallelLayout(tp=2)
+    store = RegressionStore(str(tmp_path))
+    for seed in (1, 2):
+        outcome = check_property("forward_matches", layout, "tests.wrong_impls.gate_up_swapped",
+                                 settings=settings(max_examples=1, database=None), seed=seed,
+                                 regressions=store if seed == 1 else None)
+        assert outcome.verdict.failing, outcome.summary_line()
+        first_fail = next(r for r in outcome.records if r.verdict.failing)
+        assert first_fail.source == "designed"
+        assert outcome.minimal_case.shape.gated_linear_unit  # shrinking stays inside the row
+        assert outcome.designed >= 1
+    stored = list(store.cases("forward_matches", layout.describe()))
+    assert stored and all(c.shape.gated_linear_unit for _, c in stored)
+
+
+def test_an_expert_combination_bug_is_caught_by_design():
+    """shared_expert_grad_not_summed needs grouped experts, one shared adapter, training, EP=2: a designed row has them."""
+    layout = ParallelLayout(tp=1, ep=2)
+    outcome = check_property("backward_matches", layout, "tests.wrong_impls.shared_expert_grad_not_summed",
+                             settings=settings(max_examples=1, database=None), family="moe", seed=3, shrink_budget=2)
+    assert outcome.verdict.failing, outcome.summary_line()
+    case = outcome.minimal_case
+    assert case.shape.grouped and case.lora["share_expert_adapters"] and case.training
+    assert next(r for r in outcome.records if r.verdict.failing).source == "designed"
