@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--impl", default="lora.megatron", help="module under test (default lora.megatron)")
     v.add_argument("--profile", default=None, help="hypothesis profile: fast (default) or deep")
     v.add_argument("--examples", type=_positive_int, default=None, help="drawn examples per property and layout, after the designed ones (overrides the profile)")
+    v.add_argument("--no-designed", action="store_true", help="skip the designed examples (every path at every layout): quicker, for local iteration")
     v.add_argument("--property", dest="properties", action="append", default=None, help="only this property (repeatable)")
     v.add_argument("--layout", dest="layouts", action="append", default=None, help="only this layout of the set, e.g. tp2-ep1-etp2-pp1 (repeatable)")
     v.add_argument("--family", dest="families", action="append", default=None,
@@ -343,7 +344,7 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
                 outcome = check_property(
                     props[name], layout, args.impl, settings=family_settings(family), executor=executor,
                     capabilities=caps, regressions=store, seed=layout_seed(base_seed, layout, family), progress=progress,
-                    family=family,
+                    family=family, designed=not getattr(args, "no_designed", False),
                 )
             progress.clear()
             results.outcomes.append(outcome)

@@ -27,8 +27,11 @@ Options (all settings are arguments; nothing is read from the environment):
 * ``--lora-seed N``: base seed of the draws (0 to 2**32-1; random by
   default, printed in the header; every property at a layout draws the same
   examples, so they share their runs);
-* ``--lora-examples N``: examples per property and layout (overrides the
-  hypothesis profile: ``fast`` by default, ``deep`` for nightly runs);
+* ``--lora-examples N``: drawn examples per property and layout, after the
+  designed ones (overrides the hypothesis profile: ``fast`` by default,
+  ``deep`` for nightly runs);
+* ``--lora-no-designed``: skip the designed examples (``harness.design``):
+  a quicker run that no longer exercises every path; for local iteration;
 * ``--report DIR``: write ``results.json``, ``report.html``, ``summary.md``
   (merged over pytest-xdist workers);
 * ``--regressions DIR``: store failing cases there, replay stored ones first.
@@ -75,7 +78,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lora-impl", default=None, help="module under test exposing LoRA, VLMLoRA, LoRAMerge (default: the test module's LORA_IMPL, else lora.megatron)")
     group.addoption("--lora-contract", default=None, choices=("strict", "bridge"), help="contract to judge by (default: what the implementation declares)")
     group.addoption("--rank-timeout", type=float, default=None, help="ceiling in seconds for one rank task")
-    group.addoption("--lora-examples", type=int, default=None, help="examples per property and layout (overrides the hypothesis profile)")
+    group.addoption("--lora-examples", type=int, default=None,
+                    help="drawn examples per property and layout, after the designed ones (overrides the hypothesis profile)")
+    group.addoption("--lora-no-designed", action="store_true", default=False,
+                    help="skip the designed examples (every path of the contract at every layout): quicker, for local iteration")
     group.addoption("--lora-seed", type=int, default=None, help="base seed of the draws (default: random, printed in the header)")
     group.addoption("--report", dest="lora_report", default=None, help="write results.json, report.html and summary.md to this directory")
     group.addoption("--regressions", dest="lora_regressions", default=None,
@@ -263,7 +269,7 @@ class HarnessSession:
         outcome = check_property(
             prop, layout, impl, settings=self.settings(family), executor=self.executor, capabilities=capabilities,
             regressions=self.store, seed=layout_seed(self.seed, layout, family),
-            family=family,
+            family=family, designed=not self.config.getoption("lora_no_designed"),
         )
         outcome.exception = None  # outcomes travel between xdist processes
         self.outcomes.append((outcome, capabilities))

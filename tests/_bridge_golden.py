@@ -80,8 +80,7 @@ def run_matrix() -> list[dict[str, Any]]:
                 outcome = check_property(
                     prop, layout, BRIDGE, settings=settings(max_examples=EXAMPLES, database=None, deadline=None),
                     executor=executor, capabilities=caps, seed=layout_seed(SEED, layout, family), family=family,
-                    shrink_budget=4,
-                )
+                    shrink_budget=4, designed=False)
                 if outcome.verdict in (Verdict.PASS, Verdict.SKIPPED, Verdict.VACUOUS):
                     continue
                 checks = _checks(outcome)

@@ -43,7 +43,7 @@ def test_layouts_follow_tp_and_ep(capsys):
 
 def test_verify_passes_and_writes_json_and_report(capsys, tmp_path):
     path = tmp_path / "out.json"
-    rc = main(["verify", "--tp", "2", "--examples", "3", "--property", "forward_matches", "--seed", "3",
+    rc = main(["verify", "--tp", "2", "--no-designed", "--examples", "3", "--property", "forward_matches", "--seed", "3",
                "--family", "gpt", "--json", str(path), "--report", str(tmp_path / "rep")])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -65,7 +65,7 @@ def test_verify_passes_and_writes_json_and_report(capsys, tmp_path):
 
 def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tmp_path):
     path = tmp_path / "fail.json"
-    rc = main(["verify", "--tp", "2", "--examples", "30", "--property", "forward_matches", "--family", "gpt",
+    rc = main(["verify", "--tp", "2", "--no-designed", "--examples", "30", "--property", "forward_matches", "--family", "gpt",
                "--layout", "tp1-ep1-etp1-pp1", "--layout", "tp2-ep1-etp2-pp1",
                "--impl", "tests.wrong_impls.scaled_on_rank1", "--json", str(path), "--regressions", str(tmp_path / "reg")])
     out = capsys.readouterr().out
@@ -88,7 +88,7 @@ def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tm
     assert main(shlex.split(replay)[1:]) == 1
     assert capsys.readouterr().out.startswith("NUMERIC  forward_matches tp2-ep1-etp2-pp1")
     # The stored case is replayed first on the next run, before any draw.
-    rc = main(["verify", "--tp", "2", "--examples", "5", "--property", "forward_matches", "--layout", "tp2-ep1-etp2-pp1",
+    rc = main(["verify", "--tp", "2", "--no-designed", "--examples", "5", "--property", "forward_matches", "--layout", "tp2-ep1-etp2-pp1",
                "--family", "gpt", "--impl", "tests.wrong_impls.scaled_on_rank1", "--regressions", str(tmp_path / "reg")])
     out = capsys.readouterr().out
     assert rc == 1 and "stored regression case" in out and "replayed before any new draw" in out
@@ -158,7 +158,7 @@ def test_progress_updates_one_line_on_a_terminal_and_is_silent_otherwise():
 def test_verify_in_a_subprocess_is_quiet_and_leaves_nothing_behind(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    res = _cli("verify", "--tp", "2", "--examples", "2", "--property", "forward_matches", "--family", "gpt",
+    res = _cli("verify", "--tp", "2", "--no-designed", "--examples", "2", "--property", "forward_matches", "--family", "gpt",
                env={"TMPDIR": str(tmp)}, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Apex" not in res.stdout + res.stderr and "Transformer Engine" not in res.stdout + res.stderr

@@ -48,7 +48,7 @@ def _run(root, *args, timeout=600):
 
 def _pytest(root, *args, workers="2"):
     return _run(root, sys.executable, "-m", "pytest", "-q", "-n", workers, "--dist", "loadgroup", "-p", "no:cacheprovider",
-                "test_my_lora.py", "--tp", "2", "--lora-examples", "1", *args)
+                "test_my_lora.py", "--tp", "2", "--lora-examples", "1", "--lora-no-designed", *args)
 
 
 def test_readme_file_is_short_and_names_the_implementation():

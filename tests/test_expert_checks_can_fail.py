@@ -38,7 +38,7 @@ def _needs_tp2_ep2(max_tp, max_ep):
 
 
 def _expect_failure(prop, impl, layout):
-    outcome = check_property(prop, layout, impl, settings=SEARCH, family="moe", seed=SEED, shrink_budget=SHRINK)
+    outcome = check_property(prop, layout, impl, settings=SEARCH, family="moe", seed=SEED, shrink_budget=SHRINK, designed=False)
     assert outcome.verdict.failing, f"{prop} did not charge {impl} at {layout}: {outcome.verdict.value} {outcome.error}"
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
     assert "--case-json" in outcome.replay_command and '\\"family\\": \\"moe\\"' not in outcome.replay_command
@@ -48,7 +48,7 @@ def _expect_failure(prop, impl, layout):
 
 
 def _expect_pass(prop, impl, layout, examples=4):
-    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=examples), family="moe", seed=SEED)
+    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=examples), family="moe", seed=SEED, designed=False)
     assert outcome.passed, outcome.error
     return outcome
 

@@ -39,7 +39,7 @@ def test_planted_hang_is_reported_with_all_stacks_and_bounded(capsys):
     # harness.runner. The hang budget bounds how many timeouts are paid.
     executor = Executor(timeout=4)
     start = time.monotonic()
-    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.hangs_on_rank1", settings=SEARCH, executor=executor, max_faults=2)
+    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.hangs_on_rank1", settings=SEARCH, executor=executor, max_faults=2, designed=False)
     elapsed = time.monotonic() - start
     assert outcome.verdict is Verdict.HANG, outcome.error
     report = outcome.error
@@ -56,7 +56,7 @@ def test_planted_hang_is_reported_with_all_stacks_and_bounded(capsys):
 
 
 def test_planted_crash_names_the_rank_and_exit_code():
-    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.crashes_on_rank1", settings=SEARCH)
+    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.crashes_on_rank1", settings=SEARCH, designed=False)
     assert outcome.verdict is Verdict.CRASH, outcome.error
     assert "RankCrash" in outcome.error and "rank 1" in outcome.error and "exited with code 17" in outcome.error
     # Bounded: at most max_faults (3) crashing examples are run, shrinking included.
@@ -64,7 +64,7 @@ def test_planted_crash_names_the_rank_and_exit_code():
 
 
 def test_a_rank_that_raises_is_a_crash_naming_rank_and_traceback():
-    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.raises_in_forward", settings=SEARCH)
+    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.raises_in_forward", settings=SEARCH, designed=False)
     assert outcome.verdict is Verdict.CRASH, outcome.error
     assert "rank 1 raised RuntimeError: custom kernel failed on rank 1" in outcome.error
     assert "Traceback" in outcome.error
@@ -72,7 +72,7 @@ def test_a_rank_that_raises_is_a_crash_naming_rank_and_traceback():
 
 
 def test_a_chatty_implementation_does_not_bury_the_verdict(capfd):
-    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.chatty", settings=settings(SEARCH, max_examples=2))
+    outcome = check_property("forward_matches", TP2, "tests.wrong_impls.chatty", settings=settings(SEARCH, max_examples=2), designed=False)
     assert outcome.passed
     out, err = capfd.readouterr()
     assert "chatty debug line" not in out and "chatty debug line" not in err
@@ -83,7 +83,7 @@ def test_a_chatty_implementation_does_not_bury_the_verdict(capfd):
 def test_no_rank_process_survives_faults_and_shutdown():
     pool = get_pool(2, "gloo", initializer="harness.cpu:rank_initializer", preload=("harness._quiet", "torch", "megatron.core", "harness.tasks"))
     pids = list(pool.pids)
-    check_property("forward_matches", TP2, "tests.wrong_impls.crashes_on_rank1", settings=settings(SEARCH, max_examples=5))
+    check_property("forward_matches", TP2, "tests.wrong_impls.crashes_on_rank1", settings=settings(SEARCH, max_examples=5), designed=False)
     shutdown_all()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in pids):

@@ -192,14 +192,14 @@ def tp2(max_tp):
 
 def _passes(impl, layout, examples=4, **kw):
     outcome = check_property("init_follows_distribution", layout, impl, settings=settings(SEARCH, max_examples=examples),
-                             seed=SEED, **kw)
+                             seed=SEED, **kw, designed=False)
     assert outcome.passed, outcome.error
     assert outcome.examples == examples
     return outcome
 
 
 def _caught(impl, layout):
-    outcome = check_property("init_follows_distribution", layout, impl, settings=SEARCH, seed=SEED, shrink_budget=SHRINK)
+    outcome = check_property("init_follows_distribution", layout, impl, settings=SEARCH, seed=SEED, shrink_budget=SHRINK, designed=False)
     assert not outcome.passed and outcome.verdict is Verdict.CONTRACT, f"{impl} not caught at {layout}"
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
     case = outcome.minimal_case
@@ -244,7 +244,7 @@ def test_fans_on_the_shard_is_caught_at_tp2_and_advisory_under_bridge(tp2):
     from harness.contract import Capabilities
 
     bridge = check_property("init_follows_distribution", tp2, impl, settings=settings(SEARCH, max_examples=8),
-                            seed=SEED, capabilities=Capabilities.bridge())
+                            seed=SEED, capabilities=Capabilities.bridge(), designed=False)
     assert bridge.passed and bridge.verdict is Verdict.ADVISORY, bridge.error
 
 
@@ -259,4 +259,4 @@ def test_a_wrong_distribution_is_caught_even_at_tp1_where_init_matches_layouts_c
     assert m, outcome.error
     if max_tp >= 2:
         # Drawn over the full matrix like the right implementation: the same at every layout.
-        assert check_property("init_matches_layouts", TP2, impl, settings=settings(SEARCH, max_examples=4), seed=SEED).passed
+        assert check_property("init_matches_layouts", TP2, impl, settings=settings(SEARCH, max_examples=4), seed=SEED, designed=False).passed

@@ -31,7 +31,7 @@ def test_the_signature_decides_how_merge_is_called():
 
 def test_a_bridge_style_tensor_helper_is_judged_by_its_own_merge():
     """Under the bridge contract: numerically right, and the missing model-level fold is advisory only."""
-    outcome = check_property("merge_matches", TP2, "tests.impls.merge_tensor_helper", settings=RUN, seed=2)
+    outcome = check_property("merge_matches", TP2, "tests.impls.merge_tensor_helper", settings=RUN, seed=2, designed=False)
     assert outcome.verdict is Verdict.ADVISORY, outcome.error
     assert "not callable" in outcome.error
     checked = [c for r in outcome.records for c in r.comparisons]
@@ -42,12 +42,12 @@ def test_the_same_helper_judged_strictly_misses_the_model_level_fold():
     from harness.contract import capabilities_of
 
     caps = capabilities_of("tests.impls.merge_tensor_helper").with_contract("strict")
-    outcome = check_property("merge_matches", TP2, "tests.impls.merge_tensor_helper", settings=RUN, seed=2, capabilities=caps)
+    outcome = check_property("merge_matches", TP2, "tests.impls.merge_tensor_helper", settings=RUN, seed=2, capabilities=caps, designed=False)
     assert outcome.verdict is Verdict.CONTRACT and "model-level helper" in outcome.error
 
 
 def test_a_merge_without_tp_arguments_is_one_api_finding_at_tp2_not_a_crash():
     outcome = check_property("merge_matches", TP2, "tests.wrong_impls.merge_without_tp_arguments", settings=RUN, seed=2,
-                             shrink_budget=2)
+                             shrink_budget=2, designed=False)
     assert outcome.verdict is Verdict.CONTRACT, outcome.error
     assert "cannot merge a shard at TP=2" in outcome.error

@@ -57,8 +57,8 @@ def test_properties_at_a_layout_share_the_runs_of_each_example():
     layout = ParallelLayout(tp=2)
     executor = Executor()
     run = settings(max_examples=4, database=None)
-    check_property("forward_matches", layout, LORA_IMPL, settings=run, executor=executor, seed=layout_seed(11, layout))
+    check_property("forward_matches", layout, LORA_IMPL, settings=run, executor=executor, seed=layout_seed(11, layout), designed=False)
     impl_runs = {k for k in executor._cache if k[0] == "impl"}
     assert len(impl_runs) >= 4
-    check_property("backward_matches", layout, LORA_IMPL, settings=run, executor=executor, seed=layout_seed(11, layout))
+    check_property("backward_matches", layout, LORA_IMPL, settings=run, executor=executor, seed=layout_seed(11, layout), designed=False)
     assert {k for k in executor._cache if k[0] == "impl"} == impl_runs

@@ -37,7 +37,7 @@ def _needs_tp2(max_tp):
 
 
 def _expect_failure(prop, impl, layout=TP2, shrink=SHRINK, **kw):
-    outcome = check_property(prop, layout, impl, settings=SEARCH, seed=SEED, shrink_budget=shrink, **kw)
+    outcome = check_property(prop, layout, impl, settings=SEARCH, seed=SEED, shrink_budget=shrink, **kw, designed=False)
     assert outcome.verdict.failing, f"{prop} did not charge {impl} at {layout}: {outcome.verdict.value} {outcome.error}"
     # hypothesis's report of the shrunk example, and our replayable case
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
@@ -48,7 +48,7 @@ def _expect_failure(prop, impl, layout=TP2, shrink=SHRINK, **kw):
 
 
 def _expect_pass(prop, impl, layout):
-    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=6), seed=SEED)
+    outcome = check_property(prop, layout, impl, settings=settings(SEARCH, max_examples=6), seed=SEED, designed=False)
     assert outcome.passed, outcome.error
     return outcome
 
@@ -146,11 +146,11 @@ def test_a_bridge_contract_implementation_gets_numeric_verdicts():
         inits = {c["lora"].get(k) for r in outcome.records for c in [r.case] for k in ("lora_A_init_method", "lora_B_init_method")}
         assert "xavier_uniform" not in inits and inits <= {"xavier", "kaiming", "normal", "zero"}
     # Judged by Bridge's contract, its errors are fine; SPEC's stricter points are advisory notes.
-    outcome = check_property("errors_follow_spec", TP2, impl, settings=settings(SEARCH, max_examples=5))
+    outcome = check_property("errors_follow_spec", TP2, impl, settings=settings(SEARCH, max_examples=5), designed=False)
     assert outcome.passed and outcome.verdict is Verdict.ADVISORY, outcome.error
     assert "AssertionError" in outcome.error or "NotImplementedError" in outcome.error
     # Init over the shard would be advisory under bridge; this one draws over the full matrix: pass.
-    assert check_property("init_matches_layouts", TP2, impl, settings=settings(SEARCH, max_examples=5)).passed
+    assert check_property("init_matches_layouts", TP2, impl, settings=settings(SEARCH, max_examples=5), designed=False).passed
 
 
 def test_a_bridge_implementation_judged_strictly_gets_contract_findings_not_numeric():
@@ -158,17 +158,17 @@ def test_a_bridge_implementation_judged_strictly_gets_contract_findings_not_nume
 
     impl = "tests.impls.declares_bridge"
     strict = Capabilities.bridge().with_contract("strict")
-    outcome = check_property("errors_follow_spec", TP2, impl, settings=settings(SEARCH, max_examples=5), capabilities=strict)
+    outcome = check_property("errors_follow_spec", TP2, impl, settings=settings(SEARCH, max_examples=5), capabilities=strict, designed=False)
     assert outcome.verdict is Verdict.CONTRACT
     assert all(f.kind == "contract" for r in outcome.records for f in r.findings)
-    assert check_property("forward_matches", TP2, impl, settings=settings(SEARCH, max_examples=5), capabilities=strict).passed
+    assert check_property("forward_matches", TP2, impl, settings=settings(SEARCH, max_examples=5), capabilities=strict, designed=False).passed
 
 
 def test_fans_on_the_shard_is_advisory_under_the_bridge_contract():
     from harness.contract import Capabilities
 
     outcome = check_property("init_matches_layouts", TP2, "tests.wrong_impls.fans_on_shard",
-                             settings=settings(SEARCH, max_examples=12), seed=SEED, capabilities=Capabilities.bridge())
+                             settings=settings(SEARCH, max_examples=12), seed=SEED, capabilities=Capabilities.bridge(), designed=False)
     assert outcome.passed and outcome.verdict is Verdict.ADVISORY
 
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # apart from the other 4-rank tests.
 pytestmark = pytest.mark.xdist_group(name="lora-world4")
 
-VERIFY = ["verify", "--tp", "2", "--ep", "2", "--examples", "1", "--property", "forward_matches", "--family", "gpt"]
+VERIFY = ["verify", "--tp", "2", "--ep", "2", "--no-designed", "--examples", "1", "--property", "forward_matches", "--family", "gpt"]
 # The dense layouts of --tp 2 --ep 2 (lora-harness layouts --tp 2 --ep 2).
 GPT_LAYOUTS = {"tp1-ep1-etp1-pp1", "tp1-ep2-etp1-pp1", "tp2-ep1-etp2-pp1", "tp2-ep1-etp2-pp1-sp",
                "tp2-ep2-etp2-pp1", "tp2-ep2-etp2-pp1-sp"}
@@ -132,7 +132,7 @@ def test_four_ranks_run_every_layout_and_pass(tmp_path):
 
 def test_a_rank_that_raises_is_a_crash_naming_the_rank(tmp_path):
     report = tmp_path / "report"
-    rc, text, seconds = _torchrun(2, ["verify", "--tp", "2", "--layout", "tp2-ep1-etp2-pp1", "--examples", "1",
+    rc, text, seconds = _torchrun(2, ["verify", "--tp", "2", "--layout", "tp2-ep1-etp2-pp1", "--no-designed", "--examples", "1",
                                       "--property", "forward_matches", "--family", "gpt", "--seed", "7",
                                       "--rank-timeout", "30", "--impl", "tests.wrong_impls.raises_in_forward",
                                       "--report", str(report)])
@@ -149,7 +149,7 @@ def test_a_rank_that_raises_is_a_crash_naming_the_rank(tmp_path):
 @pytest.mark.nightly
 def test_a_rank_that_hangs_is_reported_with_its_stack(tmp_path):
     report = tmp_path / "report"
-    rc, text, seconds = _torchrun(2, ["verify", "--tp", "2", "--layout", "tp2-ep1-etp2-pp1", "--examples", "1",
+    rc, text, seconds = _torchrun(2, ["verify", "--tp", "2", "--layout", "tp2-ep1-etp2-pp1", "--no-designed", "--examples", "1",
                                       "--property", "forward_matches", "--family", "gpt", "--seed", "7",
                                       "--rank-timeout", "15", "--impl", "tests.wrong_impls.hangs_on_rank1",
                                       "--report", str(report)])
@@ -199,7 +199,7 @@ def test_two_nodes_give_the_verdicts_of_a_local_run(tmp_path):
 def test_a_rank_that_dies_ends_the_job_and_the_report_keeps_what_finished(tmp_path):
     report = tmp_path / "report"
     rc, text, seconds = _torchrun(2, ["verify", "--tp", "2", "--layout", "tp1-ep1-etp1-pp1", "--layout", "tp2-ep1-etp2-pp1",
-                                      "--examples", "1", "--property", "forward_matches", "--family", "gpt", "--seed", "7",
+                                      "--no-designed", "--examples", "1", "--property", "forward_matches", "--family", "gpt", "--seed", "7",
                                       "--rank-timeout", "30", "--impl", "tests.wrong_impls.crashes_on_rank1",
                                       "--report", str(report)])
     assert rc != 0, text[-4000:]

@@ -85,7 +85,7 @@ def _without_shared_experts(shape):
 
 def test_an_implementation_that_never_drops_is_caught_with_a_decidable_minimal_case():
     outcome = check_property("dropout_follows_spec", TP2, NEVER_DROPS, seed=7, shrink_budget=12,
-                             settings=settings(max_examples=40, database=None, deadline=None))
+                             settings=settings(max_examples=40, database=None, deadline=None), designed=False)
     assert outcome.verdict is Verdict.CONTRACT, outcome.error
     assert "dropped nothing" in outcome.error
     case = outcome.minimal_case
@@ -132,7 +132,7 @@ def test_control_implementations():
 def test_a_check_that_fails_every_example_is_a_harness_verdict_never_charged(tmp_path):
     store = RegressionStore(tmp_path / "regressions")
     outcome = check_property(ALWAYS_FAILS, TP2, OTHER_CORRECT, seed=1, regressions=store,
-                             settings=settings(max_examples=3, database=None, deadline=None))
+                             settings=settings(max_examples=3, database=None, deadline=None), designed=False)
     assert outcome.verdict is Verdict.HARNESS and not outcome.passed and not outcome.verdict.failing
     assert "HARNESS DEFECT" in outcome.error and "lora.megatron" in outcome.error and OTHER_CORRECT in outcome.error
     assert outcome.minimal_case is not None and outcome.replay_command
@@ -144,14 +144,14 @@ def test_a_check_that_fails_every_example_is_a_harness_verdict_never_charged(tmp
 
 def test_lora_megatron_at_one_rank_is_controlled_by_the_reference():
     outcome = check_property(ALWAYS_FAILS, TP1, "lora.megatron", seed=1,
-                             settings=settings(max_examples=2, database=None, deadline=None))
+                             settings=settings(max_examples=2, database=None, deadline=None), designed=False)
     assert outcome.verdict is Verdict.HARNESS and "lora.reference" in outcome.error
 
 
 def test_shrinking_never_walks_into_a_case_whose_control_fails(tmp_path):
     store = RegressionStore(tmp_path / "regressions")
     outcome = check_property(ONE_LAYER_BUG, TP2, NEVER_DROPS, seed=3, regressions=store, shrink_budget=12,
-                             settings=settings(max_examples=30, database=None, deadline=None))
+                             settings=settings(max_examples=30, database=None, deadline=None), designed=False)
     assert outcome.verdict is Verdict.CONTRACT, outcome.error
     assert outcome.minimal_case.shape.num_layers == 2  # the one-layer cases are the harness's, not charged
     stored = list((tmp_path / "regressions").glob("*.json"))

@@ -237,7 +237,7 @@ SEARCH = settings(max_examples=3, database=None, deadline=None)
     ("tests.wrong_impls.vlm_none_part_crashes", "access", r"on a model whose vision_(model|projection) is None raised AttributeError"),
 ])
 def test_wrong_vlm_freezing_is_caught_with_a_shrunk_example(impl, sub, names):
-    outcome = check_property(PROP, ParallelLayout(), impl, settings=SEARCH, seed=SEED, family="vlm", shrink_budget=1)
+    outcome = check_property(PROP, ParallelLayout(), impl, settings=SEARCH, seed=SEED, family="vlm", shrink_budget=1, designed=False)
     assert outcome.verdict is Verdict.CONTRACT, outcome.error
     assert re.search(r"Falsifying example|Failing test case", outcome.falsifying_example)
     assert outcome.replay_command.startswith("lora-harness replay ") and "--case-json" in outcome.replay_command
@@ -258,7 +258,7 @@ def test_wrong_projection_freeze_is_caught_at_tp2(max_tp):
     if max_tp < 2:
         pytest.skip("needs --tp 2 or more")
     outcome = check_property(PROP, ParallelLayout(tp=2), "tests.wrong_impls.vlm_projection_trainable",
-                             settings=settings(SEARCH, max_examples=2), seed=SEED, family="vlm", shrink_budget=0)
+                             settings=settings(SEARCH, max_examples=2), seed=SEED, family="vlm", shrink_budget=0, designed=False)
     assert outcome.verdict is Verdict.CONTRACT
     assert "freeze_vision_projection=True" in outcome.error and "rank 1:" in " ".join(
         f.message for r in outcome.records for f in r.findings)
