@@ -252,7 +252,7 @@ def test_a_property_registered_from_outside_reaches_the_cli(tmp_path):
         "import sys, my_property\n"
         "from harness.cli import main\n"
         "if __name__ == '__main__':\n"
-        "    sys.exit(main(['verify', '--tp', '1', '--examples', '2', '--property', 'logits_shaped_like_reference']))\n"
+        "    sys.exit(main(['verify', '--tp', '1', '--no-designed', '--examples', '2', '--property', 'logits_shaped_like_reference']))\n"
     )
     (tmp_path / "run.py").write_text(script)
     res = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,

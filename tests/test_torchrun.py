@@ -164,6 +164,7 @@ def test_a_rank_that_hangs_is_reported_with_its_stack(tmp_path):
     print(f"planted hang under torchrun: {seconds:.1f} s")
 
 
+@pytest.mark.nightly  # two torchrun worlds of 2 ranks and a local run: 100 s on 2 cores
 def test_two_nodes_give_the_verdicts_of_a_local_run(tmp_path):
     port = _free_port()
     report = tmp_path / "nodes"
