@@ -100,7 +100,9 @@ def run_once(impl: str, seed: int, workers: str, timeout: float) -> dict:
             verdicts = [c["verdict"] for c in json.loads(results.read_text()).get("cells", [])
                         if c["verdict"] in ("numeric", "contract", "crash", "hang")]
         harness = "harness defect" in out.lower() or " hbug " in out.lower()
-        caught = rc == 1 and first is not None and not harness
+        # pytest exits 1 when a test failed; under -x with xdist it may report the stop as
+        # an interruption (2). Either way the first failed report is the verdict.
+        caught = rc in (1, 2) and first is not None and not harness
         return {"impl": impl, "seed": seed, "rc": rc, "seconds": seconds, "first_failure_s": first, "cell": node.strip(),
                 "caught": caught, "verdicts": verdicts, "tail": "" if caught else out[-1500:]}
 
