@@ -365,6 +365,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    # Keep the collection order (``cell_order``): xdist would otherwise start
+    # the scopes with the most tests first (MoE layouts, ten properties each).
+    config.option.loadscopereorder = False
+
     class LayoutScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             match = _CELL_ID.search(nodeid)
