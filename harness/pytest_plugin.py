@@ -348,7 +348,28 @@ def cell_order(cells: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return first + [c for c in rest if c not in first]
 
 
+def property_order(props: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Properties in the order their cells run at a layout: those that read only the runs the
+    first one makes (the implementation's and the reference's) first, then by how many runs of
+    their own they add; registry order otherwise. A bug a contract check sees then reports
+    without waiting for the runs other checks need."""
+    shared = {"impl", "reference"}
+    ranked = sorted(enumerate(props.items()), key=lambda ip: (len(set(ip[1][1].needs) - shared), ip[0]))
+    return [item for _, item in ranked]
+
+
 _CELL_ID = re.compile(r"\[(?:(moe|vlm)-)?[a-z0-9_]+-(tp\d+-ep\d+-etp\d+-pp\d+(?:-dp\d+)?(?:-sp)?)\]")
+
+
+def cell_scope(nodeid: str) -> str:
+    """The xdist scope of a test: ``lora-<family>-<layout>`` for a property cell, xdist's own
+    group where the id carries one, else the test itself."""
+    match = _CELL_ID.search(nodeid)
+    if match:
+        return f"lora-{match.group(1) or 'gpt'}-{match.group(2)}"
+    if nodeid.rfind("@") > nodeid.rfind("]"):
+        return nodeid.split("@")[-1]
+    return nodeid
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
@@ -371,12 +392,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class LayoutScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            match = _CELL_ID.search(nodeid)
-            if match:
-                return f"lora-{match.group(1) or 'gpt'}-{match.group(2)}"
-            if nodeid.rfind("@") > nodeid.rfind("]"):
-                return nodeid.split("@")[-1]
-            return nodeid
+            return cell_scope(nodeid)
 
     return LayoutScheduling(config, log)
 
@@ -414,7 +430,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 marks=pytest.mark.xdist_group(name=f"lora-{family}-{layout}"),
             )
             for family, layout in cells
-            for name, prop in registry().items()
+            for name, prop in property_order(registry())
             if family in prop.families
         ]
         metafunc.parametrize("lora_property", params)

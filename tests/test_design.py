@@ -125,3 +125,25 @@ def test_an_expert_combination_bug_is_caught_by_design():
     case = outcome.minimal_case
     assert case.shape.grouped and case.lora["share_expert_adapters"] and case.training
     assert next(r for r in outcome.records if r.verdict.failing).source == "designed"
+
+
+def test_cells_start_cheap_and_sensitive_and_a_layout_stays_in_one_worker():
+    from harness.properties import registry
+    from harness.pytest_plugin import cell_order, cell_scope, property_order
+
+    cells = [(f, lay) for f in FAMILIES for lay in layout_set(2, 2, f)]
+    order = cell_order(cells)
+    assert sorted(map(repr, order)) == sorted(map(repr, cells))
+    assert [(f, lay.describe()) for f, lay in order[:2]] == [("gpt", "tp2-ep1-etp2-pp1-sp"), ("moe", "tp2-ep2-etp1-pp1-sp")]
+    assert all(lay.min_world_size == 1 for _, lay in order[-3:])
+    names = [n for n, _ in property_order(registry())]
+    assert names[:2] == ["forward_matches", "backward_matches"]
+    assert names.index("adapters_follow_spec") < names.index("init_matches_layouts")
+    # Every property of a family and layout maps to one xdist scope; other tests to their own.
+    assert cell_scope("t.py::test_lora[forward_matches-tp2-ep1-etp2-pp1-sp]") == \
+        cell_scope("t.py::test_lora[init_follows_distribution-tp2-ep1-etp2-pp1-sp]") == "lora-gpt-tp2-ep1-etp2-pp1-sp"
+    assert cell_scope("t.py::test_lora[moe-ep_size_independent-tp2-ep2-etp1-pp1-dp2-sp]") == "lora-moe-tp2-ep2-etp1-pp1-dp2-sp"
+    assert cell_scope("t.py::test_lora[moe-forward_matches-tp2-ep1-etp2-pp1-sp]") != cell_scope(
+        "t.py::test_lora[forward_matches-tp2-ep1-etp2-pp1-sp]")
+    assert cell_scope("tests/test_x.py::test_y") == "tests/test_x.py::test_y"
+    assert cell_scope("tests/test_x.py::test_y@lora-world4") == "lora-world4"
