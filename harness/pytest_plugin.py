@@ -329,8 +329,10 @@ def cell_order(cells: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     First, per family (dense, then MoE), the layout with the most kinds of
     parallelism per rank among those with TP or EP > 1 (``--tp 2 --ep 2``:
     gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where most sharding bugs
-    show; then the others by parallelism per rank; layouts of one rank
-    (which only the non-sharding checks can fail) last.
+    show; then dense TP without sequence parallelism (gpt tp2, where
+    activations are replicated over TP); then the others by parallelism per
+    rank; layouts of one rank (which only the non-sharding checks can fail)
+    last.
     """
     family_rank = {f: i for i, f in enumerate(FAMILIES)}
 
@@ -345,6 +347,11 @@ def cell_order(cells: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         best = next((c for c in rest if c[0] == family and c[1].min_world_size > 1), None)
         if best is not None:
             first.append(best)
+    # Then dense TP without sequence parallelism: activations replicated over
+    # TP, where a per-rank dropout RNG or a missing broadcast shows.
+    plain = next((c for c in rest if c[0] == "gpt" and c[1].tp > 1 and not c[1].sp and c[1].ep == 1), None)
+    if plain is not None and plain not in first:
+        first.append(plain)
     return first + [c for c in rest if c not in first]
 
 
