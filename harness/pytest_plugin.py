@@ -329,8 +329,9 @@ def cell_order(cells: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     First, per family (dense, then MoE), the layout with the most kinds of
     parallelism per rank among those with TP or EP > 1 (``--tp 2 --ep 2``:
     gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where most sharding bugs
-    show; then dense TP without sequence parallelism (gpt tp2, where
-    activations are replicated over TP); then the others by parallelism per
+    show; then MoE with expert TP > 1 on the fewest ranks (moe tp2-sp) and
+    dense TP without sequence parallelism (gpt tp2, where activations are
+    replicated over TP); then the others by parallelism per
     rank; layouts of one rank (which only the non-sharding checks can fail)
     last.
     """
@@ -347,11 +348,15 @@ def cell_order(cells: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         best = next((c for c in rest if c[0] == family and c[1].min_world_size > 1), None)
         if best is not None:
             first.append(best)
-    # Then dense TP without sequence parallelism: activations replicated over
-    # TP, where a per-rank dropout RNG or a missing broadcast shows.
+    # Then MoE with expert tensor parallelism (ETP > 1, fewest ranks), where
+    # expert shards are split and reduced; and dense TP without sequence
+    # parallelism: activations replicated over TP, where a per-rank dropout
+    # RNG or a missing broadcast shows.
+    etp = min((c for c in rest if c[0] == "moe" and c[1].etp_size > 1), key=lambda c: c[1].min_world_size, default=None)
     plain = next((c for c in rest if c[0] == "gpt" and c[1].tp > 1 and not c[1].sp and c[1].ep == 1), None)
-    if plain is not None and plain not in first:
-        first.append(plain)
+    for cell in (etp, plain):
+        if cell is not None and cell not in first:
+            first.append(cell)
     return first + [c for c in rest if c not in first]
 
 
