@@ -331,7 +331,7 @@ def cell_order(cells: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where most sharding bugs
     show; then MoE with expert TP > 1 on the fewest ranks (moe tp2-sp) and
     dense TP without sequence parallelism (gpt tp2, where activations are
-    replicated over TP); then the others by parallelism per
+    replicated over TP); then VLM's multi-rank layout; then the others by parallelism per
     rank; layouts of one rank (which only the non-sharding checks can fail)
     last.
     """
@@ -354,7 +354,9 @@ def cell_order(cells: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     # RNG or a missing broadcast shows.
     etp = min((c for c in rest if c[0] == "moe" and c[1].etp_size > 1), key=lambda c: c[1].min_world_size, default=None)
     plain = next((c for c in rest if c[0] == "gpt" and c[1].tp > 1 and not c[1].sp and c[1].ep == 1), None)
-    for cell in (etp, plain):
+    # And the VLM family's largest layout: its freezing rules fail at any TP.
+    vlm = next((c for c in rest if c[0] == "vlm" and c[1].min_world_size > 1), None)
+    for cell in (etp, plain, vlm):
         if cell is not None and cell not in first:
             first.append(cell)
     return first + [c for c in rest if c not in first]
