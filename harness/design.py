@@ -10,8 +10,9 @@ small *designed* set of examples whose features are fixed in advance:
   layout: which modules are targeted (by name, by wildcard, in exclude
   mode), training or inference, dropout off/pre/post, one or two
   micro-batches, each init method (A and B), each adapter dtype, the base
-  dtype, the gated MLP, biases, ``a2a_experimental`` where the layout has
-  sequence parallelism; for MoE also sequential or grouped experts, shared
+  dtype, the gated MLP, biases, one or two attention query groups per TP
+  rank, ``a2a_experimental`` where the layout has sequence parallelism; for
+  MoE also sequential or grouped experts, shared
   or per-expert adapters, shared experts present or not, both token
   dispatchers, ``normalize_moe_lora`` on and off;
 * the rows form a covering array of strength 2: every pair of values of
@@ -95,6 +96,10 @@ def targets_for(family: str, level: str, shared_experts: bool = False) -> dict[s
     return out
 
 
+_GROUPS_DOC = ("attention query groups per TP rank: with two, the fused QKV output interleaves [q k v] per group, "
+               "so a blocked q|k|v order shows; with one it cannot")
+
+
 def _init_levels(methods: Iterable[str]) -> tuple[tuple[str, str], ...]:
     """(A, B) init pairs: each method once as A and once as B (A cycles, B is the next method)."""
     methods = list(methods)
@@ -115,6 +120,7 @@ def factors(family: str, layout: ParallelLayout, caps: Optional[Capabilities] = 
             Factor("model_dtype", ("float64", "float32", "bfloat16"), "base model dtype"),
             Factor("gated", (True, False), "gated (SwiGLU-style) MLP: fc1 holds gate and up"),
             Factor("bias", (False, True), "biased linears"),
+            Factor("query_groups", (2, 1), _GROUPS_DOC),
         ]
         if layout.sp and caps.a2a:
             out.append(Factor("a2a", (False, True), "a2a_experimental under sequence parallelism"))
@@ -134,6 +140,7 @@ def factors(family: str, layout: ParallelLayout, caps: Optional[Capabilities] = 
             Factor("lora_dtype", exact, "adapter dtype (MoE compares float64 values exactly)"),
             Factor("normalize_moe_lora", (False, True), "expert rank divided by top-k"),
             Factor("gated", (True, False), "gated expert MLPs"),
+            Factor("query_groups", (2, 1), _GROUPS_DOC),
         ]
     if family == "vlm":
         # The VLM task runs the 16 freeze-flag x training combinations itself,
@@ -219,6 +226,8 @@ def row_of_case(family: str, case: Mapping[str, Any]) -> dict[str, Any]:
     out["bias"] = bool(shape.get("add_bias_linear", False))
     if family == "vlm":
         return out
+    if "layout" in case and shape.get("num_query_groups"):
+        out["query_groups"] = shape["num_query_groups"] // ParallelLayout.parse(case["layout"]).tp
     out["training"] = bool(case.get("training", True))
     p = float(lora.get("dropout", 0.0) or 0.0)
     out["dropout"] = "none" if p == 0 else lora.get("dropout_position", "pre")

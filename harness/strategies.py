@@ -63,7 +63,7 @@ def gpt_shapes(draw: Any, tp: int = 1, sequence_parallel: bool = False, row: Opt
     heads per query group (GQA), head dim 4, a batch of two, four tokens.
     """
     floor = row is not None
-    groups = tp * draw(st.integers(1, 2))
+    groups = tp * _pick(draw, row, "query_groups", st.integers(1, 2))
     heads = groups * draw(st.sampled_from([2, 1] if floor else [1, 2]))
     head_dim = draw(st.sampled_from([4, 8] if floor else [2, 4, 8]))  # RoPE rotates pairs: even
     return GPTShape(
@@ -230,7 +230,7 @@ def moe_shapes(draw: Any, layout: ParallelLayout, grouped_experts: bool = True, 
     from harness.moe import MoEShape
 
     tp, ep, etp = layout.tp, layout.ep, layout.etp_size
-    groups = tp * draw(st.integers(1, 2))
+    groups = tp * _pick(draw, row, "query_groups", st.integers(1, 2))
     heads = groups * draw(st.sampled_from([1, 2]))
     head_dim = draw(st.sampled_from([4, 8]))  # a router over 2 features leaves experts unchosen
     floor = row is not None
