@@ -30,7 +30,6 @@ import ast
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from false_alarms import downstream_file  # noqa: E402  (the README's file, as printed)
+from false_alarms import downstream_file, run_pytest  # noqa: E402  (the README's file, as printed)
 
 TARGET_MEDIAN_S = 15.0
 TARGET_WORST_S = 60.0
@@ -84,11 +83,7 @@ def run_once(impl: str, seed: int, workers: str, timeout: float) -> dict:
         env = dict(os.environ, LORA_FIRST_FAILURE_FILE=str(stamp),
                    PYTHONPATH=os.pathsep.join([tmp, str(ROOT), os.environ.get("PYTHONPATH", "")]))
         started = time.time()
-        try:
-            proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
-            rc, out = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            rc, out = -1, f"timed out after {timeout} s\n{exc.stdout or ''}"
+        rc, out = run_pytest(cmd, tmp, env, timeout)
         seconds = time.time() - started
         first, node = None, ""
         if stamp.exists():

@@ -42,6 +42,15 @@ def downstream_file() -> str:
     return match.group(1)
 
 
+def run_pytest(cmd: list[str], cwd: str, env: dict, timeout: float) -> tuple[int, str]:
+    """Run a pytest command line; (exit status, stdout + stderr), or (-1, what it printed) on a timeout."""
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        return -1, f"timed out after {timeout} s\n{exc.stdout or ''}"
+
+
 def run_once(impl: str, seed: int, profile: str, workers: str, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="lora-false-alarms-") as tmp:
         test = Path(tmp) / "test_my_lora.py"
@@ -52,11 +61,7 @@ def run_once(impl: str, seed: int, profile: str, workers: str, timeout: float) -
                "--regressions", str(Path(tmp) / "regressions"), "--report", str(report), str(test)]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         started = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
-            rc, out = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            rc, out = -1, f"timed out after {timeout} s\n{exc.stdout or ''}"
+        rc, out = run_pytest(cmd, tmp, env, timeout)
         seconds = time.monotonic() - started
         cells = []
         results = report / "results.json"
