@@ -786,6 +786,7 @@ class RankPool:
         # Held while forking so no other thread restarts the fork server
         # between our check for its children and our own forks.
         with _forkserver_lock:
+            _short_socket_dir()
             _prepare_forkserver(self.preload)
             self._spawn_ranks(ctx, ceiling)
         label = f"start of a {self.world_size}-rank {self.backend} pool (initializer={self.initializer!r})"
@@ -1216,6 +1217,24 @@ def _describe_exit(code) -> str:
 # not (not started yet, or started by other code with unknown preload).
 _forkserver_preload: frozenset | None = None
 _forkserver_lock = threading.Lock()
+
+
+def _short_socket_dir() -> None:
+    """Give multiprocessing a short temporary directory when ``TMPDIR`` is long.
+
+    The fork server listens on a Unix socket under multiprocessing's temp dir
+    (``<TMPDIR>/pymp-XXXXXXXX/listener-XXXXXXXX``), and a socket path has at
+    most 107 bytes: a deep ``TMPDIR`` (pytest's numbered ``tmp_path`` dirs)
+    makes every pool start fail with ``OSError: AF_UNIX path too long``.
+    """
+    from multiprocessing import process, util
+
+    config = process.current_process()._config
+    if config.get("tempdir") is not None or len(tempfile.gettempdir()) <= 48:
+        return
+    short = tempfile.mkdtemp(prefix="pymp-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    config["tempdir"] = short
+    util.Finalize(None, shutil.rmtree, args=[short], kwargs={"ignore_errors": True}, exitpriority=-100)
 
 
 def _prepare_forkserver(preload: tuple) -> None:
