@@ -251,6 +251,10 @@ _TORCH_PROXY = _TorchProxy()
 
 # module name -> {global name: original object}; what deactivate() restores.
 _patched: dict[str, dict[str, Any]] = {}
+# Modules ``patch_loaded_modules`` has visited while active (name -> id of the
+# module object): a second call looks only at modules loaded since. A model
+# builder calls it once per model, and sys.modules holds thousands.
+_visited: dict[str, int] = {}
 _lock = threading.RLock()
 _active = False
 
@@ -384,6 +388,9 @@ def patch_loaded_modules() -> int:
         if not _active:
             raise RuntimeError("harness.cpu: patch_loaded_modules() called while CPU mode is not active; call activate() first")
         for mod_name, module in list(sys.modules.items()):
+            if _visited.get(mod_name) == id(module):
+                continue
+            _visited[mod_name] = id(module)
             if module is None or not (mod_name == "megatron.core" or mod_name.startswith("megatron.core.")):
                 continue
             _patch_module(mod_name, module)
@@ -417,6 +424,7 @@ def deactivate() -> None:
             for name, original in saved.items():
                 module.__dict__[name] = original
         _patched.clear()
+        _visited.clear()
         _active = False
 
 

@@ -261,7 +261,7 @@ class Coverage:
     def line(self) -> str:
         head = (f"{self.family} {self.layout}: designed {self.designed_run}/{self.designed} examples ran, "
                 f"{self.pairs_run}/{self.pairs} feature pairs{' and triples' if self.family in TRIPLES else ''} exercised")
-        paths = "; ".join(f"{name} {'/'.join(_show(v) for v in vals)}" for name, vals in self.levels.items())
+        paths = "; ".join(f"{name} {'/'.join(_show(v) for v in vals)}" for name, vals in self.levels.items() if vals)
         tail = f"; NOT exercised: {', '.join(self.missing)}" if self.missing else ""
         return f"{head}: {paths}{tail}"
 

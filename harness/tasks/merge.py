@@ -110,12 +110,28 @@ def fold_with_merge(model: torch.nn.Module, merger: Any, alpha: float) -> torch.
     return model
 
 
-def _gather(t: torch.Tensor, part: Partition, group: Any, size: int) -> torch.Tensor:
-    if part.dim is None or size == 1:
-        return t.detach().double().clone()
-    pieces = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(pieces, t.detach().contiguous(), group=group)
-    return unshard([p.double() for p in pieces], part)
+def _gather_all(items: list[tuple[torch.Tensor, Partition]], group: Any, size: int) -> list[torch.Tensor]:
+    """The full float64 tensors of ``items`` (this rank's shards and their partitions), in one all_gather.
+
+    Every rank holds shards of the same shapes (megatron splits evenly), so
+    the flattened shards travel as one float64 buffer per rank: one
+    collective for all of a model's merges instead of three per module.
+    """
+    local = [t.detach().double() for t, _ in items]
+    if size == 1 or all(part.dim is None for _, part in items):
+        return [t.clone() for t in local]
+    flat = torch.cat([t.reshape(-1) for t in local])
+    pieces = [torch.empty_like(flat) for _ in range(size)]
+    dist.all_gather(pieces, flat.contiguous(), group=group)
+    out, offset = [], 0
+    for t, (_, part) in zip(local, items):
+        n = t.numel()
+        if part.dim is None:
+            out.append(t.clone())
+        else:
+            out.append(unshard([p[offset:offset + n].view(t.shape) for p in pieces], part))
+        offset += n
+    return out
 
 
 def _group_of(base: torch.nn.Module) -> tuple[Any, int, int]:
@@ -132,19 +148,31 @@ def module_merges(model: torch.nn.Module, impl: Any, table: dict[str, Any], alph
     Raises what the implementation raises.
     """
     merger = impl.LoRAMerge()
-    out: dict[str, Any] = {}
+    modules = []
     for wname, wrapper in sorted(adapter_modules(model).items()):
         base = wrapper.to_wrap
         a_name, b_name = f"{wname}.adapter.linear_in.weight", f"{wname}.adapter.linear_out.weight"
         if a_name not in table or not isinstance(getattr(base, "weight", None), torch.Tensor):
             continue
-        group, size, rank = _group_of(base)
         A, B = model.get_parameter(a_name), model.get_parameter(b_name)
-        dim = table[a_name][2][0]
         base_part = base_partition(model, f"{wname}.to_wrap.weight", base.weight)
-        w_full = _gather(base.weight, base_part, group, size)
-        a_full = _gather(A, table[a_name][1], group, size)
-        b_full = _gather(B, table[b_name][1], group, size)
+        modules.append((wname, base, A, B, table[a_name][2][0], base_part, table[a_name][1], table[b_name][1]))
+    # The full matrices, gathered per TP group in one collective (every rank
+    # walks the same modules in the same order).
+    fulls: dict[str, tuple[torch.Tensor, ...]] = {}
+    by_group: dict[int, list[Any]] = {}
+    for m in modules:
+        by_group.setdefault(id(_group_of(m[1])[0]), []).append(m)
+    for members in by_group.values():
+        group, size, _ = _group_of(members[0][1])
+        items = [(t, part) for (_, base, A, B, _, bp, ap, pp) in members for t, part in ((base.weight, bp), (A, ap), (B, pp))]
+        gathered = _gather_all(items, group, size)
+        for k, m in enumerate(members):
+            fulls[m[0]] = tuple(gathered[3 * k:3 * k + 3])
+    out: dict[str, Any] = {}
+    for wname, base, A, B, dim, base_part, _, _ in modules:
+        group, size, rank = _group_of(base)
+        w_full, a_full, b_full = fulls[wname]
         want = shard(w_full + (alpha / dim) * (b_full @ a_full), base_part, rank, size)
         with torch.no_grad():
             got = call_merge(merger, base.weight.detach().clone(), B.detach(), A.detach(), alpha, dim, size, group)

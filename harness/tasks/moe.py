@@ -199,28 +199,50 @@ def _group(kind: str) -> Any:
     }[kind]()
 
 
-def _gather_full(t: torch.Tensor, info: AdapterParam, sizes: dict[str, int]) -> torch.Tensor:
-    size = sizes["etp_size"] if info.group == "etp" else sizes["tp_size"]
-    if info.part.dim is None or size == 1:
-        return t.clone()
-    pieces = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(pieces, t.contiguous(), group=_group(info.group))
-    return unshard(pieces, info.part)
+def _gather_group(items: list[tuple[torch.Tensor, AdapterParam]], group: Any, size: int) -> list[torch.Tensor]:
+    """Full tensors of shards split over one group (float64, same shapes on every rank), in one all_gather."""
+    flat = torch.cat([t.reshape(-1) for t, _ in items])
+    pieces = [torch.empty_like(flat) for _ in range(size)]
+    dist.all_gather(pieces, flat.contiguous(), group=group)
+    out, offset = [], 0
+    for t, info in items:
+        n = t.numel()
+        out.append(unshard([p[offset:offset + n].view(t.shape) for p in pieces], info.part))
+        offset += n
+    return out
 
 
 def _assemble(values: dict[str, Optional[torch.Tensor]], table: dict[str, AdapterParam], sizes: dict[str, int]) -> dict[str, Any]:
-    """Full tensors by global name: gathered over (E)TP, per-expert ones collected over EP."""
+    """Full tensors by global name: gathered over (E)TP, per-expert ones collected over EP.
+
+    Collectives are batched: one all_reduce says which tensors every rank
+    has (a missing gradient on one rank must not leave the others'
+    collectives unmatched), then one all_gather per (E)TP group carries
+    every split tensor.
+    """
+    names = sorted(table)
+    present = torch.tensor([0 if values.get(p) is None else 1 for p in names], dtype=torch.int64)
+    if sizes["world"] > 1 and names:
+        dist.all_reduce(present, op=dist.ReduceOp.MIN)
     full: dict[str, Any] = {}
-    for pname in sorted(table):
-        info, t = table[pname], values.get(pname)
-        # A missing gradient must not leave the group's collectives unmatched.
-        present = torch.tensor([0 if t is None else 1])
-        if sizes["world"] > 1:
-            dist.all_reduce(present, op=dist.ReduceOp.MIN)
-        if int(present) == 0:
+    split: dict[str, list[tuple[str, torch.Tensor, AdapterParam]]] = {}
+    for pname, here in zip(names, present.tolist()):
+        info = table[pname]
+        if here == 0:
             full[info.global_name] = None
             continue
-        full[info.global_name] = _gather_full(t.detach().double(), info, sizes)
+        t = values[pname].detach().double()
+        size = sizes["etp_size"] if info.group == "etp" else sizes["tp_size"]
+        if info.part.dim is None or size == 1:
+            full[info.global_name] = t.clone()
+        else:
+            split.setdefault(info.group, []).append((info.global_name, t, info))
+    for kind in sorted(split):
+        members = split[kind]
+        size = sizes["etp_size"] if kind == "etp" else sizes["tp_size"]
+        gathered = _gather_group([(t, info) for _, t, info in members], _group(kind), size)
+        for (name, _, _), tensor in zip(members, gathered):
+            full[name] = tensor
     if sizes["ep_size"] > 1 and any(i.per_expert for i in table.values()):
         mine = {table[p].global_name: full[table[p].global_name] for p in table if table[p].per_expert}
         everyone: list[Any] = [None] * sizes["ep_size"]
@@ -231,18 +253,31 @@ def _assemble(values: dict[str, Optional[torch.Tensor]], table: dict[str, Adapte
 
 
 def _ddp_reduce(model: torch.nn.Module, table: dict[str, AdapterParam], layout: Any, world: int) -> None:
-    """Make adapter grads what a data-parallel optimizer holds (see the module docstring)."""
+    """Make adapter grads what a data-parallel optimizer holds (see the module docstring).
+
+    One all_reduce per group and dtype carries every gradient (elementwise
+    the same sums as one call per tensor)."""
     dense_dp = layout.dp(world)
+    buckets: dict[tuple[str, Any], list[torch.Tensor]] = {}
     for pname in sorted(table):
         info, p = table[pname], model.get_parameter(pname)
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         if info.expert:
             if layout.expert_dp(world) > 1:
-                dist.all_reduce(p.grad, group=_group("edp"))
-            p.grad.div_(dense_dp)
+                buckets.setdefault(("edp", p.grad.dtype), []).append(p.grad)
         elif dense_dp > 1:
-            dist.all_reduce(p.grad, group=_group("dp"))
+            buckets.setdefault(("dp", p.grad.dtype), []).append(p.grad)
+    for (kind, _), grads in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=_group(kind))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view(g.shape))
+            offset += g.numel()
+    for pname in sorted(table):
+        info, p = table[pname], model.get_parameter(pname)
+        if info.expert or dense_dp > 1:
             p.grad.div_(dense_dp)
 
 
