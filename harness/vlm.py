@@ -37,6 +37,7 @@ oracle stands apart from what it judges): ``expected_adapted_modules``
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
@@ -249,6 +250,7 @@ def freeze_combos() -> list[tuple[dict[str, bool], bool]]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def _wildcard(pattern: str) -> "re.Pattern[str]":
     return re.compile("".join(".*" if c == "*" else re.escape(c) for c in pattern), re.DOTALL)
 

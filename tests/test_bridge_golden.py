@@ -26,6 +26,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.nightly  # about a minute of Bridge's whole matrix; CI replays each known failing cell below
 def test_the_harness_finds_in_megatron_bridge_what_the_golden_table_says(max_tp, max_ep):
     if max_tp < 2 or max_ep < 2:
         pytest.skip("the golden table is for --tp 2 --ep 2")

@@ -27,7 +27,7 @@ WORLD1 = ParallelLayout()
 SEED = 20261201
 # Shrinking runs after the first failure: enough for what these tests assert
 # about the shrunk case (one layer, a gated MLP, ...), and CI minutes.
-SHRINK = 8
+SHRINK = 4
 SEARCH = settings(max_examples=20, database=None, deadline=None)
 
 

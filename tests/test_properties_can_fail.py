@@ -25,8 +25,9 @@ TP1 = ParallelLayout()
 SEED = 20261201
 # Shrinking runs after the first failure (a failing candidate's control run
 # counts): enough for what these tests assert about the shrunk case, and CI
-# minutes; the two tests that assert how far it shrinks get twice as many.
-SHRINK = 12
+# minutes; the two tests that assert how far it shrinks get more.
+SHRINK = 6
+SHRINK_FAR = 24
 SEARCH = settings(max_examples=60, database=None, deadline=None)
 
 
@@ -60,7 +61,7 @@ def test_forward_catches_scale_on_one_rank():
 
 
 def test_forward_catches_gate_up_swap_and_shrinks_to_a_gated_mlp():
-    outcome = _expect_failure("forward_matches", "tests.wrong_impls.gate_up_swapped", shrink=2 * SHRINK)
+    outcome = _expect_failure("forward_matches", "tests.wrong_impls.gate_up_swapped", shrink=SHRINK_FAR)
     case = outcome.minimal_case
     assert case.shape.gated_linear_unit
     # Shrinking reaches a small model: no more than two groups of two heads.
@@ -181,7 +182,7 @@ def test_forward_catches_a_sequence_parallel_row_adapter_that_reduce_scatters():
 
 
 def test_forward_catches_qkv_rows_in_blocked_order_and_shrinks_to_several_groups_per_rank():
-    outcome = _expect_failure("forward_matches", "tests.wrong_impls.qkv_blocked_order", TP1, shrink=2 * SHRINK)
+    outcome = _expect_failure("forward_matches", "tests.wrong_impls.qkv_blocked_order", TP1, shrink=SHRINK_FAR)
     case = outcome.minimal_case
     # One query group per rank hides the bug: the shrunk case keeps several.
     assert case.shape.num_query_groups >= 2
