@@ -159,3 +159,15 @@ def test_a_qkv_layout_bug_is_caught_by_design():
     assert outcome.verdict.failing, outcome.summary_line()
     assert next(r for r in outcome.records if r.verdict.failing).source == "designed"
     assert outcome.minimal_case.shape.num_query_groups == 2 * layout.tp
+
+
+def test_a_property_that_reads_no_designed_feature_runs_drawn_examples_only():
+    """errors_follow_spec's task tries its own bad inputs: it skips the designed rows, the others run them."""
+    from harness.properties import get_property
+
+    assert get_property("errors_follow_spec").designed is False
+    assert get_property("forward_matches").designed is True
+    outcome = check_property("errors_follow_spec", ParallelLayout(), "lora.megatron",
+                             settings=settings(max_examples=1, database=None), seed=5)
+    assert outcome.passed, outcome.summary_line()
+    assert outcome.designed == 0 and {r.source for r in outcome.records} == {"drawn"}

@@ -195,13 +195,33 @@ def test_the_ini_store_is_written_only_without_lora_impl(tmp_path):
     res = _pytest(tmp_path, "--lora-impl", "stub_impl")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "STORE reg False" in res.stdout
-    # An explicit --regressions replaces it and is written, whatever the implementation.
-    res = _pytest(tmp_path, "--lora-impl", "stub_impl", "--regressions", str(tmp_path / "mine"))
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "STORE mine True" in res.stdout
+
+
+class _Config:
+    """What ``_regression_store`` reads of a pytest config."""
+
+    def __init__(self, root, regressions=None, impl=None, ini=""):
+        self.options = {"lora_regressions": regressions, "lora_impl": impl}
+        self.ini, self.inipath, self.rootpath = ini, root / "pytest.ini", root
+
+    def getoption(self, name):
+        return self.options[name]
+
+    def getini(self, name):
+        assert name == "lora_regressions"
+        return self.ini
+
+
+def test_an_explicit_store_replaces_the_ini_one_and_no_option_means_no_store(tmp_path):
+    from harness.pytest_plugin import _regression_store
+
+    (tmp_path / "reg").mkdir()
+    # An explicit --regressions replaces the ini store and is written, whatever the implementation.
+    store = _regression_store(_Config(tmp_path, regressions=str(tmp_path / "mine"), impl="stub_impl", ini="reg"))
+    assert store.directory.name == "mine" and store.writable
+    assert _regression_store(_Config(tmp_path, impl="stub_impl", ini="reg")).writable is False
     # No ini option, no --regressions: no store.
-    res = _pytest(tmp_path, "--lora-impl", "stub_impl", ini="[pytest]\n")
-    assert res.returncode == 0 and "STORE None None" in res.stdout, res.stdout + res.stderr
+    assert _regression_store(_Config(tmp_path, impl="stub_impl")) is None
 
 
 def test_a_bad_file_in_the_ini_store_is_one_usage_error(tmp_path):

@@ -33,7 +33,10 @@ class Property:
     ``"contract"`` (a SPEC behaviour). ``applies(layout, capabilities)``
     returns None when the property runs there, else the reason it is
     skipped. ``needs``: the run kinds the check reads, made lazily and
-    shared with the other properties of the same example.
+    shared with the other properties of the same example. ``designed``:
+    whether the cell starts with the designed examples (``harness.design``);
+    False for a property whose task draws its own inputs and reads none of
+    the features the design varies (it runs drawn examples only).
     """
 
     name: str
@@ -43,6 +46,7 @@ class Property:
     families: tuple[str, ...] = ("gpt",)
     kind: str = "numeric"
     applies: Optional[Callable[[ParallelLayout, Capabilities], Optional[str]]] = None
+    designed: bool = True
 
     def skip_reason(self, family: str, layout: ParallelLayout, capabilities: Capabilities) -> Optional[str]:
         if family not in self.families:

@@ -17,6 +17,9 @@ PROPERTY = register(Property(
     check=check,
     needs=("errors",),
     kind="contract",
+    # Its task tries bad inputs of its own on the example's shape: none of
+    # the design's features (targets, training, dropout, init, dtypes) reach it.
+    designed=False,
     doc="target and exclude both set, an unknown init method (A or B), a pattern selecting a module with no adapter, "
     "a rank TP cannot split, a pattern matching nothing (target or exclude): the contract's error type or warning",
 ))
