@@ -8,9 +8,9 @@ Profiles:
 
 * ``fast`` (the default for pytest and the CLI): the designed examples of
   every layout (``harness.design``: a covering array of the contract's
-  paths, 8 to 29 per family and layout) and then 2 drawn examples per
-  property and dense layout, 1 per MoE or VLM layout: coverage by design,
-  exploration by a few draws, within CI's ten minutes on two cores;
+  paths, 8 to 29 per family and layout) and then 1 drawn example per
+  property and layout: coverage by design, exploration by a draw, within
+  CI's ten minutes on two cores;
 * ``deep``: the designed examples and 250 drawn ones per dense layout
   (125 MoE, 50 VLM), for nightly runs
   (``pytest --hypothesis-profile deep`` or ``lora-harness verify --profile deep``).
@@ -57,7 +57,7 @@ FAMILY_EXAMPLE_SHARE = {"gpt": 1.0, "moe": 0.5, "vlm": 0.2}
 
 DEFAULT_PROFILE = "fast"
 PROFILES = {
-    "fast": dict(max_examples=2),
+    "fast": dict(max_examples=1),
     "deep": dict(max_examples=250),
 }
 

@@ -28,7 +28,14 @@ def _named(config) -> set[Path]:
     return named
 
 
+# The longest single tests (each a subprocess that runs pytest, the CLI or
+# torchrun end to end): started first, so that the two workers of
+# ``pytest -n auto`` on two cores do not end with one of them alone on one.
+LONGEST_FIRST = ("tests/test_downstream.py", "tests/test_torchrun.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # stable: the rest keep their order
     if (config.getoption("hypothesis_profile", default=None) or "") == "deep":
         return
     named = _named(config)
