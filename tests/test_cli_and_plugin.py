@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._processes import default_sigint
+
 from harness import runner
 from harness.cli import _Progress, main
 
@@ -175,7 +177,7 @@ def test_ctrl_c_ends_the_run_with_a_summary_not_a_failure(tmp_path):
     with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "harness.cli", "verify", "--tp", "2", "--examples", "500"],
-            cwd=ROOT, stdout=out_f, stderr=err_f, text=True, env=env,
+            cwd=ROOT, stdout=out_f, stderr=err_f, text=True, env=env, preexec_fn=default_sigint,
         )
     # Wait until it is working on examples, then interrupt.
     deadline = time.monotonic() + 120

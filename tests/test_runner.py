@@ -10,6 +10,8 @@ import textwrap
 import time
 
 import pytest
+
+from tests._processes import default_sigint
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -724,6 +726,7 @@ def _spawn(script: str, tmpdir, *argv) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
 
 
