@@ -9,6 +9,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; assert sys.ve
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c ci/constraints.txt -e '.[test]'
+# Bytecode for the project's own modules: with PYTHONDONTWRITEBYTECODE set (as on
+# CI's machines) every test subprocess and rank pool would compile them again.
+.venv/bin/python -m compileall -q harness lora tests >/dev/null
 # Megatron-Bridge's LoRA, judged by the harness in CI (tests/test_bridge_golden.py):
 # its own dependencies are GPU and training packages the peft LoRA does not use.
 .venv/bin/python -m pip install --quiet --no-deps -c ci/constraints.txt megatron-bridge
