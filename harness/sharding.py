@@ -28,6 +28,7 @@ __all__ = [
     "REPLICATED",
     "shard",
     "unshard",
+    "gather_full",
     "full_shape",
     "seeded_tensor",
     "base_partition",
@@ -84,6 +85,31 @@ def unshard(pieces: list[torch.Tensor], part: Partition) -> torch.Tensor:
         halves = [torch.chunk(p, 2, dim=part.dim) for p in pieces]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=part.dim)
     return torch.cat(pieces, dim=part.dim)
+
+
+def gather_full(shards: list[torch.Tensor], parts: list[Partition], group: object, size: int) -> list[torch.Tensor]:
+    """The full float64 tensors of this rank's ``shards`` (split as ``parts``) over ``group`` of ``size`` ranks.
+
+    Every rank passes shards of the same shapes in the same order (megatron
+    splits evenly), so all split ones travel in one all_gather of a flat
+    float64 buffer; replicated ones (``part.dim`` None) are copied here.
+    """
+    import torch.distributed as dist
+
+    local = [t.detach().double() for t in shards]
+    out = [t.clone() for t in local]
+    split = [i for i, part in enumerate(parts) if part.dim is not None]
+    if size == 1 or not split:
+        return out
+    flat = torch.cat([local[i].reshape(-1) for i in split])
+    pieces = [torch.empty_like(flat) for _ in range(size)]
+    dist.all_gather(pieces, flat, group=group)
+    offset = 0
+    for i in split:
+        n = local[i].numel()
+        out[i] = unshard([piece[offset:offset + n].view(local[i].shape) for piece in pieces], parts[i])
+        offset += n
+    return out
 
 
 def full_shape(local_shape: Iterable[int], part: Partition, size: int) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from harness.sharding import Partition, adapter_modules, base_partition, shard, unshard
+from harness.sharding import Partition, adapter_modules, base_partition, gather_full, shard
 
 __all__ = ["module_merges", "fold_model", "cast_once", "merge_api", "call_merge", "MergeAPIError", "fold_with_merge"]
 
@@ -110,30 +110,6 @@ def fold_with_merge(model: torch.nn.Module, merger: Any, alpha: float) -> torch.
     return model
 
 
-def _gather_all(items: list[tuple[torch.Tensor, Partition]], group: Any, size: int) -> list[torch.Tensor]:
-    """The full float64 tensors of ``items`` (this rank's shards and their partitions), in one all_gather.
-
-    Every rank holds shards of the same shapes (megatron splits evenly), so
-    the flattened shards travel as one float64 buffer per rank: one
-    collective for all of a model's merges instead of three per module.
-    """
-    local = [t.detach().double() for t, _ in items]
-    if size == 1 or all(part.dim is None for _, part in items):
-        return [t.clone() for t in local]
-    flat = torch.cat([t.reshape(-1) for t in local])
-    pieces = [torch.empty_like(flat) for _ in range(size)]
-    dist.all_gather(pieces, flat.contiguous(), group=group)
-    out, offset = [], 0
-    for t, (_, part) in zip(local, items):
-        n = t.numel()
-        if part.dim is None:
-            out.append(t.clone())
-        else:
-            out.append(unshard([p[offset:offset + n].view(t.shape) for p in pieces], part))
-        offset += n
-    return out
-
-
 def _group_of(base: torch.nn.Module) -> tuple[Any, int, int]:
     group = getattr(base, "tp_group", None)
     if group is None or not dist.is_initialized():
@@ -148,32 +124,31 @@ def module_merges(model: torch.nn.Module, impl: Any, table: dict[str, Any], alph
     Raises what the implementation raises.
     """
     merger = impl.LoRAMerge()
-    modules = []
+    modules = []  # (name, base, A, B, dim, the three partitions, group, size, rank)
     for wname, wrapper in sorted(adapter_modules(model).items()):
         base = wrapper.to_wrap
         a_name, b_name = f"{wname}.adapter.linear_in.weight", f"{wname}.adapter.linear_out.weight"
         if a_name not in table or not isinstance(getattr(base, "weight", None), torch.Tensor):
             continue
-        A, B = model.get_parameter(a_name), model.get_parameter(b_name)
-        base_part = base_partition(model, f"{wname}.to_wrap.weight", base.weight)
-        modules.append((wname, base, A, B, table[a_name][2][0], base_part, table[a_name][1], table[b_name][1]))
-    # The full matrices, gathered per TP group in one collective (every rank
-    # walks the same modules in the same order).
-    fulls: dict[str, tuple[torch.Tensor, ...]] = {}
+        parts = (base_partition(model, f"{wname}.to_wrap.weight", base.weight), table[a_name][1], table[b_name][1])
+        modules.append((wname, base, model.get_parameter(a_name), model.get_parameter(b_name), table[a_name][2][0], parts,
+                        *_group_of(base)))
+    # The full W, A and B of every module, one all_gather per TP group (every
+    # rank walks the same modules in the same order).
     by_group: dict[int, list[Any]] = {}
     for m in modules:
-        by_group.setdefault(id(_group_of(m[1])[0]), []).append(m)
+        by_group.setdefault(id(m[6]), []).append(m)
+    fulls: dict[str, list[torch.Tensor]] = {}
     for members in by_group.values():
-        group, size, _ = _group_of(members[0][1])
-        items = [(t, part) for (_, base, A, B, _, bp, ap, pp) in members for t, part in ((base.weight, bp), (A, ap), (B, pp))]
-        gathered = _gather_all(items, group, size)
+        group, size = members[0][6], members[0][7]
+        gathered = gather_full([t for _, base, A, B, *_ in members for t in (base.weight, A, B)],
+                               [part for m in members for part in m[5]], group, size)
         for k, m in enumerate(members):
-            fulls[m[0]] = tuple(gathered[3 * k:3 * k + 3])
+            fulls[m[0]] = gathered[3 * k:3 * k + 3]
     out: dict[str, Any] = {}
-    for wname, base, A, B, dim, base_part, _, _ in modules:
-        group, size, rank = _group_of(base)
+    for wname, base, A, B, dim, parts, group, size, rank in modules:
         w_full, a_full, b_full = fulls[wname]
-        want = shard(w_full + (alpha / dim) * (b_full @ a_full), base_part, rank, size)
+        want = shard(w_full + (alpha / dim) * (b_full @ a_full), parts[0], rank, size)
         with torch.no_grad():
             got = call_merge(merger, base.weight.detach().clone(), B.detach(), A.detach(), alpha, dim, size, group)
         out[wname] = (got.detach().double().cpu(), want.cpu(), str(got.dtype), str(base.weight.dtype))

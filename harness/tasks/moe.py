@@ -50,8 +50,8 @@ from harness.sharding import (
     adapter_modules,
     load_full_base_weights,
     seeded_tensor,
+    gather_full,
     shard,
-    unshard,
 )
 
 __all__ = ["run_moe_case", "AdapterParam", "moe_adapter_table", "is_expert_name", "SGD_LR"]
@@ -199,50 +199,30 @@ def _group(kind: str) -> Any:
     }[kind]()
 
 
-def _gather_group(items: list[tuple[torch.Tensor, AdapterParam]], group: Any, size: int) -> list[torch.Tensor]:
-    """Full tensors of shards split over one group (float64, same shapes on every rank), in one all_gather."""
-    flat = torch.cat([t.reshape(-1) for t, _ in items])
-    pieces = [torch.empty_like(flat) for _ in range(size)]
-    dist.all_gather(pieces, flat.contiguous(), group=group)
-    out, offset = [], 0
-    for t, info in items:
-        n = t.numel()
-        out.append(unshard([p[offset:offset + n].view(t.shape) for p in pieces], info.part))
-        offset += n
-    return out
-
-
 def _assemble(values: dict[str, Optional[torch.Tensor]], table: dict[str, AdapterParam], sizes: dict[str, int]) -> dict[str, Any]:
     """Full tensors by global name: gathered over (E)TP, per-expert ones collected over EP.
 
     Collectives are batched: one all_reduce says which tensors every rank
     has (a missing gradient on one rank must not leave the others'
     collectives unmatched), then one all_gather per (E)TP group carries
-    every split tensor.
+    every split tensor (``harness.sharding.gather_full``).
     """
     names = sorted(table)
     present = torch.tensor([0 if values.get(p) is None else 1 for p in names], dtype=torch.int64)
     if sizes["world"] > 1 and names:
         dist.all_reduce(present, op=dist.ReduceOp.MIN)
     full: dict[str, Any] = {}
-    split: dict[str, list[tuple[str, torch.Tensor, AdapterParam]]] = {}
+    by_kind: dict[str, list[tuple[str, torch.Tensor, Partition]]] = {}  # kinds in the same order on every rank
     for pname, here in zip(names, present.tolist()):
         info = table[pname]
         if here == 0:
             full[info.global_name] = None
-            continue
-        t = values[pname].detach().double()
-        size = sizes["etp_size"] if info.group == "etp" else sizes["tp_size"]
-        if info.part.dim is None or size == 1:
-            full[info.global_name] = t.clone()
         else:
-            split.setdefault(info.group, []).append((info.global_name, t, info))
-    for kind in sorted(split):
-        members = split[kind]
+            by_kind.setdefault(info.group, []).append((info.global_name, values[pname], info.part))
+    for kind, members in by_kind.items():
         size = sizes["etp_size"] if kind == "etp" else sizes["tp_size"]
-        gathered = _gather_group([(t, info) for _, t, info in members], _group(kind), size)
-        for (name, _, _), tensor in zip(members, gathered):
-            full[name] = tensor
+        gathered = gather_full([t for _, t, _ in members], [part for _, _, part in members], _group(kind), size)
+        full.update(zip([name for name, _, _ in members], gathered))
     if sizes["ep_size"] > 1 and any(i.per_expert for i in table.values()):
         mine = {table[p].global_name: full[table[p].global_name] for p in table if table[p].per_expert}
         everyone: list[Any] = [None] * sizes["ep_size"]
@@ -258,7 +238,9 @@ def _ddp_reduce(model: torch.nn.Module, table: dict[str, AdapterParam], layout: 
     One all_reduce per group and dtype carries every gradient (elementwise
     the same sums as one call per tensor)."""
     dense_dp = layout.dp(world)
+    # Insertion order follows the sorted table: the same buckets in the same order on every rank.
     buckets: dict[tuple[str, Any], list[torch.Tensor]] = {}
+    averaged: list[torch.Tensor] = []
     for pname in sorted(table):
         info, p = table[pname], model.get_parameter(pname)
         if p.grad is None:
@@ -266,19 +248,19 @@ def _ddp_reduce(model: torch.nn.Module, table: dict[str, AdapterParam], layout: 
         if info.expert:
             if layout.expert_dp(world) > 1:
                 buckets.setdefault(("edp", p.grad.dtype), []).append(p.grad)
+            averaged.append(p.grad)
         elif dense_dp > 1:
             buckets.setdefault(("dp", p.grad.dtype), []).append(p.grad)
-    for (kind, _), grads in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            averaged.append(p.grad)
+    for (kind, _), grads in buckets.items():
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=_group(kind))
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view(g.shape))
             offset += g.numel()
-    for pname in sorted(table):
-        info, p = table[pname], model.get_parameter(pname)
-        if info.expert or dense_dp > 1:
-            p.grad.div_(dense_dp)
+    for g in averaged:
+        g.div_(dense_dp)
 
 
 def full_partitions(table: dict[str, AdapterParam], full: dict[str, Any]) -> dict[str, Partitioned]:
