@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impl", action="append", default=None, help="a correct implementation (repeatable)")
     ap.add_argument("--seeds", type=int, default=20, help="fast-profile runs per implementation (seeds 1..N)")
     ap.add_argument("--deep-seeds", type=int, default=2, help="deep-profile runs per implementation")
-    ap.add_argument("--first-seed", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=1, help="the first fast-profile seed")
+    ap.add_argument("--deep-first-seed", type=int, default=1000, help="the first deep-profile seed")
     ap.add_argument("--workers", default="2", help="pytest -n")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
     ap.add_argument("--json", default=None, help="also write every run's record here")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = args.impl or list(DEFAULT_IMPLS)
     runs = []
     plan = [(impl, args.first_seed + i, "fast") for impl in impls for i in range(args.seeds)]
-    plan += [(impl, 1000 + i, "deep") for impl in impls for i in range(args.deep_seeds)]
+    plan += [(impl, args.deep_first_seed + i, "deep") for impl in impls for i in range(args.deep_seeds)]
     for impl, seed, profile in plan:
         r = run_once(impl, seed, profile, args.workers, args.timeout)
         runs.append(r)
