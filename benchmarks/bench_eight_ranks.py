@@ -53,7 +53,8 @@ def run(examples: int, props, families, only, seed: int = 0, printer=print) -> l
     """Check ``props`` at the 8-rank layouts; one row per (family, layout) with times and memory."""
     from hypothesis import settings
 
-    from harness.driver import check_property, layout_seed
+    from harness.driver import check_property
+    from harness.plan import layout_seed
     from harness.runs import Executor
 
     executor = Executor()

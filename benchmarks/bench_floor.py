@@ -54,12 +54,12 @@ def floor_forward(ctx, case):
     from megatron.core import parallel_state
 
     import lora.megatron
-    from harness.models import build_gpt, causal_mask
+    from harness.families.gpt.model import build_gpt, causal_mask
 
     case.layout.initialize_megatron(ctx.world_size, seed=case.seed)  # a no-op after the first call per layout
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if case.family == "moe":
-        from harness.moe import build_moe_gpt, layout_sizes
+        from harness.families.moe.model import build_moe_gpt, layout_sizes
 
         model = build_moe_gpt(case.shape, **layout_sizes(case.layout), params_dtype=case.model_dtype).to(case.model_dtype)
     else:
@@ -117,12 +117,12 @@ def per_example(family, layout, examples, seed):
     # property of an example shares (forward, backward over the drawn
     # micro-batches, the step, the merge and re-apply checks), without
     # hypothesis, the reference run or the comparison.
-    from harness.tasks import TASKS
+    from harness.families import get_family
 
     task = []
     for case in cases:
         t0 = time.perf_counter()
-        pool.run(TASKS[case.family], case)
+        pool.run(get_family(case.family).task, case)
         task.append(time.perf_counter() - t0)
     return harness_s, statistics.mean(times), len(cases), statistics.mean(task)
 

@@ -3,6 +3,8 @@
 The public surface, for a downstream repository verifying its own LoRA:
 
 * layouts: ``ParallelLayout``, ``layout_set``;
+* the run: ``Plan`` (families x layouts x properties, budgets, seed);
+* model families: ``Family``, ``register_family``, ``families``;
 * cases and strategies: ``GPTCase``, ``gpt_cases``, ``lora_configs``, ``cases_for``;
 * the contract: ``Capabilities`` (what an implementation supports and which
   contract, ``strict`` or ``bridge``, it follows), ``load_impl``;
@@ -27,8 +29,12 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "ParallelLayout": "harness.layouts",
     "layout_set": "harness.settings",
-    "GPTCase": "harness.cases",
-    "gpt_cases": "harness.strategies",
+    "Plan": "harness.plan",
+    "Family": "harness.families",
+    "register_family": "harness.families",
+    "families": "harness.families",
+    "GPTCase": "harness.families.gpt.case",
+    "gpt_cases": "harness.families.gpt.strategy",
     "lora_configs": "harness.strategies",
     "cases_for": "harness.strategies",
     "Capabilities": "harness.contract",
@@ -54,12 +60,15 @@ _EXPORTS = {
     "RunResults": "harness.results",
 }
 
+#: Public names that differ from the name in their module.
+_RENAMED = {"register_family": "register"}
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), _RENAMED.get(name, name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'harness' has no attribute {name!r}")

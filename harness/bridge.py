@@ -117,7 +117,7 @@ that decides each; ``BRIDGE_SUPPORT`` holds the same as data):
   ETP that is not ``B A x`` (``tests/test_bridge_compat.py`` pins it; the
   harness's ``forward_matches`` fails at ``moe:tp2-ep1-etp2-pp1-sp`` with
   target ``linear_fc2``, max|diff| 0.55).
-* The harness's grouped-expert stand-in ``harness.moe.TorchColumnParallelGroupedLinear``
+* The harness's grouped-expert stand-in ``harness.families.moe.model.TorchColumnParallelGroupedLinear``
   / ``TorchRowParallelGroupedLinear`` (``TEGroupedMLP`` without TE):
   refused. ``linear_fc1`` matches by name, but ``get_adapter_attributes_from_linear``
   knows only TE's grouped linears (``TECL`` / ``TERL``, ``peft/utils.py:347-348``,

@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
+
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "parser", "verify", "UsageError"]
 
 
 class UsageError(Exception):
@@ -71,7 +71,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``lora-harness`` (also what ``harness.launch`` parses under torchrun)."""
     p = _Parser(prog="lora-harness", description="Prove a sharded LoRA computes what the single-device reference computes.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -181,64 +182,40 @@ def _check_report_dir(path: str) -> None:
         raise UsageError(f"--report {path}: {exc}") from None
 
 
-def _verify(args: argparse.Namespace, executor: Any = None, command: Optional[str] = None) -> int:
-    """The ``verify`` command: check usage, then run every property at every layout.
+def verify(args: argparse.Namespace, executor: Any = None, command: Optional[str] = None) -> int:
+    """The ``verify`` command: check usage, plan the run (``harness.plan``), run every cell.
 
-    ``executor`` (default: a local ``harness.runs.Executor``) is where cases
-    run; ``harness.launch`` passes its torchrun one. Besides the Executor
-    interface the run reads three optional attributes of it:
-    ``layout_skip_reason(layout)`` (a layout it cannot run: recorded as
-    skipped with that reason), ``write_each_cell`` (write the outputs after
-    every property/layout cell, so a run killed later leaves a partial
-    report) and ``stop_reason`` (set after a fault that leaves it unable to
-    run more: the run stops after the current cell).
+    ``args`` as ``parser()`` parses them; ``executor`` (default: a local
+    ``harness.runs.Executor``) is where cases run; ``harness.launch``
+    passes its torchrun one. Besides the Executor interface the run reads
+    three optional attributes of it: ``layout_skip_reason(layout)`` (a
+    layout it cannot run: recorded as skipped with that reason),
+    ``write_each_cell`` (write the outputs after every property/layout
+    cell, so a run killed later leaves a partial report) and
+    ``stop_reason`` (set after a fault that leaves it unable to run more:
+    the run stops after the current cell).
     """
     from hypothesis import settings
 
     from harness.contract import ImplLoadError, capabilities_of, load_impl
-    from harness.settings import DEFAULT_PROFILE, PROFILES, layout_set, register_profiles
+    from harness.plan import Plan, PlanError
+    from harness.settings import DEFAULT_PROFILE, MAX_WORLD, PROFILES, register_profiles
 
     register_profiles()
     profile = args.profile or DEFAULT_PROFILE
     if profile not in PROFILES:
         raise UsageError(f"unknown --profile {profile!r}; known: {', '.join(PROFILES)}")
-    from harness.properties import registry
-
-    props = registry()
-    names = list(dict.fromkeys(args.properties or props))
-    unknown = [p for p in names if p not in props]
-    if unknown:
-        raise UsageError(f"unknown --property {', '.join(unknown)}; known: {', '.join(props)}")
-    from harness.settings import FAMILIES
-
-    families = list(dict.fromkeys(args.families or FAMILIES))
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise UsageError(f"unknown --family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
-    from harness.settings import MAX_WORLD
-
     # A torchrun executor's world may be larger than a local run's bound.
     world = getattr(getattr(executor, "world", None), "world_size", None)
-    max_world = max(MAX_WORLD, world) if isinstance(world, int) else MAX_WORLD
     try:
-        layouts = {family: layout_set(args.tp, args.ep, family, max_world=max_world) for family in families}
-    except ValueError as exc:
+        plan = Plan(
+            args.tp, args.ep, families=args.families, properties=args.properties, layouts=args.layouts,
+            settings=settings.get_profile(profile), examples=args.examples, seed=args.seed,
+            designed=not getattr(args, "no_designed", False),
+            max_world=max(MAX_WORLD, world) if isinstance(world, int) else MAX_WORLD,
+        )
+    except PlanError as exc:
         raise UsageError(str(exc)) from None
-    if args.layouts:
-        from harness.layouts import ParallelLayout
-
-        wanted = []
-        for name in args.layouts:
-            try:
-                wanted.append(ParallelLayout.parse(name))
-            except ValueError as exc:
-                raise UsageError(f"--layout {name}: {exc}") from None
-        known = {layout for family_layouts in layouts.values() for layout in family_layouts}
-        unknown = [name for name, layout in zip(args.layouts, wanted) if layout not in known]
-        if unknown:
-            names_known = sorted({str(layout) for layout in known})
-            raise UsageError(f"--layout {', '.join(unknown)} is not in the set of --tp {args.tp} --ep {args.ep}: {', '.join(names_known)}")
-        layouts = {f: [l for l in ls if l in wanted] for f, ls in layouts.items()}
     try:
         load_impl(args.impl)
         caps = capabilities_of(args.impl)
@@ -271,18 +248,14 @@ def _verify(args: argparse.Namespace, executor: Any = None, command: Optional[st
 
         if not torch.cuda.is_available():
             raise UsageError("--backend nccl needs CUDA GPUs (one per rank); none is available here: use --backend gloo")
-    run_settings = settings.get_profile(profile)
-    if args.examples is not None:
-        run_settings = settings(run_settings, max_examples=args.examples)
-    return _run_verify(args, props, names, layouts, caps, run_settings, store, profile, executor, command)
+    return _run(args, plan, caps, store, profile, executor, command)
 
 
-def _run_verify(args, props, names, layouts, caps, run_settings, store, profile, executor=None, command=None) -> int:
-    from hypothesis import settings
-
-    from harness.driver import check_property
-    from harness.report.environment import collect_environment
-    from harness.results import PropertyOutcome, RunResults, Verdict
+def _run(args: argparse.Namespace, plan: Any, caps: Any, store: Any, profile: str, executor: Any = None,
+         command: Optional[str] = None) -> int:
+    """Run the plan's cells, printing one line per cell and each failure; write the outputs."""
+    from harness.design import coverage_lines
+    from harness.results import PropertyOutcome, Verdict, failure_text
     from harness.runner import shutdown_all
     from harness.runs import Executor
 
@@ -291,20 +264,14 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
     skip_reason = getattr(executor, "layout_skip_reason", None)
     if command is None:
         command = "lora-harness " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lora-harness") else "lora-harness verify"
-    results = RunResults(
-        impl=args.impl,
-        capabilities=caps.to_dict(),
-        environment=collect_environment(args.impl),
-        skipped=caps.skipped(),
-        command=command,
-        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+    results = plan.results([], impl=args.impl, capabilities=caps, command=command)
     print(f"lora-harness verify: impl {args.impl} ({caps.describe()}), profile {profile}")
-    for family, family_layouts in layouts.items():
-        print(f"  {family} layouts: {', '.join(map(str, family_layouts))}")
+    header = plan.header()
+    for line in header[:-1]:
+        print(f"  {line}")
     unrunnable = {}
     if skip_reason is not None:
-        for family_layouts in layouts.values():
+        for family_layouts in plan.layouts.values():
             for layout in family_layouts:
                 why = skip_reason(layout)
                 if why and layout not in unrunnable:
@@ -312,45 +279,22 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
                     print(f"  skipping layout {layout}: {why}")
     for line in results.skipped:
         print(f"  skipped: {line}")
-    import random
-
-    from harness.driver import layout_seed
-
-    base_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
-    print(f"  seed {base_seed} (--seed {base_seed} draws the same examples again)")
+    print(f"  {header[-1]}")
     progress = _Progress(sys.stdout)
     started = time.monotonic()
-    cells = [
-        (family, layout, name)
-        for family, family_layouts in layouts.items()
-        for layout in family_layouts
-        for name in names
-        if family in props[name].families
-    ]
-    from harness.settings import FAMILY_EXAMPLE_SHARE
-
-    def family_settings(family: str) -> Any:
-        if args.examples is not None:
-            return run_settings
-        return settings(run_settings, max_examples=max(1, math.ceil(run_settings.max_examples * FAMILY_EXAMPLE_SHARE[family])))
-
+    cells = plan.cells()
     try:
-        for done, (family, layout, name) in enumerate(cells, 1):
-            if layout in unrunnable:
-                cell = layout.describe() if family == "gpt" else f"{family}:{layout.describe()}"
-                outcome = PropertyOutcome(prop=name, layout=cell, impl=args.impl, family=family,
-                                          verdict=Verdict.SKIPPED, skipped_reason=unrunnable[layout])
+        for done, cell in enumerate(cells, 1):
+            if cell.layout in unrunnable:
+                outcome = PropertyOutcome(prop=cell.prop.name, layout=cell.name, impl=args.impl, family=cell.family.name,
+                                          verdict=Verdict.SKIPPED, skipped_reason=unrunnable[cell.layout])
             else:
-                outcome = check_property(
-                    props[name], layout, args.impl, settings=family_settings(family), executor=executor,
-                    capabilities=caps, regressions=store, seed=layout_seed(base_seed, layout, family), progress=progress,
-                    family=family, designed=not getattr(args, "no_designed", False),
-                )
+                outcome = plan.check(cell, args.impl, caps, executor=executor, store=store, progress=progress)
             progress.clear()
             results.outcomes.append(outcome)
             print(outcome.summary_line(), flush=True)
             if not outcome.passed:
-                _print_failure(outcome)
+                print("    " + failure_text(outcome, head=False).replace("\n", "\n    "))
             if getattr(executor, "write_each_cell", False):
                 results.seconds = time.monotonic() - started
                 _write_outputs(args, results, quiet=True)
@@ -376,8 +320,6 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
     skipped = sum(o.verdict is Verdict.SKIPPED for o in results.outcomes)
     vacuous = sum(o.verdict is Verdict.VACUOUS for o in results.outcomes)
     tail = f", {skipped} skipped" if skipped else ""
-    from harness.design import coverage_lines
-
     paths = coverage_lines(results.outcomes, caps)
     if paths:
         print("paths exercised per layout (designed examples first, then drawn; harness.design):")
@@ -390,16 +332,6 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
               "unless the implementation failed something): report it to lora-harness, with the case above")
     print(f"{len(results.outcomes) - len(failed) - len(defects) - skipped - vacuous} passed, {len(failed)} failed{tail}")
     return results.exit_code
-
-
-def _print_failure(outcome: Any) -> None:
-    if outcome.records and outcome.records[-1].source == "regression":
-        print(f"    {outcome.falsifying_example} (replayed before any new draw)")
-    print("    " + outcome.error.replace("\n", "\n    "))
-    if outcome.minimal_case is not None:
-        print("    minimal case: " + json.dumps(outcome.minimal_case.to_json(), sort_keys=True))
-    if outcome.replay_command:
-        print("    replay: " + outcome.replay_command)
 
 
 def _write_outputs(args: argparse.Namespace, results: Any, quiet: bool = False) -> None:
@@ -549,7 +481,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return baseline_main(argv[1:])
     try:
-        args = _parser().parse_args(argv)
+        args = parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0) return instead of exiting
         return int(exc.code or 0)
     # Like `python -m`: an --impl module in the current directory imports
@@ -558,11 +490,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         if args.command == "layouts":
-            from harness.settings import FAMILIES, layout_set
+            from harness.plan import Plan, PlanError
 
             try:
-                layouts = {family: layout_set(args.tp, args.ep, family) for family in FAMILIES}
-            except ValueError as exc:
+                layouts = Plan(args.tp, args.ep).layouts
+            except PlanError as exc:
                 raise UsageError(str(exc)) from None
             for family, family_layouts in layouts.items():
                 for layout in family_layouts:
@@ -572,7 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _replay(args)
         if args.command == "contract":
             return _contract()
-        return _verify(args)
+        return verify(args)
     except UsageError as exc:
         print(f"lora-harness: {exc}", file=sys.stderr)
         return 2

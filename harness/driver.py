@@ -34,17 +34,18 @@ from hypothesis import HealthCheck, Phase, given, reject, seed as hypothesis_see
 
 from harness.contract import Capabilities, capabilities_of
 from harness.design import designed_rows
+from harness.families import get_family
 from harness.layouts import ParallelLayout
 from harness.properties import Property, get_property
 from harness.regressions import RegressionStore
-from harness.results import ExampleRecord, PropertyOutcome, Verdict
+from harness.results import ExampleRecord, PropertyOutcome, Verdict, failure_text
 from harness.runner import RankCrash, RankHang, RankPoolFault, RankTaskError
 from harness.runs import Evidence, Executor
 from harness.strategies import cases_for
 
 __all__ = [
     "PropertyFailure", "check_property", "require_property", "run_example", "judge_example", "control_impl",
-    "default_executor", "replay_command", "layout_seed", "CONTROL_IMPL", "SINGLE_RANK_CONTROL_IMPL",
+    "default_executor", "replay_command", "CONTROL_IMPL", "SINGLE_RANK_CONTROL_IMPL",
 ]
 
 #: The known-good implementation a failing example is rerun with.
@@ -81,8 +82,7 @@ def run_example(prop: Property, case: Any, executor: Executor, source: str = "dr
     """Run one property on one case; infrastructure faults become a HANG/CRASH record."""
     started = time.monotonic()
     ev = Evidence(executor, case)
-    family = getattr(case, "family", "gpt")
-    layout = case.layout.describe() if family == "gpt" else f"{family}:{case.layout.describe()}"
+    layout = get_family(getattr(case, "family", "gpt")).cell(case.layout)
     try:
         check = prop.check(ev)
     except RankPoolFault as exc:
@@ -139,20 +139,6 @@ def judge_example(prop: Property, case: Any, executor: Executor, source: str = "
     return record
 
 
-def layout_seed(base: int, layout: ParallelLayout, family: str = "gpt") -> int:
-    """The hypothesis seed for every property at ``layout`` in a run seeded ``base``.
-
-    One seed per layout makes every property draw the same examples there,
-    so the runs an example needs are made once and shared (``Executor``
-    caches them); different layouts and different runs still draw apart.
-    """
-    import hashlib
-
-    key = f"{base}|{layout.describe()}" if family == "gpt" else f"{base}|{family}|{layout.describe()}"
-    digest = hashlib.sha256(key.encode()).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
 def replay_command(prop: str, case: Any, path: Optional[str] = None) -> str:
     """A shell command that reruns exactly this example and prints its verdict."""
     if path is not None:
@@ -206,13 +192,14 @@ def check_property(
     executor = executor or default_executor()
     caps = capabilities_of(impl, capabilities)
     store = regressions if isinstance(regressions, RegressionStore) or regressions is None else RegressionStore(regressions)
-    cell = layout.describe() if family == "gpt" else f"{family}:{layout.describe()}"
+    cell = get_family(family).cell(layout)
     outcome = PropertyOutcome(prop=prop.name, layout=cell, impl=impl, family=family)
     skip = prop.skip_reason(family, layout, caps)
     if skip is None and layout.sp and not caps.sequence_parallel:
         skip = f"{impl} does not declare sequence_parallel support"
-    if skip is None and family == "moe" and not caps.experts:
-        skip = f"{impl} does not declare expert (MoE) support"
+    if skip is None:
+        missing = get_family(family).requires(caps)
+        skip = f"{impl} {missing}" if missing else None
     if skip:
         outcome.verdict, outcome.skipped_reason = Verdict.SKIPPED, skip
         return outcome
@@ -394,12 +381,8 @@ def require_property(prop: str | Property, layout: ParallelLayout, impl: str = "
     """``check_property`` that raises ``PropertyFailure`` (with the minimal case and replay command) on failure."""
     outcome = check_property(prop, layout, impl, **kw)
     if not outcome.passed:
-        lines = [f"{outcome.prop} at {outcome.layout} for {outcome.impl}: {outcome.verdict.value}", outcome.error]
-        if outcome.minimal_case is not None:
-            lines.append("minimal case: " + json.dumps(outcome.minimal_case.to_json(), sort_keys=True))
-        if outcome.replay_command:
-            lines.append("replay: " + outcome.replay_command)
-        if outcome.falsifying_example:
-            lines.append(outcome.falsifying_example)
-        raise PropertyFailure("\n".join(lines))
+        text = failure_text(outcome)
+        if outcome.falsifying_example and outcome.falsifying_example not in text:
+            text += "\n" + outcome.falsifying_example
+        raise PropertyFailure(text)
     return outcome

@@ -10,7 +10,7 @@ on every rank, agreed through the store), gloo otherwise. Each rank sets
 ``torch.set_num_threads(1)`` and runs ``harness.cpu.rank_initializer`` as a
 local pool's rank does.
 
-Rank 0 runs ``lora-harness verify`` itself (``harness.cli._verify``, the same
+Rank 0 runs ``lora-harness verify`` itself (``harness.cli.verify``, the same
 code path and outputs) with a :class:`TorchrunExecutor`: hypothesis draws,
 shrinks and compares on rank 0; the other ranks serve tasks until rank 0
 says stop. One task:
@@ -342,9 +342,9 @@ class TorchrunExecutor(Executor):
         validate = getattr(case, "validate", None)
         if validate is not None:
             validate()
-        from harness.tasks import TASKS
+        from harness.families import get_family
 
-        task = task or TASKS[case.family]
+        task = task or get_family(case.family).task
         why = self.layout_skip_reason(case.layout)
         if why:
             from harness.layouts import LayoutError
@@ -522,7 +522,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("usage: torchrun ... -m harness.launch verify [lora-harness verify options]", file=sys.stderr)
         return 2
     try:
-        args = cli._parser().parse_args(argv)
+        args = cli.parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     if "" not in sys.path and os.getcwd() not in sys.path:
@@ -537,7 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     code = 1
     try:
         try:
-            code = cli._verify(args, executor=executor, command=command)
+            code = cli.verify(args, executor=executor, command=command)
         except cli.UsageError as exc:
             print(f"lora-harness: {exc}", file=sys.stderr)
             code = 2

@@ -36,7 +36,7 @@ __all__ = [
     "ParallelLayout",
     "current_megatron_groups",
     "destroy_megatron",
-    "enumerate_layouts",
+    "powers_of_two",
 ]
 
 # Megatron's rank order for both of its rank generators.  Passed explicitly to
@@ -518,44 +518,6 @@ def _seed_model_parallel(seed: int) -> None:
 # -- the layout set ----------------------------------------------------------
 
 
-def _powers_of_two_upto(n: int) -> list[int]:
+def powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, ... up to ``n``: the sizes a layout set runs for a maximum ``n`` (``harness.settings.layout_set``)."""
     return [1 << k for k in range(n.bit_length()) if 1 << k <= n]
-
-
-def enumerate_layouts(
-    max_tp: int,
-    max_ep: int = 1,
-    *,
-    world_sizes: list[int] | tuple[int, ...] | None = None,
-    include_sp: bool = True,
-    vary_etp: bool = True,
-) -> list[ParallelLayout]:
-    """The layout set for ``--tp max_tp --ep max_ep``, cheapest first.
-
-    tp and ep run over the powers of two up to their maxima (the harness
-    models have power-of-two widths and expert counts; other sizes are valid
-    ParallelLayouts but not generated).  etp is tp (megatron's default) and,
-    with ``vary_etp``, also 1 (experts unsharded inside the TP group, the other
-    common MoE choice).  Sequence parallelism is added for tp > 1 when
-    ``include_sp``.  Layouts with ep > 1 and tp > 1 but no sp are left out:
-    ep > 1 means a MoE model and megatron's MoELayer refuses to train those
-    (see ``ParallelLayout.moe_trainable``).  With ``world_sizes``, only layouts
-    that fit at least one of them are kept.  Sorted by ``sort_key``.
-    """
-    _check_size("max_tp", max_tp)
-    _check_size("max_ep", max_ep)
-    if world_sizes is not None:
-        for w in world_sizes:
-            _check_world(w)
-    found = set()
-    for tp in _powers_of_two_upto(max_tp):
-        for ep in _powers_of_two_upto(max_ep):
-            for etp in sorted({tp, 1} if vary_etp else {tp}):
-                for sp in (False, True) if include_sp and tp > 1 else (False,):
-                    layout = ParallelLayout(tp=tp, ep=ep, etp=None if etp == tp else etp, sp=sp)
-                    if ep > 1 and not layout.moe_trainable:
-                        continue
-                    if world_sizes is not None and not any(layout.fits(w) for w in world_sizes):
-                        continue
-                    found.add(layout)
-    return sorted(found, key=lambda layout: layout.sort_key)

@@ -63,7 +63,7 @@ from typing import Any, Optional
 
 import pytest
 
-from harness.settings import DEFAULT_PROFILE, FAMILIES, PROFILES, layout_set, register_profiles
+from harness.settings import DEFAULT_PROFILE, PROFILES, layout_set, register_profiles
 
 
 # At import, before any pytest_configure: hypothesis's own plugin loads
@@ -147,31 +147,27 @@ def pytest_configure(config: pytest.Config) -> None:
     from hypothesis import settings
 
     from harness import _quiet
-    from harness.settings import check_rank_timeout, check_seed
+    from harness.settings import check_rank_timeout
 
     _quiet.quiet_parent()
     register_profiles()
     _check_profile(config)
     if not config.getoption("hypothesis_profile", default=None):
         settings.load_profile(DEFAULT_PROFILE)
+    from harness.plan import Plan, PlanError
+
     try:
-        layout_set(config.getoption("tp"), config.getoption("ep"))
-    except ValueError as exc:
-        _usage(str(exc))
+        # Sizes, examples and seed checked here, before any test; the plan itself is made below.
+        Plan(config.getoption("tp"), config.getoption("ep"), examples=config.getoption("lora_examples"),
+             seed=config.getoption("lora_seed"))
+    except PlanError as exc:
+        _usage(str(exc).replace("--examples", "--lora-examples").replace("--seed", "--lora-seed"))
     timeout = config.getoption("rank_timeout")
     if timeout is not None:
         try:
             check_rank_timeout(timeout)
         except ValueError as exc:
             _usage(f"--rank-timeout {exc}")
-    examples = config.getoption("lora_examples")
-    if examples is not None and examples < 1:
-        _usage(f"--lora-examples {examples}: must be >= 1")
-    if config.getoption("lora_seed") is not None:
-        try:
-            check_seed("--lora-seed", config.getoption("lora_seed"))
-        except ValueError as exc:
-            _usage(str(exc))
     impl = config.getoption("lora_impl")
     if impl is not None:
         from harness.contract import ImplLoadError, capabilities_of, load_impl
@@ -215,7 +211,9 @@ def pytest_configure(config: pytest.Config) -> None:
         import random
 
         seed = random.SystemRandom().randrange(2**32)
-    config._lora_harness = HarnessSession(config, seed=seed, store=store)  # type: ignore[attr-defined]
+    plan = Plan(config.getoption("tp"), config.getoption("ep"), examples=config.getoption("lora_examples"), seed=seed,
+                designed=not config.getoption("lora_no_designed"))
+    config._lora_harness = HarnessSession(config, seed=seed, store=store, plan=plan)  # type: ignore[attr-defined]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -227,7 +225,7 @@ def pytest_configure_node(node: Any) -> None:
 
 @dataclass
 class HarnessSession:
-    """The run's settings (from the command line) and every property outcome it produced."""
+    """The run's plan (``harness.plan``, from the command line) and every property outcome it produced."""
 
     config: Any
     seed: int = 0
@@ -236,6 +234,15 @@ class HarnessSession:
     #: The ``harness.regressions.RegressionStore`` failing cases are replayed from (and, unless
     #: it is read-only, stored in); None: no store.
     store: Any = None
+    plan: Any = None
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            from harness.plan import Plan
+
+            getoption = getattr(self.config, "getoption", lambda name, default=None: default)
+            self.plan = Plan(getoption("tp") or 2, getoption("ep") or 1, examples=getoption("lora_examples"),
+                             seed=self.seed, designed=not getoption("lora_no_designed"))
 
     @property
     def executor(self) -> Any:
@@ -246,12 +253,7 @@ class HarnessSession:
         return self._executor
 
     def settings(self, family: str = "gpt") -> Any:
-        from hypothesis import settings
-
-        from harness.settings import family_settings
-
-        examples = self.config.getoption("lora_examples")
-        return settings(max_examples=examples) if examples else family_settings(family)
+        return self.plan.settings_for(family)
 
     def impl_for(self, module: Any) -> str:
         return self.config.getoption("lora_impl") or getattr(module, "LORA_IMPL", None) or "lora.megatron"
@@ -264,13 +266,14 @@ class HarnessSession:
         return caps.with_contract(contract) if contract and contract != caps.contract else caps
 
     def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None, family: str = "gpt") -> Any:
-        from harness.driver import check_property, layout_seed
+        from harness.contract import capabilities_of
+        from harness.families import get_family
+        from harness.plan import Cell
+        from harness.properties import get_property
 
-        outcome = check_property(
-            prop, layout, impl, settings=self.settings(family), executor=self.executor, capabilities=capabilities,
-            regressions=self.store, seed=layout_seed(self.seed, layout, family),
-            family=family, designed=not self.config.getoption("lora_no_designed"),
-        )
+        cell = Cell(get_family(family), layout, get_property(prop))
+        caps = capabilities_of(impl, capabilities)
+        outcome = self.plan.check(cell, impl, caps, executor=self.executor, store=self.store)
         outcome.exception = None  # outcomes travel between xdist processes
         self.outcomes.append((outcome, capabilities))
         return outcome
@@ -302,77 +305,13 @@ class BoundProperty:
             # Nothing was checked: not a pass.
             pytest.skip(f"vacuous: {outcome.error}")
         if not outcome.passed:
-            head = f"{self.name} at {outcome.layout} for {self.impl}: {outcome.verdict.value}"
-            if outcome.verdict is Verdict.HARNESS:
-                head += " (a defect of lora-harness, not of the implementation under test)"
-            lines = [head, outcome.error]
-            if outcome.minimal_case is not None:
-                import json
+            from harness.results import failure_text
 
-                lines.append("minimal case: " + json.dumps(outcome.minimal_case.to_json(), sort_keys=True))
-            if outcome.replay_command:
-                lines.append("replay: " + outcome.replay_command)
-            pytest.fail("\n".join(lines), pytrace=False)
+            pytest.fail(failure_text(outcome), pytrace=False)
         return outcome
 
 
-def _parallel_score(family: str, layout: Any) -> int:
-    """How many kinds of parallelism a layout exercises (TP, EP, SP, ETP != TP, data parallelism)."""
-    dp = (layout.data_parallel or 1) > 1 or (family != "moe" and layout.ep > 1)
-    return (layout.tp > 1) + (family == "moe" and layout.ep > 1) + bool(layout.sp) + (
-        family == "moe" and layout.etp_size != layout.tp) + bool(dp)
-
-
-def cell_order(cells: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """(family, layout) pairs in the order their cells run: cheap and sensitive first, all of them.
-
-    First, per family (dense, then MoE), the layout with the most kinds of
-    parallelism per rank among those with TP or EP > 1 (``--tp 2 --ep 2``:
-    gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where most sharding bugs
-    show; then MoE with expert TP > 1 on the fewest ranks (moe tp2-sp) and
-    dense TP without sequence parallelism (gpt tp2, where activations are
-    replicated over TP); then VLM's multi-rank layout; then the others by parallelism per
-    rank; layouts of one rank (which only the non-sharding checks can fail)
-    last.
-    """
-    family_rank = {f: i for i, f in enumerate(FAMILIES)}
-
-    def density(cell: tuple[str, Any]) -> tuple:
-        family, layout = cell
-        world = layout.min_world_size
-        return (world == 1, -_parallel_score(family, layout) / world, world, family_rank.get(family, 99), layout.sort_key)
-
-    rest = sorted(cells, key=density)
-    first = []
-    for family in ("gpt", "moe"):
-        best = next((c for c in rest if c[0] == family and c[1].min_world_size > 1), None)
-        if best is not None:
-            first.append(best)
-    # Then MoE with expert tensor parallelism (ETP > 1, fewest ranks), where
-    # expert shards are split and reduced; and dense TP without sequence
-    # parallelism: activations replicated over TP, where a per-rank dropout
-    # RNG or a missing broadcast shows.
-    etp = min((c for c in rest if c[0] == "moe" and c[1].etp_size > 1), key=lambda c: c[1].min_world_size, default=None)
-    plain = next((c for c in rest if c[0] == "gpt" and c[1].tp > 1 and not c[1].sp and c[1].ep == 1), None)
-    # And the VLM family's largest layout: its freezing rules fail at any TP.
-    vlm = next((c for c in rest if c[0] == "vlm" and c[1].min_world_size > 1), None)
-    for cell in (etp, plain, vlm):
-        if cell is not None and cell not in first:
-            first.append(cell)
-    return first + [c for c in rest if c not in first]
-
-
-def property_order(props: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Properties in the order their cells run at a layout: those that read only the runs the
-    first one makes (the implementation's and the reference's) first, then by how many runs of
-    their own they add; registry order otherwise. A bug a contract check sees then reports
-    without waiting for the runs other checks need."""
-    shared = {"impl", "reference"}
-    ranked = sorted(enumerate(props.items()), key=lambda ip: (len(set(ip[1][1].needs) - shared), ip[0]))
-    return [item for _, item in ranked]
-
-
-_CELL_ID = re.compile(r"\[(?:(moe|vlm)-)?[a-z0-9_]+-(tp\d+-ep\d+-etp\d+-pp\d+(?:-dp\d+)?(?:-sp)?)\]")
+_CELL_ID = re.compile(r"\[(?:([a-z0-9_]+)-)?[a-z0-9_]+-(tp\d+-ep\d+-etp\d+-pp\d+(?:-dp\d+)?(?:-sp)?)\]")
 
 
 def cell_scope(nodeid: str) -> str:
@@ -416,8 +355,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     layouts = layout_set(config.getoption("tp"), config.getoption("ep"))
     if "lora_property" in metafunc.fixturenames:
         from harness.contract import ImplLoadError
-        from harness.properties import registry
-
         session: HarnessSession = config._lora_harness  # type: ignore[attr-defined]
         impl = session.impl_for(metafunc.module)
         try:
@@ -432,20 +369,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # plugin's scheduler, ``pytest_xdist_make_scheduler`` below, reads
         # the group from the test id). Layouts run in ``cell_order``: the
         # cheap, sensitive ones first, so a user's ``pytest -x`` stops soon.
-        cells = cell_order([
-            (family, layout)
-            for family in FAMILIES
-            for layout in layout_set(config.getoption("tp"), config.getoption("ep"), family)
-        ])
         params = [
             pytest.param(
-                BoundProperty(session, name, layout, impl, caps, family),
-                id=f"{name}-{layout}" if family == "gpt" else f"{family}-{name}-{layout}",
-                marks=pytest.mark.xdist_group(name=f"lora-{family}-{layout}"),
+                BoundProperty(session, cell.prop.name, cell.layout, impl, caps, cell.family.name),
+                id=cell.test_id,
+                marks=pytest.mark.xdist_group(name=cell.group),
             )
-            for family, layout in cells
-            for name, prop in property_order(registry())
-            if family in prop.families
+            for cell in session.plan.cells()
         ]
         metafunc.parametrize("lora_property", params)
     if "layout" in metafunc.fixturenames:
@@ -480,12 +410,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
     name = config.getoption("lora_impl")
     seed = config._lora_harness.seed  # type: ignore[attr-defined]
-    lines = [
-        f"lora-harness: {family} layouts {', '.join(map(str, layout_set(config.getoption('tp'), config.getoption('ep'), family)))}"
-        for family in FAMILIES
-    ] + [
-        f"lora-harness: seed {seed} (--lora-seed {seed} draws the same examples again)",
-    ]
+    lines = [f"lora-harness: {line}" for line in config._lora_harness.plan.header()]  # type: ignore[attr-defined]
+    lines[-1] = f"lora-harness: seed {seed} (--lora-seed {seed} draws the same examples again)"
     try:
         caps = capabilities_of(name or "lora.megatron")
     except ImplLoadError:
@@ -562,22 +488,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 
 def _write_merged_report(config: Any, report: str, collected: list) -> None:
-    import datetime
-
-    from harness.report.environment import collect_environment
     from harness.report.writer import write_report
-    from harness.results import RunResults
 
     impls = sorted({o.impl for o, _ in collected})
     caps = next((c for _, c in collected if c is not None), None)
-    results = RunResults(
-        impl=", ".join(impls),
-        capabilities=caps.to_dict() if caps is not None else {},
-        environment=collect_environment(impls[0]),
-        skipped=caps.skipped() if caps is not None else [],
-        command="pytest " + " ".join(config.invocation_params.args),
-        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        outcomes=sorted((o for o, _ in collected), key=lambda o: (o.prop, o.layout)),
+    results = config._lora_harness.plan.results(
+        sorted((o for o, _ in collected), key=lambda o: (o.prop, o.layout)),
+        impl=", ".join(impls), capabilities=caps, command="pytest " + " ".join(config.invocation_params.args),
     )
     paths = write_report(results, report)
     tr = config.pluginmanager.get_plugin("terminalreporter")

@@ -527,3 +527,23 @@ def coverage(outcomes: list["PropertyOutcome"]) -> dict[tuple[str, str], dict[st
                 counts[feature] = counts.get(feature, 0) + 1
         out[key] = counts
     return out
+
+
+def failure_text(outcome: Any, *, head: bool = True) -> str:
+    """What a failed cell says, the same in the CLI, under pytest and in ``require_property``:
+    the verdict, the first quantity that differs (or the fault), the minimal case and the
+    command that replays it."""
+    lines = []
+    if head:
+        line = f"{outcome.prop} at {outcome.layout} for {outcome.impl}: {outcome.verdict.value}"
+        if outcome.verdict is Verdict.HARNESS:
+            line += " (a defect of lora-harness, not of the implementation under test)"
+        lines.append(line)
+    if outcome.records and outcome.records[-1].source == "regression":
+        lines.append(f"{outcome.falsifying_example} (replayed before any new draw)")
+    lines.append(outcome.error)
+    if outcome.minimal_case is not None:
+        lines.append("minimal case: " + json.dumps(outcome.minimal_case.to_json(), sort_keys=True))
+    if outcome.replay_command:
+        lines.append("replay: " + outcome.replay_command)
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import collections
 from typing import Any, Callable, Optional
 
 from harness.layouts import ParallelLayout
-from harness.tasks import ERROR_TASKS, TASKS
+from harness.families import get_family
 
 __all__ = ["Executor", "Evidence", "RUN_KINDS", "REFERENCE_IMPL"]
 
@@ -27,10 +27,10 @@ RUN_KINDS = {
     "errors": "the implementation under test fed bad input at the case's layout",
     "impl_ep1": "the implementation under test at the case's layout with expert parallelism 1 (same TP, ETP, SP)",
     "reference64": "the reference in float64 on the case's exact (16-bit) weights and inputs, world size 1",
-    "init": "the implementation under test's initial adapters on a larger one-layer GPT at the case's layout (harness.tasks.init)",
+    "init": "the implementation under test's initial adapters on a larger one-layer model at the case's layout (the family's init_task; harness.tasks.init)",
 }
 
-_POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.tasks")
+_POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.families")
 
 
 class Executor:
@@ -75,7 +75,7 @@ class Executor:
         validate = getattr(case, "validate", None)
         if validate is not None:
             validate()
-        task = task or TASKS[case.family]
+        task = task or get_family(case.family).task
         pool = self.pool(case.layout.min_world_size)
         try:
             return pool.run(task, case)
@@ -101,6 +101,14 @@ class Executor:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return self._cache[key]
+
+
+def _task(family: str, kind: str) -> Callable[..., Any]:
+    """The family's ``error_task`` or ``init_task``; ``ValueError`` when it has none."""
+    task = getattr(get_family(family), kind)
+    if task is None:
+        raise ValueError(f"family {family!r} has no {kind} (a property that needs it cannot run on this family)")
+    return task
 
 
 class Evidence:
@@ -135,7 +143,7 @@ class Evidence:
         # dtype): examples that agree on those share one run.
         c = self.case
         key = ("errors", c.family, c.impl, c.contract, repr(c.layout), repr(c.shape), c.model_dtype, c.seed)
-        return self.executor.cached(key, lambda: self.executor.run(c, ERROR_TASKS[c.family]))
+        return self.executor.cached(key, lambda: self.executor.run(c, _task(c.family, "error_task")))
 
     def _make_reference(self) -> tuple[Any, dict[int, str]]:
         ref = self.case.with_(impl=self.executor.reference_impl, layout=ParallelLayout(), contract="strict")
@@ -165,9 +173,7 @@ class Evidence:
         return self.executor.cached(("impl", repr(case)), lambda: self.executor.run(case))
 
     def _make_init(self) -> tuple[Any, dict[int, str]]:
-        from harness.tasks.init import INIT_TASKS
-
-        task = INIT_TASKS[self.case.family]
+        task = _task(self.case.family, "init_task")
         return self.executor.cached(("init", repr(self.case)), lambda: self.executor.run(self.case, task))
 
     # Shorthands the property modules read.

@@ -29,32 +29,19 @@ from harness.layouts import ParallelLayout
 __all__ = [
     "register_profiles",
     "layout_set",
-    "family_settings",
     "check_world",
     "check_rank_timeout",
     "check_seed",
     "PROFILES",
     "DEFAULT_PROFILE",
-    "FAMILIES",
-    "FAMILY_EXAMPLE_SHARE",
     "MAX_WORLD",
     "RANK_TIMEOUT_MIN_S",
     "RANK_TIMEOUT_MAX_S",
     "SEED_LIMIT",
 ]
 
-#: The model families the harness checks, in the order they run and report.
-FAMILIES = ("gpt", "moe", "vlm")
-
-#: Share of the profile's drawn examples per property and layout that each
-#: family draws (the designed examples of harness.design run first, in every
-#: profile). An MoE example costs several dense ones (a bigger world at most
-#: layouts, one more run for the EP=1 comparison, an optimizer step), and
-#: its layout set is larger: half (fast 1 per layout, deep 125). A VLM
-#: example loops over all 16 freeze combinations itself (a fresh LLaVA
-#: each): a fifth (fast 1, deep 50).
-FAMILY_EXAMPLE_SHARE = {"gpt": 1.0, "moe": 0.5, "vlm": 0.2}
-
+#: How many drawn examples each family takes of the profile's is its own
+#: ``Family.example_share`` (``harness.families``; the run plan applies it).
 DEFAULT_PROFILE = "fast"
 PROFILES = {
     "fast": dict(max_examples=1),
@@ -157,72 +144,23 @@ def _check_max(flag: str, value: object) -> int:
     return value
 
 
-def family_settings(family: str) -> settings:
-    """The active profile's settings with the family's share of drawn examples (at least 1; designed ones come first)."""
-    import math
-
-    if family not in FAMILY_EXAMPLE_SHARE:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILY_EXAMPLE_SHARE)}")
-    current = settings()
-    return settings(current, max_examples=max(1, math.ceil(current.max_examples * FAMILY_EXAMPLE_SHARE[family])))
-
-
 def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt", max_world: int = MAX_WORLD) -> list[ParallelLayout]:
     """The layouts a family's properties run at for ``--tp max_tp --ep max_ep``, cheapest first.
 
-    Dense GPT: every power-of-two TP up to ``max_tp`` times every
-    power-of-two EP up to ``max_ep``. A dense model has no experts, so EP
-    changes what megatron-core builds only through the world size: a layout
-    with EP=e runs in a world of lcm(tp, tp*e) ranks, i.e. with data
-    parallelism e, where every data-parallel replica must hold and compute
-    the same adapters. Every layout with TP > 1 also runs with sequence
-    parallelism. A maximum that is not a power of two is refused
-    (``ValueError``), never rounded, and so is a set whose largest layout
-    needs more than ``max_world`` ranks (``MAX_WORLD``, 64, by default).
-
-    MoE: every power-of-two TP, EP and expert-TP (ETP <= TP) whose world
-    (lcm(tp, etp*ep)) is at most ``max_tp * max_ep``; TP > 1 always with
-    sequence parallelism, which megatron-core's MoE layer requires; plus the
-    largest layout with ETP=1 in the largest world. So ``--tp 2 --ep 2``
-    gives tp1, tp1-ep2 (data parallel 2), tp2-sp, tp2-etp1-sp (ETP != TP),
-    tp2-ep2-etp1-sp (world 2), tp2-ep2-sp (world 4, data parallel 2) and
-    tp2-ep2-etp1-dp2-sp (world 4: data parallel 2, expert data parallel 2).
-
-    VLM (megatron-core's LLaVAModel): TP 1 and the two largest powers of two
-    up to ``max_tp``, never with sequence parallelism (LLaVA asserts that
-    it runs with Transformer Engine's attention, which CPU builds lack) and
-    never with EP (a LLaVA has no experts; data parallelism would only
-    repeat what each replica checks). ``--tp 2``: tp1, tp2.
+    The one layout enumerator: every front end (CLI, pytest, torchrun) reads
+    it through the run plan (``harness.plan``). A maximum that is not a
+    power of two is refused (``ValueError``), never rounded, and so is a set
+    whose largest layout needs more than ``max_world`` ranks (``MAX_WORLD``,
+    64, by default). What each family runs is its own
+    (``harness.families.<name>.layouts``): dense GPT every power-of-two TP
+    times every power-of-two EP (as data parallelism), TP > 1 also with
+    sequence parallelism; MoE every TP, EP and expert TP whose world fits,
+    with SP at TP > 1, plus expert data parallelism; VLM TP 1 and the two
+    largest TPs, never SP or EP.
     """
+    from harness.families import get_family
+
     _check_max("--tp", max_tp)
     _check_max("--ep", max_ep)
     check_world(max_tp, max_ep, max_world)
-    if family == "moe":
-        moe = {
-            ParallelLayout(tp=tp, ep=ep, etp=etp, sp=tp > 1)
-            for tp in _powers(max_tp)
-            for ep in _powers(max_ep)
-            for etp in _powers(tp)
-            if ParallelLayout(tp=tp, ep=ep, etp=etp).min_world_size <= max_tp * max_ep
-        }
-        if max_tp > 1 and max_ep > 1:
-            # The largest layout with ETP < TP also in the largest world, so
-            # experts have data parallelism of their own (expert DP > 1).
-            moe.add(ParallelLayout(tp=max_tp, ep=max_ep, etp=1, sp=True, data_parallel=max_ep))
-        return sorted(moe, key=lambda layout: layout.sort_key)
-    if family == "vlm":
-        tps = _powers(max_tp)
-        return [ParallelLayout(tp=tp) for tp in sorted({1, *tps[-2:]})]
-    if family != "gpt":
-        raise ValueError(f"no layout set for family {family!r}; known: {', '.join(FAMILIES)}")
-    layouts = {
-        ParallelLayout(tp=tp, ep=ep, sp=sp)
-        for tp in _powers(max_tp)
-        for ep in _powers(max_ep)
-        for sp in ((False, True) if tp > 1 else (False,))
-    }
-    return sorted(layouts, key=lambda layout: layout.sort_key)
-
-
-def _powers(n: int) -> list[int]:
-    return [1 << k for k in range(n.bit_length()) if 1 << k <= n]
+    return get_family(family).layouts(max_tp, max_ep)

@@ -63,16 +63,18 @@ def run_matrix() -> list[dict[str, Any]]:
     from hypothesis import settings
 
     from harness.contract import capabilities_of
-    from harness.driver import check_property, layout_seed
+    from harness.driver import check_property
+    from harness.plan import layout_seed
     from harness.properties import registry
     from harness.results import Verdict
     from harness.runs import Executor
-    from harness.settings import FAMILIES, layout_set
+    from harness.families import family_names
+    from harness.settings import layout_set
 
     caps = capabilities_of(BRIDGE)
     executor = Executor()
     rows = []
-    for family in FAMILIES:
+    for family in family_names():
         for layout in layout_set(2, 2, family):
             for name, prop in registry().items():
                 if family not in prop.families:

@@ -2,7 +2,7 @@
 
 Top-level functions ``fn(ctx, ...)`` run inside rank-pool processes
 (``harness.runner``). Each brings parallel_state into a layout, builds the
-MoE GPT of ``harness.moe`` for every case asked for, loads the seeded full
+MoE GPT of ``harness.families.moe.model`` for every case asked for, loads the seeded full
 base weights, applies ``lora.megatron.LoRA`` and returns plain tensors.
 
 Adapter values are set here from seeded FULL matrices named by the GLOBAL
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from harness.layouts import ParallelLayout
-from harness.models import causal_mask
-from harness.moe import MoEShape, build_moe_gpt, expert_sizes, layout_sizes
+from harness.families.gpt.model import causal_mask
+from harness.families.moe.model import MoEShape, build_moe_gpt, expert_sizes, layout_sizes
 from harness.sharding import Partition, adapter_full_shapes, adapter_partitions, load_full_base_weights, seeded_tensor, shard
 
 TARGETS = ["linear_fc1", "linear_fc2"]

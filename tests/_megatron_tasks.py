@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from harness.layouts import ParallelLayout
-from harness.models import GPTShape, build_gpt, causal_mask, transformer_config
+from harness.families.gpt.model import GPTShape, build_gpt, causal_mask, transformer_config
 from harness.sharding import base_partition, load_full_base_weights, seeded_tensor
 
 HIDDEN = 8
@@ -402,7 +402,7 @@ def _seq_shard(full: torch.Tensor, tp_rank: int, tp: int, sequence_parallel: boo
 
 def sp_norm(ctx: Any, seed: int, normalization: str, s: int = 6, b: int = 2, h: int = 8) -> dict[str, Any]:
     """A SequenceParallelNorm (float64) on this rank's sequence shard of a seeded input: output, input and weight grads."""
-    from harness.models import SequenceParallelNorm
+    from harness.families.gpt.model import SequenceParallelNorm
 
     tp_rank, tp = _init(ctx, seed)
     cfg = transformer_config(
@@ -492,7 +492,7 @@ def gpt_sp_forward_backward(
     gradient returned is that shard's. Logits are the full (b, s, vocab) on
     every rank (the output layer gathers the sequence, then the vocab).
     """
-    from harness.models import sequence_parallel_params
+    from harness.families.gpt.model import sequence_parallel_params
     from harness.sharding import load_full_adapter_weights
 
     tp_rank, tp = _init(ctx, seed)

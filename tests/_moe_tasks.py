@@ -13,8 +13,8 @@ from typing import Any, Optional
 import torch
 
 from harness.layouts import ParallelLayout
-from harness.models import causal_mask
-from harness.moe import MoEShape, RoutingCounter, build_moe_gpt, expert_sizes, layout_sizes
+from harness.families.gpt.model import causal_mask
+from harness.families.moe.model import MoEShape, RoutingCounter, build_moe_gpt, expert_sizes, layout_sizes
 from harness.sharding import base_partition, expert_param, load_full_base_weights, seeded_tensor
 
 
@@ -98,7 +98,7 @@ def grouped_linear_vs_loop(
     ctx: Any, seed: int, parallel_mode: str, splits: list[int], bias: bool, skip_bias_add: bool, etp: Optional[int] = None
 ) -> dict[str, Any]:
     """TorchGroupedLinear vs a per-expert loop of F.linear on the same (float64) weights: outputs and all grads."""
-    from harness.moe import TorchColumnParallelGroupedLinear, TorchRowParallelGroupedLinear, moe_config
+    from harness.families.moe.model import TorchColumnParallelGroupedLinear, TorchRowParallelGroupedLinear, moe_config
 
     ws = ctx.world_size
     etp = ws if etp is None else etp

@@ -77,7 +77,7 @@ def test_rank_timeout_bounds_accept_what_they_say():
     from harness.settings import check_rank_timeout
 
     assert check_rank_timeout("1") == 1.0 and check_rank_timeout(86400) == 86400.0
-    assert cli._parser().parse_args(["verify", "--rank-timeout", "2.5"]).rank_timeout == 2.5
+    assert cli.parser().parse_args(["verify", "--rank-timeout", "2.5"]).rank_timeout == 2.5
 
 
 # ------------------------------------------------------------ 2. --tp / --ep bounded by the world
@@ -304,8 +304,9 @@ def test_a_bare_case_and_a_regression_file_are_both_accepted(tmp_path):
 
 
 def test_validate_rejects_zero_sizes_in_a_case_built_in_python():
-    from harness.cases import CaseError, GPTCase
-    from harness.models import GPTShape
+    from harness.cases import CaseError
+    from harness.families.gpt.case import GPTCase
+    from harness.families.gpt.model import GPTShape
 
     with pytest.raises(CaseError, match="shape.ffn_hidden_size = 0: must be an integer >= 1"):
         GPTCase(shape=GPTShape(ffn_hidden_size=0), lora={}, seed=0).validate()
@@ -317,11 +318,11 @@ def test_validate_rejects_zero_sizes_in_a_case_built_in_python():
 def test_layout_short_names_are_accepted(monkeypatch, capsys):
     seen = {}
 
-    def fake_run(args, props, names, layouts, *rest, **kw):
-        seen.update(names=names, layouts={f: [str(l) for l in ls] for f, ls in layouts.items()})
+    def fake_run(args, plan, *rest, **kw):
+        seen.update(names=list(plan.properties), layouts={f: [str(l) for l in ls] for f, ls in plan.layouts.items()})
         return 0
 
-    monkeypatch.setattr(cli, "_run_verify", fake_run)
+    monkeypatch.setattr(cli, "_run", fake_run)
     assert main(["verify", "--tp", "2", "--layout", "tp1", "--layout", "tp2-sp", "--property", "forward_matches",
                  "--property", "forward_matches"]) == 0
     assert seen["names"] == ["forward_matches"]

@@ -248,14 +248,14 @@ def _apply(lora_module, model, **kwargs):
 
 
 class _Block(nn.Module):
-    """A megatron-core column-parallel then row-parallel linear, built as harness.models builds layers."""
+    """A megatron-core column-parallel then row-parallel linear, built as harness.families.gpt.model builds layers."""
 
     def __init__(self, tp: int, sequence_parallel: bool = False, bias: bool = True):
         super().__init__()
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-        from harness.models import GPTShape, transformer_config
+        from harness.families.gpt.model import GPTShape, transformer_config
 
         cfg = transformer_config(GPTShape(), tp=tp, sequence_parallel=sequence_parallel)
         group = parallel_state.get_tensor_model_parallel_group()
@@ -331,7 +331,7 @@ def test_lora_merge_at_world_size_one(world_of_one):
 
 
 def _tiny_moe(grouped: bool):
-    from harness.moe import MoEShape, build_moe_gpt
+    from harness.families.moe.model import MoEShape, build_moe_gpt
 
     return build_moe_gpt(MoEShape(num_layers=1, grouped=grouped), tp=1)
 
@@ -353,7 +353,7 @@ def test_sequential_experts_and_router_are_adapted(world_of_one):
 
 
 def test_vlm_lora_takes_a_list_of_chunks_only(world_of_one):
-    from harness.vlm import VLMShape, build_vlm
+    from harness.families.vlm.model import VLMShape, build_vlm
 
     lora = world_of_one
     with warnings.catch_warnings():
@@ -437,8 +437,8 @@ def _expert_adapters_at_etp2(lora, rank: int, world: int) -> dict:
     from megatron.core import parallel_state
 
     from harness import cpu
-    from harness.models import causal_mask
-    from harness.moe import MoEShape, build_moe_gpt
+    from harness.families.gpt.model import causal_mask
+    from harness.families.moe.model import MoEShape, build_moe_gpt
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(world, expert_tensor_parallel_size=world)

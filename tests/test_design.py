@@ -8,18 +8,20 @@ import pytest
 from hypothesis import given, settings
 
 from harness.contract import Capabilities
-from harness.design import TRIPLES, _valid, coverage_of, designed_rows, factors, row_of_case
+from harness.design import coverage_of, designed_rows, factors, row_of_case
+from harness.families import get_family
 from harness.driver import check_property
 from harness.layouts import ParallelLayout
 from harness.regressions import RegressionStore
-from harness.settings import FAMILIES, layout_set
+from harness.families import family_names
+from harness.settings import layout_set
 from harness.strategies import cases_for
 
 CAPS = {"strict": Capabilities(), "bridge": Capabilities.bridge(), "no-grouped": Capabilities(grouped_experts=False)}
 
 
 def _cells():
-    for family in FAMILIES:
+    for family in family_names():
         for layout in layout_set(2, 2, family):
             yield family, layout
 
@@ -34,10 +36,10 @@ def test_every_feasible_pair_and_triple_appears(family, lay, caps_name):
     rows = designed_rows(family, layout, caps)
     names = [f.name for f in fs]
     assert all(set(r) == set(names) for r in rows)
-    assert all(_valid(family, r) for r in rows), "a designed row breaks a rule of the exact comparisons"
+    assert all(get_family(family).design.valid(r) for r in rows), "a designed row breaks a rule of the exact comparisons"
     product = [dict(zip(names, values)) for values in itertools.product(*(f.levels for f in fs))]
-    feasible = [r for r in product if _valid(family, r)]
-    interactions = list(itertools.combinations(names, 2)) + list(TRIPLES.get(family, ()))
+    feasible = [r for r in product if get_family(family).design.valid(r)]
+    interactions = list(itertools.combinations(names, 2)) + list(get_family(family).design.triples)
     for inter in interactions:
         want = {tuple(r[n] for n in inter) for r in feasible}
         got = {tuple(r[n] for n in inter) for r in rows}
@@ -129,9 +131,10 @@ def test_an_expert_combination_bug_is_caught_by_design():
 
 def test_cells_start_cheap_and_sensitive_and_a_layout_stays_in_one_worker():
     from harness.properties import registry
-    from harness.pytest_plugin import cell_order, cell_scope, property_order
+    from harness.plan import cell_order, property_order
+    from harness.pytest_plugin import cell_scope
 
-    cells = [(f, lay) for f in FAMILIES for lay in layout_set(2, 2, f)]
+    cells = [(f, lay) for f in family_names() for lay in layout_set(2, 2, f)]
     order = cell_order(cells)
     assert sorted(map(repr, order)) == sorted(map(repr, cells))
     assert [(f, lay.describe()) for f, lay in order[:4]] == [

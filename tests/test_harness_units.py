@@ -8,9 +8,10 @@ from hypothesis import given, settings, strategies as st
 
 from harness.compare import FLOAT32, FLOAT64, Tolerance, compare_tensors, tolerance_for
 from harness.layouts import ParallelLayout
-from harness.models import GPTShape, ShapeError
+from harness.families.gpt.model import GPTShape, ShapeError
 from harness.sharding import Partition, seeded_tensor, shard, unshard
-from harness.strategies import gpt_cases, gpt_shapes, lora_configs
+from harness.strategies import lora_configs
+from harness.families.gpt.strategy import gpt_cases, gpt_shapes
 from harness.runs import RUN_KINDS
 
 
@@ -151,7 +152,7 @@ def test_capabilities_validate_and_say_what_they_skip():
 
 
 def test_regression_store_saves_once_and_replays_by_property_and_layout(tmp_path):
-    from harness.cases import GPTCase
+    from harness.families.gpt.case import GPTCase
     from harness.regressions import RegressionStore
 
     store = RegressionStore(tmp_path / "reg")

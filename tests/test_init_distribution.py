@@ -15,10 +15,10 @@ import pytest
 import torch
 from hypothesis import settings
 
-from harness.cases import GPTCase
+from harness.families.gpt.case import GPTCase
 from harness.driver import check_property
 from harness.layouts import ParallelLayout
-from harness.models import GPTShape
+from harness.families.gpt.model import GPTShape
 from harness.properties.init_distribution import ALPHA, check, spec_distribution
 from harness.results import Partitioned, RankRecord, Verdict
 from harness.stats import (

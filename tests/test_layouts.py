@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from megatron.core.parallel_state import RankGenerator
 
 from harness import layouts as L
-from harness.layouts import GROUP_KINDS, LayoutError, ParallelLayout, enumerate_layouts
+from harness.layouts import GROUP_KINDS, LayoutError, ParallelLayout, powers_of_two
 
 # kind -> (generator, megatron's get_ranks token), written from
 # initialize_model_parallel in megatron-core 0.19.2, independently of
@@ -242,72 +242,39 @@ def names(layouts):
     return [x.describe() for x in layouts]
 
 
-def test_enumerate_tp2_ep1():
-    assert names(enumerate_layouts(2)) == [
-        "tp1-ep1-etp1-pp1",
-        "tp2-ep1-etp1-pp1",
-        "tp2-ep1-etp1-pp1-sp",
-        "tp2-ep1-etp2-pp1",
-        "tp2-ep1-etp2-pp1-sp",
-    ]
+#: What --tp/--ep mean per family (one enumerator: harness.settings.layout_set, which every front end uses).
+_EXPECTED = {
+    ("gpt", 2, 2): ["tp1-ep1-etp1-pp1", "tp1-ep2-etp1-pp1", "tp2-ep1-etp2-pp1", "tp2-ep1-etp2-pp1-sp",
+                    "tp2-ep2-etp2-pp1", "tp2-ep2-etp2-pp1-sp"],
+    ("moe", 2, 2): ["tp1-ep1-etp1-pp1", "tp1-ep2-etp1-pp1", "tp2-ep1-etp1-pp1-sp", "tp2-ep1-etp2-pp1-sp",
+                    "tp2-ep2-etp1-pp1-sp", "tp2-ep2-etp2-pp1-sp", "tp2-ep2-etp1-pp1-dp2-sp"],
+    ("vlm", 2, 2): ["tp1-ep1-etp1-pp1", "tp2-ep1-etp2-pp1"],
+    ("vlm", 8, 1): ["tp1-ep1-etp1-pp1", "tp4-ep1-etp4-pp1", "tp8-ep1-etp8-pp1"],
+}
 
 
-def test_enumerate_tp2_ep2():
-    assert names(enumerate_layouts(2, 2)) == [
-        "tp1-ep1-etp1-pp1",
-        "tp1-ep2-etp1-pp1",
-        "tp2-ep1-etp1-pp1",
-        "tp2-ep1-etp1-pp1-sp",
-        "tp2-ep1-etp2-pp1",
-        "tp2-ep1-etp2-pp1-sp",
-        "tp2-ep2-etp1-pp1-sp",
-        "tp2-ep2-etp2-pp1-sp",
-    ]
+@pytest.mark.parametrize("family,tp,ep", sorted(_EXPECTED))
+def test_layout_set_per_family(family, tp, ep):
+    from harness.settings import layout_set
+
+    got = layout_set(tp, ep, family)
+    assert sorted(names(got)) == sorted(_EXPECTED[family, tp, ep])
+    assert [x.sort_key for x in got] == sorted(x.sort_key for x in got)
+    assert layout_set(tp, ep, family) == got  # deterministic
+    if family == "moe":
+        assert all(x.moe_trainable for x in got)
 
 
-def test_enumerate_tp4_ep2():
-    got = enumerate_layouts(4, 2)
-    assert names(got) == [
-        "tp1-ep1-etp1-pp1",
-        "tp1-ep2-etp1-pp1",
-        "tp2-ep1-etp1-pp1",
-        "tp2-ep1-etp1-pp1-sp",
-        "tp2-ep1-etp2-pp1",
-        "tp2-ep1-etp2-pp1-sp",
-        "tp2-ep2-etp1-pp1-sp",
-        "tp2-ep2-etp2-pp1-sp",
-        "tp4-ep1-etp1-pp1",
-        "tp4-ep1-etp1-pp1-sp",
-        "tp4-ep1-etp4-pp1",
-        "tp4-ep1-etp4-pp1-sp",
-        "tp4-ep2-etp1-pp1-sp",
-        "tp4-ep2-etp4-pp1-sp",
-    ]
-    assert [x.min_world_size for x in got] == sorted(x.min_world_size for x in got)
-    assert all(x.moe_trainable for x in got if x.ep > 1)
-    assert enumerate_layouts(4, 2) == got  # deterministic
+def test_powers_of_two_and_sizes_that_are_not_refused_never_rounded():
+    from harness.settings import layout_set
 
-
-def test_enumerate_options():
-    assert names(enumerate_layouts(4, 2, world_sizes=[2])) == [
-        "tp1-ep1-etp1-pp1",
-        "tp1-ep2-etp1-pp1",
-        "tp2-ep1-etp1-pp1",
-        "tp2-ep1-etp1-pp1-sp",
-        "tp2-ep1-etp2-pp1",
-        "tp2-ep1-etp2-pp1-sp",
-        "tp2-ep2-etp1-pp1-sp",
-    ]
-    assert names(enumerate_layouts(2, 2, include_sp=False, vary_etp=False)) == [
-        "tp1-ep1-etp1-pp1",
-        "tp1-ep2-etp1-pp1",
-        "tp2-ep1-etp2-pp1",
-    ]
-    assert names(enumerate_layouts(3)) == names(enumerate_layouts(2))
-    with pytest.raises(LayoutError, match="max_tp=0"):
-        enumerate_layouts(0)
-    with pytest.raises(LayoutError, match="world_size=0"):
-        enumerate_layouts(2, world_sizes=[0])
+    assert powers_of_two(1) == [1] and powers_of_two(4) == [1, 2, 4] and powers_of_two(6) == [1, 2, 4]
+    with pytest.raises(ValueError, match="--tp 3: the layout set runs every power of two"):
+        layout_set(3)
+    with pytest.raises(ValueError, match="--ep 0"):
+        layout_set(2, 0)
+    with pytest.raises(ValueError, match="unknown family 'nope'"):
+        layout_set(2, 1, "nope")
 
 
 # -- megatron-core, in process, world of one ----------------------------------------

@@ -1,6 +1,6 @@
 """lora.megatron on routed experts (SPEC "Experts (MoE)"): every layout equals world size 1, in float64.
 
-Real megatron-core MoE GPTs (harness.moe) on CPU with gloo, SequentialMLP
+Real megatron-core MoE GPTs (harness.families.moe.model) on CPU with gloo, SequentialMLP
 and grouped experts, allgather and alltoall dispatchers, shared and
 per-expert grouped adapters, some with shared experts (dense adapters under
 sequence parallelism). lora.megatron.LoRA(target_modules=[fc1, fc2], dim=4)

@@ -27,8 +27,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from harness.models import ShapeError  # noqa: E402
-from harness.moe import MoEShape  # noqa: E402
+from harness.families.gpt.model import ShapeError  # noqa: E402
+from harness.families.moe.model import MoEShape  # noqa: E402
 from harness.sharding import unshard  # noqa: E402
 from tests import _moe_tasks as tasks  # noqa: E402
 
@@ -114,7 +114,7 @@ def test_grouped_linear_fulfils_megatrons_builder_protocols():
 
     from megatron.core.transformer.moe.experts import GroupedLinearFc1Builder
 
-    from harness.moe import TorchColumnParallelGroupedLinear, TorchRowParallelGroupedLinear
+    from harness.families.moe.model import TorchColumnParallelGroupedLinear, TorchRowParallelGroupedLinear
 
     wanted = inspect.signature(GroupedLinearFc1Builder.__call__).parameters
     kw_only = {n for n, p in wanted.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -166,7 +166,7 @@ def test_shape_rules():
 
 
 def test_tp_without_sequence_parallelism_is_refused():
-    from harness.moe import build_moe_gpt
+    from harness.families.moe.model import build_moe_gpt
 
     with pytest.raises(ShapeError, match="sequence parallelism"):
         build_moe_gpt(MoEShape(), tp=2, sequence_parallel=False)

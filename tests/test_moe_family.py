@@ -12,11 +12,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from harness.cases import CaseError, MoECase, case_from_json
+from harness.cases import CaseError, case_from_json
+from harness.families.moe.case import MoECase
 from harness.layouts import LayoutError, ParallelLayout
-from harness.moe import MoEShape
+from harness.families.moe.model import MoEShape
 from harness.settings import layout_set
-from harness.strategies import moe_cases
+from harness.families.moe.strategy import moe_cases
 
 
 def _case(**kw):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from harness.cases import GPTCase
+from harness.families.gpt.case import GPTCase
 from harness.layouts import ParallelLayout
-from harness.models import GPTShape
+from harness.families.gpt.model import GPTShape
 from harness.properties._gather import replicas
 from harness.runs import Evidence, Executor
 
@@ -52,7 +52,8 @@ def test_properties_at_a_layout_share_the_runs_of_each_example():
     """One seed per layout: every property draws the same examples, and each run is made once."""
     from hypothesis import settings
 
-    from harness.driver import check_property, layout_seed
+    from harness.driver import check_property
+    from harness.plan import layout_seed
 
     layout = ParallelLayout(tp=2)
     executor = Executor()

@@ -1,7 +1,7 @@
 """lora.reference on grouped expert linears (num_gemms, weight0.., forward(x, m_splits)): values, grads, names, init, merge.
 
 Most tests use a tiny duck-typed grouped linear defined here (no megatron, no
-process group); one test adapts `harness.moe.TorchColumnParallelGroupedLinear`.
+process group); one test adapts `harness.families.moe.model.TorchColumnParallelGroupedLinear`.
 Every expected value is written out by hand as a per-expert loop.
 """
 
@@ -505,7 +505,7 @@ def test_sharded_grouped_linear_is_a_value_error(monkeypatch, attr):
 @pytest.mark.parametrize("share", [True, False])
 def test_harness_torch_grouped_linear(share):
     pytest.importorskip("megatron.core")
-    from harness.moe import MoEShape, TorchColumnParallelGroupedLinear, moe_config
+    from harness.families.moe.model import MoEShape, TorchColumnParallelGroupedLinear, moe_config
 
     cfg = moe_config(MoEShape(num_experts=N), params_dtype=torch.float64)
     assert cfg.moe_router_topk == 2

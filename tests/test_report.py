@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.cases import GPTCase
+from harness.families.gpt.case import GPTCase
 from harness.compare import ErrorStats, Tolerance
 from harness.layouts import ParallelLayout
-from harness.models import GPTShape
+from harness.families.gpt.model import GPTShape
 from harness.report import baseline
 from harness.report.environment import collect_environment
 from harness.report.writer import ReportDirectoryError, check_writable, render_summary, results_dict, write_report

@@ -2,7 +2,7 @@
 
 Proven by values, in float64 for the norm and float32 for the models:
 
-* ``harness.models.SequenceParallelNorm`` (RMSNorm and LayerNorm) equals the
+* ``harness.families.gpt.model.SequenceParallelNorm`` (RMSNorm and LayerNorm) equals the
   plain torch norm forward and backward, whether it sees the whole sequence
   or one shard at a time; on 2 ranks, each normalising its sequence shard,
   the gathered outputs and input gradients equal the full norm's, and the
@@ -73,7 +73,7 @@ def _plain_norm_grads(normalization, weights, x_full, probe_full):
 
 @pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
 def test_sp_norm_in_process_equals_plain_norm_on_shards(normalization):
-    from harness.models import SequenceParallelNorm, transformer_config, GPTShape
+    from harness.families.gpt.model import SequenceParallelNorm, transformer_config, GPTShape
 
     cfg = transformer_config(GPTShape(), tp=2, sequence_parallel=True, params_dtype=torch.float64, normalization=normalization)
     norm = SequenceParallelNorm(config=cfg, hidden_size=8, eps=1e-5)
@@ -110,7 +110,7 @@ def test_megatron_torch_norm_refuses_sequence_parallelism():
     # Why SequenceParallelNorm exists.
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    from harness.models import GPTShape, transformer_config
+    from harness.families.gpt.model import GPTShape, transformer_config
 
     cfg = transformer_config(GPTShape(), tp=2, sequence_parallel=True)
     with pytest.raises(AssertionError, match="sequence parallel"):

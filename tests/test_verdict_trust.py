@@ -15,10 +15,12 @@ import pytest
 import torch
 from hypothesis import settings
 
-from harness.cases import GPTCase, MoECase, case_from_json
+from harness.cases import case_from_json
+from harness.families.gpt.case import GPTCase
+from harness.families.moe.case import MoECase
 from harness.driver import check_property, control_impl, judge_example
 from harness.layouts import ParallelLayout
-from harness.models import GPTShape
+from harness.families.gpt.model import GPTShape
 from harness.properties import Property, get_property
 from harness.properties.dropout_spec import drop_nothing_probability
 from harness.regressions import RegressionStore
@@ -63,7 +65,7 @@ def test_a_target_with_no_module_is_vacuous_not_failed():
     """An MoE model without shared experts whose only target is the shared experts: nothing drops, nothing to check."""
     from hypothesis import find
 
-    from harness.strategies import moe_cases
+    from harness.families.moe.strategy import moe_cases
 
     layout = ParallelLayout(tp=2, etp=1, sp=True)
     base = find(moe_cases(layout), lambda c: True, settings=settings(database=None))

@@ -15,14 +15,15 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from harness.cases import CaseError, VLMCase, case_from_json
+from harness.cases import CaseError, case_from_json
+from harness.families.vlm.case import VLMCase
 from harness.driver import check_property
 from harness.layouts import ParallelLayout
-from harness.models import ShapeError
+from harness.families.gpt.model import ShapeError
 from harness.results import Verdict
 from harness.settings import layout_set
-from harness.strategies import vlm_cases
-from harness.vlm import (
+from harness.families.vlm.strategy import vlm_cases
+from harness.families.vlm.model import (
     VLMShape,
     expected_adapted_modules,
     expected_param_names,

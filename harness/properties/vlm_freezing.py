@@ -1,7 +1,7 @@
 """vlm_freezing_follows_spec: VLMLoRA on megatron-core's LLaVA freezes, adapts and trains what SPEC says.
 
 For every one of the 16 combinations of the three freeze flags and
-``training`` the task (``harness.tasks.vlm``) ran at the case's layout, on
+``training`` the task (``harness.families.vlm.tasks``) ran at the case's layout, on
 every rank:
 
 * ``adapted_modules``: the parameter names are SPEC's for exactly the
@@ -9,7 +9,7 @@ every rank:
   ``<module>.adapter.linear_in.weight`` / ``.linear_out.weight``), with the
   patterns reaching into the vision tower and the projection;
 * ``trainable_set``: the parameters with ``requires_grad=True`` are the
-  ones SPEC's freeze rules leave trainable (``harness.vlm.expected_trainable``,
+  ones SPEC's freeze rules leave trainable (``harness.families.vlm.model.expected_trainable``,
   computed here from names alone);
 * ``reference``: they equal what ``lora.reference``'s VLMLoRA leaves
   trainable on the same model at world size 1 (names do not depend on TP);
@@ -33,7 +33,7 @@ from typing import Any
 from harness.properties import Property, register
 from harness.properties._gather import rank_findings
 from harness.results import Check
-from harness.vlm import FREEZE_FLAGS, VLM_PARTS, expected_adapted_modules, expected_param_names, expected_trainable
+from harness.families.vlm.model import FREEZE_FLAGS, VLM_PARTS, expected_adapted_modules, expected_param_names, expected_trainable
 
 SHOWN = 4
 PREFIX = {"model": "", "list": "", "llava_model": "llava_model."}

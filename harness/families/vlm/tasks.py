@@ -3,7 +3,7 @@
 ``run_vlm_case`` loops over all eight combinations of VLMLoRA's three
 freeze flags and both ``training`` values (16 combinations, the same at
 every layout; hypothesis draws the shape, the patterns and the seed). For
-each it builds a fresh ``harness.vlm.build_vlm`` model, applies
+each it builds a fresh ``harness.families.vlm.model.build_vlm`` model, applies
 ``impl.VLMLoRA(<flags>, <the case's LoRA fields>)(<access>, training=t)``
 and records, in ``RankRecord.extras["vlm_combos"]``:
 
@@ -30,7 +30,7 @@ Megatron-Bridge hands a model to PEFT: the model itself, ``[model]`` (a
 list of chunks, the first one used) and a wrapper module whose
 ``.llava_model`` is the model. ``extras["vlm_base"]`` holds the unadapted
 model's parameter names, its linear-type modules and its other modules,
-from which the parent computes what SPEC prescribes (``harness.vlm``);
+from which the parent computes what SPEC prescribes (``harness.families.vlm.model``);
 nothing here decides what is right.
 """
 
@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.cases import VLMCase
-from harness.models import output_layer_gathers
+from harness.families.vlm.case import VLMCase
+from harness.families.gpt.model import output_layer_gathers
 from harness.contract import load_impl
 from harness.results import RankRecord
 
@@ -100,7 +100,7 @@ def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool,
                tp: int, none_part: Any = None) -> dict[str, Any]:
     from harness.cpu import seed_model_parallel
     from harness.sharding import seeded_tensor
-    from harness.vlm import build_vlm
+    from harness.families.vlm.model import build_vlm
 
     seed_model_parallel(case.seed)
     model = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype,
@@ -146,7 +146,7 @@ def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
     """All 16 freeze combinations of VLMLoRA on a fresh LLaVA each, at the case's layout."""
     from megatron.core import parallel_state
 
-    from harness.vlm import build_vlm, freeze_combos, vlm_inputs
+    from harness.families.vlm.model import build_vlm, freeze_combos, vlm_inputs
 
     case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
     impl = load_impl(case.impl)

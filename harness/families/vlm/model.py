@@ -44,7 +44,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from harness.models import GPTShape, ShapeError, transformer_config
+from harness.families.gpt.model import GPTShape, ShapeError, transformer_config
 
 __all__ = [
     "VLMShape",
@@ -145,7 +145,7 @@ def build_vlm(shape: VLMShape, *, tp: int, params_dtype: torch.dtype = torch.flo
     """megatron-core's LLaVAModel for the active parallel_state (logits gathered over TP).
 
     Language model: the local GPT layer spec (RMSNorm, RoPE, optional gated
-    MLP), like ``harness.models.build_gpt``. Vision tower: megatron's local
+    MLP), like ``harness.families.gpt.model.build_gpt``. Vision tower: megatron's local
     ViT layer spec (LayerNorm, no mask). Projection: megatron's MLP with
     column-parallel ``linear_fc1`` and row-parallel ``linear_fc2``.
     """
@@ -197,7 +197,7 @@ def build_vlm(shape: VLMShape, *, tp: int, params_dtype: torch.dtype = torch.flo
             vision_projection_type="mlp",
             # False: the language model's output layer gathers the logits (the
             # strict contract's promise); True under bridge, as in training
-            # (``harness.models.output_layer_gathers``). The logits only feed
+            # (``harness.families.gpt.model.output_layer_gathers``). The logits only feed
             # a loss here; nothing compares them.
             parallel_output=parallel_output,
             language_position_embedding_type="rope",
@@ -214,7 +214,7 @@ def vlm_inputs(shape: VLMShape, seed: int, tp: int = 1, dtype: torch.dtype = tor
     """Keyword arguments of ``LLaVAModel.forward``: seeded images, text ids with one image token per
     sample (at a seeded position) and text tokens in every one of the ``tp`` vocabulary shards,
     position ids and the causal mask over the combined sequence."""
-    from harness.models import causal_mask
+    from harness.families.gpt.model import causal_mask
     from harness.sharding import seeded_tensor
 
     b, s = shape.micro_batch_size, shape.seq_length

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from harness.models import GPTShape, SequenceParallelNorm, ShapeError, gpt_model_from_layer_spec, transformer_config
+from harness.families.gpt.model import GPTShape, SequenceParallelNorm, ShapeError, gpt_model_from_layer_spec, transformer_config
 
 __all__ = [
     "MoEShape",
@@ -368,7 +368,7 @@ def build_moe_gpt(
     ``tp``, ``ep``, ``etp`` (None: same as tp) and ``sequence_parallel`` must
     match the layout parallel_state holds (``layout_sizes(layout)`` gives
     them for a ParallelLayout). TP > 1 requires ``sequence_parallel=True``.
-    Conventions as ``harness.models.build_gpt``: under SP a
+    Conventions as ``harness.families.gpt.model.build_gpt``: under SP a
     ``decoder_input`` must be this rank's sequence shard; logits come back
     full, (b, s, vocab), on every rank (``parallel_output`` as there). Norms use torch's default dtype
     (cast the model with ``.to(dtype)`` for float64 runs).

@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from harness.cases import GPTCase
+from harness.families.gpt.case import GPTCase
 from harness.dropout import keyed_dropout
-from harness.contract import INIT_METHODS, contract_point, load_impl
-from harness.models import build_gpt, causal_mask, output_layer_gathers
+from harness.contract import INIT_METHODS, contract_point
+from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
 from harness.results import ErrorRecord, Finding, Partitioned, RankRecord
+from harness.tasks.common import (
+    checked_table,
+    cpu64,
+    error_expecter,
+    merge_extras,
+    reapply_findings,
+    replicated_masks,
+    sequence_gathered,
+    setup,
+    state_findings,
+)
 from harness.sharding import (
-    SpecViolation,
     initial_adapters,
     load_full_adapter_weights,
     load_full_base_weights,
@@ -30,60 +40,11 @@ from harness.sharding import (
 __all__ = ["run_gpt_case", "run_error_case", "NON_LINEAR_TARGETS"]
 
 
-def _setup(ctx: Any, case: GPTCase) -> tuple[Any, int, int]:
-    from megatron.core import parallel_state
-
-    case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
-    impl = load_impl(case.impl)
-    return impl, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` holds on any rank of the world (every rank calls this, or none)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def checked_table(make: Callable[[], Any], rank: int, tp_rank: int, tp_size: int) -> tuple[Any, Any]:
-    """``(make(), None)``, or ``(None, violation_record)`` on every rank when ``make`` raised
-    ``SpecViolation`` on any rank (the adapters' names or shapes are off harness/SPEC.md)."""
-    from megatron.core import parallel_state
-
-    try:
-        table, violation = make(), None
-    except SpecViolation as exc:
-        table, violation = None, str(exc)
-    if any_rank(violation is not None):
-        return None, violation_record(rank, tp_rank, tp_size, parallel_state.get_data_parallel_rank(), violation)
-    return table, None
-
-
-def violation_record(rank: int, tp_rank: int, tp_size: int, dp_rank: int, violation: Any) -> RankRecord:
-    """What a rank sends when the adapters' names or shapes break harness/SPEC.md (on it or another rank):
-    no tensors, one contract finding that every property of the example reports."""
-    message = violation or "another rank found the adapters' names or shapes off harness/SPEC.md"
-    return RankRecord(
-        rank=rank, tp_rank=tp_rank, tp_size=tp_size, dp_rank=dp_rank, output=None, input_grad=None,
-        adapter_grads={}, initial_adapters={}, partitions={},
-        findings=[Finding("contract", message, "adapter_layout")],
-    )
-
-
-def _cpu64(t: Any) -> Any:
-    """A float64 CPU copy: never a view of a live tensor (float64 parameters change in place later)."""
-    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64, copy=True)
-
-
 def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
     """Forward and backward of a LoRA-adapted GPTModel at the case's layout."""
     from megatron.core import parallel_state
 
-    impl, tp, tp_rank = _setup(ctx, case)
+    impl, tp, tp_rank = setup(ctx, case)
     model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
                       parallel_output=not output_layer_gathers(case.contract))
     load_full_base_weights(model, case.seed, tp_rank, tp)
@@ -96,7 +57,7 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
     if broken is not None:
         return broken
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
-    findings = _state_findings(model, table, case)
+    findings = state_findings(model, table, case)
     model_grid, adapter_grid = _round_to_grid(model, table, case)
 
     # Seeded on the CPU, then moved: the same values on every device.
@@ -130,26 +91,26 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
         findings.append(Finding(
             "contract", f"logits dtype {out.dtype}, the base model computes in {case.model_dtype} "
             "(the adapter output must be cast back)", "output_dtype"))
-    grads = {p: _cpu64(model.get_parameter(p).grad) for p in table}
+    grads = {p: cpu64(model.get_parameter(p).grad) for p in table}
     extras: dict[str, Any] = {"dropout": {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "elements": dropout_log.elements,
                                           "eval_calls": dropout_log.eval_calls}}
     if case.training:
         extras["stepped_adapters"] = _sgd_step(model, table)
     forward = lambda m: m(ids, pos, causal_mask(s).to(device), decoder_input=x.detach())  # noqa: E731
     if case.training and case.lora.get("dropout", 0.0) > 0 and tp > 1:
-        extras["dropout_masks"] = _replicated_masks(model, forward)
+        extras["dropout_masks"] = replicated_masks(model, forward)
     # Idempotence after the comparisons above, and undone before the merge
-    # below (``_reapply_findings`` restores the module tree): a
+    # below (``reapply_findings`` restores the module tree): a
     # non-idempotent implementation fails this check alone.
-    findings += _reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
-    extras.update(_merge_extras(model, impl, table, lora_kwargs.get("alpha", 32), forward))
+    findings += reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
+    extras.update(merge_extras(model, impl, table, lora_kwargs.get("alpha", 32), forward))
     return RankRecord(
         rank=ctx.rank,
         tp_rank=tp_rank,
         tp_size=tp,
         dp_rank=parallel_state.get_data_parallel_rank(),
-        output=_cpu64(out),
-        input_grad=_cpu64(_sequence_gathered(x.grad) if case.layout.sp else x.grad),
+        output=cpu64(out),
+        input_grad=cpu64(sequence_gathered(x.grad) if case.layout.sp else x.grad),
         adapter_grads=grads,
         initial_adapters=initial,
         partitions=partitions,
@@ -229,137 +190,7 @@ def _sgd_step(model: torch.nn.Module, table: dict[str, Any]) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     if trainable:
         torch.optim.SGD(trainable, lr=STEP_LR).step()
-    return {p: _cpu64(model.get_parameter(p)) for p in table}
-
-
-def _replicated_masks(model: torch.nn.Module, forward: Callable[[Any], Any]) -> list[str]:
-    """With the implementation's own (real) dropout: each dropout call whose input is the same on
-    every TP rank must draw the same mask on every rank (else the sharded result is no single-device
-    dropout). Returns what broke that rule."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from harness.dropout import capture_dropout
-
-    with torch.no_grad(), capture_dropout() as log:
-        forward(model)
-    group = parallel_state.get_tensor_model_parallel_group()
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, log.records, group=group)
-    if len({len(r) for r in everyone}) > 1:
-        return [f"TP ranks made different numbers of dropout calls: {[len(r) for r in everyone]}"]
-    wrong = []
-    for i, calls in enumerate(zip(*everyone)):
-        shapes_inputs = {(shape, digest) for shape, digest, _ in calls}
-        masks = {mask for _, _, mask in calls}
-        if len(shapes_inputs) == 1 and len(masks) > 1:
-            wrong.append(f"dropout call {i} on a tensor of shape {list(calls[0][0])} that is the same on every TP rank "
-                         f"drew {len(masks)} different masks across the {len(calls)} TP ranks")
-    return wrong
-
-
-def _merge_extras(model: Any, impl: Any, table: Any, alpha: float, forward: Callable[[Any], Any]) -> dict[str, Any]:
-    """Merge evidence (``harness.tasks.merge``), or what the implementation raised while merging."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from harness.tasks.merge import cast_once, fold_model, module_merges
-
-    extras: dict[str, Any] = {}
-    try:
-        extras["merge_modules"] = module_merges(model, impl, table, alpha) if table is not None else {}
-        extras.update(fold_model(model, impl, forward, alpha))
-        group = parallel_state.get_tensor_model_parallel_group()
-        size = dist.get_world_size(group) if dist.is_initialized() else 1
-        extras["merge_cast_once"] = cast_once(impl, group, size, parallel_state.get_tensor_model_parallel_rank())
-    except Exception as exc:  # noqa: BLE001 - reported by merge_matches alone
-        extras["merge_error"] = f"{type(exc).__name__}: {exc}"
-    return extras
-
-
-def _sequence_gathered(shard: Any) -> Any:
-    """The full-sequence tensor from every TP rank's sequence shard (harness-side, for the comparison)."""
-    if shard is None:
-        return None
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    pieces = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pieces, shard.contiguous(), group=group)
-    return torch.cat(pieces, dim=0)
-
-
-def _state_findings(model: torch.nn.Module, table: dict[str, Any], case: GPTCase) -> list[Finding]:
-    """Trainable set, mode and adapter dtypes per SPEC.
-
-    training=True: adapters trainable, everything else frozen, train mode.
-    training=False (inference, as in Megatron-Bridge): everything frozen, eval mode.
-    """
-    found = []
-    if model.training != case.training:
-        found.append(Finding("contract", f"model.training={model.training} after LoRA(...)(model, training={case.training})", "mode"))
-    for name, param in model.named_parameters():
-        is_adapter = name in table
-        want = is_adapter and case.training
-        if param.requires_grad != want:
-            kind = "adapter" if is_adapter else "base"
-            why = "" if case.training else " (training=False freezes everything)"
-            found.append(Finding("contract", f"{kind} parameter {name} has requires_grad={param.requires_grad}{why}", "trainable_set"))
-        if is_adapter:
-            base = model.get_submodule(table[name][0]).to_wrap
-            # A grouped expert linear holds weight0..weight<n-1> (TE's naming).
-            base_weight = getattr(base, "weight", None)
-            if base_weight is None:
-                base_weight = getattr(base, "weight0")
-            expected = case.lora_dtype or base_weight.dtype
-            if param.dtype != expected:
-                # Bridge ignores lora_dtype on the parallel path: advisory there.
-                found.append(Finding(
-                    "contract", f"adapter parameter {name} has dtype {param.dtype}, lora_dtype says {expected}",
-                    "lora_dtype", binding=case.contract == "strict" or case.lora_dtype is None,
-                ))
-    return found
-
-
-def _reapply_findings(model: torch.nn.Module, impl: Any, lora_kwargs: dict[str, Any], training: bool,
-                      contract: str = "strict") -> list[Finding]:
-    """Applying the same LoRA again must change nothing (SPEC: idempotent); raising is a finding too
-    (every miss advisory under the bridge contract: contract point ``idempotent``)."""
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tree = [(m, dict(m._modules), m.training) for m in model.modules()]
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    try:
-        again = impl.LoRA(**lora_kwargs)(model, training=training)
-        return _idempotence_findings(before, dict(again.named_parameters()), contract)
-    except Exception as exc:  # noqa: BLE001 - this check's finding alone
-        return [Finding("contract", f"applying LoRA a second time raised {type(exc).__name__}: {exc}", "idempotent",
-                        binding=contract == "strict")]
-    finally:
-        # Undo whatever the second application did, so what runs after this
-        # check (the merge) sees the model of the first application.
-        for module, children, mode in tree:
-            module._modules.clear()
-            module._modules.update(children)
-            module.training = mode
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in before:
-                    param.requires_grad_(flags[name])
-                    if param.shape == before[name].shape:
-                        param.copy_(before[name])
-
-
-def _idempotence_findings(before: dict[str, Any], after: dict[str, Any], contract: str) -> list[Finding]:
-    strict = contract == "strict"
-    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
-    if added or removed:
-        return [Finding("contract", f"applying LoRA twice changed the parameters: added {added[:4]}, removed {removed[:4]}",
-                        "idempotent", binding=strict)]
-    for name in sorted(before):
-        if not torch.equal(before[name], after[name].detach()):
-            return [Finding("contract", f"applying LoRA twice changed the values of {name}", "idempotent", binding=strict)]
-    return []
+    return {p: cpu64(model.get_parameter(p)) for p in table}
 
 
 # Modules of the harness's GPT that are not linear-type, with the full name
@@ -372,40 +203,6 @@ NON_LINEAR_TARGETS = (
 )
 
 
-def error_expecter(contract: str, findings: list[Finding]) -> Callable[..., None]:
-    """``expect(check, what, errors, bridge_errors, fragments, make)``: ``make()`` must raise one of
-    ``errors`` naming every fragment; otherwise a contract finding goes to ``findings`` (advisory
-    under the bridge contract when Bridge's own error type was raised)."""
-
-    def expect(check: str, what: str, errors: tuple[str, ...], bridge_errors: tuple[str, ...], fragments: list[str], make: Callable[[], Any]) -> None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                make()
-        except Exception as exc:  # noqa: BLE001 - the kind of error is what is checked
-            name = type(exc).__name__
-            missing = [f for f in fragments if f not in str(exc)]
-            if name in errors and not missing:
-                return
-            if name in errors:
-                problem = f"{name}({str(exc)!r}) does not name {missing}"
-            else:
-                problem = f"raised {name}({exc}) instead of {' or '.join(errors)}"
-            advisory = contract == "bridge" and name in bridge_errors
-            findings.append(Finding("contract", f"{what}: {problem}", check, binding=not advisory))
-            return
-        # Megatron-Bridge raises nothing for some of SPEC's errors (a router or
-        # norm selected): silence is then its behaviour, advisory under bridge.
-        silent_ok = contract == "bridge" and check in BRIDGE_SILENT
-        findings.append(Finding("contract", f"{what}: no {' or '.join(errors)} raised", check, binding=not silent_ok))
-
-    return expect
-
-
-#: Contract points on which Megatron-Bridge raises no error at all (so a miss is advisory under bridge).
-BRIDGE_SILENT = ("non_linear_target", "router_target")
-
-
 def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
     """Bad input must give the contract's errors and warnings, naming the module, the value and the rule.
 
@@ -415,7 +212,7 @@ def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
     """
     from megatron.core import parallel_state
 
-    impl, tp, tp_rank = _setup(ctx, case)
+    impl, tp, tp_rank = setup(ctx, case)
     findings: list[Finding] = []
 
     def fresh_model() -> torch.nn.Module:

@@ -39,10 +39,11 @@ import torch
 import torch.distributed as dist
 
 from harness.dropout import keyed_dropout
-from harness.cases import MoECase
+from harness.families.moe.case import MoECase
 from harness.contract import load_impl
-from harness.models import causal_mask, output_layer_gathers
+from harness.families.gpt.model import causal_mask, output_layer_gathers
 from harness.results import Finding, Partitioned, RankRecord
+from harness.tasks.common import checked_table, cpu64, error_expecter, merge_extras, reapply_findings, sequence_gathered, state_findings
 from harness.sharding import (
     REPLICATED,
     Partition,
@@ -273,16 +274,13 @@ def full_partitions(table: dict[str, AdapterParam], full: dict[str, Any]) -> dic
     return partitions
 
 
-def _cpu64(t: Any) -> Any:
-    return None if t is None else t.detach().double().cpu()
 
 
 def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     """Forward, backward and one SGD step of a LoRA-adapted MoE GPTModel at the case's layout."""
     from megatron.core import parallel_state as ps
 
-    from harness.moe import build_moe_gpt, expert_sizes, layout_sizes
-    from harness.tasks.gpt import _reapply_findings, _sequence_gathered, _state_findings, checked_table
+    from harness.families.moe.model import build_moe_gpt, expert_sizes, layout_sizes
 
     layout = case.layout
     layout.initialize_megatron(ctx.world_size, seed=case.seed)
@@ -340,7 +338,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
                 full = seeded_tensor(case.seed, info.global_name, info.full_shape, std=std)
                 g_rank, g_size = (sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)
                 model.get_parameter(pname).copy_(shard(full, info.part, g_rank, g_size))
-        findings = _state_findings(model, {p: (i.name.split(".adapter.")[0],) for p, i in table.items()}, case)
+        findings = state_findings(model, {p: (i.name.split(".adapter.")[0],) for p, i in table.items()}, case)
 
         x = x_shard().clone().requires_grad_(True)
         handles = [m.register_forward_pre_hook(count_tokens(n)) for n, m in model.named_modules() if n.endswith("mlp.experts")]
@@ -365,18 +363,17 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
                     p.sub_(SGD_LR * p.grad.to(p.dtype))
                 stepped_output = model(ids, pos, mask, decoder_input=x_shard())
             extras["shared_stepped"] = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
-            extras["stepped_output"] = _cpu64(stepped_output)
+            extras["stepped_output"] = cpu64(stepped_output)
         else:
             grads = _assemble(grads_local, table, sizes)
     extras["dropout"] = {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "elements": dropout_log.elements, "eval_calls": dropout_log.eval_calls}
-    extras["own_output"] = _cpu64(own_output)
+    extras["own_output"] = cpu64(own_output)
     extras["ep_rank"], extras["etp_rank"] = sizes["ep_rank"], sizes["etp_rank"]
     # Idempotence, undone before the merge (as in the dense task).
-    findings += _reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
+    findings += reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
     # Experts fold through the implementation's own model-level merge only.
-    from harness.tasks.gpt import _merge_extras
 
-    extras.update(_merge_extras(model, impl, None, lora_kwargs.get("alpha", 32),
+    extras.update(merge_extras(model, impl, None, lora_kwargs.get("alpha", 32),
                                 lambda m: m(ids, pos, mask, decoder_input=x_shard())))
     partitions = full_partitions(table, initial)
     return RankRecord(
@@ -384,10 +381,10 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
         tp_rank=tp_rank,
         tp_size=tp,
         dp_rank=ps.get_data_parallel_rank(),
-        output=_cpu64(out),
-        input_grad=_cpu64(_sequence_gathered(x.grad) if layout.sp else x.grad),
-        adapter_grads={k: _cpu64(v) for k, v in grads.items()},
-        initial_adapters={k: _cpu64(v) for k, v in initial.items()},
+        output=cpu64(out),
+        input_grad=cpu64(sequence_gathered(x.grad) if layout.sp else x.grad),
+        adapter_grads={k: cpu64(v) for k, v in grads.items()},
+        initial_adapters={k: cpu64(v) for k, v in initial.items()},
         partitions=partitions,
         findings=findings,
         extras=extras,
@@ -406,9 +403,8 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
     from megatron.core import parallel_state as ps
 
     from harness.contract import contract_point
-    from harness.moe import build_moe_gpt, layout_sizes
+    from harness.families.moe.model import build_moe_gpt, layout_sizes
     from harness.results import ErrorRecord
-    from harness.tasks.gpt import error_expecter
 
     layout = case.layout
     layout.initialize_megatron(ctx.world_size, seed=case.seed)

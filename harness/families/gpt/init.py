@@ -1,0 +1,83 @@
+"""The dense family's init task: the implementation's initial adapters on an init-sized GPT (``harness.tasks.init``)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from harness.contract import DEFAULT_TARGET_MODULES
+from harness.families.gpt.case import GPTCase
+from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
+from harness.results import Partitioned, RankRecord
+from harness.sharding import adapter_modules, adapter_table, initial_adapters, seeded_tensor
+from harness.tasks.common import any_rank, checked_table, setup
+from harness.tasks.init import init_dim, init_shape
+
+__all__ = ["run_init_case"]
+
+
+def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
+    """The implementation's initial adapters on the init model (``init_shape``), and the zero-init forward check."""
+    from megatron.core import parallel_state
+
+    impl, tp, tp_rank = setup(ctx, case)
+    shape = init_shape(case)
+    dim = init_dim(tp)
+    zero = "zero" in (case.lora.get("lora_A_init_method", "xavier"), case.lora.get("lora_B_init_method", "zero"))
+    device = getattr(ctx, "device", None) or torch.device("cpu")
+    s, b, h = shape.seq_length, shape.micro_batch_size, shape.hidden_size
+    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype)
+    x = full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x
+    ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    mask = causal_mask(s).to(device)
+
+    def forward(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(ids, pos, mask, decoder_input=x).detach().cpu()
+
+    def adapted(lora_kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Optional[torch.Tensor]]:
+        torch.manual_seed(case.seed)
+        model = build_gpt(shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
+                          parallel_output=not output_layer_gathers(case.contract))
+        model.train(case.training)
+        before = forward(model) if zero else None
+        # The seed right before the walk, as run_gpt_case has it.
+        torch.manual_seed(case.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = impl.LoRA(**lora_kwargs)(model, training=case.training)
+        return model, before
+
+    lora_kwargs = dict(case.lora_kwargs(), dim=dim)
+    targets = "case"
+    model, before = adapted(lora_kwargs)
+    if any_rank(not adapter_modules(model)):
+        targets = "default"
+        lora_kwargs.update(target_modules=list(DEFAULT_TARGET_MODULES), exclude_modules=[])
+        model, before = adapted(lora_kwargs)
+    initial = initial_adapters(model)
+    table, broken = checked_table(lambda: adapter_table(model, tp_rank, tp, dim), ctx.rank, tp_rank, tp)
+    if broken is not None:
+        return broken
+    dp_rank = parallel_state.get_data_parallel_rank()
+    extras: dict[str, Any] = {"init_shape": shape.to_dict(), "dim": dim, "targets": targets}
+    if zero:
+        after = forward(model)
+        same = after.shape == before.shape and after.dtype == before.dtype and torch.equal(after, before)
+        diff = float((after.double() - before.double()).abs().max()) if after.shape == before.shape else float("inf")
+        extras["zero_forward"] = {"equal": bool(same), "max_abs": diff}
+    return RankRecord(
+        rank=ctx.rank,
+        tp_rank=tp_rank,
+        tp_size=tp,
+        dp_rank=dp_rank,
+        output=None,
+        input_grad=None,
+        adapter_grads={},
+        initial_adapters={p: initial.get(p) for p in table},
+        partitions={p: Partitioned(w, part.dim, part.gated, shape) for p, (w, part, shape) in table.items()},
+        extras=extras,
+    )

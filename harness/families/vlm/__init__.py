@@ -1,0 +1,30 @@
+"""The VLM family: megatron-core's LLaVAModel (vision tower, projection, language model), for VLMLoRA's freezing.
+
+Files: ``model.py`` (VLMShape, the LLaVA builder and its inputs, and the
+contract's freezing expectations computed from names), ``case.py``,
+``strategy.py``, ``layouts.py`` (TP only), ``design.py``, ``tasks.py``
+(every freeze combination on one rank task). It has no bad-input or init
+task: its property reads the forward task's records.
+"""
+
+from harness.families import Family, register
+from harness.families.vlm.case import VLMCase
+from harness.families.vlm.design import DESIGN
+from harness.families.vlm.layouts import layouts
+from harness.families.vlm.model import VLMShape, build_vlm
+from harness.families.vlm.strategy import vlm_cases
+from harness.families.vlm.tasks import run_vlm_case
+
+FAMILY = register(Family(
+    name="vlm",
+    description="megatron-core LLaVAModel",
+    case_type=VLMCase,
+    shape_type=VLMShape,
+    strategy=vlm_cases,
+    layouts=layouts,
+    task=run_vlm_case,
+    builder=build_vlm,
+    design=DESIGN,
+    # A VLM example loops over all 16 freeze combinations itself (a fresh LLaVA each): a fifth.
+    example_share=0.2,
+))
