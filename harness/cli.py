@@ -338,22 +338,22 @@ def _write_outputs(args: argparse.Namespace, results: Any, quiet: bool = False) 
     """Write --json and --report. A write that fails (the path was checked before the run, but
     disks fill and directories go) costs one line on stderr, and the results go to a fallback
     file in the current directory (or the temporary directory), never lost."""
+    from harness.report.writer import results_dict, results_text, write_report
+
     text: Optional[str] = None
     if args.json_path:
-        text = json.dumps(results.to_json(), indent=2, allow_nan=False)
+        text = results_text(results_dict(results))
         try:
             with open(args.json_path, "w") as fh:
                 fh.write(text)
         except OSError as exc:
             _fall_back(args, text, f"--json {args.json_path}", exc, quiet)
     if args.report_dir:
-        from harness.report.writer import write_report
-
         try:
             paths = write_report(results, args.report_dir)
         except (OSError, ValueError) as exc:
             if text is None:
-                text = json.dumps(results.to_json(), indent=2, allow_nan=False)
+                text = results_text(results_dict(results))
             _fall_back(args, text, f"--report {args.report_dir}", exc, quiet)
         else:
             if not quiet:

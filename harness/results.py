@@ -49,6 +49,8 @@ __all__ = [
     "RunResults",
     "case_features",
     "coverage",
+    "json_number",
+    "number_from_json",
 ]
 
 SCHEMA_VERSION = 1
@@ -80,6 +82,13 @@ class Verdict(str, enum.Enum):
     @property
     def severity(self) -> int:
         return list(Verdict).index(self)
+
+    @classmethod
+    def of_finding(cls, kind: Any, binding: Any = True) -> "Verdict":
+        """A finding's verdict from its ``kind`` and ``binding`` (``Finding.verdict``; the reports read it from JSON)."""
+        if kind == "numeric":
+            return cls.NUMERIC
+        return cls.CONTRACT if binding else cls.ADVISORY
 
     @classmethod
     def worst(cls, verdicts: Any) -> "Verdict":
@@ -125,16 +134,16 @@ class Comparison:
     def to_json(self) -> dict[str, Any]:
         return {
             "location": asdict(self.location) | {"ranks": list(self.location.ranks)},
-            "max_abs": _num(self.stats.max_abs),
-            "max_rel": _num(self.stats.max_rel),
-            "ref_max": _num(self.stats.ref_max),
+            "max_abs": json_number(self.stats.max_abs),
+            "max_rel": json_number(self.stats.max_rel),
+            "ref_max": json_number(self.stats.ref_max),
             "numel": self.stats.numel,
             "worst_index": None if self.stats.worst_index is None else list(self.stats.worst_index),
             "rtol": self.tolerance.rtol,
             "atol": self.tolerance.atol,
-            "ratio": _num(self.ratio),
+            "ratio": json_number(self.ratio),
             "passed": self.passed,
-            "baseline_abs": None if self.stats.baseline_abs is None else _num(self.stats.baseline_abs),
+            "baseline_abs": None if self.stats.baseline_abs is None else json_number(self.stats.baseline_abs),
         }
 
 
@@ -156,9 +165,7 @@ class Finding:
 
     @property
     def verdict(self) -> Verdict:
-        if self.kind == "numeric":
-            return Verdict.NUMERIC
-        return Verdict.CONTRACT if self.binding else Verdict.ADVISORY
+        return Verdict.of_finding(self.kind, self.binding)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -192,7 +199,7 @@ class Note:
 
     def to_json(self) -> dict[str, Any]:
         return {"check": self.check, "status": self.status, "message": self.message,
-                "p_false_alarm": None if self.p_false_alarm is None else _num(self.p_false_alarm)}
+                "p_false_alarm": None if self.p_false_alarm is None else json_number(self.p_false_alarm)}
 
 
 #: The largest probability with which a chance check may fail a correct
@@ -310,11 +317,19 @@ class ErrorRecord:
 # ---------------------------------------------------------------- run level
 
 
-def _num(x: float) -> Any:
-    """JSON has no inf/nan: write them as strings."""
+def json_number(x: float) -> Any:
+    """JSON has no inf/nan: write them as strings ("inf", "-inf", "nan"); other values unchanged."""
     if isinstance(x, float) and (math.isinf(x) or math.isnan(x)):
         return str(x)
     return x
+
+
+def number_from_json(value: Any) -> float:
+    """A number as ``json_number`` wrote it (a number, or "inf"/"nan") back to a float; NaN for anything else."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 @dataclass
@@ -349,7 +364,7 @@ class ExampleRecord:
             "verdict": self.verdict.value,
             "seconds": round(self.seconds, 4),
             "source": self.source,
-            "worst_ratio": _num(self.worst_ratio),
+            "worst_ratio": json_number(self.worst_ratio),
             "comparisons": [c.to_json() for c in self.comparisons],
             "findings": [f.to_json() for f in self.findings],
             "error": self.error,
@@ -429,7 +444,7 @@ class PropertyOutcome:
             "verdict": self.verdict.value,
             "examples": self.examples,
             "seconds": round(self.seconds, 3),
-            "worst_ratio": _num(self.worst_ratio),
+            "worst_ratio": json_number(self.worst_ratio),
             "error": self.error,
             "falsifying_example": self.falsifying_example,
             "minimal_case": None if self.minimal_case is None else self.minimal_case.to_json(),

@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from harness.results import SCHEMA_VERSION, Verdict
+from harness.report.model import fmt_ratio
+from harness.results import SCHEMA_VERSION, Verdict, number_from_json
 
 __all__ = [
     "DEFAULT_GROWTH_FACTOR",
@@ -149,13 +150,6 @@ def load_results(path: str | Path, role: Optional[str] = None) -> dict[str, Any]
 # ---------------------------------------------------------------- diff
 
 
-def _ratio(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 @dataclass(frozen=True)
 class _CellState:
     verdict: Verdict
@@ -173,18 +167,10 @@ def _cells(data: Mapping[str, Any], name: str) -> dict[tuple[str, str], _CellSta
         except ValueError:
             raise BaselineError(f"{name}: unknown verdict {c.get('verdict')!r} in cell {c.get('property')} {c.get('layout')}") from None
         key = (str(c.get("property")), str(c.get("layout")))
-        state = _CellState(verdict, _ratio(c.get("worst_ratio", 0.0)), int(c.get("examples") or 0))
+        state = _CellState(verdict, number_from_json(c.get("worst_ratio", 0.0)), int(c.get("examples") or 0))
         if key not in out or verdict.severity < out[key].verdict.severity:
             out[key] = state
     return out
-
-
-def fmt_ratio(x: float) -> str:
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf"
-    return "0" if x == 0 else f"{x:.1e}"
 
 
 @dataclass(frozen=True)
