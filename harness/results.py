@@ -27,6 +27,7 @@ The first four are ``failing``: charged to the implementation under test.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
