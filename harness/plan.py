@@ -205,7 +205,7 @@ class Plan:
             Cell(get_family(family), layout, prop)
             for family, layout in pairs
             for prop in self.properties.values()
-            if family in prop.families
+            if get_family(family).runs(prop)
         ]
 
     def settings_for(self, family: str) -> Any:

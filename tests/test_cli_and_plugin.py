@@ -55,9 +55,10 @@ def test_verify_passes_and_writes_json_and_report(capsys, tmp_path):
     assert "3 passed, 0 failed" in out
     data = json.loads(path.read_text())
     assert data["schema_version"] == 1
+    # In the run plan's order (harness.plan.cell_order, as under pytest): the most parallel layout first.
     assert [(c["property"], c["layout"], c["verdict"]) for c in data["cells"]] == [
-        ("forward_matches", "tp1-ep1-etp1-pp1", "pass"), ("forward_matches", "tp2-ep1-etp2-pp1", "pass"),
-        ("forward_matches", "tp2-ep1-etp2-pp1-sp", "pass"),
+        ("forward_matches", "tp2-ep1-etp2-pp1-sp", "pass"), ("forward_matches", "tp2-ep1-etp2-pp1", "pass"),
+        ("forward_matches", "tp1-ep1-etp1-pp1", "pass"),
     ]
     assert all(c["examples"] >= 3 for c in data["cells"])
     assert {"torch", "megatron_core", "hypothesis"} <= set(data["environment"]) or "torch" in json.dumps(data["environment"])

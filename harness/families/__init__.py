@@ -13,7 +13,8 @@ its record:
 * ``design``: the features its designed examples fix (``design.py``);
 * ``task``, ``error_task``, ``init_task``: what ranks run (``tasks.py``, ``init.py``);
 * ``builder``: the tiny megatron model it builds (``model.py``);
-* ``requires``: what an implementation must declare for the family to run.
+* ``requires``: what an implementation must declare for the family to run;
+* ``properties``: the existing properties it runs besides those that name it.
 
 Adding a family is one folder whose ``__init__.py`` calls ``register``
 (built-in folders are found by name, as properties are; a plugin package
@@ -77,9 +78,16 @@ class Family:
     init_task: Optional[Callable[..., Any]] = None
     #: ``requires(capabilities)`` -> why an implementation cannot run this family, or None.
     requires: Callable[[Any], Optional[str]] = lambda caps: None
+    #: Properties written for other families that this one runs too (its evidence supports them),
+    #: besides those that name it in their own ``Property.families``.
+    properties: tuple = ()
     #: Cells named by the layout alone ("tp2-ep1-..."), not "<family>:<layout>": the dense family,
     #: whose names stored results, regression files and test ids already carry.
     bare_cells: bool = False
+
+    def runs(self, prop: Any) -> bool:
+        """Whether property ``prop`` runs on this family (it names the family, or the family names it)."""
+        return self.name in prop.families or prop.name in self.properties
 
     def cell(self, layout: Any) -> str:
         """The name of this family's cell at ``layout`` in results and reports."""

@@ -50,7 +50,11 @@ class Property:
 
     def skip_reason(self, family: str, layout: ParallelLayout, capabilities: Capabilities) -> Optional[str]:
         if family not in self.families:
-            return f"{self.name} does not apply to the {family} family"
+            from harness.families import families
+
+            known = families().get(family)
+            if known is None or not known.runs(self):
+                return f"{self.name} does not apply to the {family} family"
         return self.applies(layout, capabilities) if self.applies else None
 
 
@@ -102,7 +106,11 @@ _ORDER = {
 
 
 def property_names(family: Optional[str] = None) -> list[str]:
-    return [n for n, p in registry().items() if family is None or family in p.families]
+    if family is None:
+        return list(registry())
+    from harness.families import get_family
+
+    return [n for n, p in registry().items() if get_family(family).runs(p)]
 
 
 def get_property(name: str) -> Property:

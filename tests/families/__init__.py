@@ -1,0 +1,1 @@
+"""Test-only model families (``toy``: the README's worked example of adding a family)."""
