@@ -24,10 +24,10 @@ README's "Adding a model family" walks through it.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+from harness._plugins import discover
 
 __all__ = ["Family", "FamilyDesign", "register", "get_family", "families", "family_names", "ENTRY_POINT_GROUP"]
 
@@ -127,16 +127,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    names = {info.name for info in pkgutil.iter_modules(__path__) if info.ispkg and not info.name.startswith("_")}
-    for name in [n for n in BUILTIN_ORDER if n in names] + sorted(names - set(BUILTIN_ORDER)):
-        importlib.import_module(f"{__name__}.{name}")
-    try:
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            ep.load()
-    except Exception as exc:  # noqa: BLE001 - a broken plugin must say so, not vanish
-        raise ImportError(f"loading lora-harness family plugins ({ENTRY_POINT_GROUP}) failed: {exc}") from exc
+    discover(__name__, __path__, ENTRY_POINT_GROUP, "family", packages=True, first=BUILTIN_ORDER)
 
 
 def families() -> dict[str, Family]:

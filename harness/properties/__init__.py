@@ -11,11 +11,10 @@ a module (or, from another package, an entry point in the group
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from harness._plugins import discover
 from harness.contract import Capabilities
 from harness.layouts import ParallelLayout
 from harness.results import Check
@@ -78,16 +77,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-    try:
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            ep.load()
-    except Exception as exc:  # noqa: BLE001 - a broken plugin must say so, not vanish
-        raise ImportError(f"loading lora-harness property plugins ({ENTRY_POINT_GROUP}) failed: {exc}") from exc
+    discover(__name__, __path__, ENTRY_POINT_GROUP, "property")
 
 
 def registry() -> dict[str, Property]:

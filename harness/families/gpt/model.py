@@ -67,9 +67,13 @@ class GPTShape:
             ("vocab_size", self.vocab_size % tp == 0, f"divisible by TP={tp}"),
             ("hidden_size", self.hidden_size % tp == 0, f"divisible by TP={tp}"),
         ]
+        self._require(rules, "GPTShape")
+
+    def _require(self, rules: list[tuple[str, bool, str]], owner: str, show: Any = str) -> None:
+        """Raise ``ShapeError`` for the first ``(field, holds, rule)`` that does not hold."""
         for field, ok, rule in rules:
             if not ok:
-                raise ShapeError(f"GPTShape.{field}={getattr(self, field)} must be {rule}")
+                raise ShapeError(f"{owner}.{field}={show(getattr(self, field))} must be {rule}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

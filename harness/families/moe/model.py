@@ -94,9 +94,7 @@ class MoEShape(GPTShape):
             rules.append(("add_bias_linear", etp == 1, f"False at ETP={etp} (megatron-core: bias in MoE only with ETP == 1)"))
         if self.add_bias_linear and self.shared_expert_ffn_hidden_size is not None:
             rules.append(("add_bias_linear", False, "False with shared experts (megatron's SharedExpertMLP has no bias)"))
-        for field, ok, rule in rules:
-            if not ok:
-                raise ShapeError(f"MoEShape.{field}={getattr(self, field)!r} must be {rule}")
+        self._require(rules, "MoEShape", show=repr)
 
 
 def layout_sizes(layout: Any) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from harness.families.gpt.model import GPTShape, ShapeError, transformer_config
+from harness.families.gpt.model import GPTShape, transformer_config
 
 __all__ = [
     "VLMShape",
@@ -122,9 +122,7 @@ class VLMShape(GPTShape):
             ("vision_num_layers", self.vision_num_layers >= 1, "at least 1"),
             ("img_size", self.img_size % self.patch_dim == 0, f"a multiple of patch_dim={self.patch_dim}"),
         ]
-        for field, ok, rule in rules:
-            if not ok:
-                raise ShapeError(f"VLMShape.{field}={getattr(self, field)} must be {rule}")
+        self._require(rules, "VLMShape")
 
 
 @contextlib.contextmanager
