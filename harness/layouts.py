@@ -23,12 +23,11 @@ and ``ModelParallelConfig.__post_init__``):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from dataclasses import dataclass
 from itertools import product
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = [
     "GROUP_KINDS",
@@ -47,7 +46,7 @@ MEGATRON_ORDER = "tp-cp-ep-dp-pp"
 # Context parallelism is not a field of ParallelLayout (the harness does not
 # exercise it); the arithmetic keeps it as an axis of size 1 so the groups
 # that megatron builds with it ("dp-cp", "tp-cp", ...) are still described.
-_CP = 1
+CP_SIZE = 1
 
 
 class LayoutError(ValueError):
@@ -58,7 +57,7 @@ class LayoutError(ValueError):
 #          parallel_state getter returning the caller's group, getter kwargs).
 # "dense" is megatron's decoder rank generator, "expert" its expert one; on the
 # expert grid "tp" is etp and "dp" is edp, hence the renamed kinds.
-_GROUP_SPECS: dict[str, tuple[str, tuple[str, ...], str, dict[str, Any]]] = {
+GROUP_SPECS: dict[str, tuple[str, tuple[str, ...], str, dict[str, Any]]] = {
     "tp": ("dense", ("tp",), "get_tensor_model_parallel_group", {}),
     "cp": ("dense", ("cp",), "get_context_parallel_group", {}),
     "dp": ("dense", ("dp",), "get_data_parallel_group", {"with_context_parallel": False}),
@@ -83,7 +82,7 @@ _GROUP_SPECS: dict[str, tuple[str, tuple[str, ...], str, dict[str, Any]]] = {
 }
 
 #: The group kinds ``expected_groups`` and ``groups_of`` return, in a fixed order.
-GROUP_KINDS: tuple[str, ...] = tuple(_GROUP_SPECS)
+GROUP_KINDS: tuple[str, ...] = tuple(GROUP_SPECS)
 
 
 def _orthogonal_groups(grid: list[tuple[str, int]], axes: tuple[str, ...]) -> list[list[int]]:
@@ -136,7 +135,7 @@ def _expected_groups(
     grids = _grids(tp, cp, etp, ep, pp, world_size)
     return {
         kind: _orthogonal_groups(grids[gen], axes)
-        for kind, (gen, axes, _getter, _kw) in _GROUP_SPECS.items()
+        for kind, (gen, axes, _getter, _kw) in GROUP_SPECS.items()
     }
 
 
@@ -167,7 +166,7 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         self.validate()
-        if self.data_parallel is not None and self.data_parallel * self.tp * _CP == math.lcm(self.tp * _CP, self.etp_size * self.ep):
+        if self.data_parallel is not None and self.data_parallel * self.tp * CP_SIZE == math.lcm(self.tp * CP_SIZE, self.etp_size * self.ep):
             # The smallest data parallelism is the default: one name per layout.
             object.__setattr__(self, "data_parallel", None)
 
@@ -182,7 +181,7 @@ class ParallelLayout:
         _check_size("pp", self.pp)
         if self.data_parallel is not None:
             _check_size("data_parallel", self.data_parallel)
-            world = self.tp * _CP * self.pp * self.data_parallel
+            world = self.tp * CP_SIZE * self.pp * self.data_parallel
             if world % (self.etp_size * self.ep * self.pp):
                 raise LayoutError(
                     f"ParallelLayout.data_parallel={self.data_parallel} is invalid: the world tp*data_parallel*pp = {world} must be divisible "
@@ -223,8 +222,8 @@ class ParallelLayout:
     def min_world_size(self) -> int:
         """Smallest world megatron can lay this out in: pp * lcm(tp*cp, etp*ep), or tp*cp*pp*dp when dp is set."""
         if self.data_parallel is not None:
-            return self.tp * _CP * self.pp * self.data_parallel
-        return self.pp * math.lcm(self.tp * _CP, self.etp_size * self.ep)
+            return self.tp * CP_SIZE * self.pp * self.data_parallel
+        return self.pp * math.lcm(self.tp * CP_SIZE, self.etp_size * self.ep)
 
     def fits(self, world_size: int) -> bool:
         """Whether megatron can lay this out in a world of ``world_size`` ranks."""
@@ -236,13 +235,13 @@ class ParallelLayout:
             raise LayoutError(
                 f"layout {self} does not fit world_size={world_size}: the world must be a "
                 f"multiple of {self.min_world_size} = pp*lcm(tp*cp, etp*ep) = "
-                f"{self.pp}*lcm({self.tp}*{_CP}, {self.etp_size}*{self.ep})"
+                f"{self.pp}*lcm({self.tp}*{CP_SIZE}, {self.etp_size}*{self.ep})"
             )
 
     def dp(self, world_size: int) -> int:
         """Data parallel size of the dense part in a world of ``world_size`` ranks."""
         self._require_fit(world_size)
-        return world_size // (self.tp * _CP * self.pp)
+        return world_size // (self.tp * CP_SIZE * self.pp)
 
     def expert_dp(self, world_size: int) -> int:
         """Expert data parallel size in a world of ``world_size`` ranks."""
@@ -258,7 +257,7 @@ class ParallelLayout:
         megatron's order.
         """
         self._require_fit(world_size)
-        return _expected_groups(self.tp, _CP, self.etp_size, self.ep, self.pp, world_size)
+        return _expected_groups(self.tp, CP_SIZE, self.etp_size, self.ep, self.pp, world_size)
 
     def groups_of(self, rank: int, world_size: int) -> dict[str, list[int]]:
         """The group containing ``rank``, per kind in GROUP_KINDS."""
@@ -307,61 +306,9 @@ class ParallelLayout:
         ``seed``, when given, is handed to ``harness.cpu.seed_model_parallel``
         (megatron's model-parallel RNG tracker), on every call.
         """
-        global _built
-        import torch.distributed as dist
-        from megatron.core import parallel_state
+        from harness.megatron_state import initialize
 
-        if not dist.is_initialized():
-            raise RuntimeError(
-                "initialize_megatron needs an initialised torch.distributed default group; "
-                "call torch.distributed.init_process_group first (the harness rank runner does)"
-            )
-        actual_world = dist.get_world_size()
-        if world_size is None:
-            world_size = actual_world
-        elif world_size != actual_world:
-            raise LayoutError(
-                f"world_size={world_size} was asked for but the torch.distributed world has "
-                f"{actual_world} ranks"
-            )
-        self._require_fit(world_size)
-        if create_gloo_process_groups is None:
-            create_gloo_process_groups = str(dist.get_backend()) != "gloo"
-
-        key = (self.tp, _CP, self.etp_size, self.ep, self.pp, world_size, create_gloo_process_groups)
-        cached = _built
-        built = not (
-            cached is not None
-            and cached.key == key
-            and cached.world_group is dist.group.WORLD
-            and parallel_state.model_parallel_is_initialized()
-            # someone else re-initialising parallel_state replaces this group
-            and parallel_state.get_tensor_model_parallel_group(check_initialized=False)
-            is cached.tp_group
-        )
-        if built:
-            _built = None
-            if parallel_state.model_parallel_is_initialized():
-                parallel_state.destroy_model_parallel()
-            _destroy_recorded_groups()
-            with _recording_new_groups():
-                parallel_state.initialize_model_parallel(
-                    tensor_model_parallel_size=self.tp,
-                    pipeline_model_parallel_size=self.pp,
-                    context_parallel_size=_CP,
-                    expert_model_parallel_size=self.ep,
-                    expert_tensor_parallel_size=self.etp_size,
-                    order=MEGATRON_ORDER,
-                    create_gloo_process_groups=create_gloo_process_groups,
-                )
-            _built = _BuiltState(
-                key=key,
-                world_group=dist.group.WORLD,
-                tp_group=parallel_state.get_tensor_model_parallel_group(),
-            )
-        if seed is not None:
-            _seed_model_parallel(seed)
-        return built
+        return initialize(self, world_size, seed=seed, create_gloo_process_groups=create_gloo_process_groups)
 
     # -- names --------------------------------------------------------------
 
@@ -424,95 +371,18 @@ def _check_world(world_size: Any) -> None:
         raise LayoutError(f"world_size={world_size!r} is invalid: it must be an integer >= 1")
 
 
-# -- megatron state ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _BuiltState:
-    key: tuple
-    world_group: Any  # torch.distributed default group the groups were built on
-    tp_group: Any  # the tensor parallel group built, to notice re-initialisation by others
-
-
-_built: _BuiltState | None = None
-
-
-# Process groups megatron created for the current layout. megatron's
-# destroy_model_parallel only drops its references; a gloo group keeps its
-# threads until destroyed, so a long-lived rank that switches layouts would
-# pile up hundreds of threads (seen: ~900 per rank) and crawl. We destroy
-# what was created when the layout changes.
-_recorded_groups: list = []
-
-
-@contextlib.contextmanager
-def _recording_new_groups() -> Iterator[None]:
-    import torch.distributed as dist
-
-    original = dist.new_group
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        group = original(*args, **kwargs)
-        _recorded_groups.append(group)
-        return group
-
-    dist.new_group = recording
-    try:
-        yield
-    finally:
-        dist.new_group = original
-
-
-def _destroy_recorded_groups() -> None:
-    import torch.distributed as dist
-
-    groups, _recorded_groups[:] = list(_recorded_groups), []
-    for group in groups:
-        if group is None or group is dist.GroupMember.NON_GROUP_MEMBER or group is dist.group.WORLD:
-            continue
-        try:
-            dist.destroy_process_group(group)
-        except Exception:  # noqa: BLE001 - already gone (e.g. the world was torn down)
-            pass
-
-
 def destroy_megatron() -> None:
-    """Destroy megatron-core's parallel_state groups and forget the cached layout."""
-    global _built
-    from megatron.core import parallel_state
+    """Tear down megatron-core's parallel state and the groups this module built (``harness.megatron_state``)."""
+    from harness.megatron_state import destroy_megatron as destroy
 
-    _built = None
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    _destroy_recorded_groups()
+    destroy()
 
 
 def current_megatron_groups() -> dict[str, list[int]]:
-    """The global ranks of the calling rank's megatron-core groups, per kind in GROUP_KINDS.
+    """This rank's megatron-core process groups, by kind (``harness.megatron_state``)."""
+    from harness.megatron_state import current_megatron_groups as current
 
-    Compare with ``layout.groups_of(rank, world_size)`` to check megatron built
-    what this module expects.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    out = {}
-    for kind, (_gen, _axes, getter, kwargs) in _GROUP_SPECS.items():
-        group = getattr(parallel_state, getter)(**kwargs)
-        out[kind] = list(dist.get_process_group_ranks(group))
-    return out
-
-
-def _seed_model_parallel(seed: int) -> None:
-    # The RNG tracker belongs to harness.cpu; this is only the hook.
-    try:
-        from harness.cpu import seed_model_parallel
-    except ImportError as exc:
-        raise ImportError(
-            "ParallelLayout.initialize_megatron(seed=...) needs harness.cpu.seed_model_parallel "
-            f"(megatron's model-parallel RNG seeding on CPU), which could not be imported: {exc}"
-        ) from exc
-    seed_model_parallel(seed)
+    return current()
 
 
 # -- the layout set ----------------------------------------------------------

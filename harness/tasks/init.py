@@ -1,7 +1,7 @@
 """The init run, shared by the families' init tasks: the implementation's initial adapters on a model big enough to test their distribution.
 
 The dense init task (``harness.families.gpt.init.run_init_case``) builds, at the case's layout, a one-layer GPT of a fixed
-shape (``init_shape``: hidden 128, ffn 256, vocab 128, heads and query
+shape (``harness.families.gpt.init.init_shape``: hidden 128, ffn 256, vocab 128, heads and query
 groups divisible by TP) with the case's gated MLP / bias flags, applies
 ``impl.LoRA(...)`` with the case's seed, init methods, patterns, alpha,
 dropout, dtypes and training mode but rank ``init_dim`` (128, a multiple of
@@ -23,11 +23,7 @@ naming a second layer, say), the default target modules are used
 
 from __future__ import annotations
 
-from typing import Any
-
-from harness.families.gpt.model import GPTShape
-
-__all__ = ["init_shape", "init_dim", "INIT_HIDDEN", "INIT_FFN", "INIT_VOCAB", "INIT_DIM"]
+__all__ = ["init_dim", "INIT_HIDDEN", "INIT_FFN", "INIT_VOCAB", "INIT_DIM"]
 
 #: The init model's widths. With rank 128 every adapter matrix has at least
 #: 128 * 128 = 16384 entries (see harness.properties.init_distribution for
@@ -42,22 +38,3 @@ INIT_DIM = 128
 def init_dim(tp: int) -> int:
     """The adapter rank of the init run: INIT_DIM rounded up to a multiple of ``tp``."""
     return -(-INIT_DIM // tp) * tp
-
-
-def init_shape(case: Any) -> GPTShape:
-    """The init run's model for ``case``: fixed widths, the case's gated MLP and bias flags."""
-    tp = case.layout.tp
-    heads, groups = max(8, tp), max(4, tp)
-    return GPTShape(
-        num_layers=1,
-        hidden_size=INIT_HIDDEN,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        ffn_hidden_size=INIT_FFN,
-        vocab_size=max(INIT_VOCAB, tp),
-        # Only the zero-init forward reads these: a short sequence, split over TP under SP.
-        seq_length=2 * tp,
-        micro_batch_size=1,
-        gated_linear_unit=case.shape.gated_linear_unit,
-        add_bias_linear=case.shape.add_bias_linear,
-    )

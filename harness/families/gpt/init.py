@@ -9,13 +9,32 @@ import torch
 
 from harness.contract import DEFAULT_TARGET_MODULES
 from harness.families.gpt.case import GPTCase
-from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
+from harness.families.gpt.model import GPTShape, build_gpt, causal_mask, output_layer_gathers
 from harness.results import Partitioned, RankRecord
 from harness.sharding import adapter_modules, adapter_table, initial_adapters, seeded_tensor
 from harness.tasks.common import any_rank, checked_table, setup
-from harness.tasks.init import init_dim, init_shape
+from harness.tasks.init import INIT_FFN, INIT_HIDDEN, INIT_VOCAB, init_dim
 
-__all__ = ["run_init_case"]
+__all__ = ["run_init_case", "init_shape"]
+
+
+def init_shape(case: Any) -> GPTShape:
+    """The init run's model for ``case``: fixed widths, the case's gated MLP and bias flags."""
+    tp = case.layout.tp
+    heads, groups = max(8, tp), max(4, tp)
+    return GPTShape(
+        num_layers=1,
+        hidden_size=INIT_HIDDEN,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=INIT_FFN,
+        vocab_size=max(INIT_VOCAB, tp),
+        # Only the zero-init forward reads these: a short sequence, split over TP under SP.
+        seq_length=2 * tp,
+        micro_batch_size=1,
+        gated_linear_unit=case.shape.gated_linear_unit,
+        add_bias_linear=case.shape.add_bias_linear,
+    )
 
 
 def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
