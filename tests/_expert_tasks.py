@@ -142,7 +142,7 @@ def _break(how: Optional[str]):
     """
     from megatron.core.tensor_parallel import mappings
 
-    from lora.megatron.experts import ExpertAdapter
+    from lora.megatron.expert_adapters import ExpertAdapter
 
     if how is None:
         return lambda: None
@@ -161,7 +161,7 @@ def _break(how: Optional[str]):
         def broken(self, h):
             return h
     elif how == "no_init_replay":
-        from lora.megatron.experts import SequentialExpertInit
+        from lora.megatron.init import SequentialExpertInit
 
         def broken(self, module, full_name):
             if self._frames and self._frames[-1].module is module:
@@ -326,7 +326,7 @@ def expert_lora_misc(ctx: Any, seed: int, layout_name: str) -> dict[str, Any]:
             "logits_dtype": str(logits.dtype),
             "finite": bool(torch.isfinite(logits).all()),
         }
-    from lora.megatron._base import find_moe_router_topk
+    from lora.megatron.config import find_moe_router_topk
 
     model = build(True)
     out["topk_found"] = {

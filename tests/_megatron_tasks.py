@@ -210,7 +210,7 @@ def lora_parameters(
     ctx: Any, seed: int, lora_kw: dict[str, Any], shape_kw: dict[str, Any], training: bool = True
 ) -> dict[str, Any]:
     """Apply lora.megatron.LoRA to a GPT at the pool's TP; every parameter's value, dtype and requires_grad."""
-    from lora.megatron.adapters import ParallelLoRALinear
+    from lora.megatron.dense_adapters import ParallelLoRALinear
 
     model, tp_rank, tp, shape = _gpt(ctx, seed, **shape_kw)
     model, msgs = _apply_lora(model, seed, lora_kw, training)
@@ -266,7 +266,7 @@ def lora_idempotence(ctx: Any, seed: int, lora_kw: dict[str, Any]) -> dict[str, 
 
 def lora_dtype_forward(ctx: Any, seed: int) -> dict[str, Any]:
     """lora_dtype=bfloat16: adapter dtypes, each wrapper's output dtype and its delta vs a float64 recomputation."""
-    from lora.megatron.adapters import ParallelLoRALinear
+    from lora.megatron.dense_adapters import ParallelLoRALinear
 
     model, tp_rank, tp, shape = _gpt(ctx, seed)
     model, _ = _apply_lora(model, seed, dict(dim=4, alpha=8, lora_dtype=torch.bfloat16, lora_B_init_method="normal"))
@@ -292,7 +292,7 @@ def lora_dropout(ctx: Any, seed: int) -> dict[str, Any]:
     """dropout=0.5: eval outputs (twice), eval with dropout set to 0, and two train-mode outputs."""
     model, tp_rank, tp, shape = _gpt(ctx, seed)
     model, _ = _apply_lora(model, seed, dict(dim=4, alpha=8, dropout=0.5, lora_B_init_method="normal"))
-    from lora.megatron.adapters import ParallelLoRALinear
+    from lora.megatron.dense_adapters import ParallelLoRALinear
 
     with torch.no_grad():
         model.eval()
@@ -331,7 +331,7 @@ def lora_merge_shards(ctx: Any, seed: int, out_f: int, in_f: int, r: int, alpha:
 
 def lora_merge_model(ctx: Any, seed: int, lora_kw: dict[str, Any]) -> dict[str, Any]:
     """Adapted eval logits, then merge_lora: the merged model's logits and its module types."""
-    from lora.megatron._base import is_adapter_wrapper
+    from lora.megatron.wrapper import is_adapter_wrapper
     from lora.megatron import merge_lora
 
     model, tp_rank, tp, shape = _gpt(ctx, seed)
@@ -444,7 +444,7 @@ def _break_sp_adapter(how: str):
     """
     from megatron.core.tensor_parallel import mappings
 
-    from lora.megatron.adapters import ParallelLinearAdapter
+    from lora.megatron.dense_adapters import ParallelLinearAdapter
 
     if how == "no_scatter":
         attr = "_to_sequence_shard"
@@ -546,7 +546,7 @@ def gpt_sp_forward_backward(
 
 def gpt_sp_dropout(ctx: Any, seed: int, lora_kw: Any) -> dict[str, Any]:
     """lora.megatron with dropout on an SP GPT at the pool's TP: eval logits, eval with dropout 0, two train logits."""
-    from lora.megatron.adapters import ParallelLoRALinear
+    from lora.megatron.dense_adapters import ParallelLoRALinear
 
     tp_rank, tp = _init(ctx, seed)
     shape = GPTShape()

@@ -86,10 +86,10 @@ def test_activate_redirects_cuda_only_inside_megatron(inactive):
     assert torch.cuda.current_device is ORIG_CURRENT_DEVICE
     assert torch.cuda.current_device.__module__ == "torch.cuda"
     import harness.sharding
-    import lora.megatron.adapters
+    import lora.megatron.dense_adapters
 
     assert harness.sharding.torch is torch
-    assert lora.megatron.adapters.torch is torch
+    assert lora.megatron.dense_adapters.torch is torch
     if NO_GPU:
         with pytest.raises((RuntimeError, AssertionError)):
             torch.cuda.current_device()

@@ -141,7 +141,7 @@ def test_te_grouped_experts_forward_equals_reference(share):
 def test_te_linears_are_linear_type_and_refused_clearly():
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear  # noqa: F401
 
-    from lora.megatron._base import is_linear_type
+    from lora.megatron.matching import is_linear_type
     from lora.megatron import LoRA
 
     te = pytest.importorskip("transformer_engine.pytorch")

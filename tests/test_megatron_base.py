@@ -1,4 +1,4 @@
-"""Tests of lora.megatron._base (lora.megatron's own helpers): init methods, pattern matching, config validation, freezing, merge math."""
+"""Tests of lora.megatron's parallelism-independent helpers (config, matching, init, walk, freeze, wrapper, merge math)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from lora.megatron._base import (
-    DEFAULT_TARGET_MODULES,
-    INIT_METHODS,
-    LoRAFields,
-    ModuleMatcher,
-    add_to_base_output,
-    apply_dropout,
-    find_moe_router_topk,
-    init_adapter_weights,
-    init_full_weight,
-    is_expert_linear_name,
-    is_linear_type,
-    merge_weight,
-    moe_adapter_rank,
-    pattern_matches,
-    walk_and_replace,
-)
+from lora._spec import DEFAULT_TARGET_MODULES, INIT_METHODS
+from lora.megatron.config import LoRAFields, find_moe_router_topk, moe_adapter_rank
+from lora.megatron.init import init_adapter_weights, init_full_weight
+from lora.megatron.matching import ModuleMatcher, is_expert_linear_name, is_linear_type, pattern_matches
+from lora.megatron.merge import merge_weight
+from lora.megatron.walk import walk_and_replace
+from lora.megatron.wrapper import add_to_base_output, apply_dropout
 
 # ------------------------------------------------------------------------- init
 
@@ -396,7 +386,7 @@ def test_walk_visits_shared_module_once_and_replaces_everywhere():
 
 
 def test_freeze_parameters_freezes_everything_given():
-    from lora.megatron._base import freeze_parameters
+    from lora.megatron.freeze import freeze_parameters
 
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     freeze_parameters([a])
@@ -405,7 +395,7 @@ def test_freeze_parameters_freezes_everything_given():
 
 
 def test_freeze_vlm_freezes_flagged_subtrees_adapters_included():
-    from lora.megatron._base import freeze_vlm
+    from lora.megatron.freeze import freeze_vlm
 
     vlm = nn.Module()
     vlm.vision_model = nn.Linear(2, 2)

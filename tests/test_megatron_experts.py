@@ -338,7 +338,7 @@ def test_normalize_moe_lora_etp_divisibility_and_inference():
 def test_walk_leave_hook_runs_after_the_subtree():
     from torch import nn
 
-    from lora.megatron._base import walk_and_replace
+    from lora.megatron.walk import walk_and_replace
 
     model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.Linear(2, 2))
     events = []
@@ -362,8 +362,8 @@ def test_grouped_linears_are_linear_type_and_wrappers_are_not():
     # (duck-typed, as in lora.reference) included, an adapter wrapper not.
     from torch import nn
 
-    from lora.megatron._base import is_linear_type
-    from lora.megatron.experts import GroupedLoRALinear, is_grouped_linear
+    from lora.megatron.matching import is_linear_type
+    from lora.megatron.expert_adapters import GroupedLoRALinear, is_grouped_linear
 
     class Grouped(nn.Module):
         num_gemms = 2

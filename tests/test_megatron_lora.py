@@ -451,7 +451,7 @@ class _Plain(nn.Module):
 
 def test_plain_linear_gets_its_own_single_device_adapter():
     from lora.megatron import LoRA, merge_lora
-    from lora.megatron.adapters import LinearAdapter, LoRALinear
+    from lora.megatron.dense_adapters import LinearAdapter, LoRALinear
 
     torch.manual_seed(0)
     model = LoRA(target_modules=["linear_fc1", "linear_fc2"], dim=3, alpha=6, lora_B_init_method="normal")(_Plain())

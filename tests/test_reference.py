@@ -752,7 +752,7 @@ def test_config_defaults_and_dtype_names():
     ],
 )
 def test_matching_table(pattern, name, expected):
-    from lora.reference import _pattern_selects
+    from lora.reference.matching import _pattern_selects
 
     assert _pattern_selects(pattern, name) is expected
 

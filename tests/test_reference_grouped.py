@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lora.reference as reference
+import lora.reference.adapters as reference_adapters
+import lora.reference.layers as reference_layers
 from lora.reference import LoRA, LoRAAdapter, LoRAExpertAdapters, LoRAGroupedLinear, LoRALinear, LoRAMerge, merge_lora
 
 N, H, FFN = 3, 6, 5
@@ -233,8 +234,8 @@ def test_bad_m_splits_is_a_value_error():
     with pytest.raises(ValueError, match="m_splits has 2 entries for 3 experts"):
         fc1_of(model)(x, [2, 3])  # the duck base accepts it; the per-expert adapters do not
     with pytest.raises(ValueError, match="sum to the 5 rows"):
-        reference._split_sizes([2, 0, 2], N, 5, "x")
-    assert reference._split_sizes(torch.tensor([2, 0, 3]), N, 5, "x") == [2, 0, 3]
+        reference_adapters._split_sizes([2, 0, 2], N, 5, "x")
+    assert reference_adapters._split_sizes(torch.tensor([2, 0, 3]), N, 5, "x") == [2, 0, 3]
 
 
 # ------------------------------------------------------------- gradients
@@ -346,9 +347,9 @@ def test_exclude_mode_adapts_grouped_linears():
     assert isinstance(fc1_of(model), LoRAGroupedLinear)
     assert isinstance(model.decoder.layers[0].self_attention.linear_proj, LoRALinear)
     assert isinstance(model.decoder.layers[0].mlp.experts.linear_fc2, DuckGroupedLinear)
-    assert reference._is_linear_type(DuckGroupedLinear(2, 3, 4))
+    assert reference_layers._is_linear_type(DuckGroupedLinear(2, 3, 4))
     # a wrapper forwards num_gemms to its base but is not itself a grouped linear
-    assert fc1_of(model).num_gemms == N and not reference._is_grouped_linear(fc1_of(model))
+    assert fc1_of(model).num_gemms == N and not reference_layers._is_grouped_linear(fc1_of(model))
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -483,8 +484,8 @@ class FakeGroup:
 @pytest.mark.parametrize("attr", ["tp_group", "_tp_group"])
 def test_sharded_grouped_linear_is_a_value_error(monkeypatch, attr):
     fake = FakeGroup()
-    real = reference._group_size
-    monkeypatch.setattr(reference, "_group_size", lambda g: 2 if g is fake else real(g))
+    real = reference_layers._group_size
+    monkeypatch.setattr(reference_layers, "_group_size", lambda g: 2 if g is fake else real(g))
     model = make_model()
     setattr(fc1_of(model), attr, fake)
     with pytest.raises(ValueError, match=r"linear_fc1.*lora\.megatron"):

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from lora.megatron import LoRAMerge, VLMLoRA  # noqa: F401 - re-exported as the module's API
 from lora.megatron import LoRA as _CorrectLoRA
-from lora.megatron.adapters import ParallelLoRALinear
+from lora.megatron.dense_adapters import ParallelLoRALinear
 
 
 def patched_lora(patch: Callable[[ParallelLoRALinear, str], None], *, after_init: bool = False) -> type:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from lora.megatron import LoRA as _CorrectLoRA
 from lora.megatron import LoRAMerge, VLMLoRA  # noqa: F401 - re-exported as the module's API
-from lora.megatron.experts import ExpertLoRALinear, GroupedLoRALinear
+from lora.megatron.expert_adapters import ExpertLoRALinear, GroupedLoRALinear
 
 LORA_HARNESS_CAPABILITIES = {"contract": "strict", "experts": True}
 

@@ -1,6 +1,6 @@
 """Bug: the adapter's dropout ignores the module's mode and drops in eval (``training=True`` hard-coded)."""
 
-from lora.megatron._base import apply_dropout
+from lora.megatron.wrapper import apply_dropout
 from tests.wrong_impls._base import LoRAMerge, VLMLoRA, patched_lora  # noqa: F401
 
 

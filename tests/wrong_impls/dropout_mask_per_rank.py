@@ -2,7 +2,7 @@
 even on a tensor that is the same on every rank (a column base's input without sequence parallelism):
 each rank then drops different elements of what is one replicated activation."""
 
-from lora.megatron._base import apply_dropout
+from lora.megatron.wrapper import apply_dropout
 from tests.wrong_impls._base import LoRAMerge, VLMLoRA, patched_lora  # noqa: F401
 
 

@@ -2,7 +2,7 @@
 
 import types
 
-from lora.megatron._base import apply_dropout
+from lora.megatron.wrapper import apply_dropout
 from tests.wrong_impls._base import LoRAMerge, VLMLoRA, patched_lora  # noqa: F401
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from lora.megatron import LoRA as _CorrectLoRA
 from lora.megatron import LoRAMerge, VLMLoRA  # noqa: F401
-from lora.megatron.experts import is_grouped_linear, is_sequential_expert_linear
+from lora.megatron.expert_adapters import is_grouped_linear, is_sequential_expert_linear
 
 LORA_HARNESS_CAPABILITIES = {"contract": "strict", "experts": True}
 

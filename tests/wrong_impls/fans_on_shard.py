@@ -5,7 +5,7 @@ Correct at TP=1; at TP>1 the initial adapter depends on the layout.
 
 import torch
 
-from lora.megatron._base import init_full_weight
+from lora.megatron.init import init_full_weight
 from tests.wrong_impls._base import LoRAMerge, VLMLoRA, patched_lora  # noqa: F401
 
 

@@ -2,7 +2,7 @@
 
 from lora.megatron import LoRA, VLMLoRA  # noqa: F401
 from lora.megatron import LoRAMerge as _CorrectMerge
-from lora.megatron.experts import is_expert_wrapper
+from lora.megatron.expert_adapters import is_expert_wrapper
 
 LORA_HARNESS_CAPABILITIES = {"contract": "strict", "experts": True}
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from lora.megatron import LoRA as _CorrectLoRA
 from lora.megatron import LoRAMerge, VLMLoRA  # noqa: F401
-from lora.megatron.adapters import ParallelLoRALinear
+from lora.megatron.dense_adapters import ParallelLoRALinear
 
 
 @dataclass

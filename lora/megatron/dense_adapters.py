@@ -1,8 +1,8 @@
-"""Tensor-parallel LoRA adapters around megatron-core column and row parallel linears.
+"""lora.megatron's dense adapters: LoRA on megatron-core column/row parallel linears (tensor parallel) and on plain nn.Linear.
 
-One wrapper, ``ParallelLoRALinear``, holds the base layer (``to_wrap``) and a
-``ParallelLinearAdapter`` (``adapter.linear_in`` = A, ``adapter.linear_out`` =
-B), laid out per the TP table of harness/SPEC.md:
+A parallel base gets one wrapper, ``ParallelLoRALinear``, holding the base
+layer (``to_wrap``) and a ``ParallelLinearAdapter`` (``adapter.linear_in`` =
+A, ``adapter.linear_out`` = B), laid out per the TP table of harness/SPEC.md:
 
     base      A (linear_in)                   B (linear_out)
     column    column-parallel (r/t, in),      column-parallel (out/t, r),
@@ -42,6 +42,10 @@ then sliced, so a given seed yields the same adapter at every layout, and
 the same as the reference's: B's rows are sliced
 exactly like the base weight's rows (including the gate/up split of a gated
 ``linear_fc1``), A is sliced along r (column base) or along ``in`` (row base).
+
+An unsharded ``torch.nn.Linear`` gets a ``LoRALinear`` holding a plain
+``LinearAdapter``. ``wrap_linear`` and ``wrap_parallel`` build either from
+the LoRA config (``lora.megatron.lora.LoRA`` picks which).
 """
 
 from __future__ import annotations
@@ -52,68 +56,18 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lora.megatron._base import (
-    AdapterWrapper,
-    add_to_base_output,
-    apply_dropout,
-    init_adapter_weights,
-)
+from lora.megatron.init import init_adapter_weights
+from lora.megatron.layout import group_rank, group_size, is_gated_fc1, shard_rows
+from lora.megatron.wrapper import AdapterWrapper, add_to_base_output, apply_dropout
 
 __all__ = [
     "LinearAdapter",
     "LoRALinear",
     "ParallelLinearAdapter",
     "ParallelLoRALinear",
-    "base_parallel_kind",
-    "group_size",
-    "group_rank",
-    "shard_rows",
-    "is_gated_fc1",
+    "wrap_linear",
+    "wrap_parallel",
 ]
-
-
-def group_size(group: Any) -> int:
-    if group is None or not torch.distributed.is_initialized():
-        return 1
-    return torch.distributed.get_world_size(group)
-
-
-def group_rank(group: Any) -> int:
-    if group is None or not torch.distributed.is_initialized():
-        return 0
-    return torch.distributed.get_rank(group)
-
-
-def base_parallel_kind(module: nn.Module) -> Optional[str]:
-    """'column' or 'row' for a megatron-core parallel linear, None otherwise."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    if isinstance(module, ColumnParallelLinear):
-        return "column"
-    if isinstance(module, RowParallelLinear):
-        return "row"
-    return None
-
-
-def is_gated_fc1(module: nn.Module, full_name: str) -> bool:
-    """True when the module's output rows are [gate; up] on every TP rank."""
-    config = getattr(module, "config", None)
-    leaf = full_name.rsplit(".", 1)[-1]
-    return leaf == "linear_fc1" and bool(getattr(config, "gated_linear_unit", False))
-
-
-def shard_rows(full: torch.Tensor, rank: int, size: int, *, gated: bool) -> torch.Tensor:
-    """The rows of ``full`` that TP rank ``rank`` of ``size`` holds.
-
-    A gated fc1 holds its slice of the gate followed by its slice of the up
-    projection; everything else is one contiguous block.
-    """
-    if size == 1:
-        return full
-    if gated:
-        gate, up = torch.chunk(full, 2, dim=0)
-        return torch.cat([torch.chunk(gate, size, dim=0)[rank], torch.chunk(up, size, dim=0)[rank]], dim=0)
-    return torch.chunk(full, size, dim=0)[rank]
 
 
 class LinearAdapter(nn.Module):
@@ -358,3 +312,66 @@ class ParallelLoRALinear(AdapterWrapper):
     def _base_gathers(self, kwargs: dict[str, Any]) -> bool:
         runtime = kwargs.get("runtime_gather_output")
         return bool(self.to_wrap.gather_output if runtime is None else runtime)
+
+
+# ------------------------------------------------------------- construction
+
+
+def wrap_linear(cfg: Any, module: nn.Linear, full_name: str) -> LoRALinear:
+    """An unsharded nn.Linear: a plain single-device adapter (``cfg`` is the LoRA config)."""
+    weight = module.weight
+    lora_dtype = cfg.lora_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+    adapter = LinearAdapter(
+        module.in_features,
+        module.out_features,
+        cfg.adapter_rank(module, full_name),
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        dropout_position=cfg.dropout_position,
+        lora_dtype=lora_dtype,
+        device=weight.device,
+    )
+    adapter.reset_parameters(cfg.lora_A_init_method, cfg.lora_B_init_method)
+    return LoRALinear(module, adapter)
+
+
+def wrap_parallel(cfg: Any, module: nn.Module, full_name: str, kind: str) -> ParallelLoRALinear:
+    """A megatron-core column (``kind`` 'column') or row parallel linear on its TP group (``cfg`` is the LoRA config)."""
+    config = module.config
+    tp_group = module.tp_group
+    t = group_size(tp_group)
+    dim = cfg.adapter_rank(module, full_name)
+    sequence_parallel = t > 1 and bool(getattr(module, "sequence_parallel", False))
+    if kind == "column" and dim % t:
+        raise ValueError(
+            f"lora.megatron: dim={dim} is not divisible by TP={t} for {full_name} "
+            "(a column-parallel base splits A along the rank dimension)"
+        )
+    if kind == "row" and module.output_size % t:
+        raise ValueError(
+            f"lora.megatron: output size {module.output_size} is not divisible by TP={t} for {full_name} "
+            "(a row-parallel base splits B along its output rows)"
+        )
+    lora_dtype = cfg.lora_dtype or module.weight.dtype
+    adapter = ParallelLinearAdapter(
+        kind=kind,
+        in_features=module.input_size,
+        out_features=module.output_size,
+        dim=dim,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        dropout_position=cfg.dropout_position,
+        lora_dtype=lora_dtype,
+        base_config=config,
+        tp_group=tp_group,
+        is_expert=bool(getattr(module, "is_expert", False)),
+        gated=is_gated_fc1(module, full_name),
+        module_name=full_name,
+        input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
+        sequence_parallel=sequence_parallel,
+        # a2a replaces a row adapter's gather + sequence split; a column
+        # adapter has no such step, so the flag does not concern it.
+        a2a=bool(cfg.a2a_experimental) and kind == "row",
+    )
+    adapter.reset_parameters(cfg.lora_A_init_method, cfg.lora_B_init_method)
+    return ParallelLoRALinear(module, adapter)

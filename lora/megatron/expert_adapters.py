@@ -1,4 +1,4 @@
-"""LoRA on routed experts (SPEC "Experts (MoE)"): SequentialMLP expert linears and grouped expert linears.
+"""lora.megatron's expert adapters: LoRA on routed experts (SPEC "Experts (MoE)"), SequentialMLP expert linears and grouped expert linears.
 
 Expert linears live under ``...mlp.experts...`` and use the expert
 tensor-parallel group (ETP), never the dense TP group (ETP may differ from
@@ -65,50 +65,54 @@ generator and keeps its shard, in the order a world-size-1 walk draws:
 * per-expert grouped adapters draw for every GLOBAL expert g in 0..E-1 (A
   then B each) and keep those of this EP rank (g in [e*L, (e+1)*L));
 * SequentialMLP experts: the walk visits only the local experts, so
-  ``SequentialExpertInit`` snapshots the generator when the walk enters a
-  SequentialMLP with EP > 1 and, once its subtree is done, restores the
-  snapshot and replays the draws of all E global experts in order, keeping
-  the local ones. The generator ends where a world-size-1 walk leaves it.
+  ``lora.megatron.init.SequentialExpertInit`` snapshots the generator when
+  the walk enters a SequentialMLP with EP > 1 and, once its subtree is done,
+  restores the snapshot and replays the draws of all E global experts in
+  order, keeping the local ones. The generator ends where a world-size-1
+  walk leaves it.
 
 Dropout uses ``apply_dropout`` on this rank's values from torch's default
 generator. Masks are not made layout-independent here (under ETP > 1 the
 ranks that see the same tokens may draw different masks); the harness
 checks where expert dropout acts with value-keyed masks, not this stream.
+
+Merging an expert adapter into its base weights: ``lora.megatron.merge``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora.megatron._base import (
-    AdapterWrapper,
-    add_to_base_output,
-    apply_dropout,
-    init_adapter_weights,
-    is_grouped_linear_shape,
+from lora.megatron.init import init_adapter_weights
+from lora.megatron.layout import (
+    base_parallel_kind,
+    expert_model_parallel_group,
+    group_rank,
+    group_size,
+    is_gated_fc1,
+    shard_rows,
 )
-from lora.megatron.adapters import base_parallel_kind, group_rank, group_size, is_gated_fc1, shard_rows
+from lora.megatron.matching import is_grouped_linear_shape
+from lora.megatron.wrapper import AdapterWrapper, add_to_base_output, apply_dropout
+
+if TYPE_CHECKING:
+    from lora.megatron.init import SequentialExpertInit
 
 __all__ = [
     "ExpertWeights",
     "ExpertAdapter",
     "ExpertLoRALinear",
     "GroupedLoRALinear",
-    "SequentialExpertInit",
     "is_grouped_linear",
     "is_sequential_expert_linear",
-    "is_sequential_experts",
     "is_expert_wrapper",
     "grouped_parallel_kind",
-    "expert_model_parallel_group",
     "wrap_sequential_expert",
     "wrap_grouped_expert",
-    "merge_expert_wrapper",
 ]
 
 
@@ -116,18 +120,13 @@ __all__ = [
 
 
 def is_grouped_linear(module: object) -> bool:
-    """A grouped expert linear (duck-typed; see ``_base.is_grouped_linear_shape``)."""
+    """A grouped expert linear (duck-typed; see ``lora.megatron.matching.is_grouped_linear_shape``)."""
     return is_grouped_linear_shape(module)
 
 
 def is_sequential_expert_linear(module: object) -> bool:
     """A megatron Column/RowParallelLinear built for a routed expert (``is_expert=True``)."""
     return isinstance(module, nn.Module) and base_parallel_kind(module) is not None and bool(getattr(module, "is_expert", False))
-
-
-def is_sequential_experts(module: object) -> bool:
-    """megatron's SequentialMLP (duck-typed: a ``local_experts`` ModuleList)."""
-    return isinstance(module, nn.Module) and isinstance(getattr(module, "local_experts", None), nn.ModuleList)
 
 
 def grouped_parallel_kind(module: nn.Module, full_name: str) -> str:
@@ -169,17 +168,6 @@ def _grouped_etp_group(module: nn.Module) -> Any:
 
         group = ps.get_expert_tensor_parallel_group(check_initialized=False)
     return group
-
-
-def expert_model_parallel_group() -> Any:
-    """megatron's expert-model-parallel group, or None when it was never set up."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    try:
-        from megatron.core import parallel_state as ps
-    except ImportError:  # pragma: no cover - megatron is a dependency of lora.megatron
-        return None
-    return ps.get_expert_model_parallel_group(check_initialized=False)
 
 
 # ---------------------------------------------------------------- parameters
@@ -506,104 +494,3 @@ def _ep_grad_sum(ep_group: Any):
         return total
 
     return hook
-
-
-# --------------------------------------------------- SequentialMLP init order
-
-
-@dataclass
-class _Frame:
-    module: nn.Module
-    name: str
-    ep_size: int
-    ep_rank: int
-    num_local: int
-    rng_state: Optional[torch.Tensor]
-    adapters: dict[int, list[ExpertAdapter]] = field(default_factory=dict)
-
-
-class SequentialExpertInit:
-    """Replays a SequentialMLP's adapter draws in global expert order (EP > 1).
-
-    ``enter`` (walk enters a module, before its children) snapshots torch's
-    generator at a SequentialMLP; ``register`` records each adapter created
-    under it by local expert index, in walk order; ``leave`` (its subtree
-    done) restores the snapshot and, for every global expert g = e*L + i in
-    0..E-1, draws the adapters of local expert i's shapes (experts are
-    matched by name, and names only hold the local index, so expert g has
-    the adapters local expert g mod L has), keeping them when e is this EP
-    rank and discarding them otherwise. The generator then stands where a
-    world-size-1 walk leaves it. Only adapters created in this walk take
-    part: a second LoRA call (idempotence) draws nothing, as at world size 1.
-    """
-
-    def __init__(self) -> None:
-        self._frames: list[_Frame] = []
-
-    def reset(self) -> None:
-        self._frames = []
-
-    def enter(self, module: nn.Module, full_name: str) -> None:
-        if not is_sequential_experts(module):
-            return
-        group = getattr(module, "ep_group", None)
-        if group is None:
-            group = expert_model_parallel_group()
-        ep_size, ep_rank = group_size(group), group_rank(group)
-        state = torch.get_rng_state() if ep_size > 1 else None
-        self._frames.append(_Frame(module, full_name, ep_size, ep_rank, len(module.local_experts), state))
-
-    def register(self, full_name: str, adapter: ExpertAdapter) -> None:
-        for frame in reversed(self._frames):
-            prefix = f"{frame.name}.local_experts." if frame.name else "local_experts."
-            if full_name.startswith(prefix):
-                index = full_name[len(prefix) :].split(".", 1)[0]
-                if index.isdigit():
-                    frame.adapters.setdefault(int(index), []).append(adapter)
-                return
-
-    def leave(self, module: nn.Module, full_name: str) -> None:
-        if not self._frames or self._frames[-1].module is not module:
-            return
-        frame = self._frames.pop()
-        if frame.ep_size == 1 or not frame.adapters:
-            return
-        torch.set_rng_state(frame.rng_state)
-        for g in range(frame.ep_size * frame.num_local):
-            e, i = divmod(g, frame.num_local)
-            for adapter in frame.adapters.get(i, []):
-                a_full, b_full = adapter.draw_full()
-                if e == frame.ep_rank:
-                    adapter.load_full(a_full, b_full)
-
-
-# --------------------------------------------------------------------- merge
-
-
-@torch.no_grad()
-def merge_expert_wrapper(merger: Any, module: nn.Module) -> nn.Module:
-    """Fold an expert adapter into its base weights (``merger`` is a LoRAMerge); returns the base.
-
-    SequentialMLP expert: like a dense layer, on the ETP group (column:
-    gather A over ETP; row: gather B over ETP). Grouped: ``weight{i} +=
-    scale * B_i @ A_i`` (shared: the same B @ A for every i), gathered the
-    same way. Every rank's base shard then holds its shard of the merged
-    full weight, so the merged forward equals the adapted one.
-    """
-    base, adapter = module.to_wrap, module.adapter
-    t, group = adapter.etp_size, adapter.etp_group
-
-    def fold(weight: torch.Tensor, i: Optional[int]) -> None:
-        merged = merger.merge(
-            weight, adapter.linear_out.get(i), adapter.linear_in.get(i), adapter.alpha, adapter.dim,
-            tp_size=t, tp_group=group if t > 1 else None,
-        )
-        weight.copy_(merged)
-
-    if isinstance(module, ExpertLoRALinear):
-        fold(base.weight, None)
-    else:
-        for i in range(base.num_gemms):
-            fold(base._parameters[f"weight{i}"], i if adapter.per_expert else None)
-    return base
-
