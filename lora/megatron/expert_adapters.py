@@ -132,7 +132,7 @@ def is_sequential_expert_linear(module: object) -> bool:
 def grouped_parallel_kind(module: nn.Module, full_name: str) -> str:
     """'column' or 'row' for a grouped expert linear.
 
-    ``parallel_mode`` when it says so (harness.moe.TorchGroupedLinear, TE
+    ``parallel_mode`` when it says so (harness.families.moe.model.TorchGroupedLinear, TE
     without explicit comm); megatron's TEGroupedLinear with explicit expert
     comm hands TE ``parallel_mode=None`` but marks its weights with the
     original ``partition_dim``; last, the leaf name (fc1 column, fc2 row).

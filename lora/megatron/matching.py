@@ -52,7 +52,7 @@ def _class_names_in_mro(module: object) -> Iterator[tuple[str, str]]:
 def is_grouped_linear_shape(module: object) -> bool:
     """A grouped expert linear, duck-typed: an int `num_gemms` = n >= 1 and its OWN 2-D parameters `weight0..weight{n-1}`.
 
-    (TE's GroupedLinear, megatron's TEGroupedLinear, harness.moe.TorchGroupedLinear.)
+    (TE's GroupedLinear, megatron's TEGroupedLinear, harness.families.moe.model.TorchGroupedLinear.)
     Own parameters only, so an adapter wrapper, which forwards attribute
     reads to its base, is not one.
     """

@@ -21,7 +21,7 @@ The adapter computes in lora_dtype (or the base weight's dtype) and its result
 is cast to the base output's dtype before the sum.
 
 A grouped expert linear is recognised by its shape, not its class (TE's
-`GroupedLinear`, megatron's `TEGroupedLinear`, `harness.moe.TorchGroupedLinear`
+`GroupedLinear`, megatron's `TEGroupedLinear`, `harness.families.moe.model.TorchGroupedLinear`
 all qualify): an int `num_gemms` = n and its own 2-D parameters `weight0` ..
 `weight{n-1}`, each (out, in), called as `forward(x, m_splits)` with the rows
 of x grouped by expert and m_splits the tokens per expert. It counts as
