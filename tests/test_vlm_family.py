@@ -23,14 +23,8 @@ from harness.families.gpt.model import ShapeError
 from harness.results import Verdict
 from harness.settings import layout_set
 from harness.families.vlm.strategy import vlm_cases
-from harness.families.vlm.model import (
-    VLMShape,
-    expected_adapted_modules,
-    expected_param_names,
-    expected_trainable,
-    freeze_combos,
-    pattern_selects,
-)
+from harness.families.vlm.model import VLMShape, freeze_combos
+from harness.rules.vlm import expected_adapted_modules, expected_param_names, expected_trainable, pattern_selects
 
 PROP = "vlm_freezing_follows_spec"
 SEED = 20261202

@@ -9,7 +9,7 @@ every rank:
   ``<module>.adapter.linear_in.weight`` / ``.linear_out.weight``), with the
   patterns reaching into the vision tower and the projection;
 * ``trainable_set``: the parameters with ``requires_grad=True`` are the
-  ones SPEC's freeze rules leave trainable (``harness.families.vlm.model.expected_trainable``,
+  ones SPEC's freeze rules leave trainable (``harness.rules.vlm.expected_trainable``,
   computed here from names alone);
 * ``reference``: they equal what ``lora.reference``'s VLMLoRA leaves
   trainable on the same model at world size 1 (names do not depend on TP);
@@ -33,7 +33,7 @@ from typing import Any
 from harness.properties import Property, register
 from harness.properties._gather import rank_findings
 from harness.results import Check
-from harness.families.vlm.model import FREEZE_FLAGS, VLM_PARTS, expected_adapted_modules, expected_param_names, expected_trainable
+from harness.rules.vlm import FREEZE_FLAGS, VLM_PARTS, expected_adapted_modules, expected_param_names, expected_trainable
 
 SHOWN = 4
 PREFIX = {"model": "", "list": "", "llava_model": "llava_model."}
