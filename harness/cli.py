@@ -283,7 +283,7 @@ def _run_verify(args, props, names, layouts, caps, run_settings, store, profile,
     from harness.driver import check_property
     from harness.report.environment import collect_environment
     from harness.results import PropertyOutcome, RunResults, Verdict
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
     from harness.runs import Executor
 
     if executor is None:
@@ -496,7 +496,7 @@ def _replay(args: argparse.Namespace) -> int:
     from harness.driver import judge_example
     from harness.results import Verdict
     from harness.properties import get_property
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
     from harness.runs import Executor
 
     case = _replay_case(args)
@@ -577,7 +577,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lora-harness: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from harness.runner import shutdown_all
+        from harness.pool import shutdown_all
 
         shutdown_all()
         print("interrupted", file=sys.stderr)

@@ -142,7 +142,7 @@ class TorchrunWorld:
         import torch
         import torch.distributed as dist
 
-        from harness.runner import RankContext
+        from harness.pool import RankContext
 
         self.timeout = float(timeout)
         td = datetime.timedelta(seconds=self.timeout)
@@ -364,7 +364,7 @@ class TorchrunExecutor(Executor):
         raise fault
 
     def _deadline_s(self) -> float:
-        from harness.runner import ADAPTIVE_FACTOR, ADAPTIVE_FLOOR_S
+        from harness.pool import ADAPTIVE_FACTOR, ADAPTIVE_FLOOR_S
 
         if self._slowest is None:
             return self.timeout
@@ -373,7 +373,7 @@ class TorchrunExecutor(Executor):
     def _run_world(self, task: Callable, case: Any) -> list[Any]:
         import torch.distributed as dist
 
-        from harness.runner import RankHang, RankTaskError
+        from harness.pool import RankHang, RankTaskError
 
         w = self.world
         self._n += 1
@@ -515,7 +515,7 @@ def _indent(text: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m harness.launch`` under torchrun; the process's exit status."""
     from harness import _quiet, cli
-    from harness.runner import DEFAULT_TIMEOUT_S, shutdown_all
+    from harness.pool import DEFAULT_TIMEOUT_S, shutdown_all
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] != ["verify"]:

@@ -1,6 +1,6 @@
 """What ranks execute, per model family. Each task returns one typed record (``harness.results``).
 
-Tasks run on every rank of a pool (``harness.runner``); they only execute:
+Tasks run on every rank of a pool (``harness.pool``); they only execute:
 the example was drawn in the parent and the comparison is made there.
 ``TASKS`` maps a case family to its forward/backward task, ``ERROR_TASKS``
 to its bad-input task (the vlm family has none: its property
