@@ -242,3 +242,11 @@ def test_harness_runner_is_only_a_re_export_and_the_harness_imports_the_pool():
              if p != runner and "harness.runner" in p.read_text() and p.name not in ("test_runner.py", "test_import_rules.py")]
     assert users == [], f"import harness.pool, not harness.runner: {users}"
 
+
+def test_the_torchrun_executor_keeps_no_copy_of_the_pools_machinery():
+    source = (ROOT / "harness" / "launch.py").read_text()
+    tree = ast.parse(source)
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert not defined & {"_task_name", "_resolve", "_indent", "_report", "_deadline_s"}, defined
+    for needed in ("harness.pool.faults", "harness.pool.messages", "harness.pool.timeouts"):
+        assert needed in _pool_imports(ROOT / "harness" / "launch.py"), needed

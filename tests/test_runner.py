@@ -722,6 +722,25 @@ def test_the_fault_report_names_ranks_pids_stacks_and_output():
     assert str(crash).startswith(harness.pool.MAIN_GUARD_MESSAGE + "\nRankCrash in t: rank 1 (pid 11) exited with code 87 ")
 
 
+def test_the_torchrun_executor_reports_faults_with_the_pools_report():
+    import types
+
+    from harness.launch import TorchrunExecutor
+    from harness.pool.messages import RemoteError
+
+    executor = types.SimpleNamespace(world=types.SimpleNamespace(world_size=3), timeout=30.0, error_grace=2.0)
+    hang = TorchrunExecutor._fault(executor, "task m:f on 3 torchrun ranks (gloo)", 15.0, {}, {1: "stack"}, [1], {})
+    assert isinstance(hang, RankHang)
+    assert str(hang).startswith(
+        "RankHang in task m:f on 3 torchrun ranks (gloo): rank(s) [1] did not report within 15 s (reported: [0, 2]). "
+        "Timeout: --rank-timeout 30 s, adaptive after the first task as in the local pool.\n"
+        "--- Python stacks of rank 1 (pending, no report):\n    stack\n")
+    assert "The torchrun world is lost (rank(s) [1] cannot take another task)" in str(hang)
+    raised = TorchrunExecutor._fault(executor, "t", 15.0, {1: RemoteError("E", "m", "tb")}, {}, [], {1: "out"})
+    assert isinstance(raised, RankTaskError) and raised.output == {1: "out"}
+    assert "(pid" not in str(raised) and "torchrun world is lost" not in str(raised)
+
+
 def test_harness_runner_re_exports_the_pool_package():
     assert harness.runner.__all__ == harness.pool.__all__
     for name in harness.pool.__all__:
