@@ -93,7 +93,7 @@ def run(examples: int, props, families, only, seed: int = 0, printer=print) -> l
 def main() -> None:
     from harness import _quiet
     from harness.properties import registry
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
 
     _quiet.quiet_parent()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

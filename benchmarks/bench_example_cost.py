@@ -29,7 +29,7 @@ def main() -> None:
     from harness import _quiet
     from harness.driver import check_property
     from harness.layouts import ParallelLayout
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
     from harness.runs import Executor
 
     _quiet.quiet_parent()

@@ -129,7 +129,7 @@ def per_example(family, layout, examples, seed):
 
 def pool_starts(world_sizes):
     """{world: (first start s or None, median warm start s)} with megatron-core preloaded."""
-    from harness.runner import RankPool
+    from harness.pool import RankPool
 
     out = {}
     first = True
@@ -155,7 +155,7 @@ def hang_to_report():
 
     from harness.driver import check_property
     from harness.layouts import ParallelLayout
-    from harness.runner import RankHang, get_pool
+    from harness.pool import RankHang, get_pool
     from harness.runs import Executor
 
     pool = get_pool(2, preload=POOL_PRELOAD, initializer=INITIALIZER)
@@ -177,7 +177,7 @@ def hang_to_report():
 def main() -> None:
     from harness import _quiet
     from harness.layouts import ParallelLayout
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
 
     _quiet.quiet_parent()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

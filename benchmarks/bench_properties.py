@@ -24,7 +24,7 @@ def main() -> None:
     from harness import _quiet
     from harness.driver import check_property
     from harness.properties import registry
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
     from harness.settings import layout_set
 
     _quiet.quiet_parent()

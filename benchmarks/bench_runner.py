@@ -14,8 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import runner  # noqa: E402
-from harness.runner import RankCrash, RankPool, RankTaskError, get_pool  # noqa: E402
+from harness.pool import RankCrash, RankPool, RankTaskError, get_pool, shutdown_all, task_timeout  # noqa: E402
 
 
 def noop(ctx):
@@ -148,11 +147,11 @@ def main() -> None:
     t0 = time.perf_counter()
     get_pool(2, preload=preload).run(noop)
     print(f"crash detected and pool retired: {_ms(detected)}; replacement + first task: {_ms(time.perf_counter() - t0)}")
-    print(f"adaptive timeout now (world 2): {runner.task_timeout(2, 'gloo'):.1f} s")
+    print(f"adaptive timeout now (world 2): {task_timeout(2, 'gloo'):.1f} s")
     # Tensors pickled by a rank that imported megatron.core name
     # megatron.core.safe_globals, so unpickling one imports it here.
     print(f"megatron.core imported in this (parent) process: {'megatron.core' in sys.modules}")
-    runner.shutdown_all()
+    shutdown_all()
 
 
 if __name__ == "__main__":

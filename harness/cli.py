@@ -256,7 +256,7 @@ def _run(args: argparse.Namespace, plan: Any, caps: Any, store: Any, profile: st
     """Run the plan's cells, printing one line per cell and each failure; write the outputs."""
     from harness.design import coverage_lines
     from harness.results import PropertyOutcome, Verdict, failure_text
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
     from harness.runs import Executor
 
     if executor is None:
@@ -428,7 +428,7 @@ def _replay(args: argparse.Namespace) -> int:
     from harness.driver import judge_example
     from harness.results import Verdict
     from harness.properties import get_property
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
     from harness.runs import Executor
 
     case = _replay_case(args)
@@ -509,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lora-harness: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from harness.runner import shutdown_all
+        from harness.pool import shutdown_all
 
         shutdown_all()
         print("interrupted", file=sys.stderr)

@@ -39,7 +39,7 @@ from harness.layouts import ParallelLayout
 from harness.properties import Property, get_property
 from harness.regressions import RegressionStore
 from harness.results import ExampleRecord, PropertyOutcome, Verdict, failure_text
-from harness.runner import RankCrash, RankHang, RankPoolFault, RankTaskError
+from harness.pool import RankHang, RankPoolFault, RankTaskError
 from harness.runs import Evidence, Executor
 from harness.strategies import cases_for
 
@@ -72,7 +72,7 @@ def default_executor() -> Executor:
 def _fault_verdict(exc: RankPoolFault) -> Verdict:
     if isinstance(exc, RankHang):
         return Verdict.HANG
-    if isinstance(exc, RankTaskError) and exc.errors and all(e[0] == "SpecViolation" for e in exc.errors.values()):
+    if isinstance(exc, RankTaskError) and exc.errors and all(e.exc_type == "SpecViolation" for e in exc.errors.values()):
         # Parameter names or shapes not as SPEC lays them out.
         return Verdict.CONTRACT
     return Verdict.CRASH

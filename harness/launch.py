@@ -15,15 +15,17 @@ code path and outputs) with a :class:`TorchrunExecutor`: hypothesis draws,
 shrinks and compares on rank 0; the other ranks serve tasks until rank 0
 says stop. One task:
 
-1. rank 0 sets ``task/<n>`` in the store and broadcasts ``(task qualified
-   name, case, reset)`` over a gloo control group (``broadcast_object_list``);
+1. rank 0 sets ``task/<n>`` in the store and broadcasts a
+   ``harness.pool.messages.RunNamedTask`` (task name, case, reset) over a
+   gloo control group (``broadcast_object_list``);
 2. every rank runs ``task(ctx, case)`` (rank 0 in a worker thread, so its
    main thread keeps the deadline), catching what it raises; it then marks
    itself done in the store;
 3. rank 0 waits for every rank's mark until the task's deadline (the
    ``--rank-timeout`` ceiling, then adaptive as in the local pool); when all
-   are done it sets ``gather/<n>`` and every rank sends its result or
-   traceback, and what it printed, with ``gather_object``.
+   are done it sets ``gather/<n>`` and every rank sends its reply
+   (``TaskDone`` or ``TaskRaised``, with what it printed) with
+   ``gather_object``.
 
 Waiting for the next task and for the gather happens on the store, never
 in a collective, so a rank idle while rank 0 draws or compares never times
@@ -46,7 +48,8 @@ some ranks do not report by the deadline (a hang), or stay silent
 ``ERROR_GRACE_S`` after another rank raised (blocked in a collective with
 it: megatron's groups time out only after 30 minutes), rank 0 asks every
 silent rank for its Python stacks (through the store; a helper thread on
-each rank answers), reports the fault naming the ranks, and the world is
+each rank answers), reports the fault naming the ranks (the local pool's
+report, ``harness.pool.faults``), and the world is
 lost: the run stops after that property, rank 0 writes the report and
 exits 1, and torchrun's agent ends the remaining ranks. A rank that dies
 makes torchrun's agent tear the job down (``record`` on the entry point
@@ -58,7 +61,6 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
-import importlib
 import io
 import os
 import pickle
@@ -66,11 +68,15 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from typing import Any, Callable, Optional, Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from harness.pool.faults import RankPoolFault, make_fault
+from harness.pool.lifecycle import shutdown_all
+from harness.pool.messages import RemoteError, Reply, RunNamedTask, Stop, TaskDone, TaskRaised, resolve, task_name
+from harness.pool.rank import RankContext
+from harness.pool.timeouts import DEFAULT_TIMEOUT_S, adaptive_timeout
 from harness.runs import REFERENCE_IMPL, Executor
 
 __all__ = ["TorchrunWorld", "TorchrunExecutor", "main", "ERROR_GRACE_S", "STACK_WAIT_S"]
@@ -115,18 +121,6 @@ def _install_capture() -> tuple[_ThreadOutput, _ThreadOutput]:
     return out, err
 
 
-def _task_name(fn: Callable) -> str:
-    return f"{fn.__module__}:{fn.__qualname__}"
-
-
-def _resolve(name: str) -> Callable:
-    module, _, attr = name.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _stacks_text() -> str:
     """The Python stacks of every thread of this process, as faulthandler prints them."""
     with tempfile.TemporaryFile("w+") as fh:
@@ -141,8 +135,6 @@ class TorchrunWorld:
     def __init__(self, timeout: float) -> None:
         import torch
         import torch.distributed as dist
-
-        from harness.runner import RankContext
 
         self.timeout = float(timeout)
         td = datetime.timedelta(seconds=self.timeout)
@@ -212,11 +204,12 @@ class TorchrunWorld:
 
     # -- one task -------------------------------------------------------------
 
-    def execute(self, name: str, case: Any, reset: bool) -> tuple:
-        """Run the task on this rank; ``("ok", pickled value, printed)`` or ``("err", type, message, traceback, printed)``."""
+    def execute(self, name: str, case: Any, reset: bool) -> Reply:
+        """Run the task on this rank: ``TaskDone`` (the pickled value) or ``TaskRaised``, with what it printed."""
         buf = io.StringIO()
         me = threading.get_ident()
         self.stdout.buffers[me] = self.stderr.buffers[me] = buf
+        blob, error = b"", None
         try:
             try:
                 if reset:
@@ -224,23 +217,20 @@ class TorchrunWorld:
                     from harness.layouts import destroy_megatron
 
                     destroy_megatron()
-                value = _resolve(name)(self.ctx, case)
+                value = resolve(name, "task")(self.ctx, case)
                 try:
                     blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
                 except BaseException as exc:
                     raise TypeError(f"the result of the task on rank {self.rank} ({type(value).__name__}) cannot be pickled: {exc}") from exc
-                result: tuple = ("ok", blob)
             except BaseException as exc:  # noqa: BLE001 - SystemExit too: a task must not end the rank silently
-                try:
-                    text = str(exc)
-                except Exception:  # noqa: BLE001
-                    text = f"<str() of {type(exc).__name__} failed>"
-                result = ("err", type(exc).__name__, text, traceback.format_exc())
+                error = RemoteError.from_exception(exc)
         finally:
             self.stdout.buffers.pop(me, None)
             self.stderr.buffers.pop(me, None)
             self.ctx.tasks_run += 1
-        return result + (buf.getvalue(),)
+        if error is not None:
+            return TaskRaised(error, output=buf.getvalue())
+        return TaskDone(blob, output=buf.getvalue())
 
     def wait_key(self, key: str) -> bytes:
         """The value of ``key`` once set; waits as long as it takes (rank 0 may be busy drawing or comparing)."""
@@ -263,15 +253,14 @@ class TorchrunWorld:
             box: list = [None]
             dist.broadcast_object_list(box, src=0, group=self.control)
             msg = box[0]
-            if msg[0] == "stop":
+            if isinstance(msg, Stop):
                 break
-            _, name, case, reset = msg
-            result = self.execute(name, case, reset)
-            if result[0] != "ok":
+            reply = self.execute(msg.name, msg.case, msg.reset)
+            if not reply.ok:
                 # Also through the store: rank 0 reads it there when other ranks are blocked and no gather can run.
-                self.store.set(f"error/{n}/{self.rank}", pickle.dumps(result))
+                self.store.set(f"error/{n}/{self.rank}", pickle.dumps(reply))
                 self.store.add(f"errors/{n}", 1)
-            self.store.set(f"done/{n}/{self.rank}", result[0])
+            self.store.set(f"done/{n}/{self.rank}", "ok" if reply.ok else "err")
             self.store.add(f"done/{n}", 1)
             if self.wait_key(f"gather/{n}") != b"go":
                 # Rank 0 lost the world and ends the job. Leave at once: an orderly
@@ -279,7 +268,7 @@ class TorchrunWorld:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(0)
-            dist.gather_object(result, None, dst=0, group=self.control)
+            dist.gather_object(reply, None, dst=0, group=self.control)
         self.close()
         return 0
 
@@ -363,29 +352,20 @@ class TorchrunExecutor(Executor):
             reject()
         raise fault
 
-    def _deadline_s(self) -> float:
-        from harness.runner import ADAPTIVE_FACTOR, ADAPTIVE_FLOOR_S
-
-        if self._slowest is None:
-            return self.timeout
-        return min(self.timeout, max(ADAPTIVE_FLOOR_S, ADAPTIVE_FACTOR * self._slowest))
-
     def _run_world(self, task: Callable, case: Any) -> list[Any]:
         import torch.distributed as dist
 
-        from harness.runner import RankHang, RankTaskError
-
         w = self.world
         self._n += 1
-        n, name = self._n, _task_name(task)
+        n, name = self._n, task_name(task)
         label = f"task {name} on {w.world_size} torchrun ranks ({w.backend})"
-        limit = self._deadline_s()
+        limit = adaptive_timeout(self.timeout, self._slowest)
         reset, self._reset = self._reset, False
         w.store.set(f"task/{n}", b"1")
         started = time.monotonic()
-        dist.broadcast_object_list([("run", name, case, reset)], src=0, group=w.control)
-        own: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda: own.update(result=w.execute(name, case, reset)),
+        dist.broadcast_object_list([RunNamedTask(name, case, reset)], src=0, group=w.control)
+        own: dict[str, Reply] = {}
+        thread = threading.Thread(target=lambda: own.update(reply=w.execute(name, case, reset)),
                                   name="lora-harness-rank0-task", daemon=True)
         thread.start()
         deadline = started + limit
@@ -395,7 +375,7 @@ class TorchrunExecutor(Executor):
             if own_done and (w.world_size == 1 or w.store.add(f"done/{n}", 0) >= w.world_size - 1):
                 break
             now = time.monotonic()
-            if fault_at is None and ((own_done and own["result"][0] != "ok") or (w.world_size > 1 and w.store.add(f"errors/{n}", 0))):
+            if fault_at is None and ((own_done and not own["reply"].ok) or (w.world_size > 1 and w.store.add(f"errors/{n}", 0))):
                 fault_at = now
             if now >= (deadline if fault_at is None else min(deadline, fault_at + self.error_grace)):
                 break
@@ -407,36 +387,26 @@ class TorchrunExecutor(Executor):
         if not pending:
             w.store.set(f"gather/{n}", b"go")
             gathered: list = [None] * w.world_size
-            dist.gather_object(own["result"], gathered, dst=0, group=w.control)
-            self.last_output = {r: res[-1] for r, res in enumerate(gathered) if res[-1]}
-            errors = {r: tuple(res[1:4]) for r, res in enumerate(gathered) if res[0] != "ok"}
+            dist.gather_object(own["reply"], gathered, dst=0, group=w.control)
+            self.last_output = {r: reply.output for r, reply in enumerate(gathered) if reply.output}
+            errors = {r: reply.error for r, reply in enumerate(gathered) if not reply.ok}
             if not errors:
                 self._slowest = max(waited, self._slowest or 0.0)
-                return [pickle.loads(res[1]) for res in gathered]
+                return [pickle.loads(reply.value) for reply in gathered]
             self._reset = True
-            fault = RankTaskError(self._report(label, errors, {}, [], gathered, limit), errors)
-            fault.output = dict(self.last_output)
-            raise fault
+            raise self._fault(label, limit, errors, {}, [], dict(self.last_output))
         # Some ranks are silent: the world cannot run another task.
-        errors = {}
-        results = {}
+        replies: dict[int, Reply] = {}
         if 0 in done:
-            results[0] = own["result"]
+            replies[0] = own["reply"]
         for r in sorted(done - {0}):
             if w.store.get(f"done/{n}/{r}") != b"ok":
-                results[r] = pickle.loads(w.store.get(f"error/{n}/{r}"))
-                errors[r] = tuple(results[r][1:4])
-        if 0 in results and results[0][0] != "ok":
-            errors[0] = tuple(results[0][1:4])
+                replies[r] = pickle.loads(w.store.get(f"error/{n}/{r}"))
+        errors = {r: reply.error for r, reply in replies.items() if not reply.ok}
         stacks = self._stacks(pending)
         w.store.set(f"gather/{n}", b"abort")  # the ranks that reported stop waiting and leave
-        listed = [results.get(r, ("", "")) for r in range(w.world_size)]
-        if errors:
-            report = self._report(label, errors, stacks, pending, listed, limit, blocked=True)
-            fault = RankTaskError(report, errors, stacks, pending)
-        else:
-            fault = RankHang(self._report(label, {}, stacks, pending, listed, limit), stacks, pending, limit)
-        fault.output = {r: res[-1] for r, res in results.items() if res[-1]}
+        fault = self._fault(label, limit, errors, stacks, pending,
+                            {r: reply.output for r, reply in replies.items() if reply.output})
         self.last_output = dict(fault.output)
         self._lost = (repr(case), fault)
         silent = ", ".join(map(str, pending))
@@ -444,6 +414,19 @@ class TorchrunExecutor(Executor):
                 else f"rank(s) {silent} did not report within {limit:.3g} s")
         self.stop_reason = f"{what} ({type(fault).__name__} in {label}); the torchrun world cannot run further tasks"
         raise fault
+
+    def _fault(self, label: str, limit: float, errors: dict, stacks: dict, pending: list,
+               output: dict) -> RankPoolFault:
+        """The local pool's fault and report (``harness.pool.faults``), for this world."""
+        trailer = None
+        if pending:
+            trailer = (f"The torchrun world is lost (rank(s) {pending} cannot take another task): the run stops, "
+                       "rank 0 writes the report and exits 1, and torchrun ends the other ranks.")
+        return make_fault(label, world_size=self.world.world_size, limit=limit, grace=self.error_grace,
+                          errors=errors, stacks=stacks, pending=pending, output=output,
+                          hang_note=(f"Timeout: --rank-timeout {self.timeout:g} s, "
+                                     "adaptive after the first task as in the local pool."),
+                          trailer=trailer)
 
     def _stacks(self, ranks: list[int]) -> dict[int, str]:
         w = self.world
@@ -464,35 +447,6 @@ class TorchrunExecutor(Executor):
                 stacks[r] = f"<no answer within {STACK_WAIT_S:g} s: the rank holds the GIL, or is gone>"
         return stacks
 
-    def _report(self, label: str, errors: dict, stacks: dict, pending: list, gathered: Optional[list], limit: float,
-                blocked: bool = False) -> str:
-        lines = []
-        if errors:
-            lines.append(f"RankTaskError in {label}: " + "; ".join(f"rank {r} raised {t}: {m}" for r, (t, m, _) in sorted(errors.items())))
-        else:
-            reported = [r for r in range(self.world.world_size) if r not in pending]
-            lines.append(f"RankHang in {label}: rank(s) {pending} did not report within {limit:.3g} s "
-                         f"(reported: {reported or 'none'}). Timeout: --rank-timeout {self.timeout:g} s, "
-                         "adaptive after the first task as in the local pool.")
-        for rank, (etype, msg, tb) in sorted(errors.items()):
-            lines.append(f"--- rank {rank} raised {etype}: {msg}")
-            lines.append(_indent(tb or "<no traceback>"))
-        for rank in sorted(stacks):
-            why = (f"no report within {self.error_grace:g} s after the first fault: blocked" if blocked
-                   else "pending, no report")
-            lines.append(f"--- Python stacks of rank {rank} ({why}):")
-            lines.append(_indent(stacks[rank]))
-        for rank, res in enumerate(gathered or []):
-            text = res[-1]
-            if text:
-                tail = text.rstrip("\n").splitlines()[-20:]
-                lines.append(f"--- output of rank {rank} during this task (last {len(tail)} lines):")
-                lines.append(_indent("\n".join(tail)))
-        if pending:
-            lines.append(f"The torchrun world is lost (rank(s) {pending} cannot take another task): the run stops, "
-                         "rank 0 writes the report and exits 1, and torchrun ends the other ranks.")
-        return "\n".join(lines)
-
     def close(self) -> None:
         """Tell the other ranks to stop (unless the world is lost: they cannot listen)."""
         import torch.distributed as dist
@@ -501,11 +455,7 @@ class TorchrunExecutor(Executor):
             return
         self._n += 1
         self.world.store.set(f"task/{self._n}", b"1")
-        dist.broadcast_object_list([("stop",)], src=0, group=self.world.control)
-
-
-def _indent(text: str) -> str:
-    return "\n".join("    " + line for line in text.rstrip("\n").splitlines())
+        dist.broadcast_object_list([Stop()], src=0, group=self.world.control)
 
 
 # ------------------------------------------------------------- entry -------
@@ -515,7 +465,6 @@ def _indent(text: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m harness.launch`` under torchrun; the process's exit status."""
     from harness import _quiet, cli
-    from harness.runner import DEFAULT_TIMEOUT_S, shutdown_all
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] != ["verify"]:

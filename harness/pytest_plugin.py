@@ -437,7 +437,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
 
     shutdown_all()
     config = session.config

@@ -58,7 +58,7 @@ class Executor:
         self.last_output: dict[int, str] = {}
 
     def pool(self, world_size: int) -> Any:
-        from harness.runner import get_pool
+        from harness.pool import get_pool
 
         kwargs: dict[str, Any] = dict(initializer="harness.cpu:rank_initializer", preload=_POOL_PRELOAD)
         if self.timeout is not None:

@@ -103,7 +103,7 @@ def key(row: dict[str, Any]) -> tuple[str, str, str]:
 
 def main(argv: list[str]) -> int:
     from harness.bridge import bridge_version
-    from harness.runner import shutdown_all
+    from harness.pool import shutdown_all
 
     try:
         rows = run_matrix()

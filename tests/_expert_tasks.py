@@ -1,7 +1,7 @@
 """Rank tasks for tests/test_megatron_experts.py: lora.megatron on megatron-core MoE GPTs, CPU/gloo.
 
 Top-level functions ``fn(ctx, ...)`` run inside rank-pool processes
-(``harness.runner``). Each brings parallel_state into a layout, builds the
+(``harness.pool``). Each brings parallel_state into a layout, builds the
 MoE GPT of ``harness.families.moe.model`` for every case asked for, loads the seeded full
 base weights, applies ``lora.megatron.LoRA`` and returns plain tensors.
 

@@ -1,6 +1,6 @@
 """Rank tasks for tests/test_cpu_compat.py and tests/test_megatron_lora.py.
 
-They run inside rank-pool processes (``harness.runner``), so they live in an
+They run inside rank-pool processes (``harness.pool``), so they live in an
 importable module and are top-level functions ``fn(ctx, ...)``. Each builds
 real megatron-core layers for the TP size of its pool, runs them, and returns
 plain tensors (and, for expected failures, the exception's type, message and

@@ -1,7 +1,7 @@
 """Rank tasks for tests/test_moe_cpu.py: megatron-core MoE GPTs on CPU with gloo.
 
 Top-level functions ``fn(ctx, ...)`` run inside rank-pool processes
-(``harness.runner``); each brings parallel_state into a layout, builds the
+(``harness.pool``); each brings parallel_state into a layout, builds the
 MoE GPT for it, loads the seeded full weights and returns plain tensors.
 """
 

@@ -237,6 +237,6 @@ def result_interrupting_unpickle(ctx):
 
 
 def start_nested_pool(ctx):
-    from harness.runner import get_pool
+    from harness.pool import get_pool
 
     get_pool(1)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, runner
+from harness import cli
+from harness.pool import lifecycle, shutdown_all
 from harness.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +29,13 @@ def _one_line(capsys, rc, *needles):
     assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], lines[0]
-    assert not runner._pools  # no rank process was started
+    assert not lifecycle._pools  # no rank process was started
     return lines[0]
 
 
 @pytest.fixture(autouse=True)
 def _no_pools():
-    runner.shutdown_all()
+    shutdown_all()
     yield
 
 

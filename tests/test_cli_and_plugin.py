@@ -12,7 +12,7 @@ import pytest
 
 from tests._processes import default_sigint
 
-from harness import runner
+from harness.pool import lifecycle, shutdown_all
 from harness.cli import _Progress, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,13 +118,13 @@ def test_a_failing_run_writes_valid_json_and_a_replay_that_reproduces(capsys, tm
     ],
 )
 def test_bad_usage_exits_2_with_one_clear_line_before_any_rank_starts(argv, message, capsys):
-    runner.shutdown_all()
+    shutdown_all()
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err, err
     assert len(err.strip().splitlines()) == 1, err
-    assert not runner._pools  # no rank process was started
+    assert not lifecycle._pools  # no rank process was started
 
 
 def test_an_unwritable_report_directory_is_refused_before_the_run(tmp_path, capsys):
@@ -134,7 +134,7 @@ def test_an_unwritable_report_directory_is_refused_before_the_run(tmp_path, caps
     assert rc == 2
     err = capsys.readouterr().err
     assert f"--report {blocker / 'sub'}" in err and len(err.strip().splitlines()) == 1
-    assert not runner._pools
+    assert not lifecycle._pools
 
 
 def test_progress_updates_one_line_on_a_terminal_and_is_silent_otherwise():

@@ -44,7 +44,7 @@ ORIG_GET_RNG = mrandom.__dict__["_get_cuda_rng_state"] if not cpu.is_active() el
 
 
 def pool(world_size: int):
-    from harness.runner import get_pool
+    from harness.pool import get_pool
 
     return get_pool(world_size, "gloo", **POOL_KW)
 

@@ -14,7 +14,7 @@ from harness.layouts import ParallelLayout
 from harness.driver import check_property
 from harness.results import Verdict
 from harness.runs import Executor
-from harness.runner import RankCrash, RankHang, get_pool, shutdown_all
+from harness.pool import RankCrash, RankHang, get_pool, shutdown_all
 
 TP2 = ParallelLayout(tp=2)
 SEARCH = settings(max_examples=40, database=None, deadline=None)
@@ -36,7 +36,7 @@ def _alive(pid):
 
 def test_planted_hang_is_reported_with_all_stacks_and_bounded(capsys):
     # A short rank timeout keeps this test quick; the default policy is in
-    # harness.runner. The hang budget bounds how many timeouts are paid.
+    # harness.pool.timeouts. The hang budget bounds how many timeouts are paid.
     executor = Executor(timeout=4)
     start = time.monotonic()
     outcome = check_property("forward_matches", TP2, "tests.wrong_impls.hangs_on_rank1", settings=SEARCH, executor=executor, max_faults=2, designed=False)

@@ -46,7 +46,7 @@ TE_NOT_ADAPTED = pytest.mark.xfail(
 
 
 def _nccl_pool(world_size):
-    from harness.runner import get_pool
+    from harness.pool import get_pool
 
     return get_pool(world_size, "nccl", initializer="harness.cpu:rank_initializer",
                     preload=("harness._quiet", "torch", "megatron.core", "harness.tasks"))
@@ -110,7 +110,7 @@ def test_nccl_ranks_compute_on_their_own_gpu():
 def test_te_linear_forward_equals_reference(kind):
     from tests import _gpu_tasks
 
-    from harness.runner import RankTaskError
+    from harness.pool import RankTaskError
 
     try:
         ranks = _nccl_pool(min(GPUS, 2)).run(_gpu_tasks.te_linear_forward, kind, 0)

@@ -232,3 +232,66 @@ def test_harness_does_not_import_lora():
         prefixes=("lora",),
     )
     _assert_ok(proc)
+
+
+def _pool_imports(path: Path) -> set[str]:
+    """The ``harness.pool`` modules a file imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness.pool"):
+            if node.module == "harness.pool":  # submodules by name; anything else comes from the package's __init__
+                submodules = {a.name for a in node.names if (ROOT / "harness" / "pool" / f"{a.name}.py").exists()}
+                found |= {f"harness.pool.{name}" for name in submodules}
+                if len(submodules) < len(node.names):
+                    found.add("harness.pool")
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("harness.pool")}
+    return found
+
+
+def test_the_rank_pool_is_a_package_of_small_acyclic_modules_with_one_job_each():
+    package = ROOT / "harness" / "pool"
+    modules = {f"harness.pool.{p.stem}": p for p in package.glob("*.py") if p.stem != "__init__"}
+    assert {"messages", "timeouts", "faults", "rank", "pool", "forkserver", "lifecycle"} <= {m.rsplit(".", 1)[1] for m in modules}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        doc = ast.get_docstring(tree)
+        assert doc and "one job" in doc, f"{name}: its docstring must state its one job"
+        assert len(path.read_text().splitlines()) <= 500, f"{name} has grown past 500 lines"
+        imports = _pool_imports(path)
+        assert "harness.pool" not in imports, f"{name} imports the package, whose __init__ imports it back"
+        graph[name] = imports - {name}
+    # No cycle among the modules (the package's __init__ only imports them).
+    done: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        assert name not in chain, "import cycle: " + " -> ".join(chain + (name,))
+        if name in done:
+            return
+        for dep in graph.get(name, ()):
+            visit(dep, chain + (name,))
+        done.add(name)
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_harness_runner_is_only_a_re_export_and_the_harness_imports_the_pool():
+    runner = ROOT / "harness" / "runner.py"
+    tree = ast.parse(runner.read_text())
+    assert all(isinstance(n, (ast.Expr, ast.ImportFrom, ast.Assign)) for n in tree.body), "harness/runner.py only re-exports"
+    users = [p for d in ("harness", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")
+             if p != runner and "harness.runner" in p.read_text() and p.name not in ("test_runner.py", "test_import_rules.py")]
+    assert users == [], f"import harness.pool, not harness.runner: {users}"
+
+
+def test_the_torchrun_executor_keeps_no_copy_of_the_pools_machinery():
+    source = (ROOT / "harness" / "launch.py").read_text()
+    tree = ast.parse(source)
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert not defined & {"_task_name", "_resolve", "_indent", "_report", "_deadline_s"}, defined
+    for needed in ("harness.pool.faults", "harness.pool.messages", "harness.pool.timeouts"):
+        assert needed in _pool_imports(ROOT / "harness" / "launch.py"), needed

@@ -59,7 +59,7 @@ def _cases(ids):
 
 
 def pool(world_size: int):
-    from harness.runner import get_pool
+    from harness.pool import get_pool
 
     return get_pool(world_size, "gloo", **POOL_KW)
 

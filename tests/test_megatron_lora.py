@@ -46,7 +46,7 @@ EXCLUDE_KW = dict(target_modules=[], exclude_modules=["*.layers.1.*"], dim=R, al
 
 
 def pool(world_size: int):
-    from harness.runner import get_pool
+    from harness.pool import get_pool
 
     return get_pool(world_size, "gloo", **POOL_KW)
 

@@ -48,7 +48,7 @@ TASK_TIMEOUT_S = 180
 
 
 def pool(world_size: int):
-    from harness.runner import get_pool
+    from harness.pool import get_pool
 
     return get_pool(world_size, "gloo", **POOL_KW)
 

@@ -69,14 +69,14 @@ def test_moe_cases_round_trip_through_json():
 )
 def test_bad_moe_configurations_are_refused_in_the_parent(changes, message):
     """Before any rank starts: no pool exists after the refusal."""
-    from harness import runner
+    from harness.pool import lifecycle
     from harness.runs import Executor
 
     case = _case(**changes)
-    before = dict(runner._pools)
+    before = dict(lifecycle._pools)
     with pytest.raises(CaseError, match=message):
         Executor().run(case)
-    assert runner._pools == before
+    assert lifecycle._pools == before
 
 
 def test_a_layout_that_does_not_fit_the_world_is_refused():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import runner
+from harness.pool import lifecycle, shutdown_all
 from harness.cases import case_from_json
 from harness.cli import main
 from harness.regressions import REGRESSION_SCHEMA, RegressionStore, check_regression, read_regression_file
@@ -236,11 +236,11 @@ def test_a_bad_file_in_the_ini_store_is_one_usage_error(tmp_path):
 
 
 def test_verify_refuses_a_store_with_a_foreign_file_before_any_rank_starts(tmp_path, capsys):
-    runner.shutdown_all()
+    shutdown_all()
     (tmp_path / "reg").mkdir()
     (tmp_path / "reg" / "notes.json").write_text(json.dumps({"schema": "my-notes", "text": "hello"}))
     rc = main(["verify", "--tp", "1", "--regressions", str(tmp_path / "reg")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("lora-harness: --regressions: regression file ") and "notes.json" in err and "'my-notes'" in err
-    assert not runner._pools
+    assert not lifecycle._pools

@@ -1,7 +1,8 @@
-"""Tests of harness.runner: results, reuse, fault reports, and no leftover processes."""
+"""Tests of the rank pool (harness.pool): results, reuse, fault reports, and no leftover processes."""
 
 import json
 import os
+import pickle
 import select
 import signal
 import subprocess
@@ -16,8 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import runner
-from harness.runner import (
+import harness.pool
+import harness.runner
+from harness.pool import forkserver, lifecycle, timeouts
+from harness.pool import (
     RankContext,
     RankCrash,
     RankHang,
@@ -155,7 +158,7 @@ def test_initializer_sys_path_and_environment(tmp_path, monkeypatch):
 def _forkserver_children() -> set:
     import multiprocessing.forkserver
 
-    return set(runner._children_of(multiprocessing.forkserver._forkserver._forkserver_pid))
+    return set(forkserver._children_of(multiprocessing.forkserver._forkserver._forkserver_pid))
 
 
 def test_initializer_failure_is_a_task_error_of_that_rank():
@@ -165,9 +168,9 @@ def test_initializer_failure_is_a_task_error_of_that_rank():
         RankPool(2, initializer="tests._runner_tasks:initializer_failing_on_rank_1", timeout=30)
     err = info.value
     assert set(err.errors) == {1}
-    assert err.errors[1][0] == "RuntimeError"
+    assert err.errors[1].exc_type == "RuntimeError"
     assert "planted initializer failure on rank 1" in str(err)
-    assert "initializer_failing_on_rank_1" in err.errors[1][2]
+    assert "initializer_failing_on_rank_1" in err.errors[1].traceback
     assert _forkserver_children() == before  # the failed pool's ranks are gone
 
 
@@ -226,7 +229,7 @@ def test_system_exit_in_a_task_is_an_error_not_a_crash():
     with pytest.raises(RankTaskError) as info:
         pool.run(T.system_exit_on_rank_0)
     assert set(info.value.errors) == {0}
-    assert info.value.errors[0][0] == "SystemExit"
+    assert info.value.errors[0].exc_type == "SystemExit"
     assert _still_running(pool.pids) == []
 
 
@@ -287,7 +290,7 @@ def test_result_that_cannot_be_pickled_on_the_rank():
     with pytest.raises(RankTaskError) as info:
         pool.run(T.unpicklable_result)
     assert set(info.value.errors) == {0, 1}
-    assert "cannot be pickled" in info.value.errors[1][1]
+    assert "cannot be pickled" in info.value.errors[1].message
     assert _still_running(pool.pids) == []
 
 
@@ -297,7 +300,7 @@ def test_result_that_cannot_be_unpickled_in_the_parent():
         pool.run(T.result_failing_to_unpickle)
     err = info.value
     assert set(err.errors) == {0, 1}
-    assert "could not be unpickled in the parent" in err.errors[0][1]
+    assert "could not be unpickled in the parent" in err.errors[0].message
     assert "planted unpickling failure of rank 1's result" in str(err)
     assert _still_running(pool.pids) == []
     assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
@@ -319,7 +322,7 @@ def test_shutdown_all_leaves_no_rank_process():
     assert all(_running(pid) for pid in pids)
     shutdown_all()
     assert _still_running(pids) == []
-    assert runner._pools == {}
+    assert lifecycle._pools == {}
     assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
 
 
@@ -349,7 +352,7 @@ def test_a_long_output_keeps_its_last_64_kib_with_a_marker():
     assert out[0] == ""
     text = out[1]
     assert text.startswith("[lora-harness: the first ") and "bytes of rank 1's output during this task were dropped" in text
-    assert len(text.encode()) <= runner.OUTPUT_KEEP_BYTES + 200
+    assert len(text.encode()) <= harness.pool.OUTPUT_KEEP_BYTES + 200
     assert text.endswith(f"line 001999 {'x' * 87}\n")
     assert "line 000000" not in text
     # the next task starts from a clean slate
@@ -379,7 +382,7 @@ def test_a_fault_carries_each_ranks_output_and_its_report_the_tail():
 CHATTY_SCRIPT = textwrap.dedent(
     """
     import json
-    from harness.runner import get_pool, RankTaskError
+    from harness.pool import get_pool, RankTaskError
     from tests import _runner_tasks as T
     pool = get_pool(2, timeout=60)
     pool.run(T.chatty, "loud")
@@ -421,7 +424,7 @@ def test_no_grace_is_waited_when_every_rank_has_reported():
 
 
 def test_the_error_grace_is_short_by_default_and_an_argument():
-    assert runner.ERROR_GRACE_S == 0.5
+    assert timeouts.ERROR_GRACE_S == harness.pool.ERROR_GRACE_S == 0.5
     assert get_pool(2, **KW).error_grace == 0.5
     for grace in (0.5, 0.1):
         pool = get_pool(2, **KW, error_grace=grace)
@@ -456,7 +459,7 @@ def test_ctrl_c_while_unpickling_a_result_propagates_and_kills_the_ranks():
 SIGINT_SCRIPT = textwrap.dedent(
     """
     import json, time
-    from harness.runner import get_pool
+    from harness.pool import get_pool
     from tests import _runner_tasks as T
     pool = get_pool(2, timeout=60)
     assert pool.run(T.all_reduce_ranks) == [1.0, 1.0]
@@ -516,7 +519,7 @@ def test_pool_directories_are_removed_on_shutdown_and_on_a_fault():
 NORMAL_EXIT_SCRIPT = textwrap.dedent(
     """
     import json
-    from harness.runner import RankPool, RankTaskError, get_pool
+    from harness.pool import RankPool, RankTaskError, get_pool
     from tests import _runner_tasks as T
     cached = get_pool(2, timeout=60)
     direct = RankPool(1, timeout=60)  # never shut down explicitly
@@ -551,7 +554,7 @@ UNGUARDED_SCRIPT = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {root!r})
-    from harness.runner import get_pool
+    from harness.pool import get_pool
     from tests import _runner_tasks as T
 
     # no `if __name__ == "__main__":` guard: the ranks re-import this file
@@ -586,7 +589,7 @@ def test_a_script_without_the_main_guard_stops_at_once_with_the_fix(tmp_path):
     # fork server); bounded loosely for a loaded one, far below the 300 s
     # ceiling a hang would take
     assert elapsed < 60, elapsed
-    assert runner.MAIN_GUARD_MESSAGE in err
+    assert harness.pool.MAIN_GUARD_MESSAGE in err
     assert 'put the code that starts the pools under `if __name__ == "__main__":`' in err
     assert "RankCrash" in err and "exited with code 87" in err
     assert "An attempt has been made to start a new process" not in err  # not multiprocessing's riddle
@@ -603,31 +606,31 @@ def test_a_task_cannot_start_a_pool_inside_a_rank():
 
 
 def test_timeout_policy(monkeypatch):
-    monkeypatch.setattr(runner, "_slowest_ok_s", {})
-    assert runner.task_timeout(2, "gloo") == 60.0  # first task: the ceiling
-    runner._record_success(2, "gloo", 0.05)
-    assert runner.task_timeout(2, "gloo") == 10.0  # floor
-    runner._record_success(2, "gloo", 3.0)
-    runner._record_success(2, "gloo", 0.01)  # slowest is kept
-    assert runner.task_timeout(2, "gloo") == 30.0  # 10 x slowest
-    runner._record_success(2, "gloo", 100.0)
-    assert runner.task_timeout(2, "gloo") == 60.0  # capped by the ceiling
-    assert runner.task_timeout(4, "gloo") == 60.0  # per world size
-    assert runner.task_timeout(2, "gloo", ceiling=5.0) == 5.0
-    assert runner.task_timeout(2, "gloo", ceiling=20.0) == 20.0
-    assert runner.task_timeout(2, "gloo", ceiling=None) == runner.DEFAULT_TIMEOUT_S == 60.0
+    monkeypatch.setattr(timeouts, "_slowest_ok_s", {})
+    assert timeouts.task_timeout(2, "gloo") == 60.0  # first task: the ceiling
+    timeouts.record_success(2, "gloo", 0.05)
+    assert timeouts.task_timeout(2, "gloo") == 10.0  # floor
+    timeouts.record_success(2, "gloo", 3.0)
+    timeouts.record_success(2, "gloo", 0.01)  # slowest is kept
+    assert timeouts.task_timeout(2, "gloo") == 30.0  # 10 x slowest
+    timeouts.record_success(2, "gloo", 100.0)
+    assert timeouts.task_timeout(2, "gloo") == 60.0  # capped by the ceiling
+    assert timeouts.task_timeout(4, "gloo") == 60.0  # per world size
+    assert timeouts.task_timeout(2, "gloo", ceiling=5.0) == 5.0
+    assert timeouts.task_timeout(2, "gloo", ceiling=20.0) == 20.0
+    assert timeouts.task_timeout(2, "gloo", ceiling=None) == timeouts.DEFAULT_TIMEOUT_S == 60.0
     with pytest.raises(ValueError, match="timeout"):
-        runner.task_timeout(2, "gloo", ceiling=0)
+        timeouts.task_timeout(2, "gloo", ceiling=0)
 
 
 def test_the_timeout_is_an_argument_not_an_environment_variable(monkeypatch):
-    assert not hasattr(runner, "TIMEOUT_ENV")
+    assert not hasattr(timeouts, "TIMEOUT_ENV") and not hasattr(harness.pool, "TIMEOUT_ENV")
     monkeypatch.setenv("LORA_HARNESS_RANK_TIMEOUT", "1")  # the retired variable: ignored
-    assert runner.default_timeout() == runner.DEFAULT_TIMEOUT_S == 60.0
+    assert timeouts.default_timeout() == timeouts.DEFAULT_TIMEOUT_S == 60.0
     pool = RankPool(1)
     try:
         assert pool.timeout == 60.0
-        assert pool.next_timeout <= 60.0 and pool.next_timeout >= min(60.0, runner.ADAPTIVE_FLOOR_S)
+        assert pool.next_timeout <= 60.0 and pool.next_timeout >= min(60.0, timeouts.ADAPTIVE_FLOOR_S)
     finally:
         pool.shutdown()
     pool = RankPool(1, timeout=7)
@@ -664,11 +667,84 @@ def test_a_bad_run_timeout_is_refused_without_touching_the_pool():
 def test_adaptive_timeout_is_used_after_a_success_and_survives_replacement():
     pool = get_pool(2, **KW)
     pool.run(T.all_reduce_ranks)
-    slowest = runner._slowest_ok_s[(2, "gloo")]
-    expected = min(30.0, max(runner.ADAPTIVE_FLOOR_S, runner.ADAPTIVE_FACTOR * slowest))
+    slowest = timeouts._slowest_ok_s[(2, "gloo")]
+    expected = min(30.0, max(timeouts.ADAPTIVE_FLOOR_S, timeouts.ADAPTIVE_FACTOR * slowest))
     assert pool.next_timeout == expected
     pool.shutdown()
     assert get_pool(2, **KW).next_timeout == expected
+
+
+# ------------------------------------- messages, fault reports, re-exports ----
+
+
+def test_messages_are_typed_and_survive_pickling():
+    from harness.pool.messages import RemoteError, RunNamedTask, RunTask, Stop, TaskDone, TaskRaised
+
+    error = RemoteError("ValueError", "boom", "Traceback ...")
+    exc_type, message, tb = error  # still unpacks as the (type, message, traceback) it always was
+    assert (exc_type, message, tb) == ("ValueError", "boom", "Traceback ...")
+    for msg in (RunTask(3, b"payload"), RunNamedTask("m:f", {"case": 1}, True), Stop(),
+                TaskDone(b"v", task_id=3, output="printed"), TaskRaised(error, output="printed")):
+        assert pickle.loads(pickle.dumps(msg)) == msg
+    assert TaskDone(b"").ok and not TaskRaised(error).ok
+
+
+def test_task_names_resolve_back_to_the_task():
+    from harness.pool.messages import resolve, task_name
+
+    assert task_name(T.all_reduce_ranks) == "tests._runner_tasks:all_reduce_ranks"
+    assert resolve(task_name(T.all_reduce_ranks), "task") is T.all_reduce_ranks
+    with pytest.raises(ValueError, match="initializer 'no_colon' must look like 'package.module:function'"):
+        resolve("no_colon")
+
+
+def test_the_fault_report_names_ranks_pids_stacks_and_output():
+    from harness.pool.faults import make_fault
+    from harness.pool.messages import RemoteError
+
+    common = dict(world_size=2, limit=12.5, grace=0.5, hang_note="Timeout policy: explicit timeout= argument.",
+                  output={0: "", 1: "\n".join(f"line {i}" for i in range(25)) + "\n"}, pids=[10, 11], trailer="Retired.")
+    hang = make_fault("task m:f on 2 ranks (gloo)", errors={}, stacks={0: "s0", 1: "s1"}, pending=[1], **common)
+    assert isinstance(hang, RankHang) and hang.pending == [1] and hang.timeout == 12.5
+    text = str(hang)
+    assert text.startswith("RankHang in task m:f on 2 ranks (gloo): rank(s) [1] did not report within 12.5 s "
+                           "(reported: [0]). Timeout policy: explicit timeout= argument.\n")
+    assert "--- Python stacks of rank 0 (pid 10, had reported):" in text
+    assert "--- Python stacks of rank 1 (pid 11, pending, no report):" in text
+    assert "--- output of rank 1 (pid 11) during this task, last 20 of 25 lines (all: .output[1]):" in text
+    assert "line 4\n" not in text and "    line 24\n" in text and text.endswith("\nRetired.")
+    error = make_fault("t", errors={1: RemoteError("ValueError", "boom", "tb")}, stacks={0: "s0"}, pending=[0], **common)
+    assert isinstance(error, RankTaskError) and error.pending == [0] and error.output is common["output"]
+    assert "rank 1 raised ValueError: boom" in str(error)
+    assert "--- Python stacks of rank 0 (pid 10, no report within 0.5 s after the first fault: blocked):" in str(error)
+    crash = make_fault("t", errors={}, stacks={}, pending=[], dead={1: 87}, **common)
+    assert isinstance(crash, RankCrash) and crash.exitcodes == {1: 87}
+    assert str(crash).startswith(harness.pool.MAIN_GUARD_MESSAGE + "\nRankCrash in t: rank 1 (pid 11) exited with code 87 ")
+
+
+def test_the_torchrun_executor_reports_faults_with_the_pools_report():
+    import types
+
+    from harness.launch import TorchrunExecutor
+    from harness.pool.messages import RemoteError
+
+    executor = types.SimpleNamespace(world=types.SimpleNamespace(world_size=3), timeout=30.0, error_grace=2.0)
+    hang = TorchrunExecutor._fault(executor, "task m:f on 3 torchrun ranks (gloo)", 15.0, {}, {1: "stack"}, [1], {})
+    assert isinstance(hang, RankHang)
+    assert str(hang).startswith(
+        "RankHang in task m:f on 3 torchrun ranks (gloo): rank(s) [1] did not report within 15 s (reported: [0, 2]). "
+        "Timeout: --rank-timeout 30 s, adaptive after the first task as in the local pool.\n"
+        "--- Python stacks of rank 1 (pending, no report):\n    stack\n")
+    assert "The torchrun world is lost (rank(s) [1] cannot take another task)" in str(hang)
+    raised = TorchrunExecutor._fault(executor, "t", 15.0, {1: RemoteError("E", "m", "tb")}, {}, [], {1: "out"})
+    assert isinstance(raised, RankTaskError) and raised.output == {1: "out"}
+    assert "(pid" not in str(raised) and "torchrun world is lost" not in str(raised)
+
+
+def test_harness_runner_re_exports_the_pool_package():
+    assert harness.runner.__all__ == harness.pool.__all__
+    for name in harness.pool.__all__:
+        assert getattr(harness.runner, name) is getattr(harness.pool, name), name
 
 
 # -------------------------------------------------- separate processes ----
@@ -756,7 +832,7 @@ def _read_line(proc, timeout):
 OWNER_SCRIPT = textwrap.dedent(
     """
     import json, multiprocessing.forkserver, multiprocessing.resource_tracker, signal
-    from harness.runner import get_pool
+    from harness.pool import get_pool
     from tests import _runner_tasks as T
     pool = get_pool(2, timeout=60)
     assert pool.run(T.all_reduce_ranks) == [1.0, 1.0]
@@ -803,7 +879,7 @@ def test_nothing_outlives_the_owner_killed_by_a_signal(sig, tmp_path):
 WORKER_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from harness.runner import get_pool, RankCrash, shutdown_all
+    from harness.pool import get_pool, RankCrash, shutdown_all
     from tests import _runner_tasks as T
     pids = []
     for i in range(4):
@@ -851,7 +927,7 @@ def test_two_processes_start_pools_concurrently_without_colliding():
 PRELOAD_SCRIPT = textwrap.dedent(
     """
     import json, multiprocessing.forkserver as fsm
-    from harness.runner import RankPool
+    from harness.pool import RankPool
     from tests import _runner_tasks as T
     a = RankPool(1, preload=("torch",), timeout=60)
     first_server = fsm._forkserver._forkserver_pid

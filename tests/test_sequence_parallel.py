@@ -44,7 +44,7 @@ FOUR = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_f
 
 
 def pool(world_size: int):
-    from harness.runner import get_pool
+    from harness.pool import get_pool
 
     return get_pool(world_size, "gloo", **POOL_KW)
 
