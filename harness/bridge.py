@@ -168,6 +168,7 @@ import sys
 import threading
 import types
 from typing import Any, Iterator, Optional
+from harness.errors import BridgeImportError
 
 __all__ = [
     "BRIDGE_MODULE",
@@ -286,10 +287,6 @@ _lock = threading.RLock()
 _lora_module: Optional[types.ModuleType] = None
 _impl_module: Optional[types.ModuleType] = None
 _MISSING = object()
-
-
-class BridgeImportError(ImportError):
-    """Megatron-Bridge's peft LoRA cannot be imported here; ``str()`` says why."""
 
 
 def is_bridge(module_name: Any) -> bool:

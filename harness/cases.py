@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from harness.layouts import ParallelLayout
+from harness.errors import CaseError
 
 __all__ = ["CaseError", "case_from_json", "check_case_json", "dtype_name", "parse_dtype", "shape_problem", "CASE_FIELDS"]
 
@@ -46,12 +47,6 @@ def parse_dtype(value: Any) -> Optional[torch.dtype]:
     if name not in _DTYPES:
         raise ValueError(f"dtype {value!r} is not one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
-
-
-class CaseError(ValueError):
-    """A case no layout can run (bad shape for its layout, bad MoE settings): raised in the parent."""
-
-
 
 
 #: Top-level fields of a case's JSON (``to_json``); the first five are required.

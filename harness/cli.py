@@ -26,12 +26,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
+from harness.errors import UsageError
 
 __all__ = ["main", "parser", "verify", "UsageError"]
-
-
-class UsageError(Exception):
-    """Bad usage: printed as one line, exit status 2."""
 
 
 def _positive_int(text: str) -> int:

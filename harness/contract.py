@@ -24,8 +24,9 @@ from __future__ import annotations
 import importlib
 import reprlib
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional
+from harness.errors import ImplLoadError
 
 __all__ = [
     "REQUIRED_NAMES",
@@ -328,10 +329,6 @@ class Capabilities:
 
     def describe(self) -> str:
         return f"contract {self.contract}, init {'/'.join(self.init_methods)}, lora_dtype {'/'.join(map(str, self.lora_dtypes))}"
-
-
-class ImplLoadError(Exception):
-    """The implementation named for a run cannot be used; ``str()`` says why and what to do."""
 
 
 CAPABILITIES_ATTR = "LORA_HARNESS_CAPABILITIES"

@@ -42,6 +42,7 @@ from harness.results import ExampleRecord, PropertyOutcome, Verdict, failure_tex
 from harness.pool import RankHang, RankPoolFault, RankTaskError
 from harness.runs import Evidence, Executor
 from harness.strategies import cases_for
+from harness.errors import PropertyFailure
 
 __all__ = [
     "PropertyFailure", "check_property", "require_property", "run_example", "judge_example", "control_impl",
@@ -56,10 +57,6 @@ SINGLE_RANK_CONTROL_IMPL = "lora.reference"
 Progress = Callable[[PropertyOutcome, Optional[ExampleRecord]], None]
 
 
-class PropertyFailure(AssertionError):
-    """A property does not hold for an example; the message says where and by how much."""
-
-
 def default_executor() -> Executor:
     """A fresh executor (default backend and timeout) for callers that do not pass their own.
 
@@ -72,7 +69,7 @@ def default_executor() -> Executor:
 def _fault_verdict(exc: RankPoolFault) -> Verdict:
     if isinstance(exc, RankHang):
         return Verdict.HANG
-    if isinstance(exc, RankTaskError) and exc.errors and all(e.exc_type == "SpecViolation" for e in exc.errors.values()):
+    if isinstance(exc, RankTaskError) and exc.errors and all(e.contract for e in exc.errors.values()):
         # Parameter names or shapes not as SPEC lays them out.
         return Verdict.CONTRACT
     return Verdict.CRASH

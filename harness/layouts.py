@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 from itertools import product
 from typing import Any
+from harness.errors import LayoutError
 
 __all__ = [
     "GROUP_KINDS",
@@ -47,10 +48,6 @@ MEGATRON_ORDER = "tp-cp-ep-dp-pp"
 # exercise it); the arithmetic keeps it as an axis of size 1 so the groups
 # that megatron builds with it ("dp-cp", "tp-cp", ...) are still described.
 CP_SIZE = 1
-
-
-class LayoutError(ValueError):
-    """A parallel layout that megatron-core cannot build, or a world it does not fit."""
 
 
 # kind -> (generator, axes of that generator's grid the group spans,

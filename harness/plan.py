@@ -26,13 +26,9 @@ from harness.families import Family, families as registered_families, get_family
 from harness.layouts import ParallelLayout
 from harness.properties import Property, registry
 from harness.settings import MAX_WORLD, layout_set
+from harness.errors import PlanError
 
 __all__ = ["Plan", "Cell", "PlanError", "cell_order", "property_order", "layout_seed"]
-
-
-class PlanError(ValueError):
-    """A run that cannot be planned (an unknown family, property or layout; sizes out of bounds):
-    the message names the flag, the value and the rule. Front ends show it as a usage error."""
 
 
 @dataclass(frozen=True)

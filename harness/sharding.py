@@ -22,6 +22,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
+from harness.errors import SpecViolation
 
 __all__ = [
     "Partition",
@@ -42,10 +43,6 @@ __all__ = [
     "adapter_modules",
     "SpecViolation",
 ]
-
-
-class SpecViolation(AssertionError):
-    """The implementation under test breaks harness/SPEC.md's parameter contract."""
 
 
 @dataclass(frozen=True)

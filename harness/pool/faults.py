@@ -26,6 +26,7 @@ import signal
 from typing import Optional
 
 from harness.pool.messages import RemoteError
+from harness.errors import RankCrash, RankHang, RankPoolFault, RankTaskError
 
 __all__ = [
     "RankPoolFault",
@@ -49,60 +50,6 @@ MAIN_GUARD_MESSAGE = (
     "lora-harness: a rank pool was started while importing __main__ inside a rank process; "
     'put the code that starts the pools under `if __name__ == "__main__":`'
 )
-
-
-class RankPoolFault(Exception):
-    """An infrastructure fault of a rank pool; ``str()`` is the full report.
-
-    ``output``: ``{rank: text}`` the ranks printed during the failed task (or
-    pool start), as ``RankPool.last_output``; empty where not applicable.
-    """
-
-    output: dict = {}
-
-
-class RankTaskError(RankPoolFault):
-    """One or more ranks raised.
-
-    ``errors``: ``{rank: RemoteError(exc_type, message, traceback)}`` (a
-    named tuple: unpacks as ``(exc_type_name, message, traceback_str)``);
-    ``stacks``: stacks of ranks that had not reported within the grace period;
-    ``pending``: those ranks.
-    """
-
-    def __init__(self, report: str, errors: dict, stacks: dict | None = None, pending: list | None = None):
-        super().__init__(report)
-        self.errors = errors
-        self.stacks = stacks or {}
-        self.pending = pending or []
-
-
-class RankCrash(RankPoolFault):
-    """A rank process died. ``exitcodes``: ``{rank: code}`` (negative: signal).
-
-    ``errors`` and ``stacks`` carry what the surviving ranks reported or were
-    doing, as context.
-    """
-
-    def __init__(self, report: str, exitcodes: dict, errors: dict | None = None, stacks: dict | None = None):
-        super().__init__(report)
-        self.exitcodes = exitcodes
-        self.errors = errors or {}
-        self.stacks = stacks or {}
-
-
-class RankHang(RankPoolFault):
-    """Ranks did not report within the timeout.
-
-    ``pending``: ranks that did not report; ``stacks``: ``{rank: str}`` for
-    every rank dumped (in a local pool: every rank, pending or not).
-    """
-
-    def __init__(self, report: str, stacks: dict, pending: list, timeout: float):
-        super().__init__(report)
-        self.stacks = stacks
-        self.pending = pending
-        self.timeout = timeout
 
 
 def describe_exit(code) -> str:

@@ -45,11 +45,13 @@ __all__ = [
 
 
 class RemoteError(NamedTuple):
-    """What a task raised on a rank: ``type(exc).__name__``, ``str(exc)``, the formatted traceback."""
+    """What a task raised on a rank: ``type(exc).__name__``, ``str(exc)``, the formatted traceback;
+    ``contract``: whether it was a ``harness.errors.SpecViolation`` (decided on the rank, by type)."""
 
     exc_type: str
     message: str
     traceback: str
+    contract: bool = False
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> "RemoteError":
@@ -58,7 +60,9 @@ class RemoteError(NamedTuple):
             text = str(exc)
         except Exception:  # a broken __str__ must not cost us the report
             text = f"<str() of {type(exc).__name__} failed>"
-        return cls(type(exc).__name__, text, traceback.format_exc())
+        from harness.errors import SpecViolation
+
+        return cls(type(exc).__name__, text, traceback.format_exc(), isinstance(exc, SpecViolation))
 
 
 # ------------------------------------------------------------ to the ranks ---

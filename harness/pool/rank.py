@@ -45,6 +45,7 @@ from typing import Any
 
 from harness.pool.faults import MAIN_GUARD_EXIT_CODE, MAIN_GUARD_MESSAGE, WATCHDOG_EXIT_CODE
 from harness.pool.messages import RemoteError, Stop, TaskDone, TaskRaised, dumps, resolve
+from harness.errors import MainGuardError as _MainGuardError
 
 __all__ = ["RankContext", "RankSpec", "rank_main", "refuse_inside_rank", "STORE_HOST", "RANK_NAME_PREFIX"]
 
@@ -309,10 +310,6 @@ def _serve_until_eof(conn, pool_dir: str) -> None:
 
 
 # ------------------------------------------------------- no nested pools ----
-
-
-class _MainGuardError(RuntimeError):
-    """A rank process re-imported a ``__main__`` that starts rank pools."""
 
 
 def refuse_inside_rank() -> None:

@@ -55,6 +55,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from harness.report.model import fmt_ratio
 from harness.results import SCHEMA_VERSION, Verdict, number_from_json
+from harness.errors import BaselineError
 
 __all__ = [
     "DEFAULT_GROWTH_FACTOR",
@@ -70,10 +71,6 @@ __all__ = [
 SCHEMA_NAME = "lora-harness-results"
 DEFAULT_GROWTH_FACTOR = 10.0
 GROWTH_FLOOR = 0.1
-
-
-class BaselineError(ValueError):
-    """A file or dict that cannot be compared: missing, not JSON, not a results.json, another schema version."""
 
 
 # ---------------------------------------------------------------- loading

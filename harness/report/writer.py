@@ -26,6 +26,7 @@ from typing import Any, Mapping, Union
 from harness.report.page import render_html
 from harness.report.summary import SUMMARY_MAX_LINES, render_summary
 from harness.results import RunResults, Verdict, json_number
+from harness.errors import ReportDirectoryError
 
 __all__ = [
     "ReportDirectoryError",
@@ -46,10 +47,6 @@ REPORT_HTML = "report.html"
 SUMMARY_MD = "summary.md"
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class ReportDirectoryError(OSError):
-    """The report directory cannot be created or written; the message names it."""
 
 
 def check_writable(directory: PathLike) -> Path:

@@ -33,12 +33,9 @@ import torch
 import torch.distributed as dist
 
 from harness.sharding import Partition, adapter_modules, base_partition, gather_full, shard
+from harness.errors import MergeAPIError
 
 __all__ = ["module_merges", "fold_model", "cast_once", "merge_api", "call_merge", "MergeAPIError", "fold_with_merge"]
-
-
-class MergeAPIError(Exception):
-    """The implementation's LoRAMerge cannot do what is asked with the API it offers (named in the message)."""
 
 
 def merge_api(merger: Any) -> str:

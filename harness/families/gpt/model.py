@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from harness.errors import ShapeError
 
 __all__ = [
     "GPTShape",
@@ -33,10 +34,6 @@ __all__ = [
     "sequence_parallel_layer_spec",
     "sequence_parallel_params",
 ]
-
-
-class ShapeError(ValueError):
-    """A model shape that cannot be laid out at the requested TP size."""
 
 
 @dataclass(frozen=True)
