@@ -3,7 +3,8 @@
 Three levels:
 
 * ``RankRecord`` / ``ErrorRecord``: what one rank returns for one case
-  (tensors, the partition table used to put shards back together, findings);
+  (tensors, the partition table used to put shards back together, findings,
+  and the task's own evidence, typed per task in ``harness.evidence``);
 * ``Check``: one property's verdict on one example, with per-tensor
   ``Comparison``s (structured ``Location``, error statistics, tolerance) and
   ``Finding``s;
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from harness.compare import ErrorStats, Tolerance
+from harness.evidence import RankExtras
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -301,9 +303,9 @@ class RankRecord:
     initial_adapters: dict[str, Any]
     partitions: dict[str, Partitioned]
     findings: list[Finding] = field(default_factory=list)
-    # Family-specific evidence only some properties read (e.g. the MoE task's
-    # raw shared-adapter shards and post-step logits).
-    extras: dict[str, Any] = field(default_factory=dict)
+    # The task's own evidence, typed per task (harness.evidence); None only on
+    # a record with no evidence (the adapters' names or shapes broke SPEC).
+    extras: Optional[RankExtras] = None
 
 
 @dataclass

@@ -92,6 +92,12 @@ def test_shared_adapter_gradient_not_summed_over_ep_is_caught():
     _expect_pass("backward_matches", impl, WORLD1)  # one EP rank: nothing to sum
 
 
+def test_ep_size_independence_catches_a_shared_gradient_not_summed_over_ep():
+    impl = "tests.wrong_impls.shared_expert_grad_not_summed"
+    outcome = _expect_failure("ep_size_independent", impl, EP2)
+    assert "output after one optimizer step" in outcome.error
+
+
 def test_expert_rank_not_normalised_is_caught():
     impl = "tests.wrong_impls.expert_rank_not_normalised"
     outcome = _expect_failure("forward_matches", impl, WORLD1)

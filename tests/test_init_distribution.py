@@ -20,6 +20,7 @@ from harness.driver import check_property
 from harness.layouts import ParallelLayout
 from harness.families.gpt.model import GPTShape
 from harness.properties.init_distribution import ALPHA, check, spec_distribution
+from harness.evidence import InitExtras, ZeroForward
 from harness.results import Partitioned, RankRecord, Verdict
 from harness.stats import (
     kolmogorov_sf,
@@ -150,7 +151,7 @@ def test_power_stated_in_the_property_docstring():
 
 def _record(rank, adapters, tp=1, zero_forward=None):
     parts = {p: Partitioned(p.split(".adapter.")[0], None, False, tuple(t.shape)) for p, t in adapters.items()}
-    extras = {} if zero_forward is None else {"zero_forward": zero_forward}
+    extras = InitExtras(init_shape={}, dim=128, targets="case", zero_forward=zero_forward)
     return RankRecord(rank=rank, tp_rank=0, tp_size=tp, dp_rank=0, output=None, input_grad=None, adapter_grads={},
                       initial_adapters=adapters, partitions=parts, extras=extras)
 
@@ -167,10 +168,10 @@ def test_check_reports_a_non_zero_zero_init_and_a_changed_forward():
     b = torch.zeros(256, 128, dtype=torch.float64)
     lora = dict(lora_A_init_method="xavier", lora_B_init_method="zero")
     assert check(_ev(lora, {f"{qkv}.linear_in.weight": a, f"{qkv}.linear_out.weight": b},
-                     {"equal": True, "max_abs": 0.0})).passed
+                     ZeroForward(equal=True, max_abs=0.0))).passed
     b[3, 4] = 1e-3
     result = check(_ev(lora, {f"{qkv}.linear_in.weight": a, f"{qkv}.linear_out.weight": b},
-                       {"equal": False, "max_abs": 2e-5}))
+                       ZeroForward(equal=False, max_abs=2e-5)))
     messages = [f.message for f in result.findings]
     assert not result.passed and len(messages) == 2
     assert any("logits differ from the base model's at step 0" in m for m in messages)
@@ -224,8 +225,8 @@ def test_lora_megatron_passes_at_tp2(tp2):
                 lora_A_init_method="kaiming", lora_B_init_method="zero")
     case = GPTCase(shape=GPTShape(num_layers=2, gated_linear_unit=True), lora=lora, seed=9, layout=layout)
     records = Evidence(Executor(), case).init
-    assert [r.extras["zero_forward"] for r in records] == [{"equal": True, "max_abs": 0.0}] * 2
-    assert records[0].extras["dim"] == 128 and records[0].extras["targets"] == "case"
+    assert [r.extras.zero_forward for r in records] == [ZeroForward(equal=True, max_abs=0.0)] * 2
+    assert records[0].extras.dim == 128 and records[0].extras.targets == "case"
     ((_, full),) = replicas(records, layout, "initial_adapters")
     assert len(full) == 2 * 4  # qkv, fc1, fc2, output_layer
     assert min(t.numel() for t in full.values()) == 16384

@@ -125,7 +125,7 @@ def test_draws_route_tokens_to_every_expert():
     full = 0
     for case in cases:
         (record,) = executor.run(case)
-        per_layer = record.extras["expert_tokens"]
+        per_layer = record.extras.expert_tokens
         assert len(per_layer) == case.shape.num_layers
         if all(min(counts) > 0 for counts in per_layer.values()):
             full += 1
@@ -140,5 +140,5 @@ def test_every_rank_holds_tokens_for_every_local_expert_at_world_four():
     records = Executor().run(case)
     assert len(records) == 4
     for rec in records:
-        ((layer, counts),) = rec.extras["expert_tokens"].items()
+        ((layer, counts),) = rec.extras.expert_tokens.items()
         assert len(counts) == 2 and min(counts) > 0, (rec.rank, layer, counts)

@@ -204,21 +204,21 @@ def test_the_task_covers_every_combination_access_form_and_part(max_tp):
     records = ev.impl
     assert len(records) == layout.tp
     for rec in records:
-        combos = rec.extras["vlm_combos"]
-        assert len(combos) == 18 and not any(c["error"] for c in combos)
+        combos = rec.extras.combos
+        assert len(combos) == 18 and not any(c.error for c in combos)
         # Then each vision part set to None once, never stepped (no forward without it).
         combos, absent = combos[:16], combos[16:]
-        assert [c["none_part"] for c in absent] == ["vision_model", "vision_projection"]
+        assert [c.none_part for c in absent] == ["vision_model", "vision_projection"]
         for c in absent:
-            assert "changed" not in c and not any(n.startswith(c["none_part"] + ".") for n in c["params"])
-        assert {c["access"] for c in combos} == {"model", "list", "llava_model"}
-        adapters = {n for n in combos[0]["params"] if ".adapter." in n}
+            assert c.changed is None and not any(n.startswith(c.none_part + ".") for n in c.params)
+        assert {c.access for c in combos} == {"model", "list", "llava_model"}
+        adapters = {n for n in combos[0].params if ".adapter." in n}
         assert any(n.startswith("vision_model.") for n in adapters)
         assert any(n.startswith("vision_projection.") for n in adapters)
         assert not any(n.startswith("language_model.") for n in adapters)
         # Every combination with something trainable took the optimizer step.
-        assert all(("changed" in c) == bool(c["trainable"]) for c in combos)
-        assert sum("changed" in c for c in combos) == 15  # all flags set, training=False: nothing trains
+        assert all((c.changed is not None) == bool(c.trainable) for c in combos)
+        assert sum(c.changed is not None for c in combos) == 15  # all flags set, training=False: nothing trains
     check = get_property(PROP).check(ev)
     assert check.passed, check.message(case)
 

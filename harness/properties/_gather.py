@@ -5,20 +5,24 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from harness.compare import Tolerance, compare_tensors
+from harness.evidence import evidence_field
 from harness.results import Check, Location
 from harness.sharding import Partition, unshard
 
 
 def _field(rec: Any, field: str) -> dict[str, Any]:
-    """A per-rank dict: a record attribute, or ``extras.<key>``."""
+    """A per-rank dict: a record attribute, or ``extras.<field>`` (a declared field of the record's
+    evidence type, ``harness.evidence.evidence_field``: anything else raises; None, not produced on
+    this rank, reads as no tensor)."""
     if field.startswith("extras."):
-        return dict(rec.extras.get(field[len("extras."):]) or {})
+        value = evidence_field(rec.extras, field[len("extras."):])
+        return {} if value is None else dict(value)
     return dict(getattr(rec, field))
 
 
 def replicas(records: list[Any], layout: Any, field: str) -> list[tuple[tuple[int, ...], dict[str, Optional[Any]]]]:
     """[(ranks of one TP group, {param: full tensor or None})] for the per-rank dict ``field``
-    (a record attribute, or ``extras.<key>``).
+    (a record attribute, or ``extras.<field>``: ``harness.evidence.evidence_path``).
 
     Records whose tensors are already full (every partition replicated, as
     the MoE task sends them) are compared rank by rank.

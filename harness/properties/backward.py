@@ -10,10 +10,13 @@ passes, which must accumulate; after them, one ``torch.optim.SGD`` step
 
 from __future__ import annotations
 
+from harness.evidence import DenseExtras, evidence_path
 from harness.properties import Property, register
 from harness.properties._gather import Numeric, layout_violations, no_adapter_reason, replicas
 from harness.results import Check, Location
 
+#: The dense task's adapters after one SGD step (the MoE task compares its stepped logits in ep_size_independent).
+STEPPED = evidence_path(DenseExtras, "stepped_adapters")
 
 
 def check(ev) -> Check:
@@ -31,9 +34,10 @@ def check(ev) -> Check:
         for ranks, grads in replicas(records, case.layout, "adapter_grads"):
             numeric.compare_sets(result, "gradient", grads, "adapter_grads", ranks)
         _note_unrouted_experts(result, ev.reference)
-        if "stepped_adapters" in ev.reference.extras:
-            for ranks, stepped in replicas(records, case.layout, "extras.stepped_adapters"):
-                numeric.compare_sets(result, "value after one SGD step", stepped, "extras.stepped_adapters", ranks)
+        ref = ev.reference.extras
+        if isinstance(ref, DenseExtras) and ref.stepped_adapters is not None:
+            for ranks, stepped in replicas(records, case.layout, STEPPED):
+                numeric.compare_sets(result, "value after one SGD step", stepped, STEPPED, ranks)
     return result
 
 

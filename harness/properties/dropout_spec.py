@@ -26,6 +26,7 @@ equality with the reference cannot show on its own:
 
 from __future__ import annotations
 
+from harness.evidence import DenseExtras
 from harness.properties import Property, register
 from harness.properties._gather import layout_violations
 from harness.results import FALSE_ALARM, Check
@@ -53,22 +54,23 @@ def check(ev) -> Check:
     case = ev.case
     p = case.lora.get("dropout", 0.0)
     result = Check("dropout_follows_spec")
-    stats = [rec.extras.get("dropout", {}) for rec in ev.impl]
+    stats = [rec.extras.dropout for rec in ev.impl]
     decided = False
     if case.training and p > 0:
         decided |= _check_drops(result, ev, p, stats)
     if not case.training and p > 0:
         decided = True
         for rec, s in zip(ev.impl, stats):
-            if s.get("eval_calls"):
-                result.fail(f"rank {rec.rank}: {s['eval_calls']} dropout call(s) with training=True while the model is "
+            if s.eval_calls:
+                result.fail(f"rank {rec.rank}: {s.eval_calls} dropout call(s) with training=True while the model is "
                             f"in eval mode (dropout={p}): SPEC: dropout acts only in training",
                             kind="contract", check="dropout_eval_identity")
-    masks = [rec.extras.get("dropout_masks") for rec in ev.impl]
+    # Only the dense task checks replicated masks (None: not checked on this example).
+    masks = [rec.extras.dropout_masks if isinstance(rec.extras, DenseExtras) else None for rec in ev.impl]
     if any(m is not None for m in masks):
         decided = True
-    for rec in ev.impl:
-        for wrong in rec.extras.get("dropout_masks", []):
+    for rec, wrong_masks in zip(ev.impl, masks):
+        for wrong in wrong_masks if wrong_masks is not None else ():
             result.fail(f"rank {rec.rank}: {wrong}", kind="contract", check="dropout_replicated_mask")
     if not decided and not result.findings:
         reasons = "; ".join(n.message for n in result.notes) or (
@@ -81,8 +83,8 @@ def check(ev) -> Check:
 def _check_drops(result: Check, ev, p: float, stats: list) -> bool:
     """SPEC: dropout > 0 in training drops. Decided only where a correct implementation would drop
     something with probability >= 1 - FALSE_ALARM; returns whether it was decided."""
-    ref = ev.reference.extras.get("dropout", {})
-    ref_calls, ref_elements, ref_dropped = ref.get("calls", 0), ref.get("elements", 0), ref.get("dropped", 0)
+    ref = ev.reference.extras.dropout
+    ref_calls, ref_elements, ref_dropped = ref.calls, ref.elements, ref.dropped
     if ref_calls == 0:
         result.note("dropout_drops", "vacuous",
                     f"dropout={p} in training, but the reference made no dropout call on this example (no module "
@@ -96,8 +98,8 @@ def _check_drops(result: Check, ev, p: float, stats: list) -> bool:
                     f"dropout={p}: the reference's adapters saw {ref_elements} element(s) in {ref_calls} dropping "
                     f"call(s), {why}", p_false_alarm=miss)
         return False
-    if not any(s.get("dropped", 0) for s in stats):
-        calls = sum(s.get("calls", 0) for s in stats)
+    if not any(s.dropped for s in stats):
+        calls = sum(s.calls for s in stats)
         result.fail(f"dropout={p} in training dropped nothing on any rank ({calls} dropping calls; the reference "
                     f"dropped {ref_dropped} of {ref_elements} elements with the same value-keyed masks, and a correct "
                     f"implementation drops nothing with probability {miss:.2g}): SPEC: the adapter branch drops "

@@ -29,10 +29,10 @@ def check(ev) -> Check:
     for rec in ev.impl:
         if shared:
             result.compare(Location("output with own initial adapters", None, (rec.rank,)),
-                           compare_tensors(rec.extras["own_output"], base.extras["own_output"], tol), tol)
+                           compare_tensors(rec.extras.own_output, base.extras.own_output, tol), tol)
         if case.training:
             result.compare(Location("output after one optimizer step", None, (rec.rank,)),
-                           compare_tensors(rec.extras["stepped_output"], base.extras["stepped_output"], tol), tol)
+                           compare_tensors(rec.extras.stepped_output, base.extras.stepped_output, tol), tol)
     return result
 
 

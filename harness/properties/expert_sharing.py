@@ -26,11 +26,14 @@ def check(ev) -> Check:
         return broken
     result = Check("shared_expert_adapters_identical")
     records = ev.impl
-    for moment, key in (("after creation", "shared_created"), ("after one optimizer step", "shared_stepped")):
+    for moment, stepped in (("after creation", False), ("after one optimizer step", True)):
         by_shard: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
         for rec in records:
-            for pname, t in rec.extras.get(key, {}).items():
-                by_shard.setdefault((rec.extras["etp_rank"], pname), []).append((rec.rank, t))
+            shards = rec.extras.shared_stepped if stepped else rec.extras.shared_created
+            if shards is None:  # no optimizer step in inference
+                continue
+            for pname, t in shards.items():
+                by_shard.setdefault((rec.extras.etp_rank, pname), []).append((rec.rank, t))
         for (etp_rank, pname), held in sorted(by_shard.items()):
             first_rank, first = held[0]
             for rank, t in held[1:]:

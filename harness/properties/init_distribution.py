@@ -236,12 +236,12 @@ def check(ev) -> Check:
     case = ev.case
     result = Check(NAME)
     for rec in records:
-        zero = rec.extras.get("zero_forward")
-        if zero is not None and not zero.get("equal", False):
+        zero = rec.extras.zero_forward
+        if zero is not None and not zero.equal:
             result.fail(
                 f"rank {rec.rank}: with a zero init (A {case.lora.get('lora_A_init_method', 'xavier')}, "
                 f"B {case.lora.get('lora_B_init_method', 'zero')}) the adapted model's logits differ from the base "
-                f"model's at step 0 (max |diff| {zero.get('max_abs', float('nan')):.3g}); SPEC: the adapter adds exactly 0",
+                f"model's at step 0 (max |diff| {zero.max_abs:.3g}); SPEC: the adapter adds exactly 0",
                 kind="contract", check="zero_init_forward",
             )
     tp = records[0].tp_size if records else 1

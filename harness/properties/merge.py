@@ -31,19 +31,21 @@ def check(ev) -> Check:
     tol = tolerance_for(case.lora_dtype, case.model_dtype)
     result = Check("merge_matches")
     for rec in ev.impl:
-        extras = rec.extras
-        if "merge_error" in extras:
-            api = extras["merge_error"].startswith("MergeAPIError")
-            result.fail(f"rank {rec.rank}: " + (f"LoRAMerge's API: {extras['merge_error'].split(': ', 1)[1]}" if api
-                                                 else f"merging raised {extras['merge_error']}"),
+        merge = rec.extras.merge
+        if merge.error is not None:
+            api = merge.error.startswith("MergeAPIError")
+            result.fail(f"rank {rec.rank}: " + (f"LoRAMerge's API: {merge.error.split(': ', 1)[1]}" if api
+                                                 else f"merging raised {merge.error}"),
                         kind="contract", check="merge_api" if api else "merge_runs")
             continue
-        if extras.get("merge_fold") == "harness" and rec.rank == 0:
+        # No error: every part of the merge evidence was made.
+        fold = merge.fold
+        if fold.how == "harness" and rec.rank == 0:
             # Megatron-Bridge 0.6.2's LoRAMerge is a tensor helper; SPEC adds the model-level fold.
             result.fail("LoRAMerge() is not callable: SPEC's model-level helper (LoRAMerge()(model)) is missing; the "
                         "harness folded the model with the implementation's own LoRAMerge.merge instead",
                         kind="contract", check="merge_model_fold", binding=case.contract == "strict")
-        for module, (got, want, got_dtype, base_dtype) in sorted(extras.get("merge_modules", {}).items()):
+        for module, (got, want, got_dtype, base_dtype) in sorted(merge.modules.items()):
             if got_dtype != base_dtype:
                 result.fail(f"rank {rec.rank}: LoRAMerge.merge for {module} returned {got_dtype}, the base weight is "
                             f"{base_dtype} (SPEC: cast once to base_weight's dtype)", kind="contract", check="merge_dtype")
@@ -57,17 +59,17 @@ def check(ev) -> Check:
                 continue
             else:
                 result.compare(Location("merged weight", module, (rec.rank,)), compare_tensors(got, want, tol), tol)
-        for layout, wrong in sorted((extras.get("merge_cast_once") or {}).items()):
+        for layout, wrong in sorted(merge.cast_once.items()):
             if wrong:
                 result.fail(
                     f"rank {rec.rank}: LoRAMerge.merge on a {layout}-parallel bfloat16 shard: {wrong} "
                     "(SPEC: computed in float32, cast once to base_weight's dtype)",
                     kind="contract", check="merge_cast_once", binding=case.contract == "strict",
                 )
-        if extras.get("merge_left"):
-            result.fail(f"rank {rec.rank}: the model-level merge left adapter wrappers: {extras['merge_left']}",
+        if fold.left:
+            result.fail(f"rank {rec.rank}: the model-level merge left adapter wrappers: {fold.left}",
                         kind="contract", check="merge_unwraps")
-        if "merged_output" in extras and bool(torch.isfinite(extras["adapted_output"]).all()):
+        if bool(torch.isfinite(fold.adapted_output).all()):
             where = Location("output of the merged model", None, (rec.rank,))
             if is_low_precision(case.lora_dtype, case.model_dtype):
                 # Folding rounds W + s B@A to 16 bits: the merged model is a
@@ -78,25 +80,25 @@ def check(ev) -> Check:
                 # so the two differ by at most 8x the sum of both single-device
                 # errors (each measured against the float64 run on the same values).
                 single = _single_device_error(ev)
-                adapted = extras["adapted_output"]
+                adapted = fold.adapted_output
                 eps = low_precision_eps(case.lora_dtype, case.model_dtype)
                 low_tol = Tolerance(0.0, LOW_PRECISION_FACTOR * single + LOW_PRECISION_FLOOR * eps * float(adapted.abs().max()))
-                stats = compare_tensors(extras["merged_output"], adapted, low_tol)
+                stats = compare_tensors(fold.merged_output, adapted, low_tol)
                 stats.baseline_abs = single
                 result.compare(where, stats, low_tol)
             else:
-                result.compare(where, compare_tensors(extras["merged_output"], extras["adapted_output"], tol), tol)
+                result.compare(where, compare_tensors(fold.merged_output, fold.adapted_output, tol), tol)
     return result
 
 
 def _single_device_error(ev) -> float:
     """max|16-bit - float64| of the single-device adapted logits plus that of the single-device merged logits
     (``lora.reference`` at world size 1, same step, same fold); the pre-step forward's error where a run has no fold."""
-    ref, exact = ev.reference.extras, ev.reference64.extras
+    ref, exact = ev.reference.extras.merge.fold, ev.reference64.extras.merge.fold
     total = 0.0
-    for key in ("adapted_output", "merged_output"):
-        if key in ref and key in exact:
-            total += float((ref[key].double() - exact[key].double()).abs().max())
+    if ref is not None and exact is not None:
+        for low, high in ((ref.adapted_output, exact.adapted_output), (ref.merged_output, exact.merged_output)):
+            total += float((low.double() - high.double()).abs().max())
     if total == 0.0 or total != total:
         total = float((ev.reference.output - ev.reference64.output).abs().max())
     return total

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.evidence import VLMBase, VLMCombo
 from harness.properties import Property, register
 from harness.properties._gather import rank_findings
 from harness.results import Check
@@ -45,10 +46,10 @@ _FREEZE_RULE = (
 )
 
 
-def combo_label(combo: dict[str, Any]) -> str:
-    flags = ", ".join(f"{f}={combo[f]}" for f in FREEZE_FLAGS)
-    access = {"model": "the model", "list": "[model]", "llava_model": "a wrapper's .llava_model"}[combo["access"]]
-    return f"VLMLoRA({flags})(<{access}>, training={combo['training']})"
+def combo_label(combo: VLMCombo) -> str:
+    flags = ", ".join(f"{f}={combo.flags[f]}" for f in FREEZE_FLAGS)
+    access = {"model": "the model", "list": "[model]", "llava_model": "a wrapper's .llava_model"}[combo.access]
+    return f"VLMLoRA({flags})(<{access}>, training={combo.training})"
 
 
 def _names(names: list[str] | set[str]) -> str:
@@ -57,40 +58,41 @@ def _names(names: list[str] | set[str]) -> str:
     return f"{names[:SHOWN]}{more}"
 
 
-def expected_modules(base: dict[str, list[str]], lora: dict[str, Any], access: str) -> set[str]:
+def expected_modules(base: VLMBase, lora: dict[str, Any], access: str) -> set[str]:
     """The adapted modules (names relative to the LLaVA model) for the walk VLMLoRA makes from ``access``."""
     prefix = PREFIX[access]
     picked = expected_adapted_modules(
-        [prefix + m for m in base["linear"]], lora.get("target_modules") or [], lora.get("exclude_modules") or [],
-        [prefix + m for m in base["other"]],
+        [prefix + m for m in base.linear], lora.get("target_modules") or [], lora.get("exclude_modules") or [],
+        [prefix + m for m in base.other],
     )
     return {m[len(prefix):] for m in picked}
 
 
-def combo_findings(result: Check, rank: int, combo: dict[str, Any], base: dict[str, list[str]], lora: dict[str, Any],
-                   reference: dict[str, Any] | None, contract: str = "strict") -> None:
+def combo_findings(result: Check, rank: int, combo: VLMCombo, base: VLMBase, lora: dict[str, Any],
+                   reference: VLMCombo | None, contract: str = "strict") -> None:
     """Every SPEC rule one combination on one rank breaks, one finding each, naming the combination."""
     where = f"rank {rank}: {combo_label(combo)}"
-    part = combo.get("none_part")
+    part = combo.none_part
     if part is not None:
         where += f" on a model whose {part} is None"
         # The model without that subtree: SPEC skips a part that is None.
-        base = {k: [n for n in names if n != part and not n.startswith(part + ".")] for k, names in base.items()}
-    if combo.get("error"):
+        base = VLMBase(*([n for n in names if n != part and not n.startswith(part + ".")]
+                         for names in (base.params, base.linear, base.other)))
+    if combo.error:
         why = " (SPEC: freeze_model skips a part that is None)" if part is not None else ""
         # Megatron-Bridge takes the model as a list of chunks only: the other
         # access forms are SPEC's (contract point vlm_access_forms).
-        other_form = combo.get("access") != "list"
+        other_form = combo.access != "list"
         if other_form:
             why += " (SPEC: VLMLoRA also takes the model itself and a wrapper's .llava_model, not only [model])"
-        result.fail(f"{where} raised {combo['error']}{why}", kind="contract",
+        result.fail(f"{where} raised {combo.error}{why}", kind="contract",
                     check="vlm_access_forms" if other_form else "access",
                     binding=not (other_form and contract == "bridge"))
         return
-    flags = {f: combo[f] for f in FREEZE_FLAGS}
-    adapted = expected_modules(base, lora, combo["access"])
-    want_params = expected_param_names(base["params"], adapted)
-    got_params = set(combo["params"])
+    flags = {f: combo.flags[f] for f in FREEZE_FLAGS}
+    adapted = expected_modules(base, lora, combo.access)
+    want_params = expected_param_names(base.params, adapted)
+    got_params = set(combo.params)
     if got_params != want_params:
         missing, extra = want_params - got_params, got_params - want_params
         result.fail(
@@ -99,8 +101,8 @@ def combo_findings(result: Check, rank: int, combo: dict[str, Any], base: dict[s
             f"{_names(adapted)}, each as <module>.to_wrap.* + <module>.adapter.linear_in.weight / linear_out.weight",
             kind="contract", check="adapted_modules",
         )
-    trainable = set(combo["trainable"])
-    want = expected_trainable(got_params, training=combo["training"], **flags)
+    trainable = set(combo.trainable)
+    want = expected_trainable(got_params, training=combo.training, **flags)
     if trainable != want:
         flagged = [p for p, f in zip(VLM_PARTS, (flags[f] for f in FREEZE_FLAGS)) if f]
         parts = []
@@ -110,25 +112,25 @@ def combo_findings(result: Check, rank: int, combo: dict[str, Any], base: dict[s
             parts.append(f"frozen but SPEC leaves them trainable: {_names(want - trainable)}")
         result.fail(f"{where}: {'; '.join(parts)} (flagged subtrees {flagged}; {_FREEZE_RULE})",
                     kind="contract", check="trainable_set")
-    if reference is not None and not reference.get("error") and set(reference["trainable"]) != trainable:
-        ref = set(reference["trainable"])
+    if reference is not None and not reference.error and set(reference.trainable) != trainable:
+        ref = set(reference.trainable)
         result.fail(
             f"{where}: trainable set differs from lora.reference's VLMLoRA at world size 1: only here "
             f"{_names(trainable - ref)}, only in the reference {_names(ref - trainable)}",
             kind="contract", check="reference",
         )
-    if combo["not_in_mode"]:
-        mode = "train" if combo["training"] else "eval"
-        result.fail(f"{where}: modules not in {mode} mode: {_names(combo['not_in_mode'])} "
-                    f"(SPEC: training={combo['training']} puts the model in {mode} mode)", kind="contract", check="mode")
-    if "changed" in combo:
-        changed = set(combo["changed"])
+    if combo.not_in_mode:
+        mode = "train" if combo.training else "eval"
+        result.fail(f"{where}: modules not in {mode} mode: {_names(combo.not_in_mode)} "
+                    f"(SPEC: training={combo.training} puts the model in {mode} mode)", kind="contract", check="mode")
+    if combo.changed is not None:
+        changed = set(combo.changed)
         if changed - trainable:
             result.fail(f"{where}: one optimizer step changed frozen parameters {_names(changed - trainable)} "
                         "(a frozen parameter must stay bitwise unchanged)", kind="contract", check="optimizer_step")
         if trainable - changed:
             stuck = trainable - changed
-            no_grad = stuck & set(combo.get("no_grad", ()))
+            no_grad = stuck & set(combo.no_grad)
             why = f"; no gradient reached {_names(no_grad)}" if no_grad else ""
             result.fail(f"{where}: one optimizer step left trainable parameters {_names(stuck)} unchanged{why} "
                         "(requires_grad=True must mean the parameter trains)", kind="contract", check="optimizer_step")
@@ -137,10 +139,10 @@ def combo_findings(result: Check, rank: int, combo: dict[str, Any], base: dict[s
 def check(ev) -> Check:
     result = rank_findings("vlm_freezing_follows_spec", ev.impl)
     lora = dict(ev.case.lora)
-    ref_combos = ev.reference.extras["vlm_combos"]
+    ref_combos = ev.reference.extras.combos
     for rec in ev.impl:
-        base = rec.extras["vlm_base"]
-        for i, combo in enumerate(rec.extras["vlm_combos"]):
+        base = rec.extras.base
+        for i, combo in enumerate(rec.extras.combos):
             combo_findings(result, rec.rank, combo, base, lora, ref_combos[i], ev.case.contract)
     return result
 

@@ -13,11 +13,12 @@ from typing import Any, Callable
 import torch
 
 from harness.contract import load_impl
+from harness.evidence import MergeEvidence
 from harness.results import Finding, RankRecord
 from harness.sharding import SpecViolation
 
 __all__ = [
-    "setup", "any_rank", "checked_table", "violation_record", "cpu64", "replicated_masks", "merge_extras",
+    "setup", "any_rank", "checked_table", "violation_record", "cpu64", "replicated_masks", "merge_evidence",
     "sequence_gathered", "state_findings", "reapply_findings", "idempotence_findings", "error_expecter", "BRIDGE_SILENT",
 ]
 
@@ -97,23 +98,24 @@ def replicated_masks(model: torch.nn.Module, forward: Callable[[Any], Any]) -> l
     return wrong
 
 
-def merge_extras(model: Any, impl: Any, table: Any, alpha: float, forward: Callable[[Any], Any]) -> dict[str, Any]:
-    """Merge evidence (``harness.tasks.merge``), or what the implementation raised while merging."""
+def merge_evidence(model: Any, impl: Any, table: Any, alpha: float, forward: Callable[[Any], Any]) -> MergeEvidence:
+    """Merge evidence (``harness.tasks.merge``), or what the implementation raised while merging
+    (with what was made before it raised)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from harness.tasks.merge import cast_once, fold_model, module_merges
 
-    extras: dict[str, Any] = {}
+    modules = fold = once = error = None
     try:
-        extras["merge_modules"] = module_merges(model, impl, table, alpha) if table is not None else {}
-        extras.update(fold_model(model, impl, forward, alpha))
+        modules = module_merges(model, impl, table, alpha) if table is not None else {}
+        fold = fold_model(model, impl, forward, alpha)
         group = parallel_state.get_tensor_model_parallel_group()
         size = dist.get_world_size(group) if dist.is_initialized() else 1
-        extras["merge_cast_once"] = cast_once(impl, group, size, parallel_state.get_tensor_model_parallel_rank())
+        once = cast_once(impl, group, size, parallel_state.get_tensor_model_parallel_rank())
     except Exception as exc:  # noqa: BLE001 - reported by merge_matches alone
-        extras["merge_error"] = f"{type(exc).__name__}: {exc}"
-    return extras
+        error = f"{type(exc).__name__}: {exc}"
+    return MergeEvidence(modules=modules, fold=fold, cast_once=once, error=error)
 
 
 def sequence_gathered(shard: Any) -> Any:

@@ -14,11 +14,11 @@ When A or B is initialised to zero, the adapted model must compute exactly
 what the base model computes: the task runs the base model's forward on a
 seeded input before LoRA is applied and the adapted model's after, and
 records on each rank whether the logits are bitwise equal
-(``extras["zero_forward"]``).
+(``extras.zero_forward``, ``harness.evidence.InitExtras``).
 
 If the case's patterns adapt no module of this one-layer model (a pattern
 naming a second layer, say), the default target modules are used
-(``extras["targets"]`` says which).
+(``extras.targets`` says which).
 """
 
 from __future__ import annotations

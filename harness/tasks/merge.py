@@ -27,11 +27,12 @@ under the strict contract the missing helper is one contract finding.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from harness.evidence import ModelFold, ModuleMerge
 from harness.sharding import Partition, adapter_modules, base_partition, gather_full, shard
 from harness.errors import MergeAPIError
 
@@ -114,8 +115,8 @@ def _group_of(base: torch.nn.Module) -> tuple[Any, int, int]:
     return group, dist.get_world_size(group), dist.get_rank(group)
 
 
-def module_merges(model: torch.nn.Module, impl: Any, table: dict[str, Any], alpha: float) -> dict[str, Any]:
-    """{module: (the implementation's merged shard, the expected shard)} for every dense adapted module.
+def module_merges(model: torch.nn.Module, impl: Any, table: dict[str, Any], alpha: float) -> dict[str, ModuleMerge]:
+    """{module: (the implementation's merged shard, the expected shard, their dtypes)} for every dense adapted module.
 
     ``table`` is ``load_full_adapter_weights``' (param -> (module, partition, full shape)).
     Raises what the implementation raises.
@@ -142,21 +143,21 @@ def module_merges(model: torch.nn.Module, impl: Any, table: dict[str, Any], alph
                                [part for m in members for part in m[5]], group, size)
         for k, m in enumerate(members):
             fulls[m[0]] = gathered[3 * k:3 * k + 3]
-    out: dict[str, Any] = {}
+    out: dict[str, ModuleMerge] = {}
     for wname, base, A, B, dim, parts, group, size, rank in modules:
         w_full, a_full, b_full = fulls[wname]
         want = shard(w_full + (alpha / dim) * (b_full @ a_full), parts[0], rank, size)
         with torch.no_grad():
             got = call_merge(merger, base.weight.detach().clone(), B.detach(), A.detach(), alpha, dim, size, group)
-        out[wname] = (got.detach().double().cpu(), want.cpu(), str(got.dtype), str(base.weight.dtype))
+        out[wname] = ModuleMerge(got.detach().double().cpu(), want.cpu(), str(got.dtype), str(base.weight.dtype))
     return out
 
 
-def fold_model(model: torch.nn.Module, impl: Any, forward: Callable[[torch.nn.Module], torch.Tensor], alpha: float = 32) -> dict[str, Any]:
+def fold_model(model: torch.nn.Module, impl: Any, forward: Callable[[torch.nn.Module], torch.Tensor], alpha: float = 32) -> ModelFold:
     """The adapted logits, the folded model's logits, and any adapter wrapper the fold left behind.
 
     Both in eval mode: the fold is the adapter's deterministic map (SPEC: no dropout).
-    ``merge_fold``: ``"model"`` when the implementation folded the model
+    ``how``: ``"model"`` when the implementation folded the model
     itself, ``"harness"`` when its LoRAMerge is not callable and the harness
     folded it with the implementation's own ``merge``.
     """
@@ -168,12 +169,12 @@ def fold_model(model: torch.nn.Module, impl: Any, forward: Callable[[torch.nn.Mo
     merged = merger(model) if how == "model" else fold_with_merge(model, merger, alpha)
     with torch.no_grad():
         folded = forward(merged)
-    return {
-        "adapted_output": adapted.detach().double().cpu(),
-        "merged_output": folded.detach().double().cpu(),
-        "merge_left": sorted(adapter_modules(merged))[:5],
-        "merge_fold": how,
-    }
+    return ModelFold(
+        adapted_output=adapted.detach().double().cpu(),
+        merged_output=folded.detach().double().cpu(),
+        left=sorted(adapter_modules(merged))[:5],
+        how=how,
+    )
 
 
 # 1 + 2**-8 + 2**-16 is exact in float32; cast once to bfloat16 it rounds up
@@ -183,7 +184,7 @@ _ONCE = 1.0 + 2.0**-7
 _TWICE = 1.0
 
 
-def cast_once(impl: Any, group: Any, size: int, rank: int) -> dict[str, Any]:
+def cast_once(impl: Any, group: Any, size: int, rank: int) -> dict[str, Optional[str]]:
     """``{"column"|"row": None or what was wrong}``: SPEC's "computed in float32, cast once" on a bf16 base.
 
     Full matrices, with r = out = in = 2 * size and alpha = dim (scale 1):
@@ -207,7 +208,7 @@ def cast_once(impl: Any, group: Any, size: int, rank: int) -> dict[str, Any]:
         "row": (shard(w, row, rank, size), shard(a, row, rank, size), shard(b, col, rank, size)),
     }
     merger = impl.LoRAMerge()
-    out: dict[str, Any] = {}
+    out: dict[str, Optional[str]] = {}
     for kind, (wl, al, bl) in layouts.items():
         wl, al, bl = (t.contiguous().clone() for t in (wl, al, bl))
         with torch.no_grad():

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from harness.contract import DEFAULT_TARGET_MODULES
+from harness.evidence import InitExtras, ZeroForward
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import GPTShape, build_gpt, causal_mask, output_layer_gathers
 from harness.results import Partitioned, RankRecord
@@ -82,12 +83,12 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
     if broken is not None:
         return broken
     dp_rank = parallel_state.get_data_parallel_rank()
-    extras: dict[str, Any] = {"init_shape": shape.to_dict(), "dim": dim, "targets": targets}
+    zero_forward = None
     if zero:
         after = forward(model)
         same = after.shape == before.shape and after.dtype == before.dtype and torch.equal(after, before)
         diff = float((after.double() - before.double()).abs().max()) if after.shape == before.shape else float("inf")
-        extras["zero_forward"] = {"equal": bool(same), "max_abs": diff}
+        zero_forward = ZeroForward(equal=bool(same), max_abs=diff)
     return RankRecord(
         rank=ctx.rank,
         tp_rank=tp_rank,
@@ -98,5 +99,5 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
         adapter_grads={},
         initial_adapters={p: initial.get(p) for p in table},
         partitions={p: Partitioned(w, part.dim, part.gated, shape) for p, (w, part, shape) in table.items()},
-        extras=extras,
+        extras=InitExtras(init_shape=shape.to_dict(), dim=dim, targets=targets, zero_forward=zero_forward),
     )

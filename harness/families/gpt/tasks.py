@@ -2,8 +2,9 @@
 
 ``run_gpt_case`` returns a ``RankRecord`` (logits, input gradient, adapter
 gradients and initial adapters, with the partition table used to put shards
-back together, and the per-rank contract findings); ``run_error_case``
-returns an ``ErrorRecord`` with one finding per bad-input rule broken.
+back together, the per-rank contract findings, and the dense evidence,
+``harness.evidence.DenseExtras``); ``run_error_case`` returns an
+``ErrorRecord`` with one finding per bad-input rule broken.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from harness.families.gpt.case import GPTCase
 from harness.dropout import keyed_dropout
+from harness.evidence import DenseExtras, DropoutStats
 from harness.contract import INIT_METHODS, contract_point
 from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
 from harness.results import ErrorRecord, Finding, Partitioned, RankRecord
@@ -23,7 +25,7 @@ from harness.tasks.common import (
     checked_table,
     cpu64,
     error_expecter,
-    merge_extras,
+    merge_evidence,
     reapply_findings,
     replicated_masks,
     sequence_gathered,
@@ -92,18 +94,17 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
             "contract", f"logits dtype {out.dtype}, the base model computes in {case.model_dtype} "
             "(the adapter output must be cast back)", "output_dtype"))
     grads = {p: cpu64(model.get_parameter(p).grad) for p in table}
-    extras: dict[str, Any] = {"dropout": {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "elements": dropout_log.elements,
-                                          "eval_calls": dropout_log.eval_calls}}
-    if case.training:
-        extras["stepped_adapters"] = _sgd_step(model, table)
+    dropout = DropoutStats.of(dropout_log)
+    stepped = _sgd_step(model, table) if case.training else None
     forward = lambda m: m(ids, pos, causal_mask(s).to(device), decoder_input=x.detach())  # noqa: E731
+    masks = None
     if case.training and case.lora.get("dropout", 0.0) > 0 and tp > 1:
-        extras["dropout_masks"] = replicated_masks(model, forward)
+        masks = replicated_masks(model, forward)
     # Idempotence after the comparisons above, and undone before the merge
     # below (``reapply_findings`` restores the module tree): a
     # non-idempotent implementation fails this check alone.
     findings += reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
-    extras.update(merge_extras(model, impl, table, lora_kwargs.get("alpha", 32), forward))
+    merge = merge_evidence(model, impl, table, lora_kwargs.get("alpha", 32), forward)
     return RankRecord(
         rank=ctx.rank,
         tp_rank=tp_rank,
@@ -115,7 +116,7 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
         initial_adapters=initial,
         partitions=partitions,
         findings=findings,
-        extras=extras,
+        extras=DenseExtras(dropout=dropout, merge=merge, stepped_adapters=stepped, dropout_masks=masks),
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from harness.contract import DEFAULT_TARGET_MODULES, load_impl
+from harness.evidence import InitExtras
 from harness.families.gpt.model import output_layer_gathers
 from harness.results import RankRecord
 from harness.sharding import adapter_modules
@@ -88,5 +89,5 @@ def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
         output=None, input_grad=None, adapter_grads={},
         initial_adapters=initial,
         partitions=full_partitions(table, initial),
-        extras={"init_shape": big.shape.to_dict(), "dim": big.lora["dim"], "targets": targets},
+        extras=InitExtras(init_shape=big.shape.to_dict(), dim=big.lora["dim"], targets=targets),
     )

@@ -20,11 +20,12 @@ under test says about itself:
   shared grouped adapter's own EP sum is the implementation's job (SPEC),
   so a missing one shows.
 
-The record's ``extras`` carry what only the MoE properties read: the raw
-local shards of shared grouped adapters right after creation and after one
-optimizer step (bitwise identity over EP), the logits with the
-implementation's own initial adapters and after the step (EP-size
-independence), and how many tokens each local expert received.
+The record's ``extras`` (``harness.evidence.MoEExtras``) carry what only
+the MoE properties read: the raw local shards of shared grouped adapters
+right after creation and after one optimizer step (bitwise identity over
+EP), the logits with the implementation's own initial adapters and after
+the step (EP-size independence), and how many tokens each local expert
+received.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ import torch
 import torch.distributed as dist
 
 from harness.dropout import keyed_dropout
+from harness.evidence import DropoutStats, MoEExtras
 from harness.families.moe.case import MoECase
 from harness.contract import load_impl
 from harness.families.gpt.model import causal_mask, output_layer_gathers
 from harness.results import Finding, Partitioned, RankRecord
-from harness.tasks.common import checked_table, cpu64, error_expecter, merge_extras, reapply_findings, sequence_gathered, state_findings
+from harness.tasks.common import checked_table, cpu64, error_expecter, merge_evidence, reapply_findings, sequence_gathered, state_findings
 from harness.sharding import (
     REPLICATED,
     Partition,
@@ -353,7 +355,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
         probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(out.dtype)
         (out * probe).sum().backward()
         grads_local = {p: model.get_parameter(p).grad for p in table}
-        extras: dict[str, Any] = {"expert_tokens": tokens, "shared_created": created}
+        shared_stepped = stepped_output = None
         if case.training:
             _ddp_reduce(model, table, layout, ctx.world_size)
             grads = _assemble({p: model.get_parameter(p).grad for p in table}, table, sizes)
@@ -362,19 +364,18 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
                     p = model.get_parameter(pname)
                     p.sub_(SGD_LR * p.grad.to(p.dtype))
                 stepped_output = model(ids, pos, mask, decoder_input=x_shard())
-            extras["shared_stepped"] = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
-            extras["stepped_output"] = cpu64(stepped_output)
+            shared_stepped = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
+            stepped_output = cpu64(stepped_output)
         else:
             grads = _assemble(grads_local, table, sizes)
-    extras["dropout"] = {"calls": dropout_log.calls, "dropped": dropout_log.dropped, "elements": dropout_log.elements, "eval_calls": dropout_log.eval_calls}
-    extras["own_output"] = cpu64(own_output)
-    extras["ep_rank"], extras["etp_rank"] = sizes["ep_rank"], sizes["etp_rank"]
+    dropout = DropoutStats.of(dropout_log)
+    own_output = cpu64(own_output)
     # Idempotence, undone before the merge (as in the dense task).
     findings += reapply_findings(model, impl, lora_kwargs, case.training, case.contract)
     # Experts fold through the implementation's own model-level merge only.
-
-    extras.update(merge_extras(model, impl, None, lora_kwargs.get("alpha", 32),
-                                lambda m: m(ids, pos, mask, decoder_input=x_shard())))
+    merge = merge_evidence(model, impl, None, lora_kwargs.get("alpha", 32), lambda m: m(ids, pos, mask, decoder_input=x_shard()))
+    extras = MoEExtras(dropout=dropout, merge=merge, own_output=own_output, ep_rank=sizes["ep_rank"], etp_rank=sizes["etp_rank"],
+                       expert_tokens=tokens, shared_created=created, shared_stepped=shared_stepped, stepped_output=stepped_output)
     partitions = full_partitions(table, initial)
     return RankRecord(
         rank=ctx.rank,

@@ -5,7 +5,8 @@ freeze flags and both ``training`` values (16 combinations, the same at
 every layout; hypothesis draws the shape, the patterns and the seed). For
 each it builds a fresh ``harness.families.vlm.model.build_vlm`` model, applies
 ``impl.VLMLoRA(<flags>, <the case's LoRA fields>)(<access>, training=t)``
-and records, in ``RankRecord.extras["vlm_combos"]``:
+and records, in ``RankRecord.extras.combos`` (``harness.evidence.VLMExtras``,
+one ``VLMCombo`` per combination):
 
 * ``params`` / ``trainable``: every parameter name of the adapted LLaVA
   model and those with ``requires_grad=True`` (names relative to the LLaVA
@@ -28,7 +29,7 @@ a model cannot run forward).
 The access form cycles with the combination and the seed over the ways
 Megatron-Bridge hands a model to PEFT: the model itself, ``[model]`` (a
 list of chunks, the first one used) and a wrapper module whose
-``.llava_model`` is the model. ``extras["vlm_base"]`` holds the unadapted
+``.llava_model`` is the model. ``extras.base`` holds the unadapted
 model's parameter names, its linear-type modules and its other modules,
 from which the parent computes what SPEC prescribes (``harness.families.vlm.model``);
 nothing here decides what is right.
@@ -45,6 +46,7 @@ from torch import nn
 from harness.families.vlm.case import VLMCase
 from harness.families.gpt.model import output_layer_gathers
 from harness.contract import load_impl
+from harness.evidence import VLMBase, VLMCombo, VLMExtras
 from harness.results import RankRecord
 
 __all__ = ["run_vlm_case", "ACCESS_FORMS", "LLaVAHolder", "access_form", "ADAM_LR"]
@@ -97,7 +99,7 @@ def _inner(result: Any, access: str) -> nn.Module:
 
 
 def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool, access: str, inputs: dict[str, Any],
-               tp: int, none_part: Any = None) -> dict[str, Any]:
+               tp: int, none_part: Any = None) -> VLMCombo:
     from harness.cpu import seed_model_parallel
     from harness.sharding import seeded_tensor
     from harness.families.vlm.model import build_vlm
@@ -110,7 +112,7 @@ def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool,
         # vision_model and vision_projection None): SPEC skips None parts.
         setattr(model, none_part, None)
     root: Any = {"model": model, "list": [model], "llava_model": LLaVAHolder(model)}[access]
-    record: dict[str, Any] = dict(flags, training=training, access=access, error=None, none_part=none_part)
+    made = dict(flags=dict(flags), training=training, access=access, none_part=none_part)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -119,27 +121,28 @@ def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool,
         if not isinstance(inner, nn.Module):
             raise TypeError(f"VLMLoRA returned {type(result).__name__}, which does not lead to the model via {access}")
     except Exception as exc:  # noqa: BLE001 - the parent reports it for this combination
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        return record
+        return VLMCombo(**made, error=f"{type(exc).__name__}: {exc}")
     params = dict(inner.named_parameters())
-    record["params"] = sorted(params)
-    record["trainable"] = sorted(n for n, p in params.items() if p.requires_grad)
-    record["not_in_mode"] = sorted(n or "<root>" for n, m in inner.named_modules() if m.training != training)
-    if not record["trainable"] or none_part is not None:
+    made.update(
+        params=sorted(params),
+        trainable=sorted(n for n, p in params.items() if p.requires_grad),
+        not_in_mode=sorted(n or "<root>" for n, m in inner.named_modules() if m.training != training),
+    )
+    if not made["trainable"] or none_part is not None:
         # (A LLaVA without one of its parts cannot run forward: no step.)
-        return record
+        return VLMCombo(**made)
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = torch.optim.Adam(inner.parameters(), lr=ADAM_LR, eps=ADAM_EPS)
     optimizer.zero_grad()
     out, _ = inner(**inputs)
     probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(device=out.device, dtype=out.dtype)
     (out * probe).sum().backward()
-    record["no_grad"] = sorted(
+    no_grad = sorted(
         n for n, p in params.items() if p.requires_grad and (p.grad is None or not bool(p.grad.ne(0).any()))
     )
     optimizer.step()
-    record["changed"] = sorted(n for n, p in params.items() if not torch.equal(before[n], p.detach()))
-    return record
+    changed = sorted(n for n, p in params.items() if not torch.equal(before[n], p.detach()))
+    return VLMCombo(**made, no_grad=no_grad, changed=changed)
 
 
 def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
@@ -155,11 +158,11 @@ def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
     pristine = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype,
                       parallel_output=not output_layer_gathers(case.contract))
     modules = dict(pristine.named_modules())
-    base = {
-        "params": sorted(n for n, _ in pristine.named_parameters()),
-        "linear": sorted(n for n, m in modules.items() if n and _linear_type(m)),
-        "other": sorted(n for n, m in modules.items() if n and not _linear_type(m)),
-    }
+    base = VLMBase(
+        params=sorted(n for n, _ in pristine.named_parameters()),
+        linear=sorted(n for n, m in modules.items() if n and _linear_type(m)),
+        other=sorted(n for n, m in modules.items() if n and not _linear_type(m)),
+    )
     del pristine, modules
     # Seeded on the CPU, then moved: the same values on every device.
     device = getattr(ctx, "device", None) or torch.device("cpu")
@@ -176,5 +179,5 @@ def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=parallel_state.get_data_parallel_rank(),
         output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions={},
-        extras={"vlm_base": base, "vlm_combos": combos},
+        extras=VLMExtras(base=base, combos=combos),
     )

@@ -1,0 +1,204 @@
+"""What a rank task hands to the properties besides the common tensors: one typed record per task.
+
+``RankRecord.extras`` holds one of these (None only on a record that
+carries no evidence at all: ``harness.tasks.common.violation_record``):
+
+* ``DenseExtras``: the dense forward/backward task (``harness.families.gpt.tasks``);
+* ``MoEExtras``: the MoE forward/backward task (``harness.families.moe.tasks``);
+* ``VLMExtras``: the VLM freezing task (``harness.families.vlm.tasks``);
+* ``InitExtras``: the init tasks (``harness.families.gpt.init``, ``harness.families.moe.init``).
+
+Every field is declared with its type. A field that a task produces only on
+some examples (after a training step, with dropout at TP > 1, with a zero
+init) is Optional, and None means "not produced on this example": a
+property tests ``is None`` itself, so nothing reads as an empty dict. A
+property reads attributes, so a field the task does not produce (or a
+misspelt one) is an ``AttributeError`` at the first run, which the driver
+reports as a crash, never a pass. ``harness.properties._gather`` reaches
+per-rank dicts by the path ``"extras.<field>"``: ``evidence_path`` checks
+such a path against the type when a property module is imported, and
+``evidence_field`` against the record's own type when it is read.
+
+Records travel between processes by pickle: these are plain dataclasses,
+tensors kept as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional, Union
+
+__all__ = [
+    "DropoutStats", "ModuleMerge", "ModelFold", "MergeEvidence", "ForwardExtras", "DenseExtras", "MoEExtras",
+    "VLMBase", "VLMCombo", "VLMExtras", "ZeroForward", "InitExtras", "RankExtras", "EXTRAS_TYPES",
+    "evidence_path", "evidence_field",
+]
+
+# Tensors (float64 CPU copies unless said otherwise); ``Any`` keeps this module free of torch.
+Tensor = Any
+
+
+@dataclass(frozen=True)
+class DropoutStats:
+    """What dropout did in one run's ``harness.dropout.keyed_dropout`` block (``DropoutLog``'s counts)."""
+
+    calls: int         # calls with p > 0 that dropped (training=True)
+    elements: int      # elements those calls saw
+    dropped: int       # elements zeroed by those calls
+    eval_calls: int    # such calls made while the model was in eval mode
+
+    @classmethod
+    def of(cls, log: Any) -> "DropoutStats":
+        return cls(calls=log.calls, elements=log.elements, dropped=log.dropped, eval_calls=log.eval_calls)
+
+
+class ModuleMerge(NamedTuple):
+    """``LoRAMerge().merge`` on one dense module's shards (``harness.tasks.merge.module_merges``)."""
+
+    got: Tensor          # the implementation's merged shard
+    want: Tensor         # W + (alpha/dim) B @ A, this rank's shard, computed by the harness
+    got_dtype: str
+    base_dtype: str
+
+
+@dataclass(frozen=True)
+class ModelFold:
+    """The model-level fold (``harness.tasks.merge.fold_model``)."""
+
+    adapted_output: Tensor   # the adapted model's logits (eval mode)
+    merged_output: Tensor    # the folded model's logits on the same input
+    left: list[str]          # adapter wrappers the fold left behind (the first five)
+    how: str                 # "model": LoRAMerge()(model); "harness": folded with the implementation's merge
+
+
+@dataclass(frozen=True)
+class MergeEvidence:
+    """Merge evidence (``harness.tasks.common.merge_evidence``).
+
+    ``error``: what the implementation raised while merging (None: nothing).
+    The other fields are None when merging raised before they were made;
+    with no error every one is set.
+    """
+
+    modules: Optional[dict[str, ModuleMerge]] = None   # per dense module ({} for MoE: experts fold only)
+    fold: Optional[ModelFold] = None
+    cast_once: Optional[dict[str, Optional[str]]] = None  # "column"|"row" -> None or what was wrong
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardExtras:
+    """What both forward/backward tasks (dense and MoE) produce."""
+
+    dropout: DropoutStats
+    merge: MergeEvidence
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseExtras(ForwardExtras):
+    """The dense task's evidence (``run_gpt_case``)."""
+
+    #: The gathered adapters after one SGD step (training only; None in inference).
+    stepped_adapters: Optional[dict[str, Tensor]] = None
+    #: What broke "a TP-replicated tensor gets the same mask on every TP rank" with the implementation's
+    #: own dropout (training with dropout > 0 at TP > 1 only; None elsewhere).
+    dropout_masks: Optional[list[str]] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEExtras(ForwardExtras):
+    """The MoE task's evidence (``run_moe_case``)."""
+
+    own_output: Tensor                      # logits with the implementation's own initial adapters
+    ep_rank: int
+    etp_rank: int
+    expert_tokens: dict[str, list[int]]     # tokens per local expert, per experts module
+    shared_created: dict[str, Tensor]       # raw local shards of shared grouped adapters after creation
+    #: The same after one optimizer step (training only; None in inference).
+    shared_stepped: Optional[dict[str, Tensor]] = None
+    #: The logits after that step (training only; None in inference).
+    stepped_output: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class VLMBase:
+    """The unadapted LLaVA model: parameter names, linear-type modules, other modules."""
+
+    params: list[str]
+    linear: list[str]
+    other: list[str]
+
+
+@dataclass(frozen=True)
+class VLMCombo:
+    """One VLMLoRA call of the VLM task (``harness.families.vlm.tasks``' module docstring).
+
+    ``error`` set: VLMLoRA raised and nothing after it was produced (the
+    lists are None). ``no_grad`` / ``changed`` are None where no optimizer
+    step was taken (nothing trainable, or a vision part set to None).
+    """
+
+    flags: dict[str, bool]        # FREEZE_FLAGS -> value
+    training: bool
+    access: str                   # "model" | "list" | "llava_model"
+    none_part: Optional[str] = None
+    error: Optional[str] = None
+    params: Optional[list[str]] = None
+    trainable: Optional[list[str]] = None
+    not_in_mode: Optional[list[str]] = None
+    no_grad: Optional[list[str]] = None
+    changed: Optional[list[str]] = None
+
+
+@dataclass(frozen=True)
+class VLMExtras:
+    """The VLM task's evidence (``run_vlm_case``)."""
+
+    base: VLMBase
+    combos: list[VLMCombo]
+
+
+@dataclass(frozen=True)
+class ZeroForward:
+    """With a zero init: whether the adapted logits equal the base model's bitwise, and the largest difference."""
+
+    equal: bool
+    max_abs: float
+
+
+@dataclass(frozen=True)
+class InitExtras:
+    """The init tasks' evidence (``harness.tasks.init``)."""
+
+    init_shape: dict[str, Any]
+    dim: int
+    targets: str                                  # "case" | "default" (the case's patterns adapted nothing)
+    zero_forward: Optional[ZeroForward] = None    # A or B initialised to zero only
+
+
+RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras]
+EXTRAS_TYPES: tuple[type, ...] = (DenseExtras, MoEExtras, VLMExtras, InitExtras)
+
+_PREFIX = "extras."
+
+
+def _field_names(kind: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind) else []
+
+
+def evidence_path(kind: type, name: str) -> str:
+    """``"extras.<name>"``, the path ``harness.properties._gather`` reads a per-rank dict by; checked
+    now (at a property module's import): ``name`` must be a field of ``kind``."""
+    if name not in _field_names(kind):
+        raise AttributeError(f"{kind.__name__} has no field {name!r} (its fields: {', '.join(_field_names(kind))})")
+    return _PREFIX + name
+
+
+def evidence_field(extras: Any, name: str) -> Any:
+    """``extras.<name>``, where ``name`` must be a declared field of the record's evidence type:
+    an ``AttributeError`` naming the type otherwise (also for a record with no evidence)."""
+    if name not in _field_names(extras):
+        raise AttributeError(f"a rank record's extras ({type(extras).__name__}) has no field {name!r}"
+                             + (f" (its fields: {', '.join(_field_names(extras))})" if _field_names(extras) else ""))
+    return getattr(extras, name)
