@@ -7,10 +7,10 @@ tensors. Two sources of truth:
 * base megatron parameters carry megatron's own ``tensor_model_parallel`` /
   ``partition_dim`` attributes; a gated ``linear_fc1`` holds, on each TP rank,
   its gate slice followed by its up slice;
-* adapter parameters follow harness/SPEC.md's TP table, decided from the kind of the
-  base layer (``<module>.to_wrap``), never from attributes the implementation
-  under test set, so an implementation that lays its shards out differently
-  is caught rather than trusted.
+* adapter parameters follow harness/SPEC.md's TP table (``harness.rules.adapters``),
+  decided from the kind of the base layer (``<module>.to_wrap``), never from
+  attributes the implementation under test set, so an implementation that
+  lays its shards out differently is caught rather than trusted.
 """
 
 from __future__ import annotations
@@ -33,14 +33,12 @@ __all__ = [
     "full_shape",
     "seeded_tensor",
     "base_partition",
-    "adapter_partitions",
+    "is_gated_fc1",
     "load_full_base_weights",
     "expert_param",
     "num_local_experts",
     "load_full_adapter_weights",
-    "adapter_table",
     "initial_adapters",
-    "adapter_modules",
     "SpecViolation",
 ]
 
@@ -128,7 +126,7 @@ def _owner_and_leaf(name: str) -> tuple[str, str]:
     return owner, leaf
 
 
-def _is_gated_fc1(module: nn.Module, module_name: str) -> bool:
+def is_gated_fc1(module: nn.Module, module_name: str) -> bool:
     config = getattr(module, "config", None)
     return module_name.rsplit(".", 1)[-1] == "linear_fc1" and bool(getattr(config, "gated_linear_unit", False))
 
@@ -139,7 +137,7 @@ def base_partition(model: nn.Module, name: str, param: torch.Tensor) -> Partitio
         return REPLICATED
     owner_name, _ = _owner_and_leaf(name)
     owner = model.get_submodule(owner_name) if owner_name else model
-    return Partition(int(param.partition_dim), gated=_is_gated_fc1(owner, _canonical(owner_name)))
+    return Partition(int(param.partition_dim), gated=is_gated_fc1(owner, _canonical(owner_name)))
 
 
 def _canonical(name: str) -> str:
@@ -238,79 +236,6 @@ def load_full_base_weights(
     return shapes
 
 
-def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that hold an adapter per SPEC naming: name -> wrapper (has to_wrap and adapter)."""
-    found = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "to_wrap") and hasattr(module, "adapter"):
-            found[name] = module
-    return found
-
-
-def _base_kind(base: nn.Module) -> str:
-    weight = getattr(base, "weight", None)
-    if getattr(weight, "tensor_model_parallel", False):
-        return "column" if int(weight.partition_dim) == 0 else "row"
-    return "plain"
-
-
-def _base_full_io(base: nn.Module, kind: str, tp_size: int) -> tuple[int, int]:
-    out_local, in_local = base.weight.shape
-    if kind == "column":
-        return out_local * tp_size, in_local
-    if kind == "row":
-        return out_local, in_local * tp_size
-    return out_local, in_local
-
-
-def adapter_partitions(wrapper: nn.Module, wrapper_name: str) -> dict[str, Partition]:
-    """harness/SPEC.md's TP table for the two adapter matrices of one wrapped module."""
-    kind = _base_kind(wrapper.to_wrap)
-    gated = _is_gated_fc1(wrapper.to_wrap, wrapper_name)
-    if kind == "column":
-        return {"linear_in": Partition(0), "linear_out": Partition(0, gated=gated)}
-    if kind == "row":
-        return {"linear_in": Partition(1), "linear_out": Partition(0)}
-    return {"linear_in": REPLICATED, "linear_out": REPLICATED}
-
-
-def adapter_full_shapes(wrapper: nn.Module, tp_size: int, dim: int) -> dict[str, tuple[int, int]]:
-    kind = _base_kind(wrapper.to_wrap)
-    out_full, in_full = _base_full_io(wrapper.to_wrap, kind, tp_size)
-    return {"linear_in": (dim, in_full), "linear_out": (out_full, dim)}
-
-
-def adapter_table(model: nn.Module, tp_rank: int, tp_size: int, dim: int) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
-    """Per adapter parameter: (canonical module name, partition, full shape), loading nothing.
-
-    Checks each parameter's name and local shape against harness/SPEC.md and
-    raises ``SpecViolation`` naming the module when they differ.
-    """
-    table = {}
-    wrappers = adapter_modules(model)
-    if not wrappers:
-        raise SpecViolation("no module with `to_wrap` and `adapter` children: no adapter was applied (SPEC naming)")
-    for wname, wrapper in wrappers.items():
-        parts = adapter_partitions(wrapper, wname)
-        shapes = adapter_full_shapes(wrapper, tp_size, dim)
-        for which in ("linear_in", "linear_out"):
-            pname = f"{wname}.adapter.{which}.weight"
-            try:
-                param = model.get_parameter(pname)
-            except AttributeError as exc:
-                raise SpecViolation(f"{wname}: missing adapter parameter {pname} (SPEC names A and B adapter.linear_in/linear_out)") from exc
-            part, shape = parts[which], shapes[which]
-            expected = full_shape(shape, Partition(part.dim), 1)
-            local = shard(torch.empty(expected, device="meta"), part, tp_rank, tp_size).shape if part.dim is not None else expected
-            if tuple(param.shape) != tuple(local):
-                raise SpecViolation(
-                    f"{pname}: local shape {tuple(param.shape)} on TP rank {tp_rank}/{tp_size}, SPEC expects "
-                    f"{tuple(local)} (full {shape}, {part.describe()})"
-                )
-            table[pname] = (wname, part, tuple(shape))
-    return table
-
-
 @torch.no_grad()
 def load_full_adapter_weights(
     model: nn.Module, seed: int, tp_rank: int, tp_size: int, dim: int
@@ -320,6 +245,8 @@ def load_full_adapter_weights(
     Checks names and shapes first (``adapter_table``, raising
     ``SpecViolation``) and returns its table.
     """
+    from harness.rules.adapters import adapter_table
+
     table = adapter_table(model, tp_rank, tp_size, dim)
     for pname, (wname, part, shape) in table.items():
         which = pname.rsplit(".", 2)[-2]
@@ -332,11 +259,17 @@ def load_full_adapter_weights(
     return table
 
 
+def _adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from harness.rules.adapters import adapter_modules
+
+    return adapter_modules(model)
+
+
 def initial_adapters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter's A and B as the implementation made them: float64 CPU copies, by parameter name."""
     return {
         f"{wname}.adapter.{which}.weight": getattr(wrapper.adapter, which).weight.detach().to(device="cpu", dtype=torch.float64, copy=True)
-        for wname, wrapper in adapter_modules(model).items()
+        for wname, wrapper in _adapter_modules(model).items()
         for which in ("linear_in", "linear_out")
         if isinstance(getattr(getattr(wrapper.adapter, which, None), "weight", None), torch.Tensor)
     }

@@ -26,7 +26,8 @@ from torch import nn
 from harness.layouts import ParallelLayout
 from harness.families.gpt.model import causal_mask
 from harness.families.moe.model import MoEShape, build_moe_gpt, expert_sizes, layout_sizes
-from harness.sharding import Partition, adapter_full_shapes, adapter_partitions, load_full_base_weights, seeded_tensor, shard
+from harness.rules.adapters import adapter_full_shapes, adapter_partitions
+from harness.sharding import Partition, load_full_base_weights, seeded_tensor, shard
 
 TARGETS = ["linear_fc1", "linear_fc2"]
 

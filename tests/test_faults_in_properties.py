@@ -4,7 +4,6 @@ The property run must end, name the rank, carry the stacks of every rank for
 a hang, shrink to a minimal example, and leave no rank process behind.
 """
 
-import os
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from harness.layouts import ParallelLayout
 from harness.driver import check_property
 from harness.results import Verdict
 from harness.runs import Executor
-from harness.pool import RankCrash, RankHang, get_pool, shutdown_all
+from harness.pool import get_pool, shutdown_all
 
 TP2 = ParallelLayout(tp=2)
 SEARCH = settings(max_examples=40, database=None, deadline=None)

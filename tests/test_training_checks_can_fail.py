@@ -14,7 +14,6 @@ import torch
 
 from harness.compare import LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, compare_low_precision
 from harness.dropout import capture_dropout, keyed_dropout, keyed_mask
-from harness.layouts import ParallelLayout
 from harness.results import Verdict
 from tests.test_properties_can_fail import TP1, TP2, _expect_failure, _expect_pass
 

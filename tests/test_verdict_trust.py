@@ -17,7 +17,6 @@ from hypothesis import settings
 
 from harness.cases import case_from_json
 from harness.families.gpt.case import GPTCase
-from harness.families.moe.case import MoECase
 from harness.driver import check_property, control_impl, judge_example
 from harness.layouts import ParallelLayout
 from harness.families.gpt.model import GPTShape

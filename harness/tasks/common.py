@@ -15,7 +15,7 @@ import torch
 from harness.contract import load_impl
 from harness.evidence import MergeEvidence
 from harness.results import Finding, RankRecord
-from harness.sharding import SpecViolation
+from harness.errors import SpecViolation
 
 __all__ = [
     "setup", "any_rank", "checked_table", "violation_record", "cpu64", "replicated_masks", "merge_evidence",

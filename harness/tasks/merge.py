@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from harness.evidence import ModelFold, ModuleMerge
-from harness.sharding import Partition, adapter_modules, base_partition, gather_full, shard
+from harness.rules.adapters import adapter_modules
+from harness.sharding import Partition, base_partition, gather_full, shard
 from harness.errors import MergeAPIError
 
 __all__ = ["module_merges", "fold_model", "cast_once", "merge_api", "call_merge", "MergeAPIError", "fold_with_merge"]

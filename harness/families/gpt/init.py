@@ -12,7 +12,8 @@ from harness.evidence import InitExtras, ZeroForward
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import GPTShape, build_gpt, causal_mask, output_layer_gathers
 from harness.results import Partitioned, RankRecord
-from harness.sharding import adapter_modules, adapter_table, initial_adapters, seeded_tensor
+from harness.rules.adapters import adapter_modules, adapter_table
+from harness.sharding import initial_adapters, seeded_tensor
 from harness.tasks.common import any_rank, checked_table, setup
 from harness.tasks.init import INIT_FFN, INIT_HIDDEN, INIT_VOCAB, init_dim
 

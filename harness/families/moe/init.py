@@ -11,7 +11,7 @@ from harness.contract import DEFAULT_TARGET_MODULES, load_impl
 from harness.evidence import InitExtras
 from harness.families.gpt.model import output_layer_gathers
 from harness.results import RankRecord
-from harness.sharding import adapter_modules
+from harness.rules.adapters import adapter_modules, moe_adapter_table
 from harness.tasks.common import any_rank, checked_table
 from harness.tasks.init import INIT_DIM, INIT_HIDDEN, INIT_VOCAB
 
@@ -56,7 +56,7 @@ def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
     from megatron.core import parallel_state as ps
 
     from harness.families.moe.model import build_moe_gpt, expert_sizes, layout_sizes
-    from harness.families.moe.tasks import _assemble, full_partitions, moe_adapter_table
+    from harness.families.moe.tasks import assemble, full_partitions
 
     big = moe_init_case(case)
     layout = big.layout
@@ -83,7 +83,7 @@ def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
     table, broken = checked_table(lambda: moe_adapter_table(model, big, sizes), ctx.rank, sizes["tp_rank"], sizes["tp_size"])
     if broken is not None:
         return broken
-    initial = _assemble({p: model.get_parameter(p) for p in table}, table, sizes)
+    initial = assemble({p: model.get_parameter(p) for p in table}, table, sizes)
     return RankRecord(
         rank=ctx.rank, tp_rank=sizes["tp_rank"], tp_size=sizes["tp_size"], dp_rank=ps.get_data_parallel_rank(),
         output=None, input_grad=None, adapter_grads={},

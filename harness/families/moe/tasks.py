@@ -31,9 +31,6 @@ received.
 from __future__ import annotations
 
 import math
-
-import re
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -46,149 +43,13 @@ from harness.contract import load_impl
 from harness.families.gpt.model import causal_mask, output_layer_gathers
 from harness.results import Finding, Partitioned, RankRecord
 from harness.tasks.common import checked_table, cpu64, error_expecter, merge_evidence, reapply_findings, sequence_gathered, state_findings
-from harness.sharding import (
-    REPLICATED,
-    Partition,
-    SpecViolation,
-    adapter_modules,
-    load_full_base_weights,
-    seeded_tensor,
-    gather_full,
-    shard,
-)
+from harness.rules.adapters import AdapterParam, moe_adapter_table
+from harness.sharding import Partition, gather_full, load_full_base_weights, seeded_tensor, shard
 
-__all__ = ["run_moe_case", "AdapterParam", "moe_adapter_table", "is_expert_name", "SGD_LR"]
+__all__ = ["run_moe_case", "SGD_LR"]
 
 #: The learning rate of the one plain SGD step the task takes on the adapters.
 SGD_LR = 0.1
-
-_EXPERTS = re.compile(r"(^|\.)mlp\.experts(\.|$)")
-_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
-_PER_EXPERT = re.compile(r"^(?P<stem>.*\.adapter\.linear_(?:in|out)\.weight)(?P<i>\d+)$")
-
-
-def is_expert_name(name: str) -> bool:
-    """Under ``...mlp.experts...``: a routed expert (``shared_experts`` is not one)."""
-    return bool(_EXPERTS.search(name))
-
-
-@dataclass(frozen=True)
-class AdapterParam:
-    """One adapter parameter of this rank, as SPEC says it must be laid out.
-
-    ``name``: the local parameter name; ``global_name``: the same parameter
-    in a world of size one; ``module``: the global name of the adapted
-    module; ``group``: "etp" or "tp", the group it is split over;
-    ``per_expert``: lives on one EP rank only (by global expert index);
-    ``shared``: a grouped linear's single adapter, the same on every EP rank.
-    """
-
-    name: str
-    global_name: str
-    module: str
-    which: str
-    part: Partition
-    full_shape: tuple[int, ...]
-    group: str
-    expert: bool
-    per_expert: bool
-    shared: bool
-
-
-def _globalise(name: str, ep_rank: int, local: int) -> str:
-    name = _LOCAL_EXPERT.sub(lambda m: f".local_experts.{ep_rank * local + int(m.group(1))}.", name)
-    m = _PER_EXPERT.match(name)
-    if m:
-        name = f"{m['stem']}{ep_rank * local + int(m['i'])}"
-    return name
-
-
-def _base_kind_and_io(base: torch.nn.Module, group_size: int) -> tuple[str, int, int]:
-    """'column' / 'row' / 'plain' and the full (out, in) of a base linear, from megatron's attributes."""
-    weight = getattr(base, "weight", None)
-    if weight is None and hasattr(base, "num_gemms"):
-        weight = getattr(base, "weight0")
-    if weight is None:
-        raise SpecViolation(f"{type(base).__name__}: a base linear with neither `weight` nor `weight0`")
-    out_local, in_local = weight.shape
-    if getattr(weight, "tensor_model_parallel", False):
-        if int(weight.partition_dim) == 0:
-            return "column", out_local * group_size, in_local
-        return "row", out_local, in_local * group_size
-    return "plain", out_local, in_local
-
-
-def moe_adapter_table(model: torch.nn.Module, case: MoECase, sizes: dict[str, int]) -> dict[str, AdapterParam]:
-    """Every adapter parameter SPEC says this rank must hold, with its global name and layout.
-
-    Raises ``SpecViolation`` naming the parameter when the implementation's
-    names or local shapes differ from SPEC's.
-    """
-    # No wrapper at all is legitimate here (e.g. only shared-expert patterns
-    # on a model without shared experts); the comparison with the
-    # reference's adapted set tells whether something was missed.
-    wrappers = adapter_modules(model)
-    shape = case.shape
-    local = shape.num_experts // sizes["ep_size"]
-    dim = int(case.lora.get("dim", 32))
-    normalize = bool(case.lora.get("normalize_moe_lora", False))
-    share = bool(case.lora.get("share_expert_adapters", True))
-    table: dict[str, AdapterParam] = {}
-    params = dict(model.named_parameters())
-    for wname, wrapper in wrappers.items():
-        base = wrapper.to_wrap
-        expert = is_expert_name(wname)
-        group = "etp" if expert else "tp"
-        g_rank, g_size = (sizes["etp_rank"], sizes["etp_size"]) if expert else (sizes["tp_rank"], sizes["tp_size"])
-        kind, out_full, in_full = _base_kind_and_io(base, g_size)
-        r = dim // shape.moe_router_topk if (expert and normalize) else dim
-        gated = wname.rsplit(".", 1)[-1] == "linear_fc1" and shape.gated_linear_unit
-        if kind == "column":
-            parts = {"linear_in": Partition(0), "linear_out": Partition(0, gated=gated)}
-        elif kind == "row":
-            parts = {"linear_in": Partition(1), "linear_out": Partition(0)}
-        else:
-            parts = {"linear_in": REPLICATED, "linear_out": REPLICATED}
-        fulls = {"linear_in": (r, in_full), "linear_out": (out_full, r)}
-        grouped = hasattr(base, "num_gemms")
-        per_expert_grouped = grouped and not share
-        suffixes = [str(i) for i in range(int(base.num_gemms))] if per_expert_grouped else [""]
-        for which in ("linear_in", "linear_out"):
-            part = parts[which]
-            local_shape = tuple(shard(torch.empty(fulls[which], device="meta"), part, g_rank, g_size).shape)
-            for suffix in suffixes:
-                pname = f"{wname}.adapter.{which}.weight{suffix}"
-                if pname not in params:
-                    have = sorted(n for n in params if n.startswith(f"{wname}.adapter."))
-                    raise SpecViolation(
-                        f"{wname}: missing adapter parameter {pname} (SPEC: adapter.linear_in/linear_out.weight"
-                        f"{', one per local expert with suffix <i> when share_expert_adapters=False' if grouped else ''}); "
-                        f"found {have[:6]}"
-                    )
-                if tuple(params[pname].shape) != local_shape:
-                    why = f"rank {r}" + (f" = dim {dim} // moe_router_topk {shape.moe_router_topk}" if expert and normalize else "")
-                    raise SpecViolation(
-                        f"{pname}: local shape {tuple(params[pname].shape)} on {group.upper()} rank {g_rank}/{g_size}, "
-                        f"SPEC expects {local_shape} (full {fulls[which]}, {part.describe()}, {why})"
-                    )
-                gname = _globalise(pname, sizes["ep_rank"], local)
-                table[pname] = AdapterParam(
-                    name=pname,
-                    global_name=gname,
-                    module=_globalise(wname + ".", sizes["ep_rank"], local)[:-1] if expert else wname,
-                    which=which,
-                    part=part,
-                    full_shape=fulls[which],
-                    group=group,
-                    expert=expert,
-                    per_expert=expert and (not grouped or per_expert_grouped),
-                    shared=expert and grouped and not per_expert_grouped,
-                )
-        extra = sorted(n for n in params if n.startswith(f"{wname}.adapter.") and n not in table)
-        if extra:
-            raise SpecViolation(f"{wname}: adapter parameters SPEC does not name: {extra[:6]}")
-    return table
-
 
 def _group(kind: str) -> Any:
     from megatron.core import parallel_state as ps
@@ -202,7 +63,7 @@ def _group(kind: str) -> Any:
     }[kind]()
 
 
-def _assemble(values: dict[str, Optional[torch.Tensor]], table: dict[str, AdapterParam], sizes: dict[str, int]) -> dict[str, Any]:
+def assemble(values: dict[str, Optional[torch.Tensor]], table: dict[str, AdapterParam], sizes: dict[str, int]) -> dict[str, Any]:
     """Full tensors by global name: gathered over (E)TP, per-expert ones collected over EP.
 
     Collectives are batched: one all_reduce says which tensors every rank
@@ -267,7 +128,7 @@ def _ddp_reduce(model: torch.nn.Module, table: dict[str, AdapterParam], layout: 
 
 
 def full_partitions(table: dict[str, AdapterParam], full: dict[str, Any]) -> dict[str, Partitioned]:
-    """The partition table of full, assembled tensors (``_assemble``): every one replicated, by global
+    """The partition table of full, assembled tensors (``assemble``): every one replicated, by global
     name, the other EP ranks' per-expert adapters included."""
     partitions = {i.global_name: Partitioned(i.module, None, False, tuple(i.full_shape)) for i in table.values()}
     for name, tensor in full.items():
@@ -299,7 +160,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
         return broken
     shared = sorted(p for p, i in table.items() if i.shared)
     created = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
-    initial = _assemble({p: model.get_parameter(p) for p in table}, table, sizes)
+    initial = assemble({p: model.get_parameter(p) for p in table}, table, sizes)
 
     tokens: dict[str, list[int]] = {}
 
@@ -358,7 +219,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
         shared_stepped = stepped_output = None
         if case.training:
             _ddp_reduce(model, table, layout, ctx.world_size)
-            grads = _assemble({p: model.get_parameter(p).grad for p in table}, table, sizes)
+            grads = assemble({p: model.get_parameter(p).grad for p in table}, table, sizes)
             with torch.no_grad():
                 for pname in table:
                     p = model.get_parameter(pname)
@@ -367,7 +228,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
             shared_stepped = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
             stepped_output = cpu64(stepped_output)
         else:
-            grads = _assemble(grads_local, table, sizes)
+            grads = assemble(grads_local, table, sizes)
     dropout = DropoutStats.of(dropout_log)
     own_output = cpu64(own_output)
     # Idempotence, undone before the merge (as in the dense task).
