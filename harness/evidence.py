@@ -1,4 +1,6 @@
-"""What a rank task hands to the properties besides the common tensors: one typed record per task.
+"""What a rank task hands to the properties: the rank's record (``RankRecord``: outputs, gradients,
+adapters and their partitions, findings; ``ErrorRecord`` for the bad-input task) and, typed per
+task, the evidence only some properties read.
 
 ``RankRecord.extras`` holds one of these (None only on a record that
 carries no evidence at all: ``harness.tasks.common.violation_record``):
@@ -26,13 +28,15 @@ tensors kept as they are.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Union
+
+from harness.results import Finding
 
 __all__ = [
     "DropoutStats", "ModuleMerge", "ModelFold", "MergeEvidence", "ForwardExtras", "DenseExtras", "MoEExtras",
     "VLMBase", "VLMCombo", "VLMExtras", "ZeroForward", "InitExtras", "RankExtras", "EXTRAS_TYPES",
-    "evidence_path", "evidence_field",
+    "evidence_path", "evidence_field", "Partitioned", "RankRecord", "ErrorRecord",
 ]
 
 # Tensors (float64 CPU copies unless said otherwise); ``Any`` keeps this module free of torch.
@@ -202,3 +206,49 @@ def evidence_field(extras: Any, name: str) -> Any:
         raise AttributeError(f"a rank record's extras ({type(extras).__name__}) has no field {name!r}"
                              + (f" (its fields: {', '.join(_field_names(extras))})" if _field_names(extras) else ""))
     return getattr(extras, name)
+
+
+# ------------------------------------------------- what a rank sends back
+
+
+@dataclass(frozen=True)
+class Partitioned:
+    """How one adapter parameter's shards form the full tensor.
+
+    ``module``: the adapted module's name; ``dim``: split dimension over the
+    parameter's TP-like group (None: replicated); ``gated``: per-rank gate|up
+    halves; ``full_shape``: the unsharded shape.
+    """
+
+    module: str
+    dim: Optional[int]
+    gated: bool
+    full_shape: tuple[int, ...]
+
+
+@dataclass
+class RankRecord:
+    """What one rank returns for one forward/backward case."""
+
+    rank: int
+    tp_rank: int
+    tp_size: int
+    dp_rank: int
+    output: Any  # float64 CPU tensor
+    input_grad: Any
+    adapter_grads: dict[str, Any]
+    initial_adapters: dict[str, Any]
+    partitions: dict[str, Partitioned]
+    findings: list[Finding] = field(default_factory=list)
+    # The task's own evidence, typed per task (harness.evidence); None only on
+    # a record with no evidence (the adapters' names or shapes broke SPEC).
+    extras: Optional[RankExtras] = None
+
+
+@dataclass
+class ErrorRecord:
+    """What one rank returns for the bad-input case: one finding per broken rule."""
+
+    rank: int
+    tp_rank: int
+    findings: list[Finding] = field(default_factory=list)

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from harness.compare import ErrorStats, Tolerance
-from harness.evidence import RankExtras
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -44,9 +43,6 @@ __all__ = [
     "Finding",
     "Note",
     "Check",
-    "Partitioned",
-    "RankRecord",
-    "ErrorRecord",
     "ExampleRecord",
     "PropertyOutcome",
     "RunResults",
@@ -269,52 +265,6 @@ class Check:
         if len(lines) > MESSAGE_FINDINGS:
             lines = lines[:MESSAGE_FINDINGS] + [f"... and {len(lines) - MESSAGE_FINDINGS} more (all in results.json)"]
         return "\n  ".join([head, *lines])
-
-
-# ---------------------------------------------------------------- rank side
-
-
-@dataclass(frozen=True)
-class Partitioned:
-    """How one adapter parameter's shards form the full tensor.
-
-    ``module``: the adapted module's name; ``dim``: split dimension over the
-    parameter's TP-like group (None: replicated); ``gated``: per-rank gate|up
-    halves; ``full_shape``: the unsharded shape.
-    """
-
-    module: str
-    dim: Optional[int]
-    gated: bool
-    full_shape: tuple[int, ...]
-
-
-@dataclass
-class RankRecord:
-    """What one rank returns for one forward/backward case."""
-
-    rank: int
-    tp_rank: int
-    tp_size: int
-    dp_rank: int
-    output: Any  # float64 CPU tensor
-    input_grad: Any
-    adapter_grads: dict[str, Any]
-    initial_adapters: dict[str, Any]
-    partitions: dict[str, Partitioned]
-    findings: list[Finding] = field(default_factory=list)
-    # The task's own evidence, typed per task (harness.evidence); None only on
-    # a record with no evidence (the adapters' names or shapes broke SPEC).
-    extras: Optional[RankExtras] = None
-
-
-@dataclass
-class ErrorRecord:
-    """What one rank returns for the bad-input case: one finding per broken rule."""
-
-    rank: int
-    tp_rank: int
-    findings: list[Finding] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- run level

@@ -27,7 +27,8 @@ from harness.families.gpt.model import GPTShape
 from harness.layouts import ParallelLayout
 from harness.properties import get_property
 from harness.properties._gather import replicas
-from harness.results import Check, Partitioned, RankRecord
+from harness.results import Check
+from harness.evidence import Partitioned, RankRecord
 
 PROPERTIES = Path(__file__).resolve().parent.parent / "harness" / "properties"
 PARAM = "decoder.layers.0.self_attention.linear_qkv.adapter.linear_in.weight"

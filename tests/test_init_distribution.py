@@ -21,7 +21,8 @@ from harness.layouts import ParallelLayout
 from harness.families.gpt.model import GPTShape
 from harness.properties.init_distribution import ALPHA, check, spec_distribution
 from harness.evidence import InitExtras, ZeroForward
-from harness.results import Partitioned, RankRecord, Verdict
+from harness.results import Verdict
+from harness.evidence import Partitioned, RankRecord
 from harness.stats import (
     kolmogorov_sf,
     ks_critical_value,

@@ -14,7 +14,8 @@ import torch
 
 from harness.contract import load_impl
 from harness.evidence import MergeEvidence
-from harness.results import Finding, RankRecord
+from harness.results import Finding
+from harness.evidence import RankRecord
 from harness.errors import SpecViolation
 
 __all__ = [

@@ -11,7 +11,7 @@ from harness.contract import DEFAULT_TARGET_MODULES
 from harness.evidence import InitExtras, ZeroForward
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import GPTShape, build_gpt, causal_mask, output_layer_gathers
-from harness.results import Partitioned, RankRecord
+from harness.evidence import Partitioned, RankRecord
 from harness.rules.adapters import adapter_modules, adapter_table
 from harness.sharding import initial_adapters, seeded_tensor
 from harness.tasks.common import any_rank, checked_table, setup

@@ -20,7 +20,8 @@ from harness.dropout import keyed_dropout
 from harness.evidence import DenseExtras, DropoutStats
 from harness.contract import INIT_METHODS, contract_point
 from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
-from harness.results import ErrorRecord, Finding, Partitioned, RankRecord
+from harness.results import Finding
+from harness.evidence import ErrorRecord, Partitioned, RankRecord
 from harness.tasks.common import (
     checked_table,
     cpu64,

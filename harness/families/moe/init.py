@@ -10,7 +10,7 @@ import torch
 from harness.contract import DEFAULT_TARGET_MODULES, load_impl
 from harness.evidence import InitExtras
 from harness.families.gpt.model import output_layer_gathers
-from harness.results import RankRecord
+from harness.evidence import RankRecord
 from harness.rules.adapters import adapter_modules, moe_adapter_table
 from harness.tasks.common import any_rank, checked_table
 from harness.tasks.init import INIT_DIM, INIT_HIDDEN, INIT_VOCAB

@@ -41,7 +41,8 @@ from harness.evidence import DropoutStats, MoEExtras
 from harness.families.moe.case import MoECase
 from harness.contract import load_impl
 from harness.families.gpt.model import causal_mask, output_layer_gathers
-from harness.results import Finding, Partitioned, RankRecord
+from harness.results import Finding
+from harness.evidence import Partitioned, RankRecord
 from harness.tasks.common import checked_table, cpu64, error_expecter, merge_evidence, reapply_findings, sequence_gathered, state_findings
 from harness.rules.adapters import AdapterParam, moe_adapter_table
 from harness.sharding import Partition, gather_full, load_full_base_weights, seeded_tensor, shard
@@ -266,7 +267,7 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
 
     from harness.contract import contract_point
     from harness.families.moe.model import build_moe_gpt, layout_sizes
-    from harness.results import ErrorRecord
+    from harness.evidence import ErrorRecord
 
     layout = case.layout
     layout.initialize_megatron(ctx.world_size, seed=case.seed)

@@ -47,7 +47,7 @@ from harness.families.vlm.case import VLMCase
 from harness.families.gpt.model import output_layer_gathers
 from harness.contract import load_impl
 from harness.evidence import VLMBase, VLMCombo, VLMExtras
-from harness.results import RankRecord
+from harness.evidence import RankRecord
 
 __all__ = ["run_vlm_case", "ACCESS_FORMS", "LLaVAHolder", "access_form", "ADAM_LR"]
 
