@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU paths in one call: tests/test_gpu_paths.py (NCCL collectives, Transformer Engine
+# The GPU paths in one call: tests/megatron/test_gpu_paths.py (NCCL collectives, Transformer Engine
 # linears, TE grouped experts) plus `lora-harness verify --backend nccl` at the layouts the
 # GPUs allow (--tp up to the largest power of two <= the GPU count, dense and MoE), then a
 # summary. Without CUDA GPUs it prints why it skips and exits 0.
@@ -20,7 +20,7 @@ while [ $((tp * 2)) -le "$gpus" ]; do tp=$((tp * 2)); done
 te=$(python -c 'import importlib.util as u; print("yes" if u.find_spec("transformer_engine") else "no")')
 echo "ci/gpu_check.sh: $gpus GPU(s), transformer_engine: $te; verify on nccl up to --tp $tp"
 
-pytest tests/test_gpu_paths.py -q -rsx -p no:cacheprovider
+pytest tests/megatron/test_gpu_paths.py -q -rsx -p no:cacheprovider
 pytest_rc=$?
 if [ "$tp" -ge 2 ]; then
   lora-harness verify --backend nccl --tp "$tp" --examples "$examples"
@@ -34,6 +34,6 @@ fi
 echo
 echo "== GPU check summary =="
 echo "GPUs: $gpus, transformer_engine: $te"
-echo "pytest tests/test_gpu_paths.py: $([ $pytest_rc -eq 0 ] && echo passed || echo "FAILED (exit $pytest_rc)")"
+echo "pytest tests/megatron/test_gpu_paths.py: $([ $pytest_rc -eq 0 ] && echo passed || echo "FAILED (exit $pytest_rc)")"
 echo "$verify_what: $([ $verify_rc -eq 0 ] && echo passed || echo "FAILED (exit $verify_rc)")"
 [ $pytest_rc -eq 0 ] && [ $verify_rc -eq 0 ]

@@ -76,7 +76,7 @@ names on first access, so ``--impl harness.bridge`` loads through
 
 What Bridge supports on CPU (megatron-core 0.19.2, torch 2.13 gloo, the
 harness's ``harness.cpu`` layer active in every rank; observed by
-``tests/test_bridge_compat.py`` or by hand, with the line of Bridge 0.6.2
+``tests/bridge/test_bridge_compat.py`` or by hand, with the line of Bridge 0.6.2
 that decides each; ``BRIDGE_SUPPORT`` holds the same as data):
 
 * megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear`` (local
@@ -114,7 +114,7 @@ that decides each; ``BRIDGE_SUPPORT`` holds the same as data):
   and ``:1472``: the dispatcher sums the base's partial outputs later), and
   its B, ``ColumnParallelLinear(gather_output=True)`` (``:1047``), gathers
   each rank's ``B_r (A_r x_r)`` where ``B_r (A x)`` is meant; summed over
-  ETP that is not ``B A x`` (``tests/test_bridge_compat.py`` pins it; the
+  ETP that is not ``B A x`` (``tests/bridge/test_bridge_compat.py`` pins it; the
   harness's ``forward_matches`` fails at ``moe:tp2-ep1-etp2-pp1-sp`` with
   target ``linear_fc2``, max|diff| 0.55).
 * The harness's grouped-expert stand-in ``harness.families.moe.model.TorchColumnParallelGroupedLinear``

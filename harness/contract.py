@@ -1,7 +1,7 @@
 """The contract the harness checks, owned by the harness: names, tables, errors, capability profiles.
 
 This module is the harness's own statement of what a LoRA implementation must
-do (``harness/SPEC.md`` is the prose; ``tests/test_contract_doc.py`` checks the
+do (``harness/SPEC.md`` is the prose; ``tests/house/test_contract_doc.py`` checks the
 two agree). It imports nothing from ``lora``: the code under test never
 supplies the rules it is judged by.
 

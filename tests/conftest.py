@@ -5,7 +5,7 @@ the properties already check at every layout on every CI run (lora.megatron's
 experts and megatron's MoE layers against world size 1, eight-rank worlds,
 torchrun faults beyond a raising rank); CI's ten minutes go to the
 properties and to the tests that feed them wrong implementations. Naming a
-test file or test on the command line (``pytest tests/test_torchrun.py``)
+test file or test on the command line (``pytest tests/pool/test_torchrun.py``)
 runs its nightly tests too: a file asked for by name is run whole.
 """
 
@@ -31,7 +31,7 @@ def _named(config) -> set[Path]:
 # The longest single tests (each a subprocess that runs pytest, the CLI or
 # torchrun end to end): started first, so that the two workers of
 # ``pytest -n auto`` on two cores do not end with one of them alone on one.
-LONGEST_FIRST = ("tests/test_downstream.py", "tests/test_torchrun.py")
+LONGEST_FIRST = ("tests/frontends/test_downstream.py", "tests/pool/test_torchrun.py")
 
 
 def pytest_collection_modifyitems(config, items):

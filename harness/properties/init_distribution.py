@@ -42,7 +42,7 @@ would replay identically.
 
 Power (``harness.stats.ks_power_lower_bound``: a lower bound from the
 binomial count at the point of largest CDF difference; checked by
-simulation in tests/test_init_distribution.py). The critical D at n = 16384
+simulation in tests/properties/test_init_distribution.py). The critical D at n = 16384
 and 1e-6 is 0.0210.
 
 * Fans on the shard at TP=2 (Megatron-Bridge's behaviour): for Xavier the

@@ -1,7 +1,7 @@
 """lora.megatron declaring the bridge contract: a correct implementation judged by Bridge's rules.
 
 Not an imitation of Megatron-Bridge (the harness runs the real library,
-``tests/test_bridge_golden.py``): it is lora.megatron, numerically
+``tests/bridge/test_bridge_golden.py``): it is lora.megatron, numerically
 correct, offering only Bridge's four init methods and raising Bridge's
 error types on two points (AssertionError when target and exclude patterns
 are both set, NotImplementedError for an unknown init method), so the

@@ -46,7 +46,7 @@ def moe_shapes(draw: Any, layout: ParallelLayout, grouped_experts: bool = True, 
     parallelism). At least five token-to-expert assignments per expert
     (``seq * batch * topk >= 5 * experts``) and a router over at least four
     features make it likely that every expert gets tokens;
-    ``tests/test_moe_family.py`` measures how often (at least 80% of draws).
+    ``tests/families/test_moe_family.py`` measures how often (at least 80% of draws).
     A designed ``row`` fixes the expert kind, shared experts, the
     dispatcher and the gated MLP, with two experts per EP rank and top-2.
     """

@@ -1,0 +1,1 @@
+"""The house itself: import layers, file sizes, the contract document, small units."""

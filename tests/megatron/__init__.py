@@ -1,0 +1,1 @@
+"""megatron-core on CPU: the compatibility layer, parallel layouts and state, sequence parallelism, MoE layers, GPU paths."""

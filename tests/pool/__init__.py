@@ -1,0 +1,1 @@
+"""The rank pool: faults, timeouts, output, cleanup; torchrun mode; eight-rank layouts."""
