@@ -23,7 +23,7 @@ exception's ``output`` has all of it.
 from __future__ import annotations
 
 import signal
-from typing import Optional
+from typing import Any, Optional
 
 from harness.pool.messages import RemoteError
 from harness.errors import RankCrash, RankHang, RankPoolFault, RankTaskError
@@ -147,36 +147,20 @@ def fault_report(
     return "\n".join(lines)
 
 
-def make_fault(
-    label: str,
-    *,
-    world_size: int,
-    limit: float,
-    grace: float,
-    errors: dict[int, RemoteError],
-    stacks: dict[int, str],
-    pending: list[int],
-    output: dict[int, str],
-    hang_note: str,
-    dead: Optional[dict[int, int]] = None,
-    pids: Optional[list] = None,
-    trailer: Optional[str] = None,
-) -> RankPoolFault:
-    """The fault to raise, its report from :func:`fault_report` (same arguments).
+def make_fault(label: str, **report: Any) -> RankPoolFault:
+    """The fault to raise, its report from :func:`fault_report` (``report``: its keyword arguments).
 
     A :class:`RankCrash` if a rank died, else a :class:`RankTaskError` if
     one raised, else a :class:`RankHang`; ``output`` becomes its ``output``.
     """
-    report = fault_report(
-        label, world_size=world_size, limit=limit, grace=grace, errors=errors, stacks=stacks, pending=pending,
-        output=output, hang_note=hang_note, dead=dead, pids=pids, trailer=trailer,
-    )
+    text = fault_report(label, **report)
+    dead, errors, stacks, pending = report.get("dead"), report["errors"], report["stacks"], report["pending"]
     fault: RankPoolFault
     if dead:
-        fault = RankCrash(report, dict(dead), errors, stacks)
+        fault = RankCrash(text, dict(dead), errors, stacks)
     elif errors:
-        fault = RankTaskError(report, errors, stacks, list(pending))
+        fault = RankTaskError(text, errors, stacks, list(pending))
     else:
-        fault = RankHang(report, stacks, list(pending), limit)
-    fault.output = output
+        fault = RankHang(text, stacks, list(pending), report["limit"])
+    fault.output = report["output"]
     return fault

@@ -21,6 +21,8 @@ import shutil
 import tempfile
 import threading
 
+from harness.pool import procfs
+
 __all__ = ["forkserver_lock", "short_socket_dir", "prepare_forkserver"]
 
 # What the running fork server imported, when we started it; None if we did
@@ -90,17 +92,6 @@ def _process_exists(pid: int) -> bool:
 
 def _children_of(pid: int) -> list[int]:
     """Live children of ``pid``; ``[-1]`` (busy) where /proc cannot tell."""
-    if not os.path.isdir("/proc"):
+    if not procfs.available():
         return [-1]  # assume busy: a restart must never block on a child
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            children.append(int(entry))
-    return children
+    return procfs.children_of(pid)

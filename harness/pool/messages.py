@@ -44,14 +44,24 @@ __all__ = [
 ]
 
 
-class RemoteError(NamedTuple):
-    """What a task raised on a rank: ``type(exc).__name__``, ``str(exc)``, the formatted traceback;
-    ``contract``: whether it was a ``harness.errors.SpecViolation`` (decided on the rank, by type)."""
-
+class _RemoteErrorFields(NamedTuple):
     exc_type: str
     message: str
     traceback: str
-    contract: bool = False
+
+
+class RemoteError(_RemoteErrorFields):
+    """What a task raised on a rank: ``type(exc).__name__``, ``str(exc)``, the formatted traceback
+    (a named tuple of those three, so it unpacks as before); ``contract``: whether it was a
+    ``harness.errors.SpecViolation``, decided on the rank by the exception's type."""
+
+    def __new__(cls, exc_type: str, message: str, traceback: str, contract: bool = False) -> "RemoteError":
+        self = super().__new__(cls, exc_type, message, traceback)
+        self.__dict__["contract"] = bool(contract)
+        return self
+
+    def __getnewargs__(self) -> tuple:
+        return (*self, self.contract)
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> "RemoteError":

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from harness.pool import procfs
 from tests.helpers.processes import default_sigint
 import torch
 from hypothesis import given, settings
@@ -40,12 +41,7 @@ KW = {"timeout": 30}
 
 def _running(pid: int) -> bool:
     """Is ``pid`` a live (non-zombie) process? Zombies of an exited process count as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return procfs.is_running(pid)
 
 
 def _still_running(pids, within: float = 5.0) -> list:
@@ -759,25 +755,10 @@ def _child_env(tmpdir=None):
 
 
 def _session_members(sid: int) -> list:
-    """Live processes of session ``sid``.
-
-    A child started with ``start_new_session`` leads its own session, and
-    every process it starts (fork server, ranks, resource tracker) stays in
-    that session even once orphaned and reparented: the exact "everything
-    whose parent chain led to the child".
-    """
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-            members.append(int(entry))
-    return members
+    """Live processes of session ``sid``: a child started with ``start_new_session`` leads its own
+    session, and every process it starts (fork server, ranks, resource tracker) stays in that
+    session even once orphaned and reparented."""
+    return procfs.session_members(sid)
 
 
 def _session_left(sid: int, within: float = 5.0) -> list:

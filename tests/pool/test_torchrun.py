@@ -49,17 +49,9 @@ def _env() -> dict:
 
 def _session_members(sid: int) -> list[int]:
     """Live (non-zombie) processes of session ``sid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-            found.append(int(entry))
-    return found
+    from harness.pool import procfs
+
+    return procfs.session_members(sid)
 
 
 def _assert_nothing_left(sid: int) -> None:

@@ -26,11 +26,9 @@ def _needs_tp2(max_tp):
 
 
 def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    from harness.pool import procfs
+
+    return procfs.is_running(pid)
 
 
 def test_planted_hang_is_reported_with_all_stacks_and_bounded(capsys):
