@@ -201,3 +201,30 @@ def test_coverage_counts_what_distinct_examples_exercise():
     outcomes = [PropertyOutcome(prop, "tp2-sp", "impl", records=list(recs)) for prop in ("forward_matches", "merge_matches")]
     assert coverage(outcomes) == {("gpt", "tp2-sp"): {
         "examples": 2, "16-bit": 1, "a2a": 1, "training dropout": 1, "2+ micro-batches": 1, "eval dropout": 1, "inference": 1}}
+
+
+def test_a_rank_error_is_a_contract_violation_by_its_type_not_its_name():
+    """A ``harness.errors.SpecViolation`` raised on a rank makes the example a contract failure; an
+    implementation's own exception that happens to share the name is a crash."""
+    from harness.driver import _fault_verdict
+    from harness.errors import RankTaskError, SpecViolation
+    from harness.pool.messages import RemoteError
+    from harness.results import Verdict
+
+    def remote(exc: BaseException) -> RemoteError:
+        try:
+            raise exc
+        except BaseException as raised:  # noqa: BLE001 - what a rank does with any exception
+            return RemoteError.from_exception(raised)
+
+    class NotOurs(AssertionError):
+        pass
+
+    NotOurs.__name__ = "SpecViolation"
+    ours, theirs = remote(SpecViolation("lora_A has shape (4, 8)")), remote(NotOurs("lora_A has shape (4, 8)"))
+    assert ours.exc_type == theirs.exc_type == "SpecViolation"
+    assert ours.contract and not theirs.contract
+    assert _fault_verdict(RankTaskError("report", {0: ours, 1: ours})) is Verdict.CONTRACT
+    assert _fault_verdict(RankTaskError("report", {0: ours, 1: theirs})) is Verdict.CRASH
+    exc_type, message, _ = theirs  # still unpacks as (type name, message, traceback)
+    assert (exc_type, message) == ("SpecViolation", "lora_A has shape (4, 8)")
