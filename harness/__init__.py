@@ -4,7 +4,7 @@ The public surface, for a downstream repository verifying its own LoRA:
 
 * layouts: ``ParallelLayout``, ``layout_set``;
 * the run: ``Plan`` (families x layouts x properties, budgets, seed);
-* model families: ``Family``, ``register_family``, ``families``;
+* model families: ``Family``, ``register_family`` (the registry: ``harness.families``);
 * cases and strategies: ``GPTCase``, ``gpt_cases``, ``lora_configs``, ``cases_for``;
 * the contract: ``Capabilities`` (what an implementation supports and which
   contract, ``strict`` or ``bridge``, it follows), ``load_impl``;
@@ -32,7 +32,6 @@ _EXPORTS = {
     "Plan": "harness.plan",
     "Family": "harness.families",
     "register_family": "harness.families",
-    "families": "harness.families",
     "GPTCase": "harness.families.gpt.case",
     "gpt_cases": "harness.families.gpt.strategy",
     "lora_configs": "harness.strategies",
