@@ -16,16 +16,19 @@ failure itself.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from harness.families import Family, families as registered_families, get_family
 from harness.layouts import ParallelLayout
-from harness.properties import Property, registry
 from harness.settings import MAX_WORLD, layout_set
+
+if TYPE_CHECKING:  # the property registry imports torch: a plan made at start-up need not
+    from harness.properties import Property
 from harness.errors import PlanError
 
 __all__ = ["Plan", "Cell", "PlanError", "cell_order", "property_order", "layout_seed"]
@@ -37,7 +40,7 @@ class Cell:
 
     family: Family
     layout: ParallelLayout
-    prop: Property
+    prop: "Property"
 
     @property
     def name(self) -> str:
@@ -111,7 +114,7 @@ def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Paral
     return first + [c for c in rest if c not in first]
 
 
-def property_order(props: dict[str, Property]) -> list[tuple[str, Property]]:
+def property_order(props: dict[str, "Property"]) -> list[tuple[str, "Property"]]:
     """Properties in the order their cells run at a layout: those that read only the runs the
     first one makes (the implementation's and the reference's) first, then by how many runs of
     their own they add; registry order otherwise. A bug a contract check sees then reports
@@ -155,11 +158,9 @@ class Plan:
         unknown = [f for f in chosen if f not in known_families]
         if unknown:
             raise PlanError(f"unknown --family {', '.join(unknown)}; known: {', '.join(known_families)}")
-        props = registry()
-        names = list(dict.fromkeys(properties or props))
-        unknown = [p for p in names if p not in props]
-        if unknown:
-            raise PlanError(f"unknown --property {', '.join(unknown)}; known: {', '.join(props)}")
+        self._property_names = list(dict.fromkeys(properties)) if properties else None
+        if self._property_names is not None:
+            self.properties  # named properties are checked now, before any rank starts
         try:
             sets = {family: layout_set(tp, ep, family, max_world=max_world) for family in chosen}
         except ValueError as exc:
@@ -186,13 +187,24 @@ class Plan:
                 raise PlanError(str(exc)) from None
         self.tp, self.ep = tp, ep
         self.layouts: dict[str, list[ParallelLayout]] = sets
-        self.properties: dict[str, Property] = dict(property_order({n: props[n] for n in names}))
         self.examples = examples
         self.seed: int = seed if seed is not None else random.SystemRandom().randrange(2**32)
         self.designed = designed
         self._settings = settings
 
     # -- what runs -------------------------------------------------------------
+
+    @functools.cached_property
+    def properties(self) -> dict[str, "Property"]:
+        """The properties to check, in ``property_order`` (the registry is read on first use: it imports torch)."""
+        from harness.properties import registry
+
+        props = registry()
+        names = self._property_names or list(props)
+        unknown = [p for p in names if p not in props]
+        if unknown:
+            raise PlanError(f"unknown --property {', '.join(unknown)}; known: {', '.join(props)}")
+        return dict(property_order({n: props[n] for n in names}))
 
     def cells(self) -> list[Cell]:
         """Every cell, in run order: layouts in ``cell_order``, properties in ``property_order``."""

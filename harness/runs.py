@@ -30,7 +30,9 @@ RUN_KINDS = {
     "init": "the implementation under test's initial adapters on a larger one-layer model at the case's layout (the family's init_task; harness.tasks.init)",
 }
 
-_POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.families")
+# The built-in families' rank tasks, imported once in the fork server ranks start from.
+_POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.families.gpt.tasks", "harness.families.gpt.init",
+                 "harness.families.moe.tasks", "harness.families.moe.init", "harness.families.vlm.tasks")
 
 
 class Executor:

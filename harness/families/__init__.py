@@ -16,6 +16,11 @@ its record:
 * ``requires``: what an implementation must declare for the family to run;
 * ``properties``: the existing properties it runs besides those that name it.
 
+The heavy parts (case and shape types, strategy, tasks, builder, design)
+may be given as ``"module:name"`` strings, imported on first use: the
+registry is read when a run is planned (pytest's start-up, ``lora-harness
+layouts``), which then need not import torch.
+
 Adding a family is one folder whose ``__init__.py`` calls ``register``
 (built-in folders are found by name, as properties are; a plugin package
 registers through the ``lora_harness.families`` entry point group). The
@@ -24,6 +29,8 @@ README's "Adding a model family" walks through it.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -53,6 +60,18 @@ class FamilyDesign:
     targets_for: Optional[Callable[..., dict]] = None
 
 
+#: Family fields that may be a "module:name" string, imported on first access.
+LAZY_FIELDS = frozenset({"case_type", "shape_type", "strategy", "task", "builder", "design", "error_task", "init_task"})
+
+
+@functools.lru_cache(maxsize=None)
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    if not name:
+        raise ValueError(f"{ref!r}: a lazy family field is 'module:name'")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family, as the run plan, the drivers and the ranks see it (module docstring)."""
@@ -60,8 +79,9 @@ class Family:
     name: str
     #: One line for headers and reports.
     description: str
-    case_type: type
-    shape_type: type
+    #: The case and shape types (or "module:name").
+    case_type: Any
+    shape_type: Any
     #: ``strategy(layout, impl, capabilities, row)`` -> a hypothesis strategy of cases
     #: (``row``: a designed example's fixed features, or None for a free draw).
     strategy: Callable[..., Any]
@@ -84,6 +104,12 @@ class Family:
     #: Cells named by the layout alone ("tp2-ep1-..."), not "<family>:<layout>": the dense family,
     #: whose names stored results, regression files and test ids already carry.
     bare_cells: bool = False
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if isinstance(value, str) and name in LAZY_FIELDS:
+            return _load(value)
+        return value
 
     def runs(self, prop: Any) -> bool:
         """Whether property ``prop`` runs on this family (it names the family, or the family names it)."""
@@ -113,7 +139,7 @@ def register(family: Family) -> Family:
         raise TypeError(f"register() takes a harness.families.Family, got {type(family).__name__}")
     old = _REGISTRY.get(family.name)
     if old is not None and old != family:
-        raise ValueError(f"a family named {family.name!r} is already registered (from {old.task.__module__})")
+        raise ValueError(f"a family named {family.name!r} is already registered (its case type: {old.case_type.__module__})")
     _REGISTRY[family.name] = family
     return family
 

@@ -10,13 +10,7 @@ task), ``init.py``.
 from typing import Any, Optional
 
 from harness.families import Family, register
-from harness.families.moe.case import MoECase
-from harness.families.moe.design import DESIGN
-from harness.families.moe.init import run_moe_init_case
 from harness.families.moe.layouts import layouts
-from harness.families.moe.model import MoEShape, build_moe_gpt
-from harness.families.moe.strategy import moe_cases
-from harness.families.moe.tasks import run_moe_case, run_moe_error_case
 
 
 def _requires(caps: Any) -> Optional[str]:
@@ -26,15 +20,15 @@ def _requires(caps: Any) -> Optional[str]:
 FAMILY = register(Family(
     name="moe",
     description="megatron-core GPTModel with a mixture-of-experts layer",
-    case_type=MoECase,
-    shape_type=MoEShape,
-    strategy=moe_cases,
+    case_type="harness.families.moe.case:MoECase",
+    shape_type="harness.families.moe.model:MoEShape",
+    strategy="harness.families.moe.strategy:moe_cases",
     layouts=layouts,
-    task=run_moe_case,
-    error_task=run_moe_error_case,
-    init_task=run_moe_init_case,
-    builder=build_moe_gpt,
-    design=DESIGN,
+    task="harness.families.moe.tasks:run_moe_case",
+    error_task="harness.families.moe.tasks:run_moe_error_case",
+    init_task="harness.families.moe.init:run_moe_init_case",
+    builder="harness.families.moe.model:build_moe_gpt",
+    design="harness.families.moe.design:DESIGN",
     # An MoE example costs several dense ones (a bigger world at most layouts, one more run for
     # the EP=1 comparison, an optimizer step), and its layout set is larger: half.
     example_share=0.5,

@@ -8,23 +8,18 @@ task: its property reads the forward task's records.
 """
 
 from harness.families import Family, register
-from harness.families.vlm.case import VLMCase
-from harness.families.vlm.design import DESIGN
 from harness.families.vlm.layouts import layouts
-from harness.families.vlm.model import VLMShape, build_vlm
-from harness.families.vlm.strategy import vlm_cases
-from harness.families.vlm.tasks import run_vlm_case
 
 FAMILY = register(Family(
     name="vlm",
     description="megatron-core LLaVAModel",
-    case_type=VLMCase,
-    shape_type=VLMShape,
-    strategy=vlm_cases,
+    case_type="harness.families.vlm.case:VLMCase",
+    shape_type="harness.families.vlm.model:VLMShape",
+    strategy="harness.families.vlm.strategy:vlm_cases",
     layouts=layouts,
-    task=run_vlm_case,
-    builder=build_vlm,
-    design=DESIGN,
+    task="harness.families.vlm.tasks:run_vlm_case",
+    builder="harness.families.vlm.model:build_vlm",
+    design="harness.families.vlm.design:DESIGN",
     # A VLM example loops over all 16 freeze combinations itself (a fresh LLaVA each): a fifth.
     example_share=0.2,
 ))
