@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the property registry imports torch: a plan made at start-u
     from harness.properties import Property
 from harness.errors import PlanError
 
-__all__ = ["Plan", "Cell", "PlanError", "cell_order", "property_order", "layout_seed"]
+__all__ = ["Plan", "Cell", "PlanError", "cell_order", "property_order", "layout_seed", "summary_lines"]
 
 
 @dataclass(frozen=True)
@@ -264,3 +264,31 @@ class Plan:
             outcomes=list(outcomes),
             seconds=seconds,
         )
+
+
+def summary_lines(collected: list) -> list[str]:
+    """A run's closing lines from its ``(outcome, capabilities)`` pairs: examples per layout, what the
+    distinct examples exercised, and the design's paths per implementation and layout."""
+    from harness.design import coverage_lines
+    from harness.results import coverage
+
+    lines = []
+    per_layout: dict[tuple[str, str], int] = {}
+    for outcome, _ in collected:
+        key = (getattr(outcome, "family", "gpt"), outcome.layout)
+        per_layout[key] = per_layout.get(key, 0) + outcome.examples
+    for family in sorted({f for f, _ in per_layout}):
+        lines.append(f"{family} examples per layout: "
+                     + ", ".join(f"{layout} {n}" for (f, layout), n in sorted(per_layout.items()) if f == family))
+    # What the distinct examples exercised, per layout (a property that shares
+    # its examples with another counts them once here).
+    for (family, layout), counts in sorted(coverage([o for o, _ in collected]).items()):
+        extras = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "examples")
+        lines.append(f"{family} {layout.split(':')[-1]}: {counts['examples']} distinct examples" + (f" ({extras})" if extras else ""))
+    by_impl: dict[str, list] = {}
+    for outcome, caps in collected:
+        by_impl.setdefault(outcome.impl, []).append((outcome, caps))
+    for impl, pairs in sorted(by_impl.items()):
+        caps = next((c for _, c in pairs if c is not None), None)
+        lines += [f"paths ({impl}) {line}" for line in coverage_lines([o for o, _ in pairs], caps)]
+    return lines

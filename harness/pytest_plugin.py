@@ -458,33 +458,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     harness_session: Optional[HarnessSession] = getattr(config, "_lora_harness", None)
     if harness_session is None or not harness_session.outcomes or hasattr(config, "workerinput"):
         return
-    per_layout: dict[tuple[str, str], int] = {}
-    for outcome, _ in harness_session.outcomes:
-        key = (getattr(outcome, "family", "gpt"), outcome.layout)
-        per_layout[key] = per_layout.get(key, 0) + outcome.examples
-    for family in sorted({f for f, _ in per_layout}):
-        terminalreporter.write_line(
-            f"lora-harness {family} examples per layout: "
-            + ", ".join(f"{layout} {n}" for (f, layout), n in sorted(per_layout.items()) if f == family)
-        )
-    from harness.results import coverage
+    from harness.plan import summary_lines
 
-    # What the distinct drawn examples exercised, per layout (a property
-    # that shares its examples with another counts them once here).
-    for (family, layout), counts in sorted(coverage([o for o, _ in harness_session.outcomes]).items()):
-        extras = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "examples")
-        terminalreporter.write_line(
-            f"lora-harness {family} {layout.split(':')[-1]}: {counts['examples']} distinct examples" + (f" ({extras})" if extras else "")
-        )
-    from harness.design import coverage_lines
-
-    by_impl: dict[str, list[Any]] = {}
-    for outcome, caps in harness_session.outcomes:
-        by_impl.setdefault(outcome.impl, []).append((outcome, caps))
-    for impl, pairs in sorted(by_impl.items()):
-        caps = next((c for _, c in pairs if c is not None), None)
-        for line in coverage_lines([o for o, _ in pairs], caps):
-            terminalreporter.write_line(f"lora-harness paths ({impl}) {line}")
+    for line in summary_lines(harness_session.outcomes):
+        terminalreporter.write_line(f"lora-harness {line}")
 
 
 def _write_merged_report(config: Any, report: str, collected: list) -> None:
