@@ -156,10 +156,14 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.load_profile(DEFAULT_PROFILE)
     from harness.plan import Plan, PlanError
 
+    worker = getattr(config, "workerinput", None)
+    # A worker draws with the controller's seed, so every worker draws alike; without a seed
+    # the plan draws one (printed in the header).
+    seed = worker["lora_harness_seed"] if worker is not None and "lora_harness_seed" in worker else config.getoption("lora_seed")
     try:
-        # Sizes, examples and seed checked here, before any test; the plan itself is made below.
-        Plan(config.getoption("tp"), config.getoption("ep"), examples=config.getoption("lora_examples"),
-             seed=config.getoption("lora_seed"))
+        # Sizes, examples and seed checked here, before anything else.
+        plan = Plan(config.getoption("tp"), config.getoption("ep"), examples=config.getoption("lora_examples"),
+                    seed=seed, designed=not config.getoption("lora_no_designed"))
     except PlanError as exc:
         _usage(str(exc).replace("--examples", "--lora-examples").replace("--seed", "--lora-seed"))
     timeout = config.getoption("rank_timeout")
@@ -197,23 +201,12 @@ def pytest_configure(config: pytest.Config) -> None:
         # worlds are not run side by side on a few cores (an explicit
         # --dist other than "load" is left alone).
         config.option.dist = "loadgroup"
-    worker = getattr(config, "workerinput", None)
     if worker is not None and worker.get("lora_harness_loadgroup"):
         # A worker parses the original command line (plain -n), so it would
         # not tag its tests with their xdist_group and the controller's
         # loadgroup scheduler would see no groups: tell it here.
         config.option.loadgroup = True
-    if worker is not None and "lora_harness_seed" in worker:
-        seed = worker["lora_harness_seed"]  # the controller's, so every worker draws alike
-    elif config.getoption("lora_seed") is not None:
-        seed = config.getoption("lora_seed")
-    else:
-        import random
-
-        seed = random.SystemRandom().randrange(2**32)
-    plan = Plan(config.getoption("tp"), config.getoption("ep"), examples=config.getoption("lora_examples"), seed=seed,
-                designed=not config.getoption("lora_no_designed"))
-    config._lora_harness = HarnessSession(config, seed=seed, store=store, plan=plan)  # type: ignore[attr-defined]
+    config._lora_harness = HarnessSession(config, seed=plan.seed, store=store, plan=plan)  # type: ignore[attr-defined]
 
 
 @pytest.hookimpl(optionalhook=True)
