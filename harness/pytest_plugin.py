@@ -259,14 +259,13 @@ class HarnessSession:
         return caps.with_contract(contract) if contract and contract != caps.contract else caps
 
     def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None, family: str = "gpt") -> Any:
-        from harness.contract import capabilities_of
         from harness.families import get_family
         from harness.plan import Cell
         from harness.properties import get_property
 
+        # check_property resolves the capabilities (capabilities_of(impl, capabilities)).
         cell = Cell(get_family(family), layout, get_property(prop))
-        caps = capabilities_of(impl, capabilities)
-        outcome = self.plan.check(cell, impl, caps, executor=self.executor, store=self.store)
+        outcome = self.plan.check(cell, impl, capabilities, executor=self.executor, store=self.store)
         outcome.exception = None  # outcomes travel between xdist processes
         self.outcomes.append((outcome, capabilities))
         return outcome
