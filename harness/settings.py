@@ -8,7 +8,7 @@ Profiles:
 
 * ``fast`` (the default for pytest and the CLI): the designed examples of
   every layout (``harness.design``: a covering array of the contract's
-  paths, 8 to 29 per family and layout) and then 1 drawn example per
+  paths, 8 to 26 per family and layout) and then 1 drawn example per
   property and layout: coverage by design, exploration by a draw, within
   CI's ten minutes on two cores;
 * ``deep``: the designed examples and 250 drawn ones per dense layout

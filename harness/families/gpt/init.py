@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 
+from harness import cpu
 from harness.contract import DEFAULT_TARGET_MODULES
 from harness.evidence import InitExtras, ZeroForward
 from harness.families.gpt.case import GPTCase
@@ -60,13 +61,13 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
             return model(ids, pos, mask, decoder_input=x).detach().cpu()
 
     def adapted(lora_kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Optional[torch.Tensor]]:
-        torch.manual_seed(case.seed)
+        cpu.manual_seed(case.seed)
         model = build_gpt(shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
                           parallel_output=not output_layer_gathers(case.contract))
         model.train(case.training)
         before = forward(model) if zero else None
         # The seed right before the walk, as run_gpt_case has it.
-        torch.manual_seed(case.seed)
+        cpu.manual_seed(case.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = impl.LoRA(**lora_kwargs)(model, training=case.training)

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
+from harness import cpu
 from harness.families.gpt.case import GPTCase
 from harness.dropout import keyed_dropout
 from harness.evidence import DenseExtras, DropoutStats
@@ -52,7 +53,7 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
                       parallel_output=not output_layer_gathers(case.contract))
     load_full_base_weights(model, case.seed, tp_rank, tp)
     lora_kwargs = case.lora_kwargs()
-    torch.manual_seed(case.seed)
+    cpu.manual_seed(case.seed)
     model = impl.LoRA(**lora_kwargs)(model, training=case.training)
     initial = initial_adapters(model)
     table, broken = checked_table(

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from harness import cpu
 from harness.contract import DEFAULT_TARGET_MODULES, load_impl
 from harness.evidence import InitExtras
 from harness.families.gpt.model import output_layer_gathers
@@ -69,7 +70,7 @@ def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
     def adapted(kwargs: dict[str, Any]) -> torch.nn.Module:
         fresh = build_moe_gpt(big.shape, **layout_sizes(layout), params_dtype=case.model_dtype,
                               parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
-        torch.manual_seed(case.seed)
+        cpu.manual_seed(case.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return impl.LoRA(**kwargs)(fresh, training=case.training)

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from harness import cpu
 from harness.dropout import keyed_dropout
 from harness.evidence import DropoutStats, MoEExtras
 from harness.families.moe.case import MoECase
@@ -154,7 +155,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
                           parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
     load_full_base_weights(model, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
     lora_kwargs = case.lora_kwargs()
-    torch.manual_seed(case.seed)
+    cpu.manual_seed(case.seed)
     model = impl.LoRA(**lora_kwargs)(model, training=case.training)
     table, broken = checked_table(lambda: moe_adapter_table(model, case, sizes), ctx.rank, sizes["tp_rank"], sizes["tp_size"])
     if broken is not None:
