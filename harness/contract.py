@@ -195,7 +195,7 @@ def contract_point(key: str) -> ContractPoint:
 
 
 _DTYPE_NAMES = (None, "float32", "float64", "bfloat16", "float16")
-_FLAGS = ("experts", "grouped_experts", "sequence_parallel", "a2a", "vlm", "merge")
+_FLAGS = ("experts", "grouped_experts", "sequence_parallel", "a2a", "vlm", "merge", "adapter_switch")
 
 
 def _names_problem(value: Any, allowed: tuple, what: str) -> Optional[str]:
@@ -243,6 +243,7 @@ class Capabilities:
     a2a: bool = True
     vlm: bool = True
     merge: bool = True
+    adapter_switch: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -317,6 +318,7 @@ class Capabilities:
             ("a2a", "a2a_experimental"),
             ("vlm", "VLMLoRA"),
             ("merge", "LoRAMerge"),
+            ("adapter_switch", "switching adapters off (enable_adapter_layers / disable_adapter_layers / disable_adapter)"),
         ):
             if not getattr(self, flag):
                 out.append(f"{what} (not supported)")

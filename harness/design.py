@@ -110,9 +110,19 @@ RESTARTS = 4
 
 
 @lru_cache(maxsize=None)
-def _design(family: str, layout: ParallelLayout, caps: Capabilities) -> tuple[tuple[Factor, ...], tuple[dict[str, Any], ...]]:
+def _design(family: str, layout: ParallelLayout, caps: Capabilities,
+            only: Optional[tuple[str, ...]] = None) -> tuple[tuple[Factor, ...], tuple[dict[str, Any], ...]]:
     fs = tuple(factors(family, layout, caps))
-    return fs, _cover(family, fs)
+    if only is None:
+        return fs, _cover(family, fs)
+    # Every feature the family has at some layout (a2a only under sequence parallelism).
+    known = {f.name for f in factors(family, ParallelLayout(tp=2, sp=True), Capabilities())} | {f.name for f in fs}
+    unknown = sorted(set(only) - known)
+    if unknown:
+        raise ValueError(f"design features {unknown} are not features of the {family} family ({', '.join(sorted(known))})")
+    # The features the property does not read keep their plainest value.
+    narrowed = tuple(f if f.name in only else Factor(f.name, f.levels[:1], f.doc) for f in fs)
+    return fs, _cover(family, narrowed)
 
 
 @lru_cache(maxsize=None)
@@ -163,9 +173,16 @@ def _cover(family: str, fs: tuple[Factor, ...]) -> tuple[dict[str, Any], ...]:
     return tuple({f.name: f.levels[int(i)] for f, i in zip(fs, rows[c])} for c in best)
 
 
-def designed_rows(family: str, layout: ParallelLayout, caps: Optional[Capabilities] = None) -> list[dict[str, Any]]:
-    """The designed rows (feature name -> value) for a family, layout and capabilities, in run order."""
-    return [dict(r) for r in _design(family, layout, caps or Capabilities())[1]]
+def designed_rows(family: str, layout: ParallelLayout, caps: Optional[Capabilities] = None,
+                  only: Optional[Iterable[str]] = None) -> list[dict[str, Any]]:
+    """The designed rows (feature name -> value) for a family, layout and capabilities, in run order.
+
+    ``only``: cover the pairs of these features alone (a property that reads
+    no others; ``Property.design_factors``), the rest at their first level.
+    Features the layout does not have (``a2a`` without SP) are ignored.
+    """
+    key = None if only is None else tuple(sorted(set(only)))
+    return [dict(r) for r in _design(family, layout, caps or Capabilities(), key)[1]]
 
 
 def row_of_case(family: str, case: Mapping[str, Any]) -> dict[str, Any]:

@@ -332,7 +332,8 @@ def check_property(
         # plainest case (the same for every implementation), and a failure
         # shrinks inside the row and is stored like a drawn one.
         one = hsettings(run_settings, max_examples=1, database=None, phases=(Phase.generate, Phase.shrink))
-        for i, row in enumerate(designed_rows(family, layout, caps)):
+        only = (prop.design_factors or {}).get(family)
+        for i, row in enumerate(designed_rows(family, layout, caps, only=only)):
             outcome.designed += 1
             if search(cases_for(family, layout, impl, caps, row=row), one, 0, f"{digest}|designed{i}", "designed"):
                 ended = True

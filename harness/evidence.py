@@ -8,7 +8,8 @@ carries no evidence at all: ``harness.tasks.common.violation_record``):
 * ``DenseExtras``: the dense forward/backward task (``harness.families.gpt.tasks``);
 * ``MoEExtras``: the MoE forward/backward task (``harness.families.moe.tasks``);
 * ``VLMExtras``: the VLM freezing task (``harness.families.vlm.tasks``);
-* ``InitExtras``: the init tasks (``harness.families.gpt.init``, ``harness.families.moe.init``).
+* ``InitExtras``: the init tasks (``harness.families.gpt.init``, ``harness.families.moe.init``);
+* ``SwitchExtras``: the adapter switch task (``harness.tasks.switch``).
 
 Every field is declared with its type. A field that a task produces only on
 some examples (after a training step, with dropout at TP > 1, with a zero
@@ -35,7 +36,7 @@ from harness.results import Finding
 
 __all__ = [
     "DropoutStats", "ModuleMerge", "ModelFold", "MergeEvidence", "ForwardExtras", "DenseExtras", "MoEExtras",
-    "VLMBase", "VLMCombo", "VLMExtras", "ZeroForward", "InitExtras", "RankExtras", "EXTRAS_TYPES",
+    "VLMBase", "VLMCombo", "VLMExtras", "ZeroForward", "InitExtras", "SwitchExtras", "RankExtras", "EXTRAS_TYPES",
     "evidence_path", "evidence_field", "Partitioned", "RankRecord", "ErrorRecord",
 ]
 
@@ -181,8 +182,21 @@ class InitExtras:
     zero_forward: Optional[ZeroForward] = None    # A or B initialised to zero only
 
 
-RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras]
-EXTRAS_TYPES: tuple[type, ...] = (DenseExtras, MoEExtras, VLMExtras, InitExtras)
+@dataclass(frozen=True)
+class SwitchExtras:
+    """The adapter switch task's evidence: logits (eval mode, same input) at each step of the switching."""
+
+    base: Tensor                     # the base model, before the LoRA was applied
+    adapted: Tensor                  # adapted, adapters on
+    missing: tuple[str, ...] = ()    # switch methods the LoRA object lacks (nothing else ran then)
+    error: Optional[str] = None      # what a switch method raised ("<step>: <Type>: <message>")
+    steps: dict[str, Tensor] = field(default_factory=dict)  # step name -> logits (harness.tasks.switch.STEPS)
+    changed: tuple[str, ...] = ()    # parameters whose value or requires_grad the switching changed
+    tree_changed: bool = False       # the module tree differs after the switching
+
+
+RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras]
+EXTRAS_TYPES: tuple[type, ...] = (DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras)
 
 _PREFIX = "extras."
 

@@ -36,6 +36,11 @@ class Property:
     whether the cell starts with the designed examples (``harness.design``);
     False for a property whose task draws its own inputs and reads none of
     the features the design varies (it runs drawn examples only).
+    ``design_factors``: family -> the design's features the property's task
+    reads, where that is fewer than all: its designed examples are then the
+    covering array over those features alone (the others at their plainest
+    value), so a cheap-to-decide property does not pay for rows it cannot tell
+    apart (``harness.design.designed_rows(only=...)``).
     """
 
     name: str
@@ -46,6 +51,7 @@ class Property:
     kind: str = "numeric"
     applies: Optional[Callable[[ParallelLayout, Capabilities], Optional[str]]] = None
     designed: bool = True
+    design_factors: Optional[dict[str, tuple[str, ...]]] = None
 
     def skip_reason(self, family: str, layout: ParallelLayout, capabilities: Capabilities) -> Optional[str]:
         if family not in self.families:

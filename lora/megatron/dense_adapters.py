@@ -300,6 +300,8 @@ class ParallelLoRALinear(AdapterWrapper):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         base_out = self.to_wrap(x, *args, **kwargs)
+        if not self.adapter_on:
+            return base_out
         delta = self.adapter(x)
         if self.adapter.kind == "column" and self.adapter.tp_size > 1 and self._base_gathers(kwargs):
             # A column base asked to gather its output (e.g. an output layer

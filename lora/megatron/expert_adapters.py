@@ -371,6 +371,8 @@ class ExpertLoRALinear(AdapterWrapper):
     """A SequentialMLP expert's Column/RowParallelLinear (``to_wrap``) plus its ``ExpertAdapter``."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.adapter_on:
+            return self.to_wrap(x, *args, **kwargs)
         return add_to_base_output(self.to_wrap(x, *args, **kwargs), self.adapter(x))
 
 
@@ -378,6 +380,8 @@ class GroupedLoRALinear(AdapterWrapper):
     """A grouped expert linear (``to_wrap``) plus its shared or per-expert ``ExpertAdapter``."""
 
     def forward(self, x: torch.Tensor, m_splits: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.adapter_on:
+            return self.to_wrap(x, m_splits, *args, **kwargs)
         return add_to_base_output(self.to_wrap(x, m_splits, *args, **kwargs), self.adapter(x, m_splits))
 
 

@@ -8,8 +8,9 @@ Which adapter a matched module gets is the subclass's ``transform``
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -163,3 +164,33 @@ class LoRABase(LoRAFields):
         if isinstance(model, (list, tuple)):
             return type(model)(result)
         return result[0]
+
+    # ------------------------------------------------------ switching off
+    def enable_adapter_layers(self, model: Any) -> None:
+        """Every adapter of `model` (module, list of chunks, or a DDP wrapper) on: base + adapter."""
+        for wrapper in _wrappers(model):
+            wrapper.enable_adapter_layers()
+
+    def disable_adapter_layers(self, model: Any) -> None:
+        """Every adapter of `model` off: each adapted module computes its base module alone."""
+        for wrapper in _wrappers(model):
+            wrapper.disable_adapter_layers()
+
+    @contextlib.contextmanager
+    def disable_adapter(self, model: Any) -> Iterator[None]:
+        """Adapters off inside the block, on again when it ends (also when it raises)."""
+        self.disable_adapter_layers(model)
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers(model)
+
+
+def _wrappers(model: Any) -> list[Any]:
+    chunks = []
+    for chunk in model_chunks(model):
+        # torch's and megatron-core's DistributedDataParallel keep the model in `.module`.
+        while type(chunk).__name__.endswith("DistributedDataParallel") and isinstance(getattr(chunk, "module", None), nn.Module):
+            chunk = chunk.module
+        chunks.append(chunk)
+    return [m for chunk in chunks for m in chunk.modules() if is_adapter_wrapper(m)]

@@ -46,7 +46,8 @@ class AdapterWrapper(nn.Module):
     """Marker base of every adapted module: the base layer `to_wrap` plus its `adapter`.
 
     The default forward adds `adapter(x)` to the base output (tensor or
-    `(output, bias)` tuple). Attributes the wrapper lacks are looked up on the
+    `(output, bias)` tuple); with the adapter switched off (``adapter_on``
+    False) every wrapper's forward is the base layer's alone. Attributes the wrapper lacks are looked up on the
     base layer, so code that reads e.g. `layer.linear_qkv.weight` still works.
     """
 
@@ -54,8 +55,18 @@ class AdapterWrapper(nn.Module):
         super().__init__()
         self.to_wrap = to_wrap
         self.adapter = adapter
+        #: False while the adapters are switched off: forward is the base layer's alone.
+        self.adapter_on = True
+
+    def enable_adapter_layers(self) -> None:
+        self.adapter_on = True
+
+    def disable_adapter_layers(self) -> None:
+        self.adapter_on = False
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.adapter_on:
+            return self.to_wrap(x, *args, **kwargs)
         return add_to_base_output(self.to_wrap(x, *args, **kwargs), self.adapter(x))
 
     def __getattr__(self, name: str) -> Any:

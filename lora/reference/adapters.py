@@ -208,9 +208,12 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.to_wrap = to_wrap
         self.adapter = adapter
+        self.disabled = False  # set by LoRA.disable_adapter_layers: base output only
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         base_out = self.to_wrap(x, *args, **kwargs)
+        if self.disabled:
+            return base_out
         return _add_to_output(base_out, self.adapter(x))
 
     def __getattr__(self, name: str) -> Any:
@@ -250,6 +253,8 @@ class LoRAGroupedLinear(LoRALinear):
 
     def forward(self, x: torch.Tensor, m_splits: Any, *args: Any, **kwargs: Any) -> Any:
         base_out = self.to_wrap(x, m_splits, *args, **kwargs)
+        if self.disabled:
+            return base_out
         if isinstance(self.adapter, LoRAExpertAdapters):
             splits = _split_sizes(m_splits, self.adapter.num_experts, x.shape[0], type(self).__name__)
             delta = self.adapter(x, splits)

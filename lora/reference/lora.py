@@ -10,8 +10,9 @@ which bases and their shapes: `layers`; freezing: `freeze`; the walk: `walk`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -144,6 +145,33 @@ class LoRA(LoRAFields, _PatternSelection):
             chunk.train(training)
         self._warn_about_unused_patterns()
         return result
+
+    # ----------------------------------------------------------- switching
+    def _set_disabled(self, model: Any, disabled: bool) -> None:
+        for chunk in _model_chunks(model):
+            inner = getattr(chunk, "module", None)
+            if "DistributedDataParallel" in type(chunk).__name__ and isinstance(inner, nn.Module):
+                chunk = inner
+            for module in chunk.modules():
+                if _is_wrapper(module):
+                    module.disabled = disabled
+
+    def enable_adapter_layers(self, model: Any) -> None:
+        """Adapters on: every wrapper adds its adapter to the base output again."""
+        self._set_disabled(model, False)
+
+    def disable_adapter_layers(self, model: Any) -> None:
+        """Adapters off: every wrapper returns its base module's output alone."""
+        self._set_disabled(model, True)
+
+    @contextmanager
+    def disable_adapter(self, model: Any) -> Iterator[None]:
+        """Off for the block, back on after it, whether or not it raised."""
+        self._set_disabled(model, True)
+        try:
+            yield
+        finally:
+            self._set_disabled(model, False)
 
 
 @dataclass
