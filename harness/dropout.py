@@ -6,8 +6,10 @@ mode would need statistics. Instead every rank task (the implementation's
 and the reference's) runs inside ``keyed_dropout()``, which replaces
 ``torch.nn.functional.dropout`` (what ``nn.Dropout``, Megatron-Bridge's
 adapters and ours call) by inverted dropout whose mask is a fixed function
-of each element's *value*: an element is kept when a hash of its value,
-rounded to float32, is at least ``p``. The same value gets the same
+of each element's *value*: an element is kept when a hash of its value's
+*cell* is at least ``p`` (the cell: sign, exponent and the first
+``KEY_MANTISSA_BITS`` bits of the mantissa, i.e. the value truncated to a
+grid of relative spacing 2**-16). The same value gets the same
 decision on every rank and in the reference, wherever it sits, so a
 sharded run whose adapter drops the right tensor (the adapter input for
 ``pre``, the adapter output for ``post``) computes exactly what the
@@ -15,11 +17,20 @@ single-device reference computes with that mask; one that drops the base
 path, drops in eval, or drops the wrong tensor does not. The equivalence
 properties then compare training-mode dropout like everything else.
 
-Values that differ between layouts only by summation order must map to
-the same float32 to get the same decision, so the strategies draw
-training-mode dropout with float64 models and adapters only (a 1-ulp
-float64 difference crosses a float32 rounding boundary with probability
-about 2**-29 per element).
+Values that differ between layouts only by summation order must fall in
+the same cell to get the same decision, so the strategies draw
+training-mode dropout with float64 models and adapters only. A float64
+value a few ulps from a cell boundary can still land on the other side in
+another layout (a deep run found one: grouped experts, post dropout, float64;
+the old float32-rounding key had boundaries 256 times closer). So every
+dropping call also counts its *fragile* elements: non-zero values within
+``FRAGILE_MARGIN`` times the call's largest magnitude of a cell boundary,
+far more than float64 summation order moves a value (about 1e-14 of it)
+and rare by design (about 2**-23 of an element's cell width per unit of
+max/|x|: some 1e-3 of training-dropout examples). A comparison that fails
+on an example with a fragile element is undecidable there
+(``harness.properties._gather.Numeric``), never charged: its masks may
+differ by rounding alone.
 
 ``capture_dropout()`` does the opposite: it leaves the real dropout in
 place and records, per call, a fingerprint of the input and of the mask
@@ -36,20 +47,46 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["keyed_mask", "keyed_dropout", "capture_dropout", "DropoutLog"]
+__all__ = ["keyed_mask", "fragile_mask", "keyed_dropout", "capture_dropout", "DropoutLog", "KEY_MANTISSA_BITS", "FRAGILE_MARGIN"]
 
 _MIX = 0x45D9F3B  # a 27-bit odd multiplier: products of 31-bit values stay inside int64
+#: Mantissa bits a value's cell keeps (the rest decide nothing).
+KEY_MANTISSA_BITS = 16
+#: A non-zero value closer than this times the call's max|x| to a cell boundary is fragile.
+FRAGILE_MARGIN = 2.0 ** -40
+
+
+def _cells(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x as float64, its cell key as int64 in [0, 2**31), the distance from x to its cell's nearer boundary)."""
+    v = x.detach().to(torch.float64)
+    v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    m, e = torch.frexp(v.abs())  # |v| = m * 2**e, m in [0.5, 1) (0 for 0)
+    scaled = m * float(2 ** (KEY_MANTISSA_BITS + 1))  # [2**16, 2**17): one unit is one cell
+    cell = torch.floor(scaled)
+    frac = scaled - cell
+    distance = torch.minimum(frac, 1.0 - frac) * torch.ldexp(torch.ones_like(v), e.to(torch.int64) - (KEY_MANTISSA_BITS + 1))
+    low = (cell.to(torch.int64) - (1 << KEY_MANTISSA_BITS)).clamp(min=0)
+    key = ((e.to(torch.int64) + 1100) * 2 + (v < 0).to(torch.int64)) * (1 << KEY_MANTISSA_BITS) + low + 1
+    key = torch.where(v == 0, torch.zeros_like(key), key)
+    return v, key, distance
 
 
 def keyed_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The keep mask (bool, x's shape): True where hash(float32(x)) / 2**24 >= p."""
-    bits = x.detach().to(torch.float32).view(torch.int32).to(torch.int64)
-    h = (bits ^ (bits >> 31)) & 0x7FFFFFFF  # fold the sign in, keep 31 bits
+    """The keep mask (bool, x's shape): True where hash(cell of x) / 2**24 >= p."""
+    h = _cells(x)[1] & 0x7FFFFFFF
     for _ in range(2):
         h = ((h >> 16) ^ h) * _MIX & 0xFFFFFFFF
         h &= 0x7FFFFFFF
     h = (h >> 16) ^ h
     return (h & 0xFFFFFF).to(torch.float64) / float(1 << 24) >= p
+
+
+def fragile_mask(x: torch.Tensor) -> torch.Tensor:
+    """Where x's decision could flip under a float64 rounding difference: non-zero, within
+    ``FRAGILE_MARGIN * max|x|`` of a cell boundary."""
+    v, _, distance = _cells(x)
+    scale = float(v.abs().max()) if v.numel() else 0.0
+    return (v != 0) & (distance < FRAGILE_MARGIN * scale)
 
 
 @dataclass
@@ -60,6 +97,7 @@ class DropoutLog:
     elements: int = 0         # elements those calls saw
     dropped: int = 0          # elements zeroed by those calls
     eval_calls: int = 0       # calls with p > 0 and training=True made while the model was in eval mode
+    fragile: int = 0          # elements whose keyed decision a rounding difference could flip (fragile_mask)
     records: list[tuple[tuple[int, ...], str, str]] = field(default_factory=list)  # (shape, input digest, mask digest)
 
 
@@ -86,6 +124,7 @@ def keyed_dropout(model: Any = None) -> Iterator[DropoutLog]:
         if model is not None and not model.training:
             log.eval_calls += 1
         keep = keyed_mask(input, p)
+        log.fragile += int(fragile_mask(input).sum())
         log.calls += 1
         log.elements += input.numel()
         log.dropped += int((~keep).sum())

@@ -52,10 +52,12 @@ class DropoutStats:
     elements: int      # elements those calls saw
     dropped: int       # elements zeroed by those calls
     eval_calls: int    # such calls made while the model was in eval mode
+    fragile: int = 0   # elements whose keyed decision a rounding difference could flip (harness.dropout)
 
     @classmethod
     def of(cls, log: Any) -> "DropoutStats":
-        return cls(calls=log.calls, elements=log.elements, dropped=log.dropped, eval_calls=log.eval_calls)
+        return cls(calls=log.calls, elements=log.elements, dropped=log.dropped, eval_calls=log.eval_calls,
+                   fragile=log.fragile)
 
 
 class ModuleMerge(NamedTuple):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from harness.compare import compare_tensors, tolerance_for
 from harness.properties import Property, register
-from harness.properties._gather import layout_violations
+from harness.properties._gather import compare_or_undecidable, fragile_dropout, layout_violations
 from harness.results import Check, Location
 
 
@@ -26,13 +26,15 @@ def check(ev) -> Check:
     result = Check("ep_size_independent")
     base = ev.impl_ep1[0]
     shared = case.shape.grouped and case.lora.get("share_expert_adapters", True)
+    # Both runs drop with keyed masks: an element at a cell boundary makes a difference undecidable.
+    fragile = fragile_dropout(ev.impl, ev.impl_ep1) if case.training else 0
     for rec in ev.impl:
         if shared:
-            result.compare(Location("output with own initial adapters", None, (rec.rank,)),
-                           compare_tensors(rec.extras.own_output, base.extras.own_output, tol), tol)
+            compare_or_undecidable(result, Location("output with own initial adapters", None, (rec.rank,)),
+                                   compare_tensors(rec.extras.own_output, base.extras.own_output, tol), tol, fragile)
         if case.training:
-            result.compare(Location("output after one optimizer step", None, (rec.rank,)),
-                           compare_tensors(rec.extras.stepped_output, base.extras.stepped_output, tol), tol)
+            compare_or_undecidable(result, Location("output after one optimizer step", None, (rec.rank,)),
+                                   compare_tensors(rec.extras.stepped_output, base.extras.stepped_output, tol), tol, fragile)
     return result
 
 
