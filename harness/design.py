@@ -103,10 +103,10 @@ def _triples(family: str) -> tuple[tuple[str, str, str], ...]:
 
 
 #: Greedy constructions tried per design (restart 0 breaks ties by the
-#: product's order, restarts 1.. at random from a fixed seed); the smallest
-#: array wins. Four restarts take 0.1-0.2 s per distinct factor set and cut
-#: the rows by 10-20% against one greedy pass (dense 29 -> 25-26, MoE 19 -> 15).
-RESTARTS = 4
+#: product's order, restart 1 at random from a fixed seed); the smallest
+#: array wins. Two cut the rows by 10-20% against one greedy pass (dense
+#: 29 -> 25-26, MoE 19 -> 15); four found no smaller array at --tp 2 --ep 2.
+RESTARTS = 2
 
 
 @lru_cache(maxsize=None)

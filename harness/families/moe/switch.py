@@ -7,12 +7,12 @@ from typing import Any
 import torch
 
 from harness import cpu
-from harness.contract import load_impl
 from harness.evidence import RankRecord
-from harness.families.gpt.model import causal_mask, output_layer_gathers
+from harness.families.gpt.model import causal_mask
 from harness.families.moe.case import MoECase
+from harness.families.moe.tasks import base_model, load_seeded_adapters
 from harness.rules.adapters import moe_adapter_table
-from harness.sharding import load_full_base_weights, seeded_tensor, shard
+from harness.sharding import seeded_tensor
 from harness.tasks.common import checked_table
 from harness.tasks.switch import switch_evidence
 
@@ -23,15 +23,8 @@ def run_moe_switch_case(ctx: Any, case: MoECase) -> RankRecord:
     """``SwitchExtras`` for the case's MoE model at its layout (eval mode, seeded base and adapter weights)."""
     from megatron.core import parallel_state as ps
 
-    from harness.families.moe.model import build_moe_gpt, expert_sizes, layout_sizes
-
     layout = case.layout
-    layout.initialize_megatron(ctx.world_size, seed=case.seed)
-    impl = load_impl(case.impl)
-    sizes = dict(expert_sizes(), world=ctx.world_size)
-    model = build_moe_gpt(case.shape, **layout_sizes(layout), params_dtype=case.model_dtype,
-                          parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
-    load_full_base_weights(model, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
+    impl, sizes, model = base_model(ctx, case)
     tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
     s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
     full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(case.model_dtype)
@@ -48,12 +41,7 @@ def run_moe_switch_case(ctx: Any, case: MoECase) -> RankRecord:
     table, broken = checked_table(lambda: moe_adapter_table(model, case, sizes), ctx.rank, tp_rank, tp)
     if broken is not None:
         return broken
-    with torch.no_grad():
-        # Seeded full matrices by global name, B non-zero: every adapter moves the logits.
-        for pname, info in table.items():
-            full = seeded_tensor(case.seed, info.global_name, info.full_shape, std=1.0 / info.full_shape[1] ** 0.5)
-            g_rank, g_size = (sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)
-            model.get_parameter(pname).copy_(shard(full, info.part, g_rank, g_size))
+    load_seeded_adapters(model, table, case, sizes)
     model.eval()
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=ps.get_data_parallel_rank(),

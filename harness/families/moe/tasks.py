@@ -48,7 +48,7 @@ from harness.tasks.common import checked_table, cpu64, error_expecter, merge_evi
 from harness.rules.adapters import AdapterParam, moe_adapter_table
 from harness.sharding import Partition, gather_full, load_full_base_weights, seeded_tensor, shard
 
-__all__ = ["run_moe_case", "SGD_LR"]
+__all__ = ["run_moe_case", "base_model", "load_seeded_adapters", "SGD_LR"]
 
 #: The learning rate of the one plain SGD step the task takes on the adapters.
 SGD_LR = 0.1
@@ -141,19 +141,35 @@ def full_partitions(table: dict[str, AdapterParam], full: dict[str, Any]) -> dic
 
 
 
+def base_model(ctx: Any, case: MoECase) -> tuple[Any, dict[str, int], torch.nn.Module]:
+    """(the implementation, the layout's sizes, the case's MoE model at its layout with the seeded full base weights)."""
+    from harness.families.moe.model import build_moe_gpt, expert_sizes, layout_sizes
+
+    case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
+    impl = load_impl(case.impl)
+    sizes = dict(expert_sizes(), world=ctx.world_size)
+    model = build_moe_gpt(case.shape, **layout_sizes(case.layout), params_dtype=case.model_dtype,
+                          parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
+    load_full_base_weights(model, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
+    return impl, sizes, model
+
+
+def load_seeded_adapters(model: torch.nn.Module, table: dict[str, AdapterParam], case: MoECase, sizes: dict[str, int]) -> None:
+    """Every adapter's shard of a seeded full matrix by global name (B non-zero: every adapter moves the logits)."""
+    with torch.no_grad():
+        for pname, info in table.items():
+            full = seeded_tensor(case.seed, info.global_name, info.full_shape, std=1.0 / info.full_shape[1] ** 0.5)
+            g_rank, g_size = ((sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp"
+                              else (sizes["tp_rank"], sizes["tp_size"]))
+            model.get_parameter(pname).copy_(shard(full, info.part, g_rank, g_size))
+
+
 def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     """Forward, backward and one SGD step of a LoRA-adapted MoE GPTModel at the case's layout."""
     from megatron.core import parallel_state as ps
 
-    from harness.families.moe.model import build_moe_gpt, expert_sizes, layout_sizes
-
     layout = case.layout
-    layout.initialize_megatron(ctx.world_size, seed=case.seed)
-    impl = load_impl(case.impl)
-    sizes = dict(expert_sizes(), world=ctx.world_size)
-    model = build_moe_gpt(case.shape, **layout_sizes(layout), params_dtype=case.model_dtype,
-                          parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
-    load_full_base_weights(model, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
+    impl, sizes, model = base_model(ctx, case)
     lora_kwargs = case.lora_kwargs()
     cpu.manual_seed(case.seed)
     model = impl.LoRA(**lora_kwargs)(model, training=case.training)
@@ -197,12 +213,7 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
             h_.remove()
 
         # The harness's own adapter values: seeded full matrices by global name, B non-zero.
-        with torch.no_grad():
-            for pname, info in table.items():
-                std = 1.0 / info.full_shape[1] ** 0.5
-                full = seeded_tensor(case.seed, info.global_name, info.full_shape, std=std)
-                g_rank, g_size = (sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)
-                model.get_parameter(pname).copy_(shard(full, info.part, g_rank, g_size))
+        load_seeded_adapters(model, table, case, sizes)
         findings = state_findings(model, {p: (i.name.split(".adapter.")[0],) for p, i in table.items()}, case)
 
         x = x_shard().clone().requires_grad_(True)
