@@ -71,9 +71,8 @@ def _cells(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return v, key, distance
 
 
-def keyed_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The keep mask (bool, x's shape): True where hash(cell of x) / 2**24 >= p."""
-    h = _cells(x)[1] & 0x7FFFFFFF
+def _keep(key: torch.Tensor, p: float) -> torch.Tensor:
+    h = key & 0x7FFFFFFF
     for _ in range(2):
         h = ((h >> 16) ^ h) * _MIX & 0xFFFFFFFF
         h &= 0x7FFFFFFF
@@ -81,12 +80,21 @@ def keyed_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return (h & 0xFFFFFF).to(torch.float64) / float(1 << 24) >= p
 
 
+def _fragile(v: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    scale = float(v.abs().max()) if v.numel() else 0.0
+    return (v != 0) & (distance < FRAGILE_MARGIN * scale)
+
+
+def keyed_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep mask (bool, x's shape): True where hash(cell of x) / 2**24 >= p."""
+    return _keep(_cells(x)[1], p)
+
+
 def fragile_mask(x: torch.Tensor) -> torch.Tensor:
     """Where x's decision could flip under a float64 rounding difference: non-zero, within
     ``FRAGILE_MARGIN * max|x|`` of a cell boundary."""
     v, _, distance = _cells(x)
-    scale = float(v.abs().max()) if v.numel() else 0.0
-    return (v != 0) & (distance < FRAGILE_MARGIN * scale)
+    return _fragile(v, distance)
 
 
 @dataclass
@@ -123,8 +131,9 @@ def keyed_dropout(model: Any = None) -> Iterator[DropoutLog]:
             return input
         if model is not None and not model.training:
             log.eval_calls += 1
-        keep = keyed_mask(input, p)
-        log.fragile += int(fragile_mask(input).sum())
+        v, key, distance = _cells(input)  # once per call: the mask and its fragile elements
+        keep = _keep(key, p)
+        log.fragile += int(_fragile(v, distance).sum())
         log.calls += 1
         log.elements += input.numel()
         log.dropped += int((~keep).sum())

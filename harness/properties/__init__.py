@@ -11,7 +11,7 @@ a module (or, from another package, an entry point in the group
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from harness._plugins import discover
@@ -51,7 +51,8 @@ class Property:
     kind: str = "numeric"
     applies: Optional[Callable[[ParallelLayout, Capabilities], Optional[str]]] = None
     designed: bool = True
-    design_factors: Optional[dict[str, tuple[str, ...]]] = None
+    # Left out of the hash (a dict): a Property stays hashable, as its Cell is.
+    design_factors: Optional[dict[str, tuple[str, ...]]] = field(default=None, hash=False)
 
     def skip_reason(self, family: str, layout: ParallelLayout, capabilities: Capabilities) -> Optional[str]:
         if family not in self.families:

@@ -13,7 +13,7 @@ off: it is reported as having nothing to check, never as a pass of the check.
 
 from __future__ import annotations
 
-from harness.compare import compare_tensors, tolerance_for
+from harness.compare import Tolerance, compare_tensors, tolerance_for
 from harness.properties import Property, register
 from harness.properties._gather import layout_violations
 from harness.results import Check, Location
@@ -48,8 +48,8 @@ def check(ev) -> Check:
         if sw.tree_changed:
             result.fail(f"rank {rec.rank}: switching the adapters off and on changed the module tree",
                         kind="contract", check="switch_keeps_modules")
-        wide = max(off_tol.rtol, on_tol.rtol), max(off_tol.atol, on_tol.atol)
-        apart = compare_tensors(sw.adapted, sw.base, type(off_tol)(rtol=2 * wide[0], atol=2 * wide[1]))
+        wide = Tolerance(rtol=2 * max(off_tol.rtol, on_tol.rtol), atol=2 * max(off_tol.atol, on_tol.atol))
+        apart = compare_tensors(sw.adapted, sw.base, wide)
         if apart.passed:
             if rec.rank == 0:
                 result.nothing_to_check(

@@ -368,12 +368,8 @@ def _split_sizes(m_splits: Any, count: int, rows: int, where: str) -> list[int]:
 
 
 class ExpertLoRALinear(AdapterWrapper):
-    """A SequentialMLP expert's Column/RowParallelLinear (``to_wrap``) plus its ``ExpertAdapter``."""
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not self.adapter_on:
-            return self.to_wrap(x, *args, **kwargs)
-        return add_to_base_output(self.to_wrap(x, *args, **kwargs), self.adapter(x))
+    """A SequentialMLP expert's Column/RowParallelLinear (``to_wrap``) plus its ``ExpertAdapter``
+    (``AdapterWrapper``'s forward: base output plus ``adapter(x)``, the base alone when switched off)."""
 
 
 class GroupedLoRALinear(AdapterWrapper):

@@ -37,6 +37,7 @@ def test_the_reference_passes_at_world_size_one():
     outcome = check_property(PROP, ParallelLayout(), "lora.reference", settings=DESIGNED_ONLY, seed=5)
     assert outcome.verdict is Verdict.PASS, outcome.error
     assert outcome.designed == len(designed_rows("gpt", ParallelLayout(), None, only=get_property(PROP).design_factors["gpt"]))
+    hash(get_property(PROP))  # a Property stays hashable with its design_factors dict
 
 
 def test_an_adapter_left_on_in_one_layer_is_numeric():
