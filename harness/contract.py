@@ -195,7 +195,7 @@ def contract_point(key: str) -> ContractPoint:
 
 
 _DTYPE_NAMES = (None, "float32", "float64", "bfloat16", "float16")
-_FLAGS = ("experts", "grouped_experts", "sequence_parallel", "a2a", "vlm", "merge", "adapter_switch")
+_FLAGS = ("experts", "grouped_experts", "sequence_parallel", "a2a", "vlm", "merge", "adapter_switch", "recompute")
 
 
 def _names_problem(value: Any, allowed: tuple, what: str) -> Optional[str]:
@@ -244,6 +244,7 @@ class Capabilities:
     vlm: bool = True
     merge: bool = True
     adapter_switch: bool = True
+    recompute: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -319,6 +320,7 @@ class Capabilities:
             ("vlm", "VLMLoRA"),
             ("merge", "LoRAMerge"),
             ("adapter_switch", "switching adapters off (enable_adapter_layers / disable_adapter_layers / disable_adapter)"),
+            ("recompute", "training under megatron-core's activation recompute"),
         ):
             if not getattr(self, flag):
                 out.append(f"{what} (not supported)")

@@ -9,7 +9,8 @@ carries no evidence at all: ``harness.tasks.common.violation_record``):
 * ``MoEExtras``: the MoE forward/backward task (``harness.families.moe.tasks``);
 * ``VLMExtras``: the VLM freezing task (``harness.families.vlm.tasks``);
 * ``InitExtras``: the init tasks (``harness.families.gpt.init``, ``harness.families.moe.init``);
-* ``SwitchExtras``: the adapter switch task (``harness.tasks.switch``).
+* ``SwitchExtras``: the adapter switch task (``harness.tasks.switch``);
+* ``RecomputeExtras``: the activation recompute task (``harness.tasks.recompute``).
 
 Every field is declared with its type. A field that a task produces only on
 some examples (after a training step, with dropout at TP > 1, with a zero
@@ -197,8 +198,25 @@ class SwitchExtras:
     tree_changed: bool = False       # the module tree differs after the switching
 
 
-RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras]
-EXTRAS_TYPES: tuple[type, ...] = (DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras)
+@dataclass(frozen=True)
+class RecomputeRun:
+    """One training forward and backward of the recompute task: the logits and every trainable parameter's gradient."""
+
+    logits: Optional[Tensor] = None
+    grads: dict[str, Optional[Tensor]] = field(default_factory=dict)  # parameter -> gradient (None: autograd left none)
+    error: Optional[str] = None      # what building, applying the LoRA, forward or backward raised ("<Type>: <message>")
+
+
+@dataclass(frozen=True)
+class RecomputeExtras:
+    """The activation recompute task's evidence: the run without recompute and one per setting (harness.tasks.recompute)."""
+
+    plain: RecomputeRun
+    runs: dict[str, RecomputeRun] = field(default_factory=dict)  # setting name -> its run (in SETTINGS order)
+
+
+RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras]
+EXTRAS_TYPES: tuple[type, ...] = (DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras)
 
 _PREFIX = "extras."
 

@@ -29,13 +29,16 @@ RUN_KINDS = {
     "reference64": "the reference in float64 on the case's exact (16-bit) weights and inputs, world size 1",
     "switch": "the implementation under test's model switched off and on at the case's layout, with the base model's "
               "logits before the LoRA (the family's switch_task; harness.tasks.switch)",
+    "recompute": "the implementation under test trained one forward and backward at the case's layout without and with "
+                 "each activation recompute setting (the family's recompute_task; harness.tasks.recompute)",
     "init": "the implementation under test's initial adapters on a larger one-layer model at the case's layout (the family's init_task; harness.tasks.init)",
 }
 
 # The built-in families' rank tasks, imported once in the fork server ranks start from.
 _POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.families.gpt.tasks", "harness.families.gpt.init",
                  "harness.families.moe.tasks", "harness.families.moe.init", "harness.families.vlm.tasks",
-                 "harness.families.gpt.switch", "harness.families.moe.switch")
+                 "harness.families.gpt.switch", "harness.families.moe.switch", "harness.families.gpt.recompute",
+                 "harness.families.moe.recompute")
 
 
 class Executor:
@@ -109,7 +112,7 @@ class Executor:
 
 
 def _task(family: str, kind: str) -> Callable[..., Any]:
-    """The family's ``error_task``, ``init_task`` or ``switch_task``; ``ValueError`` when it has none."""
+    """The family's ``error_task``, ``init_task``, ``switch_task`` or ``recompute_task``; ``ValueError`` when it has none."""
     task = getattr(get_family(family), kind)
     if task is None:
         raise ValueError(f"family {family!r} has no {kind} (a property that needs it cannot run on this family)")
@@ -185,6 +188,10 @@ class Evidence:
         task = _task(self.case.family, "switch_task")
         return self.executor.cached(("switch", repr(self.case)), lambda: self.executor.run(self.case, task))
 
+    def _make_recompute(self) -> tuple[Any, dict[int, str]]:
+        task = _task(self.case.family, "recompute_task")
+        return self.executor.cached(("recompute", repr(self.case)), lambda: self.executor.run(self.case, task))
+
     # Shorthands the property modules read.
     @property
     def impl(self) -> list[Any]:
@@ -217,3 +224,7 @@ class Evidence:
     @property
     def switch(self) -> list[Any]:
         return self.get("switch")
+
+    @property
+    def recompute(self) -> list[Any]:
+        return self.get("recompute")

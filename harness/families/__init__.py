@@ -62,7 +62,7 @@ class FamilyDesign:
 
 #: Family fields that may be a "module:name" string, imported on first access.
 LAZY_FIELDS = frozenset({"case_type", "shape_type", "strategy", "task", "builder", "design", "error_task", "init_task",
-                         "switch_task"})
+                         "switch_task", "recompute_task"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,6 +99,8 @@ class Family:
     init_task: Optional[Callable[..., Any]] = None
     #: The adapter switch task (``harness.tasks.switch``): ``switch_task(ctx, case) -> RankRecord``.
     switch_task: Optional[Callable[..., Any]] = None
+    #: The activation recompute task (``harness.tasks.recompute``): ``recompute_task(ctx, case) -> RankRecord``.
+    recompute_task: Optional[Callable[..., Any]] = None
     #: ``requires(capabilities)`` -> why an implementation cannot run this family, or None.
     requires: Callable[[Any], Optional[str]] = lambda caps: None
     #: Properties written for other families that this one runs too (its evidence supports them),

@@ -5,8 +5,9 @@ One module per job: ``config`` (fields, validation, per-module rank),
 draws), ``walk`` (the walk and ``LoRABase``), ``freeze`` (what is frozen),
 ``layout`` (groups, column/row, row shards), ``wrapper`` (the wrapper base
 class), ``dense_adapters`` (TP adapters, plain nn.Linear), ``expert_adapters``
-(routed experts), ``merge`` (all merging), ``lora`` (``LoRA``/``VLMLoRA``:
-which adapter a module gets).
+(routed experts), ``merge`` (all merging), ``recompute`` (adapter gradients
+under activation recompute), ``lora`` (``LoRA``/``VLMLoRA``: which adapter a
+module gets).
 """
 
 from lora.megatron.lora import LoRA, VLMLoRA

@@ -17,6 +17,7 @@ from torch import nn
 from lora.megatron.config import LoRAFields, find_moe_router_topk, moe_adapter_rank
 from lora.megatron.freeze import adapter_parameters, freeze_parameters, model_chunks
 from lora.megatron.matching import ModuleMatcher, is_expert_linear_name
+from lora.megatron.recompute import enable_recompute_input_grad
 from lora.megatron.wrapper import is_adapter_wrapper
 
 __all__ = ["join_name", "walk_and_replace", "LoRABase"]
@@ -156,6 +157,7 @@ class LoRABase(LoRAFields):
         if training:
             for p in adapter_parameters(result):
                 p.requires_grad_(True)
+            enable_recompute_input_grad(result)
         else:
             self.freeze_model(type(model)(result) if isinstance(model, (list, tuple)) else result[0], False)
         for chunk in result:

@@ -138,6 +138,7 @@ class LoRA(LoRAFields, _PatternSelection):
                     if _is_wrapper(module):
                         for param in module.adapter.parameters():
                             param.requires_grad = True
+                    _grad_into_recomputed_block(module)
         else:
             # Inference, as in Megatron-Bridge: freeze again, adapters included.
             self.freeze_model(result, training=False)
@@ -172,6 +173,40 @@ class LoRA(LoRAFields, _PatternSelection):
             yield
         finally:
             self._set_disabled(model, False)
+
+
+
+def _grad_into_recomputed_block(module: nn.Module) -> None:
+    """Training under megatron's activation recompute (SPEC "Activation recompute").
+
+    megatron's checkpoint is a reentrant autograd Function: its backward runs
+    only if an input requires grad. A frozen base feeds a transformer block
+    hidden states that do not, so adapters inside a checkpointed region would
+    get no gradient. A block (megatron's ``TransformerBlock`` or ``HybridStack``, by
+    class name: nothing here imports megatron) whose config asks for recompute gets its forward wrapped once: the hidden
+    states enter as a leaf that requires grad, whenever autograd records.
+    """
+    config = getattr(module, "config", None)
+    blocks = {"TransformerBlock", "HybridStack"}
+    if getattr(config, "recompute_granularity", None) is None or not blocks & {k.__name__ for k in type(module).__mro__}:
+        return
+    if getattr(module, "_reference_lora_grad_input", False):
+        return
+    inner = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        key = "hidden_states" if "hidden_states" in kwargs else None
+        x = kwargs[key] if key else (args[0] if args else None)
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+            if key:
+                kwargs[key] = x
+            else:
+                args = (x,) + args[1:]
+        return inner(*args, **kwargs)
+
+    module.forward = forward
+    module._reference_lora_grad_input = True
 
 
 @dataclass

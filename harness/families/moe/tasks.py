@@ -141,15 +141,16 @@ def full_partitions(table: dict[str, AdapterParam], full: dict[str, Any]) -> dic
 
 
 
-def base_model(ctx: Any, case: MoECase) -> tuple[Any, dict[str, int], torch.nn.Module]:
-    """(the implementation, the layout's sizes, the case's MoE model at its layout with the seeded full base weights)."""
+def base_model(ctx: Any, case: MoECase, **config_overrides: Any) -> tuple[Any, dict[str, int], torch.nn.Module]:
+    """(the implementation, the layout's sizes, the case's MoE model at its layout with the seeded full base weights;
+    ``config_overrides`` go to megatron's TransformerConfig)."""
     from harness.families.moe.model import build_moe_gpt, expert_sizes, layout_sizes
 
     case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
     impl = load_impl(case.impl)
     sizes = dict(expert_sizes(), world=ctx.world_size)
     model = build_moe_gpt(case.shape, **layout_sizes(case.layout), params_dtype=case.model_dtype,
-                          parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
+                          parallel_output=not output_layer_gathers(case.contract), **config_overrides).to(case.model_dtype)
     load_full_base_weights(model, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
     return impl, sizes, model
 

@@ -1,0 +1,91 @@
+"""Activation recompute (harness/SPEC.md, "Activation recompute"): the evidence on one rank.
+
+A family's recompute task hands ``recompute_evidence`` a function that, for
+megatron config overrides, builds the case's model at its layout, loads the
+seeded base weights, applies the implementation's LoRA for training, loads
+seeded adapter weights (B non-zero, so every adapter has a gradient), runs
+forward on an input that does not require grad (as the embedding's output
+does under a frozen base at pipeline size 1) and backward with a seeded
+probe, each run from the same RNG states (dropout draws its masks from
+torch's and megatron's RNG, as in training: megatron's checkpoint replays
+them in the recomputed forward). It runs once without recompute and once per entry of the family's
+``SETTINGS``; the property (``harness.properties.recompute``) compares each
+with the run without. The oracle is the implementation itself without
+recompute: nothing here reads the reference, and the comparison passes only
+if recompute changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from harness.evidence import RecomputeExtras, RecomputeRun
+from harness.tasks.common import any_rank, cpu64
+
+__all__ = ["SETTINGS", "BrokenTable", "recompute_evidence", "adapter_gradients", "probe_backward"]
+
+_FULL = dict(recompute_granularity="full")
+
+#: family -> setting name -> megatron TransformerConfig overrides (the models have two layers).
+#: (``layernorm`` recompute is left out: megatron-core 0.19 reaches Transformer Engine's
+#: FP8GlobalStateManager on that path, which does not exist without Transformer Engine.)
+SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt": {
+        "full, uniform, every layer": dict(_FULL, recompute_method="uniform", recompute_num_layers=1),
+        "full, block, first layer": dict(_FULL, recompute_method="block", recompute_num_layers=1),
+        "selective: mlp, core_attn": dict(recompute_granularity="selective", recompute_modules=["mlp", "core_attn"]),
+    },
+    "moe": {
+        "full, uniform, every layer": dict(_FULL, recompute_method="uniform", recompute_num_layers=1),
+        "full, block, first layer": dict(_FULL, recompute_method="block", recompute_num_layers=1),
+        "selective: moe, core_attn": dict(recompute_granularity="selective", recompute_modules=["moe", "core_attn"]),
+    },
+}
+
+
+class BrokenTable(Exception):
+    """The adapters' names or shapes are off harness/SPEC.md (on some rank): ``record`` is what every rank sends."""
+
+    def __init__(self, record: Any) -> None:
+        super().__init__("adapter table")
+        self.record = record
+
+
+def adapter_gradients(model: torch.nn.Module) -> dict[str, Optional[torch.Tensor]]:
+    """Every trainable parameter's gradient (float64 CPU copies; None where autograd left none)."""
+    return {n: cpu64(p.grad) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def probe_backward(out: torch.Tensor, probe: torch.Tensor) -> None:
+    """``(out * probe).sum().backward()``, agreed by every rank first: a rank whose logits have no grad_fn
+    (nothing they depend on requires grad) would leave the others waiting in backward's collectives."""
+    lost = not out.requires_grad
+    if any_rank(lost):
+        where = "on this rank" if lost else "on another rank"
+        raise RuntimeError(f"the training logits have no grad_fn {where}: nothing they depend on requires grad")
+    (out * probe).sum().backward()
+
+
+def _one(run: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]], overrides: dict[str, Any]) -> RecomputeRun:
+    try:
+        logits, grads = run(overrides)
+    except BrokenTable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported as the implementation's, with the setting
+        return RecomputeRun(error=f"{type(exc).__name__}: {exc}")
+    return RecomputeRun(logits=logits, grads=grads)
+
+
+def recompute_evidence(family: str, run: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]) -> RecomputeExtras:
+    """The run without recompute, then one per setting of ``SETTINGS[family]`` (stopping at the first error on any rank)."""
+    plain = _one(run, {})
+    runs: dict[str, RecomputeRun] = {}
+    if any_rank(plain.error is not None):
+        return RecomputeExtras(plain=plain, runs=runs)
+    for name, overrides in SETTINGS[family].items():
+        runs[name] = _one(run, overrides)
+        if any_rank(runs[name].error is not None):
+            break
+    return RecomputeExtras(plain=plain, runs=runs)

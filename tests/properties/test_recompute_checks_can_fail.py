@@ -1,0 +1,91 @@
+"""recompute_transparent: both correct LoRAs pass it, each wrong recompute handling is caught by the designed
+examples with the gradients it loses named, and an implementation that declares no recompute is skipped."""
+
+import pytest
+import torch
+from hypothesis import settings
+
+from harness.design import designed_rows
+from harness.driver import check_property
+from harness.evidence import RecomputeRun
+from harness.layouts import ParallelLayout
+from harness.properties import get_property
+from harness.results import Verdict
+from harness.tasks import recompute as recompute_task
+from harness.tasks.recompute import SETTINGS
+
+TP2 = ParallelLayout(tp=2)
+MOE = ParallelLayout(tp=1, ep=2)
+DESIGNED_ONLY = settings(max_examples=1, database=None, deadline=None)
+PROP = "recompute_transparent"
+
+
+@pytest.fixture(autouse=True)
+def _needs_tp2(max_tp):
+    if max_tp < 2:
+        pytest.skip("needs --tp 2 or more")
+
+
+def _outcome(impl, layout=TP2, family="gpt"):
+    return check_property(PROP, layout, impl, settings=DESIGNED_ONLY, family=family, seed=5, shrink_budget=2)
+
+
+def _failures(outcome):
+    record = next(r for r in reversed(outcome.records) if r.verdict.failing)
+    return {f.check for f in record.findings if f.verdict.failing}
+
+
+def test_the_reference_passes_at_world_size_one_on_every_designed_example():
+    outcome = check_property(PROP, ParallelLayout(), "lora.reference", settings=DESIGNED_ONLY, seed=5)
+    assert outcome.verdict is Verdict.PASS, outcome.error
+    assert outcome.designed == len(designed_rows("gpt", ParallelLayout(), None, only=get_property(PROP).design_factors["gpt"]))
+
+
+def test_lora_megatron_passes_at_tp2_and_in_the_moe_family():
+    assert _outcome("lora.megatron").verdict is Verdict.PASS
+    assert _outcome("lora.megatron", MOE, "moe").verdict is Verdict.PASS
+
+
+def test_a_frozen_input_to_the_checkpoint_loses_the_gradients():
+    outcome = _outcome("tests.wrong_impls.recompute_frozen_input")
+    assert outcome.verdict is Verdict.NUMERIC, outcome.error
+    # Full recompute of every layer: the loss has no grad_fn (backward raises); of the first layer only,
+    # its adapters get none. The minimal case keeps one of the two.
+    assert _failures(outcome) & {"recompute_runs", "recompute_gradient_lost"}, outcome.error
+    assert "under recompute (full" in outcome.error
+
+
+def test_a_fix_for_full_recompute_only_is_caught_under_selective_recompute():
+    outcome = _outcome("tests.wrong_impls.recompute_full_only")
+    assert outcome.verdict is Verdict.NUMERIC, outcome.error
+    assert "selective: mlp" in outcome.error
+    assert outcome.minimal_case.lora["target_modules"] == ["linear_fc1", "linear_fc2"]
+    moe = _outcome("tests.wrong_impls.recompute_full_only", MOE, "moe")
+    assert moe.verdict is Verdict.NUMERIC and "selective: moe" in moe.error, moe.error
+
+
+def test_an_implementation_that_declares_no_recompute_is_skipped():
+    declared = _outcome("tests.impls.no_recompute")
+    assert declared.verdict is Verdict.SKIPPED and "recompute" in declared.skipped_reason
+
+
+def test_every_setting_runs_until_one_raises():
+    calls = []
+
+    def run(overrides):
+        calls.append(overrides)
+        if overrides.get("recompute_method") == "block":
+            raise RuntimeError("element 0 of tensors does not require grad")
+        return torch.zeros(2), {"a": torch.ones(1)}
+
+    import harness.tasks.recompute as mod
+    original = mod.any_rank
+    mod.any_rank = lambda flag: flag  # one rank: no collective
+    try:
+        ev = recompute_task.recompute_evidence("gpt", run)
+    finally:
+        mod.any_rank = original
+    names = list(SETTINGS["gpt"])
+    assert calls[0] == {} and list(ev.runs) == names[:2]
+    assert ev.runs[names[1]].error == "RuntimeError: element 0 of tensors does not require grad"
+    assert isinstance(ev.plain, RecomputeRun) and torch.equal(ev.plain.grads["a"], torch.ones(1))
