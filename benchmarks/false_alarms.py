@@ -51,7 +51,7 @@ def run_pytest(cmd: list[str], cwd: str, env: dict, timeout: float) -> tuple[int
         return -1, f"timed out after {timeout} s\n{exc.stdout or ''}"
 
 
-def run_once(impl: str, seed: int, profile: str, workers: str, timeout: float) -> dict:
+def run_once(impl: str, seed: int, profile: str, workers: str, timeout: float, select: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="lora-false-alarms-") as tmp:
         test = Path(tmp) / "test_my_lora.py"
         test.write_text(downstream_file())
@@ -59,6 +59,8 @@ def run_once(impl: str, seed: int, profile: str, workers: str, timeout: float) -
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers, "--tp", "2", "--ep", "2",
                "--lora-impl", impl, "--lora-seed", str(seed), "--hypothesis-profile", profile,
                "--regressions", str(Path(tmp) / "regressions"), "--report", str(report), str(test)]
+        if select:
+            cmd += ["-k", select]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         started = time.monotonic()
         rc, out = run_pytest(cmd, tmp, env, timeout)
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=20, help="fast-profile runs per implementation (seeds 1..N)")
     ap.add_argument("--deep-seeds", type=int, default=2, help="deep-profile runs per implementation")
     ap.add_argument("--first-seed", type=int, default=1, help="the first fast-profile seed")
+    ap.add_argument("--select", default=None, help="only the cells this pytest -k expression selects (e.g. a property added since the last full sweep)")
     ap.add_argument("--deep-first-seed", type=int, default=1000, help="the first deep-profile seed")
     ap.add_argument("--workers", default="2", help="pytest -n")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(impl, args.first_seed + i, "fast") for impl in impls for i in range(args.seeds)]
     plan += [(impl, args.deep_first_seed + i, "deep") for impl in impls for i in range(args.deep_seeds)]
     for impl, seed, profile in plan:
-        r = run_once(impl, seed, profile, args.workers, args.timeout)
+        r = run_once(impl, seed, profile, args.workers, args.timeout, args.select)
         runs.append(r)
         status = "ok" if not r["failing"] and r["rc"] in (0,) else f"rc {r['rc']}"
         print(f"{impl:<28} {profile:<4} seed {seed:<5} {r['cells']:>3} cells  {len(r['failing'])} failing  "

@@ -41,6 +41,13 @@ EXPLAINED = {
     "rank_divisible": "SPEC stricter (advisory): AssertionError",
     "init_tp_independent": "SPEC stricter (advisory): init fans computed on the shard (Megatron-Bridge #5840)",
     "init_distribution": "SPEC stricter (advisory): init fans computed on the shard (Megatron-Bridge #5840)",
+    "recompute_runs": "peft/recompute.py maybe_enable_recompute_inputs_grad makes a TransformerBlock's input require grad "
+                      "only when recompute_method is set (full recompute): under selective recompute of the MLP or MoE "
+                      "layer with nothing upstream trainable (MLP-only or expert-only targets) the checkpoint's backward "
+                      "never runs and the loss has no grad_fn; its registry is also keyed by id(model), so a model built "
+                      "where a freed one lived is not patched; no upstream report known",
+    "recompute_gradient_lost": "peft/recompute.py (as recompute_runs): adapters inside a selectively recomputed MLP or "
+                               "MoE layer with nothing upstream trainable get no gradient; no upstream report known",
     "vlm_access_forms": "SPEC stricter (advisory): VLMLoRA takes the model as a list of chunks only",
 }
 
