@@ -59,7 +59,8 @@ def test_a_fix_for_full_recompute_only_is_caught_under_selective_recompute():
     outcome = _outcome("tests.wrong_impls.recompute_full_only")
     assert outcome.verdict is Verdict.NUMERIC, outcome.error
     assert "selective: mlp" in outcome.error
-    assert outcome.minimal_case.lora["target_modules"] == ["linear_fc1", "linear_fc2"]
+    # Exclude mode leaves the attention alone: nothing upstream of the first MLP trains.
+    assert outcome.minimal_case.lora["exclude_modules"] == ["linear_qkv", "linear_proj"]
     moe = _outcome("tests.wrong_impls.recompute_full_only", MOE, "moe")
     assert moe.verdict is Verdict.NUMERIC and "selective: moe" in moe.error, moe.error
 

@@ -16,15 +16,15 @@ TARGETS = {
     "names": {"target_modules": list(DEFAULT_TARGET_MODULES), "exclude_modules": []},
     "wildcards": {"target_modules": ["*linear_proj", "*.layers.*.mlp.linear_fc*", "*.layers.0.*.linear_qkv"],
                   "exclude_modules": []},
-    "exclude": {"target_modules": [], "exclude_modules": ["linear_proj"]},
-    # The MLP alone: nothing upstream of a layer's MLP trains (what a checkpointed MLP needs to see).
-    "mlp": {"target_modules": ["linear_fc1", "linear_fc2"], "exclude_modules": []},
+    # Exclude mode leaving the attention alone: nothing upstream of a layer's MLP trains
+    # (what a checkpointed MLP's backward needs to see: harness/SPEC.md, "Activation recompute").
+    "exclude": {"target_modules": [], "exclude_modules": ["linear_qkv", "linear_proj"]},
 }
 
 
 def factors(layout: ParallelLayout, caps: Capabilities) -> list[Factor]:
     out = [
-        Factor("targets", tuple(TARGETS), "modules chosen by name, by wildcard, in exclude mode, or the MLP alone"),
+        Factor("targets", tuple(TARGETS), "modules chosen by name, by wildcard, or in exclude mode (attention left alone)"),
         Factor("training", (True, False), "an optimizer step and gradients, or inference"),
         Factor("dropout", ("none", "pre", "post"), f"dropout off, or p={DROPOUT_P} before / after the adapter"),
         Factor("micro_batches", (1, 2), "gradients accumulated over one or two micro-batches"),
