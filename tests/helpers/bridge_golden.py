@@ -22,6 +22,11 @@ BRIDGE = "megatron.bridge.peft.lora"
 GOLDEN = Path(__file__).with_name("bridge_golden.json")
 SEED = 20261206
 EXAMPLES = 2  # per cell: the table is about which cells show what, not about search depth
+#: Properties left out of the table, with why: their verdict on Bridge is not reproducible run to run.
+#: Bridge's recompute patch remembers models by id(), so whether a rank's fresh model is patched depends
+#: on where the allocator put it: the same cell passes, fails numerically, or hangs (ranks that disagree
+#: do not pair up backward's collectives). The README lists what it finds there and how to replay it.
+NOT_IN_TABLE = {"recompute_transparent": "Bridge's verdict depends on id() reuse (see above)"}
 
 #: What a finding check means when Megatron-Bridge 0.6.2 produces it (the table's "why" column).
 EXPLAINED = {
@@ -41,13 +46,6 @@ EXPLAINED = {
     "rank_divisible": "SPEC stricter (advisory): AssertionError",
     "init_tp_independent": "SPEC stricter (advisory): init fans computed on the shard (Megatron-Bridge #5840)",
     "init_distribution": "SPEC stricter (advisory): init fans computed on the shard (Megatron-Bridge #5840)",
-    "recompute_runs": "peft/recompute.py maybe_enable_recompute_inputs_grad makes a TransformerBlock's input require grad "
-                      "only when recompute_method is set (full recompute): under selective recompute of the MLP or MoE "
-                      "layer with nothing upstream trainable (MLP-only or expert-only targets) the checkpoint's backward "
-                      "never runs and the loss has no grad_fn; its registry is also keyed by id(model), so a model built "
-                      "where a freed one lived is not patched; no upstream report known",
-    "recompute_gradient_lost": "peft/recompute.py (as recompute_runs): adapters inside a selectively recomputed MLP or "
-                               "MoE layer with nothing upstream trainable get no gradient; no upstream report known",
     "vlm_access_forms": "SPEC stricter (advisory): VLMLoRA takes the model as a list of chunks only",
 }
 
@@ -84,7 +82,7 @@ def run_matrix() -> list[dict[str, Any]]:
     for family in family_names():
         for layout in layout_set(2, 2, family):
             for name, prop in registry().items():
-                if family not in prop.families:
+                if family not in prop.families or name in NOT_IN_TABLE:
                     continue
                 outcome = check_property(
                     prop, layout, BRIDGE, settings=settings(max_examples=EXAMPLES, database=None, deadline=None),

@@ -30,6 +30,10 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
     x = full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x
     lora_kwargs = case.lora_kwargs()
 
+    # Every model stays alive until the task ends: no two runs of one example share an id()
+    # (an implementation that remembers models by id() is judged on the models, not the allocator).
+    alive: list[Any] = []
+
     def run(overrides: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         # Every run from the same RNG states (megatron's model-parallel tracker included):
         # dropout draws the same masks with and without recompute.
@@ -46,6 +50,7 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
         out = model(ids, pos, causal_mask(s).to(device), decoder_input=x)
         probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(device=out.device, dtype=out.dtype)
         probe_backward(out, probe)
+        alive.append(model)
         return cpu64(out), adapter_gradients(model)
 
     try:
