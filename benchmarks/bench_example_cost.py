@@ -1,8 +1,8 @@
 """What one designed example costs, and where its time goes: dense tp2 and MoE tp2-ep2.
 
-    .venv/bin/python benchmarks/bench_example_cost.py [--rows 12]
+    .venv/bin/python benchmarks/bench_example_cost.py [--rows 12] [--property recompute_transparent]
 
-For each cell (``forward_matches`` at gpt ``tp2`` and at moe ``tp2-ep2-sp``),
+For each cell (``forward_matches``, or ``--property``, at gpt ``tp2`` and at moe ``tp2-ep2-sp``),
 after a warm-up that starts the pools: the designed examples run through the
 whole harness (``check_property``), and the seconds per example are split
 into the rank tasks (the implementation's run at the layout, the world-size-1
@@ -35,6 +35,7 @@ def main() -> None:
     _quiet.quiet_parent()
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=12, help="designed rows per cell (the first N)")
+    p.add_argument("--property", default="forward_matches", help="the property whose designed examples are timed")
     args = p.parse_args()
     import harness.design as design
 
@@ -49,7 +50,7 @@ def main() -> None:
         for family, layout in cells:
             executor = Executor()
             # Warm-up: pools of every size this cell uses, imports, first-task timeouts.
-            check_property("forward_matches", layout, settings=one, executor=executor, family=family, designed=False, seed=99)
+            check_property(args.property, layout, settings=one, executor=executor, family=family, designed=False, seed=99)
             waited = [0.0]
             run = executor.run
 
@@ -62,7 +63,7 @@ def main() -> None:
 
             executor.run = timed  # type: ignore[method-assign]
             start = time.monotonic()
-            outcome = check_property("forward_matches", layout, settings=one, executor=executor, family=family, seed=1)
+            outcome = check_property(args.property, layout, settings=one, executor=executor, family=family, seed=1)
             total = time.monotonic() - start
             n = max(outcome.designed, 1)
             print(f"{family} {layout.describe():<24} {n} designed examples: {1000 * total / n:7.1f} ms per example "
