@@ -216,14 +216,15 @@ class Plan:
             if get_family(family).runs(prop)
         ]
 
-    def settings_for(self, family: str) -> Any:
-        """The hypothesis settings of a family's cells: the drawn examples after the designed ones."""
+    def settings_for(self, family: str, prop: Any = None) -> Any:
+        """The hypothesis settings of a family's cells (of ``prop``'s, when given): the drawn examples
+        after the designed ones, the profile's times the family's share and the property's."""
         from hypothesis import settings
 
         base = self._settings if self._settings is not None else settings()
         if self.examples is not None:
             return settings(base, max_examples=self.examples)
-        share = get_family(family).example_share
+        share = get_family(family).example_share * (prop.example_share if prop is not None else 1.0)
         return settings(base, max_examples=max(1, math.ceil(base.max_examples * share)))
 
     def seed_for(self, cell: Cell) -> int:
@@ -235,7 +236,7 @@ class Plan:
         from harness.driver import check_property
 
         return check_property(
-            cell.prop, cell.layout, impl, settings=self.settings_for(cell.family.name), executor=executor,
+            cell.prop, cell.layout, impl, settings=self.settings_for(cell.family.name, cell.prop), executor=executor,
             capabilities=capabilities, regressions=store, seed=self.seed_for(cell), progress=progress,
             family=cell.family.name, designed=self.designed,
         )

@@ -245,8 +245,8 @@ class HarnessSession:
             self._executor = Executor(timeout=self.config.getoption("rank_timeout"))
         return self._executor
 
-    def settings(self, family: str = "gpt") -> Any:
-        return self.plan.settings_for(family)
+    def settings(self, family: str = "gpt", prop: Any = None) -> Any:
+        return self.plan.settings_for(family, prop)
 
     def impl_for(self, module: Any) -> str:
         return self.config.getoption("lora_impl") or getattr(module, "LORA_IMPL", None) or "lora.megatron"

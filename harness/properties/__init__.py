@@ -40,7 +40,9 @@ class Property:
     reads, where that is fewer than all: its designed examples are then the
     covering array over those features alone (the others at their plainest
     value), so a cheap-to-decide property does not pay for rows it cannot tell
-    apart (``harness.design.designed_rows(only=...)``).
+    apart (``harness.design.designed_rows(only=...)``). ``example_share``: the
+    property's share of the family's drawn examples (a property whose example
+    runs several models draws fewer; at least one is always drawn).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Property:
     designed: bool = True
     # Left out of the hash (a dict): a Property stays hashable, as its Cell is.
     design_factors: Optional[dict[str, tuple[str, ...]]] = field(default=None, hash=False)
+    example_share: float = 1.0
 
     def skip_reason(self, family: str, layout: ParallelLayout, capabilities: Capabilities) -> Optional[str]:
         if family not in self.families:

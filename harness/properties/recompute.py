@@ -87,6 +87,8 @@ PROPERTY = register(Property(
     doc="under each activation recompute setting (full uniform/block, selective) the training logits and every "
     "adapter gradient equal the run without recompute's; none is lost to a checkpoint whose inputs need no grad",
     applies=_applies,
+    # An example trains four models (without recompute and three settings): a fifth of the draws.
+    example_share=0.2,
     design_factors={
         "gpt": ("targets", "dropout"),
         "moe": ("targets", "expert_kind", "shared_experts"),

@@ -38,6 +38,12 @@ def test_example_budgets_follow_the_profile_and_each_familys_share():
         assert {f: plan.settings_for(f).max_examples for f in ("gpt", "moe", "vlm")} == want
     fixed = Plan(2, 2, settings=deep, examples=3)
     assert {fixed.settings_for(f).max_examples for f in ("gpt", "moe", "vlm")} == {3}
+    # A heavy property draws its share of the family's examples (never fewer than one).
+    heavy = registry()["recompute_transparent"]
+    assert heavy.example_share == 0.2
+    assert Plan(2, 2, settings=deep).settings_for("gpt", heavy).max_examples == 50
+    assert Plan(2, 2, settings=deep).settings_for("moe", heavy).max_examples == 25
+    assert Plan(2, 2, settings=fast).settings_for("moe", heavy).max_examples == 1
 
 
 def test_seeds_are_kept_or_drawn_and_differ_by_layout_and_family():
