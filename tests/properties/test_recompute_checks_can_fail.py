@@ -90,3 +90,21 @@ def test_every_setting_runs_until_one_raises():
     assert calls[0] == {} and list(ev.runs) == names[:2]
     assert ev.runs[names[1]].error == "RuntimeError: element 0 of tensors does not require grad"
     assert isinstance(ev.plain, RecomputeRun) and torch.equal(ev.plain.grads["a"], torch.ones(1))
+
+
+def test_backward_is_agreed_by_every_rank_before_it_starts():
+    import harness.tasks.recompute as mod
+    original = mod.any_rank
+    mod.any_rank = lambda flag: flag  # one rank: no collective
+    try:
+        leaf = torch.ones(3, requires_grad=True)
+        out = leaf * 2
+        mod.probe_backward(out, torch.full((3,), 0.5))
+        assert torch.equal(leaf.grad, torch.ones(3))
+        with pytest.raises(RuntimeError, match="no grad_fn on this rank"):
+            mod.probe_backward(torch.ones(3), torch.ones(3))
+        mod.any_rank = lambda flag: True  # another rank's logits have none
+        with pytest.raises(RuntimeError, match="no grad_fn on another rank"):
+            mod.probe_backward(leaf * 2, torch.ones(3))
+    finally:
+        mod.any_rank = original
