@@ -8,7 +8,7 @@ from another family's tasks.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -73,10 +73,18 @@ def cpu64(t: Any) -> Any:
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float64, copy=True)
 
 
-def replicated_masks(model: torch.nn.Module, forward: Callable[[Any], Any]) -> list[str]:
+def replicated_masks(model: torch.nn.Module, forward: Callable[[Any], Any],
+                     sequence_shard: Optional[int] = None) -> Optional[list[str]]:
     """With the implementation's own (real) dropout: each dropout call whose input is the same on
     every TP rank must draw the same mask on every rank (else the sharded result is no single-device
-    dropout). Returns what broke that rule."""
+    dropout). Returns what broke that rule; None when no call could decide it.
+
+    Equal values are evidence of a replicated tensor only where they cannot be different positions
+    that happen to be equal. Under sequence parallelism (``sequence_shard``: the local sequence
+    length s/t) a call whose input has s/t rows may be each rank's own sequence shard: different
+    tokens, which a single-device dropout masks independently, and which a degenerate model can
+    make equal (a saturated causal softmax gives the first two tokens the same attention output).
+    Such a call decides nothing here."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -90,13 +98,17 @@ def replicated_masks(model: torch.nn.Module, forward: Callable[[Any], Any]) -> l
     if len({len(r) for r in everyone}) > 1:
         return [f"TP ranks made different numbers of dropout calls: {[len(r) for r in everyone]}"]
     wrong = []
+    decided = False
     for i, calls in enumerate(zip(*everyone)):
         shapes_inputs = {(shape, digest) for shape, digest, _ in calls}
         masks = {mask for _, _, mask in calls}
+        if len(shapes_inputs) == 1 and sequence_shard is not None and calls[0][0] and calls[0][0][0] == sequence_shard:
+            continue  # possibly each rank's own tokens: equal by coincidence, not by layout
+        decided = True
         if len(shapes_inputs) == 1 and len(masks) > 1:
             wrong.append(f"dropout call {i} on a tensor of shape {list(calls[0][0])} that is the same on every TP rank "
                          f"drew {len(masks)} different masks across the {len(calls)} TP ranks")
-    return wrong
+    return wrong if decided else None
 
 
 def merge_evidence(model: Any, impl: Any, table: Any, alpha: float, forward: Callable[[Any], Any]) -> MergeEvidence:

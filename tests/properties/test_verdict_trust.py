@@ -173,3 +173,15 @@ def test_a_vacuous_cell_is_reported_as_such_not_as_a_pass():
         ExampleRecord("p", "tp1", {}, Verdict.PASS, 0.1)], examples=4)
     _conclude_without_failure(mixed, {})
     assert mixed.verdict is Verdict.PASS and "3 vacuous" in mixed.summary_line()
+
+
+def test_equal_sequence_shards_are_not_taken_for_a_replicated_tensor(max_ep):
+    """Deep seed 1001 charged lora.megatron with dropout_replicated_mask at tp2-ep2-etp2-pp1-sp: a saturated
+    causal softmax gave both tokens the same attention output, so each TP rank's sequence shard of the
+    linear_proj adapter's output was equal, and its (correctly) independent masks were read as a
+    replicated tensor dropped differently. A call on a possible sequence shard decides nothing now."""
+    if max_ep < 2:
+        pytest.skip("the case's layout has four ranks (--ep 2)")
+    case = case_from_json({'contract': 'strict', 'family': 'gpt', 'impl': 'lora.megatron', 'layout': 'tp2-ep2-etp2-pp1-sp', 'lora': {'a2a_experimental': False, 'alpha': 32, 'dim': 8, 'dropout': 0.1, 'dropout_position': 'post', 'exclude_modules': [], 'lora_A_init_method': 'xavier', 'lora_B_init_method': 'xavier', 'target_modules': ['linear_qkv', 'linear_proj', 'linear_fc1', 'linear_fc2']}, 'lora_dtype': None, 'micro_batches': 1, 'model_dtype': 'float64', 'seed': 831905, 'shape': {'add_bias_linear': False, 'ffn_hidden_size': 12, 'gated_linear_unit': True, 'hidden_size': 32, 'micro_batch_size': 1, 'num_attention_heads': 4, 'num_layers': 2, 'num_query_groups': 4, 'seq_length': 2, 'vocab_size': 12}, 'training': True, 'value_grid': None})
+    record = judge_example(get_property("dropout_follows_spec"), case, Executor())
+    assert record.verdict is Verdict.PASS, record.error

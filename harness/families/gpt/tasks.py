@@ -101,7 +101,7 @@ def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
     forward = lambda m: m(ids, pos, causal_mask(s).to(device), decoder_input=x.detach())  # noqa: E731
     masks = None
     if case.training and case.lora.get("dropout", 0.0) > 0 and tp > 1:
-        masks = replicated_masks(model, forward)
+        masks = replicated_masks(model, forward, s // tp if case.layout.sp else None)
     # Idempotence after the comparisons above, and undone before the merge
     # below (``reapply_findings`` restores the module tree): a
     # non-idempotent implementation fails this check alone.
