@@ -1,4 +1,4 @@
-"""recompute_transparent: both correct LoRAs pass it, each wrong recompute handling is caught by the designed
+"""recompute_transparent: the reference passes it (lora.megatron: tests/properties/test_properties.py), each wrong recompute handling is caught by the designed
 examples with the gradients it loses named, and an implementation that declares no recompute is skipped."""
 
 import pytest
@@ -39,11 +39,6 @@ def test_the_reference_passes_at_world_size_one_on_every_designed_example():
     outcome = check_property(PROP, ParallelLayout(), "lora.reference", settings=DESIGNED_ONLY, seed=5)
     assert outcome.verdict is Verdict.PASS, outcome.error
     assert outcome.designed == len(designed_rows("gpt", ParallelLayout(), None, only=get_property(PROP).design_factors["gpt"]))
-
-
-def test_lora_megatron_passes_at_tp2_and_in_the_moe_family():
-    assert _outcome("lora.megatron").verdict is Verdict.PASS
-    assert _outcome("lora.megatron", MOE, "moe").verdict is Verdict.PASS
 
 
 def test_a_frozen_input_to_the_checkpoint_loses_the_gradients():
