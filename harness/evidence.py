@@ -211,8 +211,9 @@ class RecomputeRun:
 class RecomputeExtras:
     """The activation recompute task's evidence: the run without recompute and one per setting (harness.tasks.recompute)."""
 
-    plain: RecomputeRun
+    plain: Optional[RecomputeRun] = None
     runs: dict[str, RecomputeRun] = field(default_factory=dict)  # setting name -> its run (in SETTINGS order)
+    not_run: Optional[str] = None    # why this example was not run (harness.tasks.recompute.not_checked)
 
 
 RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras]

@@ -10,7 +10,8 @@ gradient missing or zero under recompute where the run without has one is
 named as such: megatron's reentrant checkpoint never ran its backward,
 because nothing entering it required grad (a frozen base at pipeline size
 1). An example on which no trainable parameter has a non-zero gradient
-without recompute has nothing to check.
+without recompute has nothing to check. Not checked yet (``harness.tasks.recompute``):
+dropout (the task runs with it off) and biased models (not run).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def check(ev) -> Check:
     tol = tolerance_for(case.lora_dtype, case.model_dtype)
     result = Check("recompute_transparent")
     live = 0
+    if records and records[0].extras.not_run is not None:
+        result.nothing_to_check(records[0].extras.not_run)
+        return result
     for rec in records:
         rc = rec.extras
         if rc.plain.error is not None:
@@ -90,7 +94,7 @@ PROPERTY = register(Property(
     # An example trains four models (without recompute and three settings): a fifth of the draws.
     example_share=0.2,
     design_factors={
-        "gpt": ("targets", "dropout"),
+        "gpt": ("targets", "gated"),
         "moe": ("targets", "expert_kind", "shared_experts"),
     },
 ))

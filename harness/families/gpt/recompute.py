@@ -12,7 +12,8 @@ from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.common import checked_table, cpu64, setup
-from harness.tasks.recompute import BrokenTable, adapter_gradients, probe_backward, recompute_evidence
+from harness.tasks.recompute import (BrokenTable, adapter_gradients, lora_kwargs_without_dropout, probe_backward,
+                                     recompute_evidence)
 
 __all__ = ["run_gpt_recompute_case"]
 
@@ -28,7 +29,7 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
     pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype)
     x = full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x
-    lora_kwargs = case.lora_kwargs()
+    lora_kwargs = lora_kwargs_without_dropout(case)
 
     # Every model stays alive until the task ends: no two runs of one example share an id()
     # (an implementation that remembers models by id() is judged on the models, not the allocator).
@@ -54,7 +55,7 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
         return cpu64(out), adapter_gradients(model)
 
     try:
-        extras = recompute_evidence("gpt", run)
+        extras = recompute_evidence("gpt", run, case)
     except BrokenTable as exc:
         return exc.record
     return RankRecord(
