@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 from harness.errors import ShapeError
+from harness.sharding import seeded_tensor
 
 __all__ = [
     "GPTShape",
@@ -277,6 +278,16 @@ def gpt_model_from_layer_spec(
         # Building may import megatron modules that were not loaded before.
         cpu.patch_loaded_modules()
     return model
+
+
+def dense_inputs(case: Any, tp: int, tp_rank: int, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, position ids, decoder input) for the case on this TP rank: zero ids, positions 0..s-1,
+    and the seeded (s, b, h) hidden states in the model's dtype, this rank's sequence shard under SP."""
+    s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
+    ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype)
+    return ids, pos, full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x
 
 
 def causal_mask(seq_length: int) -> torch.Tensor:

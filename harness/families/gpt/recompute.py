@@ -9,7 +9,7 @@ import torch
 from harness import cpu
 from harness.evidence import RankRecord
 from harness.families.gpt.case import GPTCase
-from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
+from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.common import checked_table, cpu64, setup
 from harness.tasks.recompute import (BrokenTable, adapter_gradients, lora_kwargs_without_dropout, probe_backward,
@@ -24,11 +24,8 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
 
     impl, tp, tp_rank = setup(ctx, case)
     device = getattr(ctx, "device", None) or torch.device("cpu")
-    s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
-    ids = torch.zeros(b, s, dtype=torch.long, device=device)
-    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype)
-    x = full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x
+    s = case.shape.seq_length
+    ids, pos, x = dense_inputs(case, tp, tp_rank, device)
     lora_kwargs = lora_kwargs_without_dropout(case)
 
     # Every model stays alive until the task ends: no two runs of one example share an id()

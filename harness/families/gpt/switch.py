@@ -9,8 +9,8 @@ import torch
 from harness import cpu
 from harness.evidence import RankRecord
 from harness.families.gpt.case import GPTCase
-from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
-from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
+from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
+from harness.sharding import load_full_adapter_weights, load_full_base_weights
 from harness.tasks.common import checked_table, setup
 from harness.tasks.switch import switch_evidence
 
@@ -26,11 +26,8 @@ def run_gpt_switch_case(ctx: Any, case: GPTCase) -> RankRecord:
                       parallel_output=not output_layer_gathers(case.contract))
     load_full_base_weights(model, case.seed, tp_rank, tp)
     device = getattr(ctx, "device", None) or torch.device("cpu")
-    s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
-    ids = torch.zeros(b, s, dtype=torch.long, device=device)
-    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(device=device, dtype=case.model_dtype)
-    x = full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x
+    s = case.shape.seq_length
+    ids, pos, x = dense_inputs(case, tp, tp_rank, device)
     forward = lambda m: m(ids, pos, causal_mask(s).to(device), decoder_input=x)  # noqa: E731
     model.eval()
     with torch.no_grad():
