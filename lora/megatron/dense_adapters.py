@@ -167,6 +167,7 @@ class ParallelLinearAdapter(nn.Module):
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
         a2a: bool = False,
+        in_sp_block: bool = False,
     ) -> None:
         super().__init__()
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -193,6 +194,8 @@ class ParallelLinearAdapter(nn.Module):
         if a2a and kind != "row":
             raise ValueError(f"lora.megatron: {module_name}: a2a applies only to row-parallel bases (this one is {kind})")
         self.a2a = bool(a2a) and self.sequence_parallel
+        # Inside a TransformerBlock that forks the model-parallel RNG stream around its layers (SP).
+        self.in_sp_block = bool(in_sp_block) and self.sequence_parallel
         cfg = _adapter_config(base_config, lora_dtype)
         common = dict(config=cfg, init_method=_noop_init, bias=False, is_expert=is_expert, tp_group=tp_group)
         if kind == "column":
@@ -244,6 +247,15 @@ class ParallelLinearAdapter(nn.Module):
         if sharded and self.tp_size > 1:
             # Values that differ per TP rank draw from the model-parallel
             # stream, as megatron does for its own TP-region dropout.
+            if self.in_sp_block:
+                # Already on that stream: megatron's TransformerBlock forks it around the whole
+                # block under sequence parallelism, and megatron's own TP-region dropout inside
+                # it draws without a fork of its own. A nested fork would continue the stream in
+                # forward but, under activation recompute (megatron's checkpoint restores the RNG
+                # states, not the tracker's current stream), rewind torch's default stream on its
+                # exit: every later draw of the recomputed layer (the expert adapters' dropout)
+                # would get other masks than its forward had, and other gradients.
+                return apply_dropout(x, self.dropout, True)
             from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
             with get_cuda_rng_tracker().fork():
@@ -337,8 +349,9 @@ def wrap_linear(cfg: Any, module: nn.Linear, full_name: str) -> LoRALinear:
     return LoRALinear(module, adapter)
 
 
-def wrap_parallel(cfg: Any, module: nn.Module, full_name: str, kind: str) -> ParallelLoRALinear:
-    """A megatron-core column (``kind`` 'column') or row parallel linear on its TP group (``cfg`` is the LoRA config)."""
+def wrap_parallel(cfg: Any, module: nn.Module, full_name: str, kind: str, in_sp_block: bool = False) -> ParallelLoRALinear:
+    """A megatron-core column (``kind`` 'column') or row parallel linear on its TP group (``cfg`` is the LoRA config;
+    ``in_sp_block``: the linear lives in a TransformerBlock that forks the model-parallel RNG stream, SP)."""
     config = module.config
     tp_group = module.tp_group
     t = group_size(tp_group)
@@ -371,6 +384,7 @@ def wrap_parallel(cfg: Any, module: nn.Module, full_name: str, kind: str) -> Par
         module_name=full_name,
         input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
         sequence_parallel=sequence_parallel,
+        in_sp_block=in_sp_block and sequence_parallel,
         # a2a replaces a row adapter's gather + sequence split; a column
         # adapter has no such step, so the flag does not concern it.
         a2a=bool(cfg.a2a_experimental) and kind == "row",

@@ -63,9 +63,13 @@ class LoRA(LoRABase):
 
     def enter_subtree(self, module: nn.Module, full_name: str) -> None:
         self.expert_init.enter(module, full_name)
+        if _forks_model_parallel_rng(module):
+            self.__dict__["_sp_blocks"] = self.__dict__.get("_sp_blocks", 0) + 1
 
     def leave_subtree(self, module: nn.Module, full_name: str) -> None:
         self.expert_init.leave(module, full_name)
+        if _forks_model_parallel_rng(module):
+            self.__dict__["_sp_blocks"] = self.__dict__.get("_sp_blocks", 0) - 1
 
     def transform(self, module: nn.Module, name: Optional[str] = None, prefix: Optional[str] = None) -> nn.Module:
         full_name = join_name(prefix or "", name or "")
@@ -87,7 +91,15 @@ class LoRA(LoRABase):
                 "(supported: megatron-core ColumnParallelLinear, RowParallelLinear, grouped expert "
                 "linears (num_gemms, weight0..), torch.nn.Linear)"
             )
-        return wrap_parallel(self, module, full_name, kind)
+        return wrap_parallel(self, module, full_name, kind, in_sp_block=self.__dict__.get("_sp_blocks", 0) > 0)
+
+
+def _forks_model_parallel_rng(module: nn.Module) -> bool:
+    """A megatron TransformerBlock under sequence parallelism: its forward runs every layer inside
+    the model-parallel RNG stream (``get_cuda_rng_tracker().fork()`` around the whole block)."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    return isinstance(module, TransformerBlock) and bool(getattr(module.config, "sequence_parallel", False))
 
 
 @dataclass

@@ -60,6 +60,16 @@ def test_a_fix_for_full_recompute_only_is_caught_under_selective_recompute():
     assert moe.verdict is Verdict.NUMERIC and "selective: moe" in moe.error, moe.error
 
 
+def test_a_nested_rng_fork_that_rewinds_the_default_stream_under_recompute_is_caught():
+    # Only under sequence parallelism (megatron's block forks the stream) and with expert adapters
+    # dropping after a dense adapter's dropout in the same layer: designed rows with dropout on.
+    outcome = _outcome("tests.wrong_impls.recompute_nested_fork", ParallelLayout(tp=2, sp=True), "moe")
+    assert outcome.verdict is Verdict.NUMERIC, outcome.error
+    assert "recompute_gradient" in _failures(outcome), outcome.error
+    assert "experts" in outcome.error
+    assert outcome.minimal_case.lora["dropout"] > 0
+
+
 def test_an_implementation_that_declares_no_recompute_is_skipped():
     declared = _outcome("tests.impls.no_recompute")
     assert declared.verdict is Verdict.SKIPPED and "recompute" in declared.skipped_reason

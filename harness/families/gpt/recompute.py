@@ -12,7 +12,7 @@ from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.common import checked_table, cpu64, setup
-from harness.tasks.recompute import (BrokenTable, adapter_gradients, lora_kwargs_without_dropout, probe_backward,
+from harness.tasks.recompute import (BrokenTable, adapter_gradients, probe_backward,
                                      recompute_evidence)
 
 __all__ = ["run_gpt_recompute_case"]
@@ -26,7 +26,7 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
     device = getattr(ctx, "device", None) or torch.device("cpu")
     s = case.shape.seq_length
     ids, pos, x = dense_inputs(case, tp, tp_rank, device)
-    lora_kwargs = lora_kwargs_without_dropout(case)
+    lora_kwargs = case.lora_kwargs()
 
     # Every model stays alive until the task ends: no two runs of one example share an id()
     # (an implementation that remembers models by id() is judged on the models, not the allocator).

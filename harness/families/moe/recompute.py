@@ -14,7 +14,7 @@ from harness.families.moe.tasks import base_model, load_seeded_adapters
 from harness.rules.adapters import moe_adapter_table
 from harness.sharding import seeded_tensor
 from harness.tasks.common import checked_table, cpu64
-from harness.tasks.recompute import (BrokenTable, adapter_gradients, lora_kwargs_without_dropout, probe_backward,
+from harness.tasks.recompute import (BrokenTable, adapter_gradients, probe_backward,
                                      recompute_evidence)
 
 __all__ = ["run_moe_recompute_case"]
@@ -41,7 +41,7 @@ def run_moe_recompute_case(ctx: Any, case: MoECase) -> RankRecord:
         full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(case.model_dtype)
         x = full_x.chunk(tp, dim=0)[tp_rank] if layout.sp else full_x
         cpu.manual_seed(case.seed)
-        model = impl.LoRA(**lora_kwargs_without_dropout(case))(model, training=True)
+        model = impl.LoRA(**case.lora_kwargs())(model, training=True)
         table, broken = checked_table(lambda: moe_adapter_table(model, case, sizes), ctx.rank, tp_rank, tp)
         if broken is not None:
             raise BrokenTable(broken)
