@@ -214,6 +214,7 @@ class RecomputeExtras:
     plain: Optional[RecomputeRun] = None
     runs: dict[str, RecomputeRun] = field(default_factory=dict)  # setting name -> its run (in SETTINGS order)
     not_run: Optional[str] = None    # why this example was not run (harness.tasks.recompute.not_checked)
+    left_out: dict[str, str] = field(default_factory=dict)  # setting name -> why it was not run (settings_not_run)
 
 
 RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras]

@@ -97,6 +97,35 @@ def test_every_setting_runs_until_one_raises():
     assert isinstance(ev.plain, RecomputeRun) and torch.equal(ev.plain.grads["a"], torch.ones(1))
 
 
+def test_a_biased_model_leaves_out_only_what_megatron_core_cannot_recompute():
+    """Selective MLP recompute of a biased MLP does not return in megatron-core 0.19, without any LoRA:
+    that setting is left out and named, the full recompute settings still run."""
+    from types import SimpleNamespace
+
+    import harness.tasks.recompute as mod
+
+    calls = []
+
+    def run(overrides):
+        calls.append(overrides)
+        return torch.zeros(2), {"a": torch.ones(1)}
+
+    original = mod.any_rank
+    mod.any_rank = lambda flag: flag  # one rank: no collective
+    try:
+        biased = SimpleNamespace(shape=SimpleNamespace(add_bias_linear=True))
+        ev = recompute_task.recompute_evidence("gpt", run, biased)
+        plain = recompute_task.recompute_evidence("gpt", run, SimpleNamespace(shape=SimpleNamespace(add_bias_linear=False)))
+    finally:
+        mod.any_rank = original
+    names = list(SETTINGS["gpt"])
+    assert list(ev.left_out) == ["selective: mlp, core_attn"] and "does not return" in ev.left_out["selective: mlp, core_attn"]
+    assert list(ev.runs) == [n for n in names if n not in ev.left_out]
+    assert list(plain.runs) == names and plain.left_out == {}
+    # MoE's selective setting recomputes the MoE layer, not an MLP: nothing left out.
+    assert recompute_task.settings_not_run("moe", SimpleNamespace(shape=SimpleNamespace(add_bias_linear=True))) == {}
+
+
 def test_backward_is_agreed_by_every_rank_before_it_starts():
     import harness.tasks.recompute as mod
     original = mod.any_rank
