@@ -211,9 +211,8 @@ class RecomputeRun:
 class RecomputeExtras:
     """The activation recompute task's evidence: the run without recompute and one per setting (harness.tasks.recompute)."""
 
-    plain: Optional[RecomputeRun] = None
+    plain: RecomputeRun
     runs: dict[str, RecomputeRun] = field(default_factory=dict)  # setting name -> its run (in SETTINGS order)
-    not_run: Optional[str] = None    # why this example was not run (harness.tasks.recompute.not_checked)
     left_out: dict[str, str] = field(default_factory=dict)  # setting name -> why it was not run (settings_not_run)
 
 

@@ -27,8 +27,7 @@ import torch
 from harness.evidence import RecomputeExtras, RecomputeRun
 from harness.tasks.common import any_rank, cpu64
 
-__all__ = ["SETTINGS", "BrokenTable", "recompute_evidence", "adapter_gradients", "probe_backward", "not_checked",
-           "settings_not_run"]
+__all__ = ["SETTINGS", "BrokenTable", "recompute_evidence", "adapter_gradients", "probe_backward", "settings_not_run"]
 
 _FULL = dict(recompute_granularity="full")
 
@@ -60,12 +59,6 @@ class BrokenTable(Exception):
 def adapter_gradients(model: torch.nn.Module) -> dict[str, Optional[torch.Tensor]]:
     """Every trainable parameter's gradient (float64 CPU copies; None where autograd left none)."""
     return {n: cpu64(p.grad) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def not_checked(case: Any) -> Optional[str]:
-    """Why the recompute task does not run this example at all, or None (every example runs today;
-    settings megatron-core cannot run for a model are left out one by one: ``settings_not_run``)."""
-    return None
 
 
 #: Why a setting is not run for a biased model: megatron-core 0.19's selective MLP recompute of an MLP
@@ -107,9 +100,6 @@ def _one(run: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]], o
 def recompute_evidence(family: str, run: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]],
                        case: Any = None) -> RecomputeExtras:
     """The run without recompute, then one per setting of ``SETTINGS[family]`` (stopping at the first error on any rank)."""
-    skip = not_checked(case) if case is not None else None
-    if skip is not None:
-        return RecomputeExtras(not_run=skip)
     left_out = settings_not_run(family, case) if case is not None else {}
     plain = _one(run, {})
     runs: dict[str, RecomputeRun] = {}

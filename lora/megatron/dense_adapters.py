@@ -384,7 +384,7 @@ def wrap_parallel(cfg: Any, module: nn.Module, full_name: str, kind: str, in_sp_
         module_name=full_name,
         input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
         sequence_parallel=sequence_parallel,
-        in_sp_block=in_sp_block and sequence_parallel,
+        in_sp_block=in_sp_block,
         # a2a replaces a row adapter's gather + sequence split; a column
         # adapter has no such step, so the flag does not concern it.
         a2a=bool(cfg.a2a_experimental) and kind == "row",

@@ -49,6 +49,7 @@ class LoRA(LoRABase):
     def __call__(self, model: Any, training: bool = True) -> Any:
         sync_global_rng_from_rank0()
         self._expert_init = SequentialExpertInit()
+        self._sp_blocks = 0  # SP TransformerBlocks the walk is inside (enter_subtree / leave_subtree)
         try:
             return super().__call__(model, training=training)
         finally:

@@ -104,10 +104,7 @@ def test_a_biased_model_leaves_out_only_what_megatron_core_cannot_recompute():
 
     import harness.tasks.recompute as mod
 
-    calls = []
-
     def run(overrides):
-        calls.append(overrides)
         return torch.zeros(2), {"a": torch.ones(1)}
 
     original = mod.any_rank

@@ -12,8 +12,7 @@ from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.common import checked_table, cpu64, setup
-from harness.tasks.recompute import (BrokenTable, adapter_gradients, probe_backward,
-                                     recompute_evidence)
+from harness.tasks.recompute import BrokenTable, adapter_gradients, probe_backward, recompute_evidence
 
 __all__ = ["run_gpt_recompute_case"]
 

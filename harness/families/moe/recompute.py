@@ -14,8 +14,7 @@ from harness.families.moe.tasks import base_model, load_seeded_adapters
 from harness.rules.adapters import moe_adapter_table
 from harness.sharding import seeded_tensor
 from harness.tasks.common import checked_table, cpu64
-from harness.tasks.recompute import (BrokenTable, adapter_gradients, probe_backward,
-                                     recompute_evidence)
+from harness.tasks.recompute import BrokenTable, adapter_gradients, probe_backward, recompute_evidence
 
 __all__ = ["run_moe_recompute_case"]
 
