@@ -51,7 +51,7 @@ def parse_dtype(value: Any) -> Optional[torch.dtype]:
 
 #: Top-level fields of a case's JSON (``to_json``); the first five are required.
 CASE_FIELDS = ("family", "shape", "lora", "seed", "layout", "impl", "training", "model_dtype", "lora_dtype",
-               "contract", "micro_batches", "value_grid")
+               "contract", "micro_batches", "value_grid", "loop")
 _REQUIRED_FIELDS = CASE_FIELDS[:5]
 #: Seeds are 0 <= seed < 2**32 (what hypothesis draws is far below; torch and megatron accept these).
 _SEED_LIMIT = 2**32
@@ -195,6 +195,15 @@ def check_case_json(data: Any) -> None:
             problems.append(f"case field value_grid = {grid!r}: must be null or [model dtype, adapter dtype]")
         else:
             problems += [_dtype_problem(f"value_grid[{i}]", g, optional=False) for i, g in enumerate(grid)]
+    loop = data.get("loop")
+    if loop is not None:
+        from harness.training import TrainingLoop, loop_problem
+
+        if not isinstance(loop, Mapping):
+            problems.append(f"case field loop = {loop!r}: must be null or an object of TrainingLoop fields")
+        else:
+            unknown = sorted(set(loop) - {f.name for f in dataclasses.fields(TrainingLoop)})
+            problems.append(f"case field loop: unknown field {unknown[0]!r}" if unknown else loop_problem(loop))
     problems = [p for p in problems if p]
     if problems:
         raise ValueError(problems[0])

@@ -52,6 +52,7 @@ __all__ = [
     "CUDA_SHIM",
     "suspend_override",
     "MOE_OVERRIDES",
+    "cuda_tensor_types",
 ]
 
 # Megatron modules that use CUDA-only calls on paths the harness exercises.
@@ -237,12 +238,41 @@ class _CudaShim:
 CUDA_SHIM = _CudaShim()
 
 
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and (device == "cuda" or device.startswith("cuda:"))
+
+
+#: Tensor factories megatron-core calls with ``device='cuda'`` (the optimizer's found-inf flag and
+#: loss scale, the grad buffers' warm-up tensor, the grad-norm scratch): on the proxy they put the
+#: tensor on the CPU instead. Only calls that name a CUDA device change; they would fail on CPU.
+_FACTORIES = frozenset(("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like",
+                        "empty_like", "full_like"))
+
+
+def _factory_on_cpu(fn: Any) -> Any:
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        return fn(*args, **kwargs)
+
+    factory.__name__ = getattr(fn, "__name__", "factory")
+    factory.__wrapped__ = fn
+    return factory
+
+
+_CPU_FACTORIES = {name: _factory_on_cpu(getattr(torch, name)) for name in _FACTORIES}
+
+
 class _TorchProxy(types.ModuleType):
-    """The real ``torch`` module, except that ``.cuda`` is the CPU shim."""
+    """The real ``torch`` module, except that ``.cuda`` is the CPU shim and the tensor
+    factories put what megatron asks on ``'cuda'`` on the CPU."""
 
     def __init__(self) -> None:
         super().__init__("torch")
         self.__dict__["cuda"] = CUDA_SHIM
+        self.__dict__.update(_CPU_FACTORIES)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
@@ -516,3 +546,32 @@ def rank_initializer(ctx: Any) -> None:
     """Rank-pool initializer: CPU mode on a gloo world, nothing on NCCL."""
     if getattr(ctx, "backend", "gloo") == "gloo":
         activate()
+
+
+@contextlib.contextmanager
+def cuda_tensor_types() -> Iterator[None]:
+    """For a while, ``Tensor.type()`` (no arguments) names a CPU tensor as its CUDA type.
+
+    megatron-core's optimizers sort parameters by ``param.type()`` against
+    ``'torch.cuda.FloatTensor'`` / ``'torch.cuda.HalfTensor'`` /
+    ``'torch.cuda.BFloat16Tensor'`` and raise ``TypeError`` for anything else,
+    so on CPU the distributed optimizer refuses every parameter. Inside this
+    block a CPU float32 parameter answers ``'torch.cuda.FloatTensor'``, as it
+    would on a GPU. ``Tensor.type(dtype)`` (a conversion) is left alone; so is
+    everything outside the block (the harness wraps only the optimizer's
+    construction and steps, ``harness.tasks.training``).
+    """
+    original = torch.Tensor.type
+
+    def cuda_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") and not out.startswith("torch.cuda."):
+            return "torch.cuda." + out[len("torch."):]
+        return out
+
+    with _lock:
+        torch.Tensor.type = cuda_type  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            torch.Tensor.type = original  # type: ignore[method-assign]

@@ -52,7 +52,7 @@ from harness.contract import Capabilities
 from harness.layouts import ParallelLayout
 
 __all__ = ["Factor", "factors", "designed_rows", "row_of_case", "common_row", "training_row", "targets_for", "init_levels",
-           "Coverage", "coverage_of", "coverage_lines", "GROUPS_DOC", "DROPOUT_P"]
+           "Coverage", "coverage_of", "coverage_lines", "GROUPS_DOC", "DROPOUT_P", "loop_factors", "loop_row"]
 
 #: Dropout probability of a designed row with dropout on: the largest drawn,
 #: so that the dropout checks decide (``harness.properties.dropout_spec``).
@@ -115,6 +115,9 @@ def _design(family: str, layout: ParallelLayout, caps: Capabilities,
     fs = tuple(factors(family, layout, caps))
     if only is None:
         return fs, _cover(family, fs)
+    # The training loop's features join only the designs of the properties that read them: the loop
+    # does not change what the other properties run, and its product would multiply theirs.
+    fs += tuple(f for f in loop_factors(layout) if f.name in only)
     # Every feature the family has at some layout (a2a only under sequence parallelism).
     known = {f.name for f in factors(family, ParallelLayout(tp=2, sp=True), Capabilities())} | {f.name for f in fs}
     unknown = sorted(set(only) - known)
@@ -123,6 +126,12 @@ def _design(family: str, layout: ParallelLayout, caps: Capabilities,
     # The features the property does not read keep their plainest value.
     narrowed = tuple(f if f.name in only else Factor(f.name, f.levels[:1], f.doc) for f in fs)
     return fs, _cover(family, narrowed)
+
+
+def _valid(family: str, row: dict[str, Any]) -> bool:
+    from harness.training import row_valid
+
+    return _family_design(family).valid(row) and row_valid(row)
 
 
 @lru_cache(maxsize=None)
@@ -134,7 +143,7 @@ def _cover(family: str, fs: tuple[Factor, ...]) -> tuple[dict[str, Any], ...]:
     sizes = [len(f.levels) for f in fs]
     valid = [
         idx for idx in itertools.product(*(range(n) for n in sizes))
-        if _family_design(family).valid({f.name: f.levels[i] for f, i in zip(fs, idx)})
+        if _valid(family, {f.name: f.levels[i] for f, i in zip(fs, idx)})
     ]
     rows = np.array(valid, dtype=np.int64)
     interactions = [tuple(p) for p in itertools.combinations(range(len(fs)), 2)]
@@ -218,6 +227,32 @@ def training_row(case: Mapping[str, Any]) -> dict[str, Any]:
     out["dropout"] = "none" if p == 0 else lora.get("dropout_position", "pre")
     out["lora_dtype"] = case.get("lora_dtype")
     return out
+
+
+def loop_factors(layout: ParallelLayout) -> list[Factor]:
+    """The training loop's designed features (``harness.training``; the training properties read them)."""
+    from harness.training import RECOMPUTE, data_parallel_size
+
+    out = [
+        Factor("optimizer", ("adam", "sgd"), "megatron-core's optimizer: Adam, or SGD with momentum"),
+        Factor("overlap_grad_reduce", (False, True), "megatron DDP reduces gradients as backward runs"),
+        Factor("loop_micro_batches", (1, 3), "micro-batches per optimizer step"),
+        Factor("recompute", tuple(RECOMPUTE), "activation recompute inside the training loop"),
+    ]
+    # One level where DP=1: the distributed optimizer shards over data-parallel ranks.
+    out.append(Factor("distributed_optimizer", (False, True) if data_parallel_size(layout) > 1 else (False,),
+                      "megatron-core's distributed optimizer (DP > 1)"))
+    return out
+
+
+def loop_row(case: Mapping[str, Any]) -> dict[str, Any]:
+    """The training loop's features of a case (its JSON form); none for a case without a loop."""
+    loop = case.get("loop")
+    if not loop:
+        return {}
+    return {"optimizer": loop.get("optimizer", "adam"), "overlap_grad_reduce": bool(loop.get("overlap_grad_reduce")),
+            "loop_micro_batches": int(loop.get("micro_batches", 1)), "recompute": loop.get("recompute", "none"),
+            "distributed_optimizer": bool(loop.get("distributed_optimizer"))}
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from harness.results import Finding
 
 __all__ = [
     "DropoutStats", "ModuleMerge", "ModelFold", "MergeEvidence", "ForwardExtras", "DenseExtras", "MoEExtras",
-    "VLMBase", "VLMCombo", "VLMExtras", "ZeroForward", "InitExtras", "SwitchExtras", "RankExtras", "EXTRAS_TYPES",
+    "VLMBase", "VLMCombo", "VLMExtras", "ZeroForward", "InitExtras", "SwitchExtras", "RecomputeRun", "RecomputeExtras",
+    "TrainingStep", "TrainingExtras", "RankExtras", "EXTRAS_TYPES",
     "evidence_path", "evidence_field", "Partitioned", "RankRecord", "ErrorRecord",
 ]
 
@@ -216,8 +217,30 @@ class RecomputeExtras:
     left_out: dict[str, str] = field(default_factory=dict)  # setting name -> why it was not run (settings_not_run)
 
 
-RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras]
-EXTRAS_TYPES: tuple[type, ...] = (DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras)
+@dataclass(frozen=True)
+class TrainingStep:
+    """One rank after one optimizer step of the training loop (harness.tasks.training)."""
+
+    logits: Any                 # the held-out batch's full logits (float64 CPU)
+    adapters: dict[str, Any]    # this rank's adapter tensors (as ``RankRecord.partitions`` describes them)
+
+
+@dataclass(frozen=True)
+class TrainingExtras:
+    """The training task's evidence on one rank: every step, what changed that must not, and any error."""
+
+    steps: list[TrainingStep] = field(default_factory=list)
+    base_changed: list[str] = field(default_factory=list)   # base parameters whose values moved (bitwise)
+    #: Replica key -> this rank's tensor after the last step: the same key on two ranks must be the
+    #: same bits (``"<adapter>@<shard>/<shards>"``; harness.tasks.training.replica_keys).
+    replicas: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = ""          # the optimizer class megatron-core built (for the report)
+    error: Optional[str] = None  # what the implementation raised in the loop
+
+
+RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras, TrainingExtras]
+EXTRAS_TYPES: tuple[type, ...] = (DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras,
+                                  TrainingExtras)
 
 _PREFIX = "extras."
 

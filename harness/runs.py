@@ -31,6 +31,9 @@ RUN_KINDS = {
               "logits before the LoRA (the family's switch_task; harness.tasks.switch)",
     "recompute": "the implementation under test trained one forward and backward at the case's layout without and with "
                  "each activation recompute setting (the family's recompute_task; harness.tasks.recompute)",
+    "training": "the implementation under test trained for the case's loop under megatron-core's DDP and optimizer at the "
+                "case's layout, each data-parallel replica on its own data (the family's training_task; harness.tasks.training)",
+    "training_reference": "the reference trained for the same loop with plain torch on the whole global batch, world size 1",
     "init": "the implementation under test's initial adapters on a larger one-layer model at the case's layout (the family's init_task; harness.tasks.init)",
 }
 
@@ -38,7 +41,7 @@ RUN_KINDS = {
 _POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.families.gpt.tasks", "harness.families.gpt.init",
                  "harness.families.moe.tasks", "harness.families.moe.init", "harness.families.vlm.tasks",
                  "harness.families.gpt.switch", "harness.families.moe.switch", "harness.families.gpt.recompute",
-                 "harness.families.moe.recompute")
+                 "harness.families.moe.recompute", "harness.families.gpt.training")
 
 
 class Executor:
@@ -112,7 +115,8 @@ class Executor:
 
 
 def _task(family: str, kind: str) -> Callable[..., Any]:
-    """The family's ``error_task``, ``init_task``, ``switch_task`` or ``recompute_task``; ``ValueError`` when it has none."""
+    """The family's ``error_task``, ``init_task``, ``switch_task``, ``recompute_task`` or ``training_task``;
+    ``ValueError`` when it has none."""
     task = getattr(get_family(family), kind)
     if task is None:
         raise ValueError(f"family {family!r} has no {kind} (a property that needs it cannot run on this family)")
@@ -192,6 +196,21 @@ class Evidence:
         task = _task(self.case.family, "recompute_task")
         return self.executor.cached(("recompute", repr(self.case)), lambda: self.executor.run(self.case, task))
 
+    def _make_training(self) -> tuple[Any, dict[int, str]]:
+        from harness.training import training_case
+
+        task = _task(self.case.family, "training_task")
+        case = training_case(self.case)
+        return self.executor.cached(("training", repr(case)), lambda: self.executor.run(case, task))
+
+    def _make_training_reference(self) -> tuple[Any, dict[int, str]]:
+        from harness.training import reference_training_case
+
+        task = _task(self.case.family, "training_task")
+        ref = reference_training_case(self.case, self.executor.reference_impl)
+        key = ("training_reference", self.executor.reference_impl, ref.reference_key(), repr(ref.loop))
+        return self.executor.cached(key, lambda: self.executor.run(ref, task)[0])
+
     # Shorthands the property modules read.
     @property
     def impl(self) -> list[Any]:
@@ -228,3 +247,11 @@ class Evidence:
     @property
     def recompute(self) -> list[Any]:
         return self.get("recompute")
+
+    @property
+    def training(self) -> list[Any]:
+        return self.get("training")
+
+    @property
+    def training_reference(self) -> Any:
+        return self.get("training_reference")

@@ -62,7 +62,7 @@ class FamilyDesign:
 
 #: Family fields that may be a "module:name" string, imported on first access.
 LAZY_FIELDS = frozenset({"case_type", "shape_type", "strategy", "task", "builder", "design", "error_task", "init_task",
-                         "switch_task", "recompute_task"})
+                         "switch_task", "recompute_task", "training_task"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,6 +101,8 @@ class Family:
     switch_task: Optional[Callable[..., Any]] = None
     #: The activation recompute task (``harness.tasks.recompute``): ``recompute_task(ctx, case) -> RankRecord``.
     recompute_task: Optional[Callable[..., Any]] = None
+    #: The training-loop task (``harness.tasks.training``): ``training_task(ctx, case) -> RankRecord``.
+    training_task: Optional[Callable[..., Any]] = None
     #: ``requires(capabilities)`` -> why an implementation cannot run this family, or None.
     requires: Callable[[Any], Optional[str]] = lambda caps: None
     #: Properties written for other families that this one runs too (its evidence supports them),

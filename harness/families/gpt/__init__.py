@@ -22,6 +22,7 @@ FAMILY = register(Family(
     init_task="harness.families.gpt.init:run_init_case",
     switch_task="harness.families.gpt.switch:run_gpt_switch_case",
     recompute_task="harness.families.gpt.recompute:run_gpt_recompute_case",
+    training_task="harness.families.gpt.training:run_gpt_training_case",
     builder="harness.families.gpt.model:build_gpt",
     design="harness.families.gpt.design:DESIGN",
     example_share=1.0,

@@ -11,6 +11,7 @@ import torch
 from harness.cases import CaseError, dtype_name, parse_dtype, shape_problem
 from harness.layouts import ParallelLayout
 from harness.families.gpt.model import GPTShape
+from harness.training import TrainingLoop
 
 __all__ = ["GPTCase"]
 
@@ -40,6 +41,8 @@ class GPTCase:
     #: (model grid, adapter grid): dtype names every seeded value is rounded to
     #: before the run, so a float64 run computes on a 16-bit run's exact weights.
     value_grid: Optional[tuple[str, str]] = None
+    #: How the training properties train this example (``harness.training``); None: not drawn.
+    loop: Optional[TrainingLoop] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, ParallelLayout):
@@ -57,6 +60,8 @@ class GPTCase:
             for name in grid:
                 parse_dtype(name)
             object.__setattr__(self, "value_grid", tuple(dtype_name(parse_dtype(n)) for n in grid))
+        if self.loop is not None and not isinstance(self.loop, TrainingLoop):
+            raise TypeError(f"GPTCase.loop must be a harness.training.TrainingLoop or None, got {self.loop!r}")
 
     def with_(self, **changes: Any) -> "GPTCase":
         return replace(self, **changes)
@@ -76,6 +81,12 @@ class GPTCase:
             self._check_shape()
         except (ShapeError, LayoutError) as exc:
             raise CaseError(f"{self.family} case at layout {self.layout}: {exc}") from None
+        if self.loop is not None:
+            from harness.training import layout_problem
+
+            problem = layout_problem(self.loop, self.layout)
+            if problem:
+                raise CaseError(f"{self.family} case: {problem}")
 
     def _check_shape(self) -> None:
         self.shape.check(self.layout.tp)
@@ -105,7 +116,7 @@ class GPTCase:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "family": self.family,
             "shape": dataclasses.asdict(self.shape),
             "lora": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.lora.items()},
@@ -119,6 +130,9 @@ class GPTCase:
             "micro_batches": self.micro_batches,
             "value_grid": None if self.value_grid is None else list(self.value_grid),
         }
+        if self.loop is not None:
+            out["loop"] = self.loop.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "GPTCase":
@@ -134,6 +148,7 @@ class GPTCase:
             contract=data.get("contract", "strict"),
             micro_batches=int(data.get("micro_batches", 1)),
             value_grid=None if data.get("value_grid") is None else tuple(data["value_grid"]),
+            loop=None if data.get("loop") is None else TrainingLoop.from_json(data["loop"]),
         )
 
     def describe(self) -> str:

@@ -1,0 +1,89 @@
+"""The dense training task: the case's GPTModel trained for the case's loop (harness.tasks.training).
+
+At the case's layout the implementation's adapted model trains under
+megatron-core's DDP and optimizer, each data-parallel replica on its own
+data; in a world of size 1 with the reference (the loop names its
+``replicas``) the reference's model trains with plain torch on the whole
+global batch. Seeded full base and adapter weights (B non-zero) on both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from harness import cpu
+from harness.evidence import Partitioned, RankRecord
+from harness.families.gpt.case import GPTCase
+from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
+from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
+from harness.tasks.common import checked_table
+from harness.tasks.training import megatron_training, reference_training, replica_keys, training_setup
+from harness.training import recompute_overrides
+
+__all__ = ["run_gpt_training_case", "seeded_batches"]
+
+
+def seeded_batches(case: Any, tp: int, tp_rank: int, logits_shape: tuple[int, ...], device: Any) -> Any:
+    """(step, replica, micro-batch) -> (this rank's decoder input, the probe): seeded full tensors, this rank's
+    sequence shard of the input under SP; the same values on every layout."""
+    s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
+
+    def x_of(name: str) -> torch.Tensor:
+        full = seeded_tensor(case.seed, name, (s, b, h)).to(device=device, dtype=case.model_dtype)
+        return full.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full
+
+    def batches(step: int, replica: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tag = f"{step}.{replica}.{mb}"
+        return x_of(f"train.{tag}"), seeded_tensor(case.seed, f"train-probe.{tag}", logits_shape).to(device=device)
+
+    return batches, x_of("heldout")
+
+
+def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
+    """``TrainingExtras`` for the case's dense model: megatron's loop at the layout, or the reference's."""
+    from megatron.core import parallel_state
+
+    loop = case.loop
+    if loop is None:
+        raise ValueError("a training task needs a case with a loop (harness.training.TrainingLoop)")
+    is_reference = ctx.world_size == 1 and loop.replicas is not None
+    impl, tp, tp_rank = training_setup(ctx, case)
+    device = getattr(ctx, "device", None) or torch.device("cpu")
+    overrides = {} if is_reference else recompute_overrides(loop, "gpt", case.shape.add_bias_linear)
+    model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
+                      parallel_output=not output_layer_gathers(case.contract), **overrides)
+    load_full_base_weights(model, case.seed, tp_rank, tp)
+    lora_kwargs = case.lora_kwargs()
+    cpu.manual_seed(case.seed)
+    model = impl.LoRA(**lora_kwargs)(model, training=True)
+    table, broken = checked_table(
+        lambda: load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
+    if broken is not None:
+        return broken
+    partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
+    s, b = case.shape.seq_length, case.shape.micro_batch_size
+    ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    mask = causal_mask(s).to(device)
+
+    def forward(m: Any, x: torch.Tensor) -> torch.Tensor:
+        return m(ids, pos, mask, decoder_input=x)
+
+    batches, heldout = seeded_batches(case, tp, tp_rank, (b, s, case.shape.vocab_size), device)
+
+    def adapters() -> dict[str, torch.Tensor]:
+        return {p: model.get_parameter(p).detach() for p in table}
+
+    if is_reference:
+        extras = reference_training(model, loop, loop.replicas, batches, heldout, forward, adapters, s * b)
+    else:
+        replicas = parallel_state.get_data_parallel_world_size()
+        keys = replica_keys(partitions, lambda name: (tp_rank, tp))
+        extras = megatron_training(model, loop, case.model_dtype, replicas, parallel_state.get_data_parallel_rank(),
+                                   batches, heldout, forward, adapters, keys, s * b)
+    return RankRecord(
+        rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=parallel_state.get_data_parallel_rank(),
+        output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions=partitions, extras=extras,
+    )

@@ -1,0 +1,170 @@
+"""training_matches and replicas_identical: LoRA inside megatron-core's own training loop.
+
+Both read one run (``harness.tasks.training``): the implementation's adapted
+model trained for the case's ``TrainingLoop`` under megatron-core's
+``DistributedDataParallel``, ``finalize_model_grads`` and optimizer, every
+data-parallel replica on its own data.
+
+``training_matches`` compares it with the reference trained on the same
+global batch with plain torch on one device: after every step the held-out
+logits on every rank and the adapters put back together over TP equal the
+reference's, and no base parameter moved (bit for bit). A gradient reduced
+over the wrong group (expert adapters over dense DP where ETP != TP), a
+replicated factor not summed over TP under sequence parallelism, a
+micro-batch lost to accumulation or a gradient lost to a checkpointed block
+moves a step away from the reference's.
+
+``replicas_identical`` needs no reference: every adapter tensor is the same
+bits on every rank that holds a replica of it (the data-parallel replicas,
+the TP ranks of a factor each holds whole) after the last step. Replicas
+that drift apart train different models on different ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.compare import compare_tensors, tolerance_for
+from harness.properties import Property, register
+from harness.properties._gather import layout_violations, no_adapter_reason
+from harness.results import Check, Location
+from harness.sharding import Partition, unshard
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _loop_errors(result: Check, records: list[Any], loop: Any) -> bool:
+    failed = False
+    for rec in records:
+        if rec.extras.error is not None:
+            result.fail(f"rank {rec.rank}: training under megatron-core's DDP and optimizer ({loop.describe()}) raised "
+                        f"{rec.extras.error}", kind="contract", check="training_runs")
+            failed = True
+    return failed
+
+
+def _full_adapters(records: list[Any], layout: Any, step: int) -> list[tuple[tuple[int, ...], dict[str, Any]]]:
+    """[(ranks of one TP group, {adapter: full tensor})] after ``step``."""
+    if all(p.dim is None for rec in records for p in rec.partitions.values()):
+        return [((rec.rank,), dict(rec.extras.steps[step].adapters)) for rec in records]
+    out = []
+    for ranks in layout.expected_groups(len(records))["tp"]:
+        members = sorted((records[r] for r in ranks), key=lambda rec: rec.tp_rank)
+        full = {}
+        for pname, part in members[0].partitions.items():
+            pieces = [m.extras.steps[step].adapters.get(pname) for m in members]
+            full[pname] = None if any(p is None for p in pieces) else unshard(pieces, Partition(part.dim, part.gated))
+        out.append((tuple(ranks), full))
+    return out
+
+
+def check_training(ev: Any) -> Check:
+    records = ev.training
+    broken = layout_violations("training_matches", records)
+    if broken is not None:
+        return broken
+    loop = ev.case.loop
+    result = Check("training_matches")
+    if _loop_errors(result, records, loop):
+        return result
+    reference = ev.training_reference
+    tol = tolerance_for(None, loop.dtype_name)
+    for rec in records:
+        if rec.extras.base_changed:
+            result.fail(f"rank {rec.rank}: base parameters changed in training ({_shown(rec.extras.base_changed)}): "
+                        "the base must stay frozen", kind="numeric", check="training_base_frozen")
+    for step, want in enumerate(reference.extras.steps):
+        after = f"after step {step + 1} of {loop.steps} ({loop.describe()})"
+        for rec in records:
+            result.compare(Location(f"held-out logits {after}", None, (rec.rank,)),
+                           compare_tensors(rec.extras.steps[step].logits, want.logits, tol), tol, check="training_logits")
+        for ranks, full in _full_adapters(records, ev.layout, step):
+            if set(full) != set(want.adapters):
+                missing, extra = sorted(set(want.adapters) - set(full)), sorted(set(full) - set(want.adapters))
+                result.fail(f"adapted parameters differ from the reference: missing {missing}, unexpected {extra}",
+                            check="adapted_set")
+                return result
+            for name in sorted(full):
+                result.compare(Location(f"adapter {after}", name, ranks), compare_tensors(full[name], want.adapters[name], tol),
+                               tol, check="training_adapters")
+    reason = no_adapter_reason(reference)
+    if reason and not result.findings:
+        result.nothing_to_check(reason)
+    return result
+
+
+def check_replicas(ev: Any) -> Check:
+    records = ev.training
+    broken = layout_violations("replicas_identical", records)
+    if broken is not None:
+        return broken
+    loop = ev.case.loop
+    result = Check("replicas_identical")
+    if _loop_errors(result, records, loop):
+        return result
+    holders: dict[str, list[tuple[int, Any]]] = {}
+    for rec in records:
+        for key, tensor in rec.extras.replicas.items():
+            holders.setdefault(key, []).append((rec.rank, tensor))
+    shared = 0
+    for key in sorted(holders):
+        held = holders[key]
+        if len(held) < 2:
+            continue
+        shared += 1
+        (first_rank, first), rest = held[0], held[1:]
+        differ = [rank for rank, t in rest if t.shape != first.shape or not bool((t == first).all())]
+        if differ:
+            module, _, rest_of_key = key.partition(":")
+            name = rest_of_key.rsplit("@", 1)[0]
+            stats = compare_tensors(dict(rest)[differ[0]], first, tolerance_for(None, loop.dtype_name)) \
+                if dict(rest)[differ[0]].shape == first.shape else None
+            how = f" (max|diff| {stats.max_abs:.3g})" if stats is not None else ""
+            result.fail(f"{name} after {loop.steps} steps ({loop.describe()}): rank {first_rank} and rank(s) "
+                        f"{differ} hold replicas of it that differ{how}: the replicas drifted apart",
+                        kind="numeric", check="replicas_bitwise")
+    if shared == 0 and not result.findings:
+        result.nothing_to_check("no adapter tensor is held by more than one rank at this layout (no replica to compare)")
+    return result
+
+
+def _applies(layout: Any, capabilities: Any) -> Any:
+    return None
+
+
+def _applies_replicas(layout: Any, capabilities: Any) -> Any:
+    from harness.training import data_parallel_size
+
+    if data_parallel_size(layout) == 1:
+        return "no data-parallel replicas at this layout (DP=1): every adapter tensor has one holder per TP rank"
+    return None
+
+
+_DESIGN = ("optimizer", "distributed_optimizer", "overlap_grad_reduce", "loop_micro_batches", "recompute")
+
+TRAINING = register(Property(
+    name="training_matches",
+    check=check_training,
+    needs=("training", "training_reference"),
+    families=("gpt",),
+    doc="under megatron-core's DDP, finalize_model_grads and optimizer (Adam/SGD, distributed optimizer, overlapped "
+    "reduction, buckets, recompute), different data per replica, after every step the held-out logits and the "
+    "gathered adapters equal the reference's trained with plain torch on the same global batch; the base never moves",
+    applies=_applies,
+    example_share=0.2,
+    design_factors={"gpt": _DESIGN},
+))
+
+REPLICAS = register(Property(
+    name="replicas_identical",
+    check=check_replicas,
+    needs=("training",),
+    families=("gpt",),
+    doc="after training under megatron-core's DDP and optimizer, every adapter tensor is bitwise the same on every "
+    "rank holding a replica of it (data-parallel replicas, TP ranks of a factor held whole)",
+    applies=_applies_replicas,
+    example_share=0.2,
+    design_factors={"gpt": _DESIGN},
+))

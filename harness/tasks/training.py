@@ -1,0 +1,171 @@
+"""The training loop on one rank (harness/SPEC.md, "Training loop"): megatron-core's or plain torch's.
+
+``megatron_training`` trains the implementation's adapted model the way
+megatron-core trains: wrapped in ``DistributedDataParallel`` (the case's
+``TrainingLoop``: ``overlap_grad_reduce``, ``grad_reduce_in_fp32``,
+``bucket_size``, ``use_distributed_optimizer``), the optimizer from
+``get_megatron_optimizer`` (Adam or SGD with momentum, ``harness.training``'s
+hyperparameters, no clipping, no weight decay), for each step
+``zero_grad_buffer``, ``micro_batches`` forward/backward passes (all but the
+last under ``no_sync``, as megatron's schedule does), ``finalize_model_grads``
+and ``optimizer.step()``. Data-parallel replica ``r`` feeds its own seeded
+micro-batches; each micro-batch's loss is a seeded linear functional of the
+logits over its tokens, divided by the micro-batches and tokens of one
+replica (megatron's DDP averages over the replicas), so the step follows the
+mean over the global batch.
+
+``reference_training`` trains the reference's model on one device with
+plain torch (``torch.optim.Adam`` / ``SGD``) on the same global batch: every
+replica's micro-batches, each loss divided by replicas, micro-batches and
+tokens. Nothing here is shared between the two loops but the data and the
+hyperparameters.
+
+After every step each side records the held-out batch's logits and its
+adapter tensors; the megatron side also records which base parameters moved
+and its adapter tensors keyed by replica (``replica_keys``), which the
+properties compare bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional
+
+import torch
+
+from harness.evidence import TrainingExtras, TrainingStep
+from harness.tasks.common import any_rank, cpu64
+from harness.training import ADAM_BETAS, ADAM_EPS, LR, SGD_MOMENTUM, TrainingLoop
+
+__all__ = ["megatron_training", "reference_training", "replica_keys", "loss_of", "Batches", "training_setup"]
+
+#: (step, replica, micro-batch) -> (this rank's model input, the probe over the full logits).
+Batches = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def training_setup(ctx: Any, case: Any) -> tuple[Any, int, int]:
+    """``harness.tasks.common.setup`` with megatron's gloo copies of the data-parallel groups, which
+    megatron-core's optimizer reads (``get_data_parallel_group_gloo``) even on a gloo world."""
+    from megatron.core import parallel_state
+
+    from harness.contract import load_impl
+
+    case.layout.initialize_megatron(ctx.world_size, seed=case.seed, create_gloo_process_groups=True)
+    return (load_impl(case.impl), parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank())
+
+
+def loss_of(out: torch.Tensor, probe: torch.Tensor, divisor: int) -> torch.Tensor:
+    """A micro-batch's loss: the probe's linear functional of its logits over ``divisor``."""
+    return (out * probe.to(dtype=out.dtype, device=out.device)).sum() / divisor
+
+
+def replica_keys(partitions: dict[str, Any], group_rank: Callable[[str], tuple[int, int]]) -> dict[str, str]:
+    """Adapter parameter name -> its replica key: ``"<name>@<shard>/<shards>"``, or ``"<name>@full"`` for a
+    tensor every rank of its group holds whole. Two ranks with the same key must hold the same bits."""
+    out = {}
+    for name, part in partitions.items():
+        if part.dim is None:
+            out[name] = f"{part.module}:{name}@full"
+        else:
+            rank, size = group_rank(name)
+            out[name] = f"{part.module}:{name}@{rank}/{size}"
+    return out
+
+
+def _ddp_and_optimizer(model: torch.nn.Module, loop: TrainingLoop, dtype: torch.dtype) -> tuple[Any, Any]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from harness import cpu
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=loop.grad_reduce_in_fp32, overlap_grad_reduce=loop.overlap_grad_reduce,
+        use_distributed_optimizer=loop.distributed_optimizer, bucket_size=loop.bucket_size,
+    )
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    opt_config = OptimizerConfig(
+        optimizer=loop.optimizer, lr=LR, weight_decay=0.0, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
+        adam_eps=ADAM_EPS, sgd_momentum=SGD_MOMENTUM, use_distributed_optimizer=loop.distributed_optimizer,
+        clip_grad=0.0, bf16=False, fp16=False, params_dtype=dtype,
+    )
+    if cpu.is_active():
+        cpu.patch_loaded_modules()  # megatron's optimizer and DDP modules, imported just now
+    with cpu.cuda_tensor_types():
+        optimizer = get_megatron_optimizer(opt_config, [ddp])
+    return ddp, optimizer
+
+
+def _base_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def megatron_training(
+    model: torch.nn.Module, loop: TrainingLoop, dtype: torch.dtype, replicas: int, replica: int,
+    batches: Batches, heldout: torch.Tensor, forward: Callable[[Any, torch.Tensor], torch.Tensor],
+    adapters: Callable[[], dict[str, torch.Tensor]], keys: dict[str, str], tokens: int,
+) -> TrainingExtras:
+    """The loop under megatron-core's DDP and optimizer on this rank (see the module's doc)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from harness import cpu
+
+    before = _base_snapshot(model)
+    steps: list[TrainingStep] = []
+    kind = ""
+    error: Optional[str] = None
+    try:
+        ddp, optimizer = _ddp_and_optimizer(model, loop, dtype)
+        kind = type(optimizer).__name__
+        for step in range(loop.steps):
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            for mb in range(loop.micro_batches):
+                x, probe = batches(step, replica, mb)
+                last = mb == loop.micro_batches - 1
+                with (contextlib.nullcontext() if last else ddp.no_sync()):
+                    out = forward(ddp, x)
+                    if any_rank(not out.requires_grad):
+                        raise RuntimeError("the training logits have no grad_fn on some rank: nothing they depend on "
+                                           "requires grad")
+                    loss_of(out, probe, loop.micro_batches * tokens).backward()
+            finalize_model_grads([ddp])
+            with cpu.cuda_tensor_types():
+                ok, _, _ = optimizer.step()
+            if not ok:
+                raise RuntimeError(f"megatron's optimizer skipped step {step} (found inf/nan in the gradients)")
+            with torch.no_grad():
+                logits = cpu64(forward(ddp, heldout))
+            steps.append(TrainingStep(logits=logits, adapters={n: cpu64(t) for n, t in adapters().items()}))
+    except Exception as exc:  # noqa: BLE001 - the implementation's, reported with the step it reached
+        error = f"{type(exc).__name__}: {exc}"
+    changed = sorted(n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach()))
+    mine = adapters() if error is None else {}
+    return TrainingExtras(
+        steps=steps, base_changed=changed, optimizer=kind, error=error,
+        replicas={keys[n]: cpu64(t) for n, t in mine.items() if n in keys},
+    )
+
+
+def reference_training(
+    model: torch.nn.Module, loop: TrainingLoop, replicas: int, batches: Batches, heldout: torch.Tensor,
+    forward: Callable[[Any, torch.Tensor], torch.Tensor], adapters: Callable[[], dict[str, torch.Tensor]], tokens: int,
+) -> TrainingExtras:
+    """The same loop on one device with plain torch over the whole global batch (see the module's doc)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if loop.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=LR, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.SGD(params, lr=LR, momentum=SGD_MOMENTUM, weight_decay=0.0)
+    steps = []
+    for step in range(loop.steps):
+        optimizer.zero_grad(set_to_none=True)
+        for replica in range(replicas):
+            for mb in range(loop.micro_batches):
+                x, probe = batches(step, replica, mb)
+                loss_of(forward(model, x), probe, replicas * loop.micro_batches * tokens).backward()
+        optimizer.step()
+        with torch.no_grad():
+            logits = cpu64(forward(model, heldout))
+        steps.append(TrainingStep(logits=logits, adapters={n: cpu64(t) for n, t in adapters().items()}))
+    return TrainingExtras(steps=steps, optimizer=type(optimizer).__name__)

@@ -1,0 +1,213 @@
+"""The training loop the training properties run (harness/SPEC.md, "Training loop").
+
+A ``TrainingLoop`` is the part of a case that says how the adapted model is
+trained under megatron-core's own machinery: ``steps`` optimizer steps of
+``micro_batches`` micro-batches each, megatron-core's
+``DistributedDataParallel`` (``overlap_grad_reduce``, ``grad_reduce_in_fp32``,
+``bucket_size``) with ``finalize_model_grads``, megatron-core's optimizer
+(``get_megatron_optimizer``: Adam or SGD with momentum, the distributed
+optimizer on or off) and activation recompute (``RECOMPUTE``). Every
+data-parallel replica gets its own data. The reference trains on the same
+global batch on one device with plain torch (``harness.tasks.training``).
+
+It is drawn with every example (``training_loops``), shrinks with it and
+travels in its JSON (``"loop"``). ``problem`` names what megatron-core or the
+harness cannot run, in the parent, before any rank starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+__all__ = ["TrainingLoop", "RECOMPUTE", "OPTIMIZERS", "LR", "ADAM_EPS", "SGD_MOMENTUM", "MAX_STEPS",
+           "MAX_MICRO_BATCHES", "BUCKET_SIZES", "recompute_overrides", "training_loops", "loop_problem", "layout_problem",
+           "data_parallel_size", "training_case", "reference_training_case", "row_valid"]
+
+#: Recompute settings by name -> megatron TransformerConfig overrides (``selective`` adds the MLP or
+#: MoE layer where megatron-core can recompute it: ``recompute_overrides``).
+RECOMPUTE: dict[str, dict[str, Any]] = {
+    "none": {},
+    "full-uniform": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+}
+OPTIMIZERS = ("adam", "sgd")
+#: The optimizer's hyperparameters, the same on both sides. Adam's eps is large enough that an
+#: element whose gradient is near zero moves by at most lr * |gradient error| / eps: float32
+#: summation in another order cannot flip a step (with eps 1e-8 it could move by lr).
+LR = 0.01
+ADAM_EPS = 1e-4
+ADAM_BETAS = (0.9, 0.999)
+SGD_MOMENTUM = 0.9
+MAX_STEPS = 4
+MAX_MICRO_BATCHES = 4
+#: megatron DDP bucket sizes drawn (elements; None: megatron's default, one bucket for these models).
+BUCKET_SIZES = (None, 64, 1000)
+
+
+@dataclass(frozen=True)
+class TrainingLoop:
+    steps: int = 2
+    micro_batches: int = 1
+    optimizer: str = "adam"
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    grad_reduce_in_fp32: bool = False
+    bucket_size: Optional[int] = None
+    recompute: str = "none"
+    #: Data-parallel replicas of the global batch; None: the layout's (the reference's loop names it).
+    replicas: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        problem = loop_problem(dataclasses.asdict(self))
+        if problem:
+            raise ValueError(problem)
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype the loop trains in: megatron's distributed optimizer takes 32- or 16-bit parameters
+        only, and ``grad_reduce_in_fp32`` rounds float64 gradients to float32, so float32 with either and
+        float64 otherwise (the harness compares in float64 wherever it can; the reference is float64)."""
+        return "float32" if self.distributed_optimizer or self.grad_reduce_in_fp32 else "float64"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TrainingLoop":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"case field loop = {data!r}: must be null or an object of TrainingLoop fields")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"case field loop: unknown field {unknown[0]!r} (fields: "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls))})")
+        return cls(**data)
+
+    def describe(self) -> str:
+        parts = [f"{self.steps} steps x {self.micro_batches} mb", self.optimizer]
+        if self.distributed_optimizer:
+            parts.append("dist-opt")
+        if self.overlap_grad_reduce:
+            parts.append("overlap")
+        if self.grad_reduce_in_fp32:
+            parts.append("fp32-reduce")
+        if self.bucket_size:
+            parts.append(f"bucket {self.bucket_size}")
+        if self.recompute != "none":
+            parts.append(f"recompute {self.recompute}")
+        return ", ".join(parts)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def loop_problem(data: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with a loop's fields (named, with the value and the rule), or None."""
+    steps, micro = data.get("steps", 2), data.get("micro_batches", 1)
+    if not _int(steps) or not 1 <= steps <= MAX_STEPS:
+        return f"case field loop.steps = {steps!r}: must be an integer from 1 to {MAX_STEPS}"
+    if not _int(micro) or not 1 <= micro <= MAX_MICRO_BATCHES:
+        return f"case field loop.micro_batches = {micro!r}: must be an integer from 1 to {MAX_MICRO_BATCHES}"
+    if data.get("optimizer", "adam") not in OPTIMIZERS:
+        return f"case field loop.optimizer = {data.get('optimizer')!r}: must be one of {', '.join(OPTIMIZERS)}"
+    for flag in ("distributed_optimizer", "overlap_grad_reduce", "grad_reduce_in_fp32"):
+        if not isinstance(data.get(flag, False), bool):
+            return f"case field loop.{flag} = {data.get(flag)!r}: must be true or false"
+    if data.get("distributed_optimizer", False) and data.get("optimizer", "adam") != "adam":
+        return (f"case field loop: optimizer = {data.get('optimizer')!r} with distributed_optimizer = true: "
+                "megatron-core's distributed optimizer takes Adam only (its checkpointing needs Adam's state)")
+    bucket = data.get("bucket_size")
+    if bucket is not None and (not _int(bucket) or bucket < 1):
+        return f"case field loop.bucket_size = {bucket!r}: must be null or a positive number of elements"
+    if data.get("recompute", "none") not in RECOMPUTE:
+        return f"case field loop.recompute = {data.get('recompute')!r}: must be one of {', '.join(RECOMPUTE)}"
+    replicas = data.get("replicas")
+    if replicas is not None and (not _int(replicas) or replicas < 1):
+        return f"case field loop.replicas = {replicas!r}: must be null or an integer >= 1"
+    return None
+
+
+def data_parallel_size(layout: Any) -> int:
+    """The dense data-parallel size of the layout in its smallest world (what feeds different data)."""
+    return layout.min_world_size // (layout.tp * layout.pp)
+
+
+def layout_problem(loop: TrainingLoop, layout: Any) -> Optional[str]:
+    """What the loop cannot do at this layout (megatron-core's rules), or None."""
+    if loop.replicas is not None and layout.min_world_size == 1:
+        return None  # the reference: one device, the whole global batch
+    if loop.distributed_optimizer and data_parallel_size(layout) == 1:
+        return (f"loop.distributed_optimizer = true at layout {layout}: the distributed optimizer shards its state "
+                "over data-parallel ranks, and this layout has none (DP=1); use it where DP > 1")
+    return None
+
+
+def recompute_overrides(loop: TrainingLoop, family: str, biased: bool) -> dict[str, Any]:
+    """megatron TransformerConfig overrides for the loop's recompute setting. ``selective`` recomputes core
+    attention and the MLP (dense) or MoE layer, except a biased dense MLP: megatron-core's selective
+    recompute of one does not return, without any LoRA (``harness.tasks.recompute.BIASED_SELECTIVE_MLP``)."""
+    overrides = dict(RECOMPUTE[loop.recompute])
+    if loop.recompute == "selective":
+        extra = "moe" if family == "moe" else ("mlp" if not biased else None)
+        overrides["recompute_modules"] = ["core_attn"] + ([extra] if extra else [])
+    return overrides
+
+
+def training_loops(layout: Any, row: Optional[Mapping[str, Any]] = None) -> Any:
+    """A hypothesis strategy for the loop at ``layout`` (a designed ``row`` fixes its features)."""
+    from hypothesis import strategies as st
+
+    from harness.strategies import pick
+
+    dp = data_parallel_size(layout)
+
+    @st.composite
+    def loops(draw: Any) -> TrainingLoop:
+        dist = pick(draw, row, "distributed_optimizer", st.booleans()) if dp > 1 else False
+        # megatron-core's distributed optimizer takes Adam only.
+        optimizer = "adam" if dist else pick(draw, row, "optimizer", st.sampled_from(OPTIMIZERS))
+        return TrainingLoop(
+            steps=draw(st.sampled_from([2, 3])) if row is None else 2,
+            micro_batches=pick(draw, row, "loop_micro_batches", st.integers(1, 3)),
+            optimizer=optimizer,
+            distributed_optimizer=bool(dist) and dp > 1,
+            overlap_grad_reduce=pick(draw, row, "overlap_grad_reduce", st.booleans()),
+            grad_reduce_in_fp32=draw(st.booleans()),
+            bucket_size=draw(st.sampled_from(BUCKET_SIZES)),
+            recompute=pick(draw, row, "recompute", st.sampled_from(tuple(RECOMPUTE))),
+        )
+
+    return loops()
+
+
+def training_case(case: Any) -> Any:
+    """The case as the training properties run it: the loop's dtype (``TrainingLoop.dtype_name``), adapters in
+    it (``lora_dtype`` None), no dropout (masks are the forward properties' matter; here every step must
+    follow the reference's exactly), training mode."""
+    import torch
+
+    dtype = torch.float64 if case.loop.dtype_name == "float64" else torch.float32
+    return case.with_(model_dtype=dtype, lora_dtype=None, lora={**case.lora, "dropout": 0.0}, training=True,
+                      micro_batches=1, value_grid=None)
+
+
+def reference_training_case(case: Any, reference_impl: str) -> Any:
+    """The reference's side: one device, float64, the whole global batch (the layout's data-parallel
+    replicas, named in the loop), plain torch: no DDP options, no recompute."""
+    import torch
+
+    from harness.layouts import ParallelLayout
+
+    loop = dataclasses.replace(case.loop, replicas=data_parallel_size(case.layout), distributed_optimizer=False,
+                               overlap_grad_reduce=False, grad_reduce_in_fp32=False, bucket_size=None, recompute="none")
+    return training_case(case).with_(impl=reference_impl, layout=ParallelLayout(), contract="strict",
+                                     model_dtype=torch.float64, loop=loop)
+
+
+def row_valid(row: Mapping[str, Any]) -> bool:
+    """Whether a designed row's loop features are a loop megatron-core runs (the distributed optimizer
+    takes Adam only)."""
+    return not (row.get("distributed_optimizer") and row.get("optimizer", "adam") != "adam")

@@ -1,0 +1,126 @@
+"""The training loop (harness.training, harness.tasks.training): its configuration is checked in the parent,
+megatron-core's DDP and optimizer run on CPU, and training_matches / replicas_identical catch what only a
+run under megatron's own DDP shows."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import settings
+
+from harness import cpu
+from harness.cases import CaseError, case_from_json
+from harness.driver import check_property
+from harness.families.gpt.case import GPTCase
+from harness.families.gpt.model import GPTShape
+from harness.layouts import ParallelLayout
+from harness.results import Verdict
+from harness.training import TrainingLoop, reference_training_case, training_case
+
+DESIGNED_ONLY = settings(max_examples=1, database=None, deadline=None)
+DP2 = ParallelLayout(tp=1, ep=2)  # a dense model at world 2: two data-parallel replicas
+
+
+def _case(layout=DP2, **loop):
+    return GPTCase(shape=GPTShape(num_layers=1), lora=dict(dim=2, alpha=4), seed=3, layout=layout,
+                   model_dtype=torch.float64, loop=TrainingLoop(**loop))
+
+
+@pytest.mark.parametrize("fields, needle", [
+    (dict(steps=0), "loop.steps = 0: must be an integer from 1 to 4"),
+    (dict(steps=9), "loop.steps = 9"),
+    (dict(micro_batches=5), "loop.micro_batches = 5: must be an integer from 1 to 4"),
+    (dict(optimizer="lion"), "loop.optimizer = 'lion': must be one of adam, sgd"),
+    (dict(optimizer="sgd", distributed_optimizer=True), "distributed optimizer takes Adam only"),
+    (dict(recompute="everything"), "loop.recompute = 'everything': must be one of none, full-uniform"),
+    (dict(bucket_size=0), "loop.bucket_size = 0"),
+    (dict(overlap_grad_reduce="yes"), "loop.overlap_grad_reduce = 'yes': must be true or false"),
+])
+def test_a_bad_loop_is_one_clear_error_naming_the_field(fields, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        TrainingLoop(**fields)
+    data = _case().to_json()
+    data["loop"] = {**data["loop"], **fields}
+    with pytest.raises(ValueError, match="loop"):
+        case_from_json(data)
+
+
+def test_a_distributed_optimizer_without_data_parallelism_is_refused_before_any_rank_starts():
+    case = _case(ParallelLayout(tp=2), distributed_optimizer=True)
+    with pytest.raises(CaseError, match="DP=1"):
+        case.validate()
+    _case(DP2, distributed_optimizer=True).validate()  # DP=2: fine
+
+
+def test_the_loop_travels_in_the_case_json_and_a_case_without_one_keeps_its_old_form():
+    case = _case(steps=3, micro_batches=2, optimizer="sgd", overlap_grad_reduce=True, bucket_size=64, recompute="selective")
+    assert case_from_json(case.to_json()) == case
+    assert "loop" not in dataclasses.replace(case, loop=None).to_json()
+
+
+def test_the_sides_train_in_the_dtypes_the_loop_allows():
+    adam = _case(distributed_optimizer=True)
+    assert training_case(adam).model_dtype == torch.float32  # megatron's distributed optimizer: 32/16-bit only
+    assert training_case(_case()).model_dtype == torch.float64
+    ref = reference_training_case(adam, "lora.reference")
+    assert ref.layout.min_world_size == 1 and ref.model_dtype == torch.float64
+    assert ref.loop.replicas == 2 and not ref.loop.distributed_optimizer and ref.loop.recompute == "none"
+    assert training_case(_case()).lora["dropout"] == 0.0
+
+
+def test_megatron_tensor_factories_asked_for_cuda_give_cpu_tensors_only_inside_megatron():
+    cpu.activate()
+    import megatron.core.optimizer.optimizer as opt_module
+
+    cpu.patch_loaded_modules()
+    assert opt_module.torch.tensor([1.0], device="cuda").device.type == "cpu"
+    assert opt_module.torch.zeros(2, device=torch.device("cuda", 0)).device.type == "cpu"
+    assert opt_module.torch.ones(1).device.type == "cpu"
+
+
+def test_cuda_tensor_types_names_cpu_tensors_as_cuda_for_a_while_only():
+    t = torch.zeros(1)
+    assert t.type() == "torch.FloatTensor"
+    with cpu.cuda_tensor_types():
+        assert t.type() == "torch.cuda.FloatTensor"
+        assert t.type(torch.float64).dtype == torch.float64  # a conversion is left alone
+    assert t.type() == "torch.FloatTensor"
+
+
+@pytest.fixture
+def _world2(max_ep):
+    if max_ep < 2:
+        pytest.skip("needs --ep 2 (two data-parallel replicas of a dense model)")
+
+
+def _outcome(prop, impl, layout=DP2):
+    return check_property(prop, layout, impl, settings=DESIGNED_ONLY, family="gpt", seed=5, shrink_budget=2)
+
+
+def _failing_checks(outcome):
+    record = next(r for r in reversed(outcome.records) if r.verdict.failing)
+    return {f.check for f in record.findings if f.verdict.failing}
+
+
+def test_dense_adapters_reduced_over_the_expert_group_drift_apart(_world2):
+    replicas = _outcome("replicas_identical", "tests.wrong_impls.ddp_dense_as_expert")
+    assert replicas.verdict is Verdict.NUMERIC, replicas.error
+    assert _failing_checks(replicas) == {"replicas_bitwise"} and "drifted apart" in replicas.error
+    training = _outcome("training_matches", "tests.wrong_impls.ddp_dense_as_expert")
+    assert training.verdict is Verdict.NUMERIC and "training_adapters" in _failing_checks(training), training.error
+
+
+def test_a_gradient_buffer_reset_at_each_forward_loses_the_accumulated_micro_batches(max_tp):
+    if max_tp < 2:
+        pytest.skip("needs --tp 2")
+    outcome = _outcome("training_matches", "tests.wrong_impls.ddp_grad_buffer_reset", ParallelLayout(tp=2))
+    assert outcome.verdict is Verdict.NUMERIC, outcome.error
+    assert outcome.minimal_case.loop.micro_batches > 1  # one micro-batch per step trains right
+
+
+def test_a_frozen_checkpoint_input_cannot_train_inside_the_loop(max_tp):
+    if max_tp < 2:
+        pytest.skip("needs --tp 2")
+    outcome = _outcome("training_matches", "tests.wrong_impls.recompute_frozen_input", ParallelLayout(tp=2))
+    assert outcome.verdict.failing and outcome.verdict is not Verdict.HARNESS, outcome.error
+    assert outcome.minimal_case.loop.recompute != "none"
