@@ -41,7 +41,8 @@ RUN_KINDS = {
 _POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.families.gpt.tasks", "harness.families.gpt.init",
                  "harness.families.moe.tasks", "harness.families.moe.init", "harness.families.vlm.tasks",
                  "harness.families.gpt.switch", "harness.families.moe.switch", "harness.families.gpt.recompute",
-                 "harness.families.moe.recompute", "harness.families.gpt.training")
+                 "harness.families.moe.recompute", "harness.families.gpt.training",
+                 "harness.families.moe.training")
 
 
 class Executor:

@@ -137,8 +137,10 @@ def _applies(layout: Any, capabilities: Any) -> Any:
 def _applies_replicas(layout: Any, capabilities: Any) -> Any:
     from harness.training import data_parallel_size
 
-    if data_parallel_size(layout) == 1:
-        return "no data-parallel replicas at this layout (DP=1): every adapter tensor has one holder per TP rank"
+    expert_dp = layout.min_world_size // (layout.ep * layout.etp_size * layout.pp)
+    if data_parallel_size(layout) == 1 and expert_dp == 1:
+        return ("no data-parallel replicas at this layout (DP=1, expert DP=1): every adapter tensor has one holder "
+                "per TP rank")
     return None
 
 
@@ -148,23 +150,23 @@ TRAINING = register(Property(
     name="training_matches",
     check=check_training,
     needs=("training", "training_reference"),
-    families=("gpt",),
+    families=("gpt", "moe"),
     doc="under megatron-core's DDP, finalize_model_grads and optimizer (Adam/SGD, distributed optimizer, overlapped "
     "reduction, buckets, recompute), different data per replica, after every step the held-out logits and the "
     "gathered adapters equal the reference's trained with plain torch on the same global batch; the base never moves",
     applies=_applies,
     example_share=0.2,
-    design_factors={"gpt": _DESIGN},
+    design_factors={"gpt": _DESIGN, "moe": _DESIGN + ("expert_kind", "share_expert_adapters")},
 ))
 
 REPLICAS = register(Property(
     name="replicas_identical",
     check=check_replicas,
     needs=("training",),
-    families=("gpt",),
+    families=("gpt", "moe"),
     doc="after training under megatron-core's DDP and optimizer, every adapter tensor is bitwise the same on every "
     "rank holding a replica of it (data-parallel replicas, TP ranks of a factor held whole)",
     applies=_applies_replicas,
     example_share=0.2,
-    design_factors={"gpt": _DESIGN},
+    design_factors={"gpt": _DESIGN, "moe": _DESIGN + ("expert_kind", "share_expert_adapters")},
 ))

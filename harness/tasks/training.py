@@ -104,8 +104,13 @@ def megatron_training(
     model: torch.nn.Module, loop: TrainingLoop, dtype: torch.dtype, replicas: int, replica: int,
     batches: Batches, heldout: torch.Tensor, forward: Callable[[Any, torch.Tensor], torch.Tensor],
     adapters: Callable[[], dict[str, torch.Tensor]], keys: dict[str, str], tokens: int,
+    raw: Optional[Callable[[], dict[str, torch.Tensor]]] = None,
 ) -> TrainingExtras:
-    """The loop under megatron-core's DDP and optimizer on this rank (see the module's doc)."""
+    """The loop under megatron-core's DDP and optimizer on this rank (see the module's doc).
+
+    ``adapters()`` gives what the steps record (a collective for a family that assembles full tensors:
+    every rank calls it); ``raw()`` (default ``adapters``) this rank's own tensors by parameter name,
+    which ``keys`` map to replica keys."""
     from megatron.core.distributed import finalize_model_grads
 
     from harness import cpu
@@ -140,7 +145,7 @@ def megatron_training(
     except Exception as exc:  # noqa: BLE001 - the implementation's, reported with the step it reached
         error = f"{type(exc).__name__}: {exc}"
     changed = sorted(n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach()))
-    mine = adapters() if error is None else {}
+    mine = (raw or adapters)() if not any_rank(error is not None) else {}
     return TrainingExtras(
         steps=steps, base_changed=changed, optimizer=kind, error=error,
         replicas={keys[n]: cpu64(t) for n, t in mine.items() if n in keys},

@@ -124,3 +124,17 @@ def test_a_frozen_checkpoint_input_cannot_train_inside_the_loop(max_tp):
     outcome = _outcome("training_matches", "tests.wrong_impls.recompute_frozen_input", ParallelLayout(tp=2))
     assert outcome.verdict.failing and outcome.verdict is not Verdict.HARNESS, outcome.error
     assert outcome.minimal_case.loop.recompute != "none"
+
+
+def test_expert_adapters_reduced_over_dense_dp_where_etp_differs_from_tp_drift_apart(max_tp):
+    """Megatron-Bridge #5231's class: at TP=2, ETP=1, EP=1 the expert-data-parallel group is the TP pair
+    and dense DP is 1: expert adapters flagged for ordinary DP are reduced over nobody."""
+    if max_tp < 2:
+        pytest.skip("needs --tp 2")
+    layout = ParallelLayout(tp=2, ep=1, etp=1, sp=True)
+    kw = dict(settings=DESIGNED_ONLY, family="moe", seed=5, shrink_budget=2)
+    replicas = check_property("replicas_identical", layout, "tests.wrong_impls.ddp_expert_as_dense", **kw)
+    assert replicas.verdict is Verdict.NUMERIC and "experts" in replicas.error, replicas.error
+    assert check_property("replicas_identical", layout, "lora.megatron", **kw).verdict is Verdict.PASS
+    training = check_property("training_matches", layout, "tests.wrong_impls.ddp_expert_as_dense", **kw)
+    assert training.verdict is Verdict.NUMERIC, training.error

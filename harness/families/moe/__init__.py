@@ -29,6 +29,7 @@ FAMILY = register(Family(
     init_task="harness.families.moe.init:run_moe_init_case",
     switch_task="harness.families.moe.switch:run_moe_switch_case",
     recompute_task="harness.families.moe.recompute:run_moe_recompute_case",
+    training_task="harness.families.moe.training:run_moe_training_case",
     builder="harness.families.moe.model:build_moe_gpt",
     design="harness.families.moe.design:DESIGN",
     # An MoE example costs several dense ones (a bigger world at most layouts, one more run for
