@@ -231,13 +231,14 @@ def training_row(case: Mapping[str, Any]) -> dict[str, Any]:
 
 def loop_factors(layout: ParallelLayout) -> list[Factor]:
     """The training loop's designed features (``harness.training``; the training properties read them)."""
-    from harness.training import RECOMPUTE, data_parallel_size
+    from harness.training import data_parallel_size
 
     out = [
         Factor("optimizer", ("adam", "sgd"), "megatron-core's optimizer: Adam, or SGD with momentum"),
         Factor("overlap_grad_reduce", (False, True), "megatron DDP reduces gradients as backward runs"),
-        Factor("loop_micro_batches", (1, 3), "micro-batches per optimizer step"),
-        Factor("recompute", tuple(RECOMPUTE), "activation recompute inside the training loop"),
+        # Full recompute of the first of two layers stands for both full settings here (uniform over
+        # every layer is drawn, and recompute_transparent runs every setting on every example).
+        Factor("recompute", ("none", "full-block", "selective"), "activation recompute inside the training loop"),
     ]
     # One level where DP=1: the distributed optimizer shards over data-parallel ranks.
     out.append(Factor("distributed_optimizer", (False, True) if data_parallel_size(layout) > 1 else (False,),
@@ -251,7 +252,7 @@ def loop_row(case: Mapping[str, Any]) -> dict[str, Any]:
     if not loop:
         return {}
     return {"optimizer": loop.get("optimizer", "adam"), "overlap_grad_reduce": bool(loop.get("overlap_grad_reduce")),
-            "loop_micro_batches": int(loop.get("micro_batches", 1)), "recompute": loop.get("recompute", "none"),
+            "recompute": loop.get("recompute", "none"),
             "distributed_optimizer": bool(loop.get("distributed_optimizer"))}
 
 

@@ -144,7 +144,7 @@ def _applies_replicas(layout: Any, capabilities: Any) -> Any:
     return None
 
 
-_DESIGN = ("optimizer", "distributed_optimizer", "overlap_grad_reduce", "loop_micro_batches", "recompute")
+_DESIGN = ("optimizer", "distributed_optimizer", "overlap_grad_reduce", "recompute")
 
 TRAINING = register(Property(
     name="training_matches",
