@@ -13,7 +13,16 @@ from typing import Any, Iterator
 
 from harness.layouts import CP_SIZE, GROUP_SPECS, MEGATRON_ORDER, LayoutError
 
-__all__ = ["initialize", "destroy_megatron", "current_megatron_groups"]
+__all__ = ["initialize", "destroy_megatron", "current_megatron_groups", "gloo_groups_as_built"]
+
+#: megatron's gloo copies of the data-parallel groups -> the group each copies (parallel_state globals).
+_GLOO_COPIES = {
+    "_DATA_PARALLEL_GROUP_GLOO": "_DATA_PARALLEL_GROUP",
+    "_DATA_PARALLEL_GROUP_WITH_CP_GLOO": "_DATA_PARALLEL_GROUP_WITH_CP",
+    "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO": "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP",
+    "_EXPERT_DATA_PARALLEL_GROUP_GLOO": "_EXPERT_DATA_PARALLEL_GROUP",
+    "_INTRA_PARTIAL_EXPERT_DATA_PARALLEL_GROUP_GLOO": "_INTRA_PARTIAL_EXPERT_DATA_PARALLEL_GROUP",
+}
 
 
 def initialize(layout: Any, world_size: int | None = None, *, seed: int | None = None,
@@ -162,3 +171,32 @@ def _seed_model_parallel(seed: int) -> None:
             f"(megatron's model-parallel RNG seeding on CPU), which could not be imported: {exc}"
         ) from exc
     seed_model_parallel(seed)
+
+
+@contextlib.contextmanager
+def gloo_groups_as_built() -> Iterator[None]:
+    """For a while, megatron's gloo copies of the data-parallel groups are the groups themselves.
+
+    megatron-core's optimizer reads ``get_data_parallel_group_gloo`` (and the
+    expert one) when it is built, even where the groups already are gloo
+    groups; ``initialize`` builds no copies on a gloo world (they would
+    double the cost of every initialisation). On a gloo world this block
+    hands megatron the groups as the copies, and puts the empty slots back
+    after (megatron's ``destroy_model_parallel`` destroys copies it holds;
+    an alias there would destroy the group itself). Where copies exist (a
+    non-gloo world) nothing changes.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    aliased = []
+    if dist.is_initialized() and str(dist.get_backend()) == "gloo":
+        for copy, group in _GLOO_COPIES.items():
+            if getattr(ps, copy, None) is None and getattr(ps, group, None) is not None:
+                setattr(ps, copy, getattr(ps, group))
+                aliased.append(copy)
+    try:
+        yield
+    finally:
+        for copy in aliased:
+            setattr(ps, copy, None)

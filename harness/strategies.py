@@ -93,9 +93,17 @@ def lora_configs(draw: Any, tp: int = 1, capabilities: Optional[Capabilities] = 
 
 
 def cases_for(family: str, layout: ParallelLayout, impl: str, capabilities: Optional[Capabilities] = None,
-              row: Optional[dict[str, Any]] = None) -> st.SearchStrategy[Any]:
+              row: Optional[dict[str, Any]] = None, loop: bool = False) -> st.SearchStrategy[Any]:
     """The case strategy of a model family (its ``Family.strategy``); with a designed ``row``
-    (``harness.design``), its features fixed."""
+    (``harness.design``), its features fixed. ``loop``: also draw a training loop
+    (``harness.training``), after everything else, for the properties that read one: the other
+    features keep their draws, so every property at a layout still draws the same examples, and the
+    properties that read no loop neither carry nor shrink one."""
     from harness.families import get_family
 
-    return get_family(family).strategy(layout, impl, capabilities, row)
+    cases = get_family(family).strategy(layout, impl, capabilities, row)
+    if not loop:
+        return cases
+    from harness.training import training_loops
+
+    return st.tuples(cases, training_loops(layout, row)).map(lambda pair: pair[0].with_(loop=pair[1]))

@@ -37,22 +37,10 @@ from harness.evidence import TrainingExtras, TrainingStep
 from harness.tasks.common import any_rank, cpu64
 from harness.training import ADAM_BETAS, ADAM_EPS, LR, SGD_MOMENTUM, TrainingLoop
 
-__all__ = ["megatron_training", "reference_training", "replica_keys", "loss_of", "Batches", "training_setup"]
+__all__ = ["megatron_training", "reference_training", "replica_keys", "loss_of", "Batches"]
 
 #: (step, replica, micro-batch) -> (this rank's model input, the probe over the full logits).
 Batches = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def training_setup(ctx: Any, case: Any) -> tuple[Any, int, int]:
-    """``harness.tasks.common.setup`` with megatron's gloo copies of the data-parallel groups, which
-    megatron-core's optimizer reads (``get_data_parallel_group_gloo``) even on a gloo world."""
-    from megatron.core import parallel_state
-
-    from harness.contract import load_impl
-
-    case.layout.initialize_megatron(ctx.world_size, seed=case.seed, create_gloo_process_groups=True)
-    return (load_impl(case.impl), parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_rank())
 
 
 def loss_of(out: torch.Tensor, probe: torch.Tensor, divisor: int) -> torch.Tensor:
@@ -78,6 +66,7 @@ def _ddp_and_optimizer(model: torch.nn.Module, loop: TrainingLoop, dtype: torch.
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from harness import cpu
+    from harness.megatron_state import gloo_groups_as_built
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=loop.grad_reduce_in_fp32, overlap_grad_reduce=loop.overlap_grad_reduce,
@@ -91,7 +80,8 @@ def _ddp_and_optimizer(model: torch.nn.Module, loop: TrainingLoop, dtype: torch.
     )
     if cpu.is_active():
         cpu.patch_loaded_modules()  # megatron's optimizer and DDP modules, imported just now
-    with cpu.cuda_tensor_types():
+    # The optimizer reads megatron's gloo copies of the data-parallel groups (on a gloo world, the groups).
+    with cpu.cuda_tensor_types(), gloo_groups_as_built():
         optimizer = get_megatron_optimizer(opt_config, [ddp])
     return ddp, optimizer
 

@@ -572,3 +572,29 @@ def gpt_sp_dropout(ctx: Any, seed: int, lora_kw: Any) -> dict[str, Any]:
         model.eval()
         no_dropout = run()
     return {"tp_rank": tp_rank, "eval1": eval1, "train1": train1, "train2": train2, "no_dropout": no_dropout}
+
+
+def gloo_copies_aliased(ctx: Any) -> dict[str, Any]:
+    """harness.megatron_state.gloo_groups_as_built on a dense DP=2 world: megatron's optimizer-facing
+    getters before, inside and after the block, and whether destroying the groups still works."""
+    from megatron.core import parallel_state as ps
+
+    from harness.layouts import ParallelLayout
+    from harness.megatron_state import destroy_megatron, gloo_groups_as_built
+
+    ParallelLayout(tp=1, ep=2).initialize_megatron(ctx.world_size, seed=0)
+    out: dict[str, Any] = {}
+    try:
+        ps.get_data_parallel_group_gloo(with_context_parallel=True, partial_data_parallel=True)
+        out["before"] = "available"
+    except AssertionError:
+        out["before"] = "missing"
+    with gloo_groups_as_built():
+        group = ps.get_data_parallel_group_gloo(with_context_parallel=True, partial_data_parallel=True)
+        out["inside_size"] = torch.distributed.get_world_size(group)
+        out["inside_is_group"] = group is ps.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=True)
+        out["expert_inside"] = ps.get_expert_data_parallel_group_gloo() is ps.get_expert_data_parallel_group()
+    out["after"] = ps._DATA_PARALLEL_GROUP_WITH_CP_GLOO is None and ps._EXPERT_DATA_PARALLEL_GROUP_GLOO is None
+    destroy_megatron()
+    out["destroyed"] = not ps.model_parallel_is_initialized()
+    return out

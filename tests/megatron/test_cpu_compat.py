@@ -78,8 +78,12 @@ def test_activate_redirects_cuda_only_inside_megatron(inactive):
     assert mappings.torch is not torch
     assert mappings.torch.cuda is cpu.CUDA_SHIM
     assert mappings.torch.cuda.current_device() == CPU
-    # Everything else on the proxy is the real torch.
-    assert mappings.torch.empty is torch.empty
+    # The tensor factories put what megatron asks on 'cuda' on the CPU (its DDP and optimizers do),
+    # and are the real ones otherwise; everything else on the proxy is the real torch.
+    assert mappings.torch.empty.__wrapped__ is torch.empty
+    assert mappings.torch.empty(2, device="cuda").device == CPU
+    assert mappings.torch.zeros(2, dtype=torch.float64).dtype == torch.float64
+    assert mappings.torch.matmul is torch.matmul
     assert mappings.torch.distributed is torch.distributed
     assert mappings.torch.cuda.is_available is torch.cuda.is_available
     # Outside megatron: untouched.
@@ -294,3 +298,11 @@ def test_gather_fails_on_cpu_without_the_compat_layer():
         assert err["files"][-1].endswith("torch/cuda/__init__.py")
         # Re-activated, the same layer gives the right output.
         _close(res["output_after"], exp["output"], "gathered output after re-activation")
+
+
+def test_megatron_optimizer_groups_are_the_gloo_groups_for_a_while_only():
+    """megatron's optimizer reads gloo copies of the data-parallel groups; on a gloo world the groups
+    are lent as the copies inside harness.megatron_state.gloo_groups_as_built, and taken back after."""
+    for rank in pool(2).run(tasks.gloo_copies_aliased):
+        assert rank == {"before": "missing", "inside_size": 2, "inside_is_group": True, "expert_inside": True,
+                        "after": True, "destroyed": True}, rank

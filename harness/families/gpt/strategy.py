@@ -11,7 +11,6 @@ from harness.cases import parse_dtype
 from harness.contract import Capabilities
 from harness.design import DROPOUT_P
 from harness.layouts import ParallelLayout
-from harness.training import training_loops
 from harness.strategies import ints, lora_configs, pick
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import GPTShape
@@ -100,8 +99,6 @@ def gpt_cases(
         lora_dtype=lora_dtype,
         contract=caps.contract,
         micro_batches=pick(draw, row, "micro_batches", st.integers(1, 2)) if training else 1,
-        # Drawn last: the features above keep the draws they had before the training loop existed.
-        loop=draw(training_loops(layout, row)),
     )
 
 

@@ -18,8 +18,8 @@ from harness.evidence import Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
-from harness.tasks.common import checked_table
-from harness.tasks.training import megatron_training, reference_training, replica_keys, training_setup
+from harness.tasks.common import checked_table, setup
+from harness.tasks.training import megatron_training, reference_training, replica_keys
 from harness.training import recompute_overrides
 
 __all__ = ["run_gpt_training_case", "seeded_batches"]
@@ -49,7 +49,7 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
     if loop is None:
         raise ValueError("a training task needs a case with a loop (harness.training.TrainingLoop)")
     is_reference = ctx.world_size == 1 and loop.replicas is not None
-    impl, tp, tp_rank = training_setup(ctx, case)
+    impl, tp, tp_rank = setup(ctx, case)
     device = getattr(ctx, "device", None) or torch.device("cpu")
     overrides = {} if is_reference else recompute_overrides(loop, "gpt", case.shape.add_bias_linear)
     model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,

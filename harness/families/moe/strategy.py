@@ -11,7 +11,6 @@ from harness.cases import parse_dtype
 from harness.contract import DEFAULT_TARGET_MODULES, Capabilities
 from harness.design import DROPOUT_P
 from harness.layouts import ParallelLayout
-from harness.training import training_loops
 from harness.strategies import ints, pick
 from harness.families.moe.case import MoECase
 
@@ -160,8 +159,6 @@ def moe_cases(
         model_dtype=parse_dtype("float64"),
         lora_dtype=parse_dtype(pick(draw, row, "lora_dtype", st.sampled_from(dtypes))),
         contract=caps.contract,
-        # Drawn last: the features above keep the draws they had before the training loop existed.
-        loop=draw(training_loops(layout, row)),
     )
 
 

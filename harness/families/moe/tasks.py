@@ -141,14 +141,12 @@ def full_partitions(table: dict[str, AdapterParam], full: dict[str, Any]) -> dic
 
 
 
-def base_model(ctx: Any, case: MoECase, gloo_groups: bool = False,
-               **config_overrides: Any) -> tuple[Any, dict[str, int], torch.nn.Module]:
+def base_model(ctx: Any, case: MoECase, **config_overrides: Any) -> tuple[Any, dict[str, int], torch.nn.Module]:
     """(the implementation, the layout's sizes, the case's MoE model at its layout with the seeded full base weights;
-    ``config_overrides`` go to megatron's TransformerConfig; ``gloo_groups``: megatron's gloo copies of the
-    data-parallel groups too, which its optimizer reads)."""
+    ``config_overrides`` go to megatron's TransformerConfig)."""
     from harness.families.moe.model import build_moe_gpt, expert_sizes, layout_sizes
 
-    case.layout.initialize_megatron(ctx.world_size, seed=case.seed, create_gloo_process_groups=True if gloo_groups else None)
+    case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
     impl = load_impl(case.impl)
     sizes = dict(expert_sizes(), world=ctx.world_size)
     model = build_moe_gpt(case.shape, **layout_sizes(case.layout), params_dtype=case.model_dtype,

@@ -37,7 +37,7 @@ def run_moe_training_case(ctx: Any, case: MoECase) -> RankRecord:
         raise ValueError("a training task needs a case with a loop (harness.training.TrainingLoop)")
     is_reference = ctx.world_size == 1 and loop.replicas is not None
     overrides = {} if is_reference else recompute_overrides(loop, "moe", case.shape.add_bias_linear)
-    impl, sizes, model = base_model(ctx, case, gloo_groups=True, **overrides)
+    impl, sizes, model = base_model(ctx, case, **overrides)
     tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
     cpu.manual_seed(case.seed)
     model = impl.LoRA(**case.lora_kwargs())(model, training=True)
