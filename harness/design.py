@@ -44,7 +44,7 @@ one.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterable, Mapping, Optional
 
@@ -268,13 +268,19 @@ class Coverage:
     pairs_run: int           # of those, covered by the examples that ran (designed or drawn)
     levels: dict[str, tuple[Any, ...]]   # feature -> values that ran
     missing: tuple[str, ...]             # feature values of the design no example ran
+    #: The training loops the examples ran (harness.training): field -> the values seen.
+    loops: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def line(self) -> str:
         head = (f"{self.family} {self.layout}: designed {self.designed_run}/{self.designed} examples ran, "
                 f"{self.pairs_run}/{self.pairs} feature pairs{' and triples' if _triples(self.family) else ''} exercised")
         paths = "; ".join(f"{name} {'/'.join(_show(v) for v in vals)}" for name, vals in self.levels.items() if vals)
         tail = f"; NOT exercised: {', '.join(self.missing)}" if self.missing else ""
-        return f"{head}: {paths}{tail}"
+        loops = ""
+        if self.loops:
+            loops = "; training loops: " + "; ".join(
+                f"{name} {'/'.join(_show(v) for v in vals)}" for name, vals in self.loops.items())
+        return f"{head}: {paths}{tail}{loops}"
 
 
 def _show(value: Any) -> str:
@@ -296,7 +302,15 @@ def coverage_of(family: str, layout: ParallelLayout, caps: Optional[Capabilities
     got = _combos(family, fs, seen_rows)
     levels = {f.name: tuple(v for v in f.levels if any(r.get(f.name) == v for r in seen_rows)) for f in fs}
     missing = tuple(f"{f.name}={_show(v)}" for f in fs for v in f.levels if v not in levels[f.name])
-    return Coverage(family, layout.describe(), len(design), designed_run, len(wanted), len(wanted & got), levels, missing)
+    loops = [c["loop"] for c in cases if c.get("loop")]
+    seen_loops: dict[str, tuple[Any, ...]] = {}
+    for name in ("steps", "micro_batches", "optimizer", "distributed_optimizer", "overlap_grad_reduce",
+                 "grad_reduce_in_fp32", "bucket_size", "recompute"):
+        values = {loop.get(name) for loop in loops}
+        if values:
+            seen_loops[name] = tuple(sorted(values, key=repr))
+    return Coverage(family, layout.describe(), len(design), designed_run, len(wanted), len(wanted & got), levels, missing,
+                    seen_loops)
 
 
 def _combos(family: str, fs: tuple[Factor, ...], rows: Iterable[Mapping[str, Any]]) -> set[tuple]:

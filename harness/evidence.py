@@ -223,6 +223,9 @@ class TrainingStep:
 
     logits: Any                 # the held-out batch's full logits (float64 CPU)
     adapters: dict[str, Any]    # this rank's adapter tensors (as ``RankRecord.partitions`` describes them)
+    #: Replica key -> this rank's tensor: the same key on two ranks must be the same bits
+    #: (``"<module>:<adapter>@<shard>/<shards>"``; harness.tasks.training.replica_keys). Megatron side only.
+    replicas: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -231,9 +234,6 @@ class TrainingExtras:
 
     steps: list[TrainingStep] = field(default_factory=list)
     base_changed: list[str] = field(default_factory=list)   # base parameters whose values moved (bitwise)
-    #: Replica key -> this rank's tensor after the last step: the same key on two ranks must be the
-    #: same bits (``"<adapter>@<shard>/<shards>"``; harness.tasks.training.replica_keys).
-    replicas: dict[str, Any] = field(default_factory=dict)
     optimizer: str = ""          # the optimizer class megatron-core built (for the report)
     error: Optional[str] = None  # what the implementation raised in the loop
 

@@ -16,7 +16,7 @@ moves a step away from the reference's.
 
 ``replicas_identical`` needs no reference: every adapter tensor is the same
 bits on every rank that holds a replica of it (the data-parallel replicas,
-the TP ranks of a factor each holds whole) after the last step. Replicas
+the TP ranks of a factor each holds whole) after every step. Replicas
 that drift apart train different models on different ranks.
 """
 
@@ -104,27 +104,31 @@ def check_replicas(ev: Any) -> Check:
     result = Check("replicas_identical")
     if _loop_errors(result, records, loop):
         return result
-    holders: dict[str, list[tuple[int, Any]]] = {}
-    for rec in records:
-        for key, tensor in rec.extras.replicas.items():
-            holders.setdefault(key, []).append((rec.rank, tensor))
     shared = 0
-    for key in sorted(holders):
-        held = holders[key]
-        if len(held) < 2:
-            continue
-        shared += 1
-        (first_rank, first), rest = held[0], held[1:]
-        differ = [rank for rank, t in rest if t.shape != first.shape or not bool((t == first).all())]
-        if differ:
-            module, _, rest_of_key = key.partition(":")
-            name = rest_of_key.rsplit("@", 1)[0]
-            stats = compare_tensors(dict(rest)[differ[0]], first, tolerance_for(None, loop.dtype_name)) \
-                if dict(rest)[differ[0]].shape == first.shape else None
-            how = f" (max|diff| {stats.max_abs:.3g})" if stats is not None else ""
-            result.fail(f"{name} after {loop.steps} steps ({loop.describe()}): rank {first_rank} and rank(s) "
-                        f"{differ} hold replicas of it that differ{how}: the replicas drifted apart",
-                        kind="numeric", check="replicas_bitwise")
+    for step in range(loop.steps):
+        holders: dict[str, list[tuple[int, Any]]] = {}
+        for rec in records:
+            for key, tensor in rec.extras.steps[step].replicas.items():
+                holders.setdefault(key, []).append((rec.rank, tensor))
+        drifted = False
+        for key in sorted(holders):
+            held = holders[key]
+            if len(held) < 2:
+                continue
+            shared += 1
+            (first_rank, first), rest = held[0], held[1:]
+            differ = [rank for rank, t in rest if t.shape != first.shape or not bool((t == first).all())]
+            if differ:
+                drifted = True
+                name = key.partition(":")[2].rsplit("@", 1)[0]
+                other = dict(rest)[differ[0]]
+                stats = compare_tensors(other, first, tolerance_for(None, loop.dtype_name)) if other.shape == first.shape else None
+                how = f" (max|diff| {stats.max_abs:.3g})" if stats is not None else ""
+                result.fail(f"{name} after step {step + 1} of {loop.steps} ({loop.describe()}): rank {first_rank} and "
+                            f"rank(s) {differ} hold replicas of it that differ{how}: the replicas drifted apart",
+                            kind="numeric", check="replicas_bitwise")
+        if drifted:
+            break  # the first step at which they part is the one to show
     if shared == 0 and not result.findings:
         result.nothing_to_check("no adapter tensor is held by more than one rank at this layout (no replica to compare)")
     return result

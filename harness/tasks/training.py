@@ -100,7 +100,7 @@ def megatron_training(
 
     ``adapters()`` gives what the steps record (a collective for a family that assembles full tensors:
     every rank calls it); ``raw()`` (default ``adapters``) this rank's own tensors by parameter name,
-    which ``keys`` map to replica keys."""
+    which ``keys`` map to replica keys, recorded after every step too."""
     from megatron.core.distributed import finalize_model_grads
 
     from harness import cpu
@@ -131,15 +131,12 @@ def megatron_training(
                 raise RuntimeError(f"megatron's optimizer skipped step {step} (found inf/nan in the gradients)")
             with torch.no_grad():
                 logits = cpu64(forward(ddp, heldout))
-            steps.append(TrainingStep(logits=logits, adapters={n: cpu64(t) for n, t in adapters().items()}))
+            held = {keys[n]: cpu64(t) for n, t in (raw or adapters)().items() if n in keys}
+            steps.append(TrainingStep(logits=logits, adapters={n: cpu64(t) for n, t in adapters().items()}, replicas=held))
     except Exception as exc:  # noqa: BLE001 - the implementation's, reported with the step it reached
         error = f"{type(exc).__name__}: {exc}"
     changed = sorted(n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach()))
-    mine = (raw or adapters)() if not any_rank(error is not None) else {}
-    return TrainingExtras(
-        steps=steps, base_changed=changed, optimizer=kind, error=error,
-        replicas={keys[n]: cpu64(t) for n, t in mine.items() if n in keys},
-    )
+    return TrainingExtras(steps=steps, base_changed=changed, optimizer=kind, error=error)
 
 
 def reference_training(

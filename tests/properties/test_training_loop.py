@@ -138,3 +138,15 @@ def test_expert_adapters_reduced_over_dense_dp_where_etp_differs_from_tp_drift_a
     assert check_property("replicas_identical", layout, "lora.megatron", **kw).verdict is Verdict.PASS
     training = check_property("training_matches", layout, "tests.wrong_impls.ddp_expert_as_dense", **kw)
     assert training.verdict is Verdict.NUMERIC, training.error
+
+
+def test_the_paths_line_names_the_training_loops_the_examples_ran():
+    from harness.design import coverage_of
+
+    plain = _case().with_(loop=None).to_json()
+    loops = [_case(optimizer="sgd", recompute="selective").to_json(),
+             _case(distributed_optimizer=True, overlap_grad_reduce=True, micro_batches=3).to_json()]
+    line = coverage_of("gpt", DP2, None, [plain] + loops, 0).line()
+    assert "training loops: steps 2; micro_batches 1/3; optimizer adam/sgd; distributed_optimizer off/on" in line
+    assert "overlap_grad_reduce off/on" in line and "recompute none/selective" in line
+    assert "training loops" not in coverage_of("gpt", DP2, None, [plain], 0).line()
