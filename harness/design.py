@@ -117,7 +117,7 @@ def _design(family: str, layout: ParallelLayout, caps: Capabilities,
         return fs, _cover(family, fs)
     # The training loop's features join only the designs of the properties that read them: the loop
     # does not change what the other properties run, and its product would multiply theirs.
-    fs += tuple(f for f in loop_factors(layout) if f.name in only)
+    fs += tuple(f for f in loop_factors(layout, family) if f.name in only)
     # Every feature the family has at some layout (a2a only under sequence parallelism).
     known = {f.name for f in factors(family, ParallelLayout(tp=2, sp=True), Capabilities())} | {f.name for f in fs}
     unknown = sorted(set(only) - known)
@@ -229,9 +229,9 @@ def training_row(case: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def loop_factors(layout: ParallelLayout) -> list[Factor]:
+def loop_factors(layout: ParallelLayout, family: str = "gpt") -> list[Factor]:
     """The training loop's designed features (``harness.training``; the training properties read them)."""
-    from harness.training import data_parallel_size
+    from harness.training import FLOAT64_ONLY, data_parallel_size
 
     out = [
         Factor("optimizer", ("adam", "sgd"), "megatron-core's optimizer: Adam, or SGD with momentum"),
@@ -241,7 +241,8 @@ def loop_factors(layout: ParallelLayout) -> list[Factor]:
         Factor("recompute", ("none", "full-block", "selective"), "activation recompute inside the training loop"),
     ]
     # One level where DP=1: the distributed optimizer shards over data-parallel ranks.
-    out.append(Factor("distributed_optimizer", (False, True) if data_parallel_size(layout) > 1 else (False,),
+    dist = data_parallel_size(layout) > 1 and family not in FLOAT64_ONLY
+    out.append(Factor("distributed_optimizer", (False, True) if dist else (False,),
                       "megatron-core's distributed optimizer (DP > 1)"))
     return out
 

@@ -106,4 +106,4 @@ def cases_for(family: str, layout: ParallelLayout, impl: str, capabilities: Opti
         return cases
     from harness.training import training_loops
 
-    return st.tuples(cases, training_loops(layout, row)).map(lambda pair: pair[0].with_(loop=pair[1]))
+    return st.tuples(cases, training_loops(layout, row, family)).map(lambda pair: pair[0].with_(loop=pair[1]))

@@ -168,6 +168,7 @@ class ParallelLinearAdapter(nn.Module):
         sequence_parallel: bool = False,
         a2a: bool = False,
         in_sp_block: bool = False,
+        explicit_comm: bool = False,
     ) -> None:
         super().__init__()
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -191,9 +192,13 @@ class ParallelLinearAdapter(nn.Module):
         self.tp_group = tp_group
         # megatron turns sequence parallelism off for a TP group of one.
         self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
+        # The base's TP communication happens outside it (megatron's shared-expert overlap sets
+        # ``explicit_expert_comm``): a column base gets the input already gathered and leaves its input
+        # gradient partial; a row base returns partial sums that are reduced after it.
+        self.explicit_comm = bool(explicit_comm) and self.tp_size > 1
         if a2a and kind != "row":
             raise ValueError(f"lora.megatron: {module_name}: a2a applies only to row-parallel bases (this one is {kind})")
-        self.a2a = bool(a2a) and self.sequence_parallel
+        self.a2a = bool(a2a) and self.sequence_parallel and not self.explicit_comm
         # Inside a TransformerBlock that forks the model-parallel RNG stream around its layers (SP).
         self.in_sp_block = bool(in_sp_block) and self.sequence_parallel
         cfg = _adapter_config(base_config, lora_dtype)
@@ -204,7 +209,7 @@ class ParallelLinearAdapter(nn.Module):
             # so A must not all-reduce its input gradient as well.
             self.linear_in = ColumnParallelLinear(
                 in_features, dim, gather_output=True, skip_bias_add=True,
-                disable_grad_reduce=self.sequence_parallel, **common,
+                disable_grad_reduce=self.sequence_parallel or self.explicit_comm, **common,
             )
         else:
             self.linear_in = RowParallelLinear(
@@ -244,6 +249,13 @@ class ParallelLinearAdapter(nn.Module):
     def _dropout(self, x: torch.Tensor, sharded: bool) -> torch.Tensor:
         if self.dropout == 0.0 or not self.training:
             return x
+        if not sharded and self.in_sp_block and self.explicit_comm:
+            # The same values on every TP rank inside a block that runs under the model-parallel
+            # stream (a different one per rank): draw from the stream every TP rank shares.
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_data_parallel_rng_tracker_name
+
+            with get_cuda_rng_tracker().fork(get_data_parallel_rng_tracker_name()):
+                return apply_dropout(x, self.dropout, True)
         if sharded and self.tp_size > 1:
             # Values that differ per TP rank draw from the model-parallel
             # stream, as megatron does for its own TP-region dropout.
@@ -268,16 +280,21 @@ class ParallelLinearAdapter(nn.Module):
             # A column base sees the full (replicated) input, or its sequence
             # shard under sequence parallelism; a row base a shard, unless it
             # scatters the full input itself.
-            x = self._dropout(x, sharded=self.input_is_parallel or self.sequence_parallel)
-        if self.sequence_parallel and self.kind == "column":
+            x = self._dropout(x, sharded=self.input_is_parallel or (self.sequence_parallel and not self.explicit_comm))
+        if self.sequence_parallel and self.kind == "column" and not self.explicit_comm:
             x = self._gather_sequence(x)
         h, _ = self.linear_in(x)
         out, _ = self.linear_out(h)
-        if self.sequence_parallel and self.kind == "row":
+        if self.sequence_parallel and self.kind == "row" and not self.explicit_comm:
             out = self._to_sequence_shard(out)
         if self.dropout_position == "post":
-            out = self._dropout(out, sharded=(self.kind == "column" or self.sequence_parallel))
-        return out * self.scale
+            out = self._dropout(out, sharded=(self.kind == "column" or (self.sequence_parallel and not self.explicit_comm)))
+        out = out * self.scale
+        if self.explicit_comm and self.kind == "row":
+            # The base returns this rank's partial sum, reduced over TP after it: add a TP-th of the
+            # (full, replicated) delta on each rank, and pass the whole gradient back to it.
+            out = _ShareOfReplicated.apply(out, self.tp_size)
+        return out
 
     # -- sequence parallelism ---------------------------------------------
     def _gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,6 +322,19 @@ class ParallelLinearAdapter(nn.Module):
             )
         flat = mappings.all_to_all_hp2sp(out, group=self.tp_group)  # (s*b/t, out), tokens in (s, b) order
         return flat.reshape(s // self.tp_size, *middle, flat.shape[-1])
+
+
+class _ShareOfReplicated(torch.autograd.Function):
+    """Forward ``x / t``; backward the gradient unchanged: a replicated tensor entering a sum over t ranks
+    whose backward hands every rank the whole gradient of the sum."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, t: int) -> torch.Tensor:
+        return x / t
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        return grad, None
 
 
 class ParallelLoRALinear(AdapterWrapper):
@@ -385,6 +415,7 @@ def wrap_parallel(cfg: Any, module: nn.Module, full_name: str, kind: str, in_sp_
         input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
         sequence_parallel=sequence_parallel,
         in_sp_block=in_sp_block,
+        explicit_comm=bool(getattr(module, "explicit_expert_comm", False)),
         # a2a replaces a row adapter's gather + sequence split; a column
         # adapter has no such step, so the flag does not concern it.
         a2a=bool(cfg.a2a_experimental) and kind == "row",

@@ -116,3 +116,16 @@ def test_init_distribution_catches_expert_adapters_that_ignore_the_init_method()
     assert outcome.verdict is Verdict.CONTRACT
     assert re.search(r"A of \S*experts\S*", outcome.error), outcome.error
     assert outcome.minimal_case.lora["lora_A_init_method"] != "kaiming"
+
+
+def test_a_shared_expert_fc2_delta_counted_tp_times_under_overlap_is_caught(max_tp, max_ep):
+    """Megatron-Bridge #6089's class: under moe_shared_expert_overlap the shared expert's fc2 returns
+    partial sums reduced after it; an adapter adding its whole delta on every TP rank is summed TP times."""
+    if max_tp < 2:
+        pytest.skip("needs --tp 2")
+    layout = ParallelLayout(tp=2, ep=1, etp=1, sp=True)
+    kw = dict(settings=settings(max_examples=1, database=None, deadline=None), family="moe", seed=5, shrink_budget=4)
+    outcome = check_property("forward_matches", layout, "tests.wrong_impls.shared_overlap_fc2_times_tp", **kw)
+    assert outcome.verdict is Verdict.NUMERIC, outcome.error
+    assert outcome.minimal_case.shape.shared_expert_overlap
+    assert check_property("forward_matches", layout, "lora.megatron", **kw).verdict is Verdict.PASS

@@ -150,3 +150,17 @@ def test_the_paths_line_names_the_training_loops_the_examples_ran():
     assert "training loops: steps 2; micro_batches 1/3; optimizer adam/sgd; distributed_optimizer off/on" in line
     assert "overlap_grad_reduce off/on" in line and "recompute none/selective" in line
     assert "training loops" not in coverage_of("gpt", DP2, None, [plain], 0).line()
+
+
+def test_an_moe_loop_in_float32_is_refused_in_the_parent():
+    """An MoE router's top-k flips near ties between float32 and the float64 reference (the first deep
+    run of training_matches charged lora.megatron with such a flip): the MoE family trains in float64."""
+    from harness.families.moe.case import MoECase
+    from harness.families.moe.model import MoEShape
+
+    layout = ParallelLayout(tp=1, ep=2)
+    for loop in (TrainingLoop(distributed_optimizer=True), TrainingLoop(grad_reduce_in_fp32=True)):
+        case = MoECase(shape=MoEShape(seq_length=8), lora=dict(dim=2, alpha=4), seed=3, layout=layout,
+                       model_dtype=torch.float64, loop=loop)
+        with pytest.raises(CaseError, match="MoE family trains in float64"):
+            case.validate()

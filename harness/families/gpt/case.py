@@ -84,7 +84,7 @@ class GPTCase:
         if self.loop is not None:
             from harness.training import layout_problem
 
-            problem = layout_problem(self.loop, self.layout)
+            problem = layout_problem(self.loop, self.layout, self.family)
             if problem:
                 raise CaseError(f"{self.family} case: {problem}")
 

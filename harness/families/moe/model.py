@@ -74,6 +74,9 @@ class MoEShape(GPTShape):
     shared_expert_ffn_hidden_size: Optional[int] = None
     dispatcher: str = "alltoall"
     grouped: bool = False
+    #: megatron's ``moe_shared_expert_overlap``: the shared expert's TP communication runs outside its
+    #: linears (``explicit_expert_comm``), overlapped with the token dispatcher (alltoall only).
+    shared_expert_overlap: bool = False
 
     def check(self, tp: int, ep: int = 1, etp: Optional[int] = None) -> None:  # type: ignore[override]
         """Raise ShapeError naming the field, value and rule if the layout cannot shard this shape."""
@@ -90,6 +93,11 @@ class MoEShape(GPTShape):
             rules.append(
                 ("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size % tp == 0, f"divisible by TP={tp}")
             )
+        if self.shared_expert_overlap:
+            rules.append(("shared_expert_overlap", self.shared_expert_ffn_hidden_size is not None,
+                          "True only with a shared expert (shared_expert_ffn_hidden_size set)"))
+            rules.append(("shared_expert_overlap", self.dispatcher == "alltoall",
+                          "True only with the alltoall dispatcher (megatron-core's rule)"))
         if self.add_bias_linear:
             rules.append(("add_bias_linear", etp == 1, f"False at ETP={etp} (megatron-core: bias in MoE only with ETP == 1)"))
         if self.add_bias_linear and self.shared_expert_ffn_hidden_size is not None:
@@ -298,7 +306,7 @@ def moe_config(
         moe_router_pre_softmax=shape.moe_router_topk == 1,
         moe_permute_fusion=False,
         moe_router_fusion=False,
-        moe_shared_expert_overlap=False,
+        moe_shared_expert_overlap=shape.shared_expert_overlap,
         moe_shared_expert_gate=False,
     )
     moe.update(overrides)

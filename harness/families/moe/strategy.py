@@ -72,6 +72,14 @@ def moe_shapes(draw: Any, layout: ParallelLayout, grouped_experts: bool = True, 
         grouped = row["expert_kind"] == "grouped"
     else:
         grouped = draw(st.booleans()) if grouped_experts else False
+    dispatcher = pick(draw, row, "dispatcher", st.sampled_from(["allgather", "alltoall"]))
+    # megatron's shared-expert overlap: with a shared expert and the alltoall dispatcher only. A designed
+    # row's plainest draw is the first value, so every designed row with a shared expert and alltoall
+    # runs the overlap path, and those with allgather the plain shared-expert path (the dispatcher
+    # changes nothing for the shared expert's adapters); drawn examples take either.
+    overlap = False
+    if shared is not None and dispatcher == "alltoall":
+        overlap = draw(st.sampled_from([True, False]))
     return MoEShape(
         num_layers=draw(st.integers(1, 2)),
         hidden_size=heads * head_dim,
@@ -92,8 +100,9 @@ def moe_shapes(draw: Any, layout: ParallelLayout, grouped_experts: bool = True, 
         moe_router_topk=topk,
         moe_ffn_hidden_size=etp * draw(st.integers(1, 3)) * 2,
         shared_expert_ffn_hidden_size=shared,
-        dispatcher=pick(draw, row, "dispatcher", st.sampled_from(["allgather", "alltoall"])),
+        dispatcher=dispatcher,
         grouped=grouped,
+        shared_expert_overlap=bool(overlap),
     )
 
 
