@@ -43,6 +43,7 @@ one.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -303,10 +304,12 @@ def coverage_of(family: str, layout: ParallelLayout, caps: Optional[Capabilities
     got = _combos(family, fs, seen_rows)
     levels = {f.name: tuple(v for v in f.levels if any(r.get(f.name) == v for r in seen_rows)) for f in fs}
     missing = tuple(f"{f.name}={_show(v)}" for f in fs for v in f.levels if v not in levels[f.name])
+    from harness.training import TrainingLoop
+
     loops = [c["loop"] for c in cases if c.get("loop")]
     seen_loops: dict[str, tuple[Any, ...]] = {}
-    for name in ("steps", "micro_batches", "optimizer", "distributed_optimizer", "overlap_grad_reduce",
-                 "grad_reduce_in_fp32", "bucket_size", "recompute"):
+    # Every field of the loop but ``replicas`` (the reference's; None in a case).
+    for name in (f.name for f in dataclasses.fields(TrainingLoop) if f.name != "replicas"):
         values = {loop.get(name) for loop in loops}
         if values:
             seen_loops[name] = tuple(sorted(values, key=repr))

@@ -77,12 +77,9 @@ class TrainingLoop:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TrainingLoop":
-        if not isinstance(data, Mapping):
-            raise ValueError(f"case field loop = {data!r}: must be null or an object of TrainingLoop fields")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"case field loop: unknown field {unknown[0]!r} (fields: "
-                             f"{', '.join(f.name for f in dataclasses.fields(cls))})")
+        problem = loop_problem(data)
+        if problem:
+            raise ValueError(problem)
         return cls(**data)
 
     def describe(self) -> str:
@@ -104,8 +101,14 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def loop_problem(data: Mapping[str, Any]) -> Optional[str]:
-    """What is wrong with a loop's fields (named, with the value and the rule), or None."""
+def loop_problem(data: Any) -> Optional[str]:
+    """What is wrong with a loop's JSON form or fields (named, with the value and the rule), or None."""
+    if not isinstance(data, Mapping):
+        return f"case field loop = {data!r}: must be null or an object of TrainingLoop fields"
+    names = [f.name for f in dataclasses.fields(TrainingLoop)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        return f"case field loop: unknown field {unknown[0]!r} (fields: {', '.join(names)})"
     steps, micro = data.get("steps", 2), data.get("micro_batches", 1)
     if not _int(steps) or not 1 <= steps <= MAX_STEPS:
         return f"case field loop.steps = {steps!r}: must be an integer from 1 to {MAX_STEPS}"
@@ -132,7 +135,7 @@ def loop_problem(data: Mapping[str, Any]) -> Optional[str]:
 
 def data_parallel_size(layout: Any) -> int:
     """The dense data-parallel size of the layout in its smallest world (what feeds different data)."""
-    return layout.min_world_size // (layout.tp * layout.pp)
+    return layout.dp(layout.min_world_size)
 
 
 #: Families whose loop trains in float64 only: an MoE router's top-k is discontinuous, so a float32 run
@@ -186,7 +189,7 @@ def training_loops(layout: Any, row: Optional[Mapping[str, Any]] = None, family:
             steps=draw(st.sampled_from([2, 3])) if row is None else 2,
             micro_batches=draw(st.integers(1, 3)) if row is None else 2,
             optimizer=optimizer,
-            distributed_optimizer=bool(dist) and dp > 1,
+            distributed_optimizer=bool(dist),
             overlap_grad_reduce=pick(draw, row, "overlap_grad_reduce", st.booleans()),
             grad_reduce_in_fp32=draw(st.booleans()) if float32_ok else False,
             bucket_size=draw(st.sampled_from(BUCKET_SIZES)),

@@ -10,19 +10,22 @@ from harness.results import Check, Location
 from harness.sharding import Partition, unshard
 
 
-def _field(rec: Any, field: str) -> dict[str, Any]:
-    """A per-rank dict: a record attribute, or ``extras.<field>`` (a declared field of the record's
+def _field(rec: Any, field: Any) -> dict[str, Any]:
+    """A per-rank dict: a record attribute, ``extras.<field>`` (a declared field of the record's
     evidence type, ``harness.evidence.evidence_field``: anything else raises; None, not produced on
-    this rank, reads as no tensor)."""
+    this rank, reads as no tensor), or what a function of the record returns."""
+    if callable(field):
+        return dict(field(rec))
     if field.startswith("extras."):
         value = evidence_field(rec.extras, field[len("extras."):])
         return {} if value is None else dict(value)
     return dict(getattr(rec, field))
 
 
-def replicas(records: list[Any], layout: Any, field: str) -> list[tuple[tuple[int, ...], dict[str, Optional[Any]]]]:
+def replicas(records: list[Any], layout: Any, field: Any) -> list[tuple[tuple[int, ...], dict[str, Optional[Any]]]]:
     """[(ranks of one TP group, {param: full tensor or None})] for the per-rank dict ``field``
-    (a record attribute, or ``extras.<field>``: ``harness.evidence.evidence_path``).
+    (a record attribute, ``extras.<field>``: ``harness.evidence.evidence_path``, or a function of the
+    record, e.g. one step's adapters of the training loop).
 
     Records whose tensors are already full (every partition replicated, as
     the MoE task sends them) are compared rank by rank.

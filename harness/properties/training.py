@@ -26,9 +26,8 @@ from typing import Any
 
 from harness.compare import Tolerance, compare_tensors, tolerance_for
 from harness.properties import Property, register
-from harness.properties._gather import layout_violations, no_adapter_reason
+from harness.properties._gather import compare_adapter_sets, layout_violations, no_adapter_reason, replicas
 from harness.results import Check, Location
-from harness.sharding import Partition, unshard
 
 
 #: float64 after a few optimizer steps: the summation-order differences a single pass keeps below 1e-12
@@ -57,21 +56,6 @@ def _loop_errors(result: Check, records: list[Any], loop: Any) -> bool:
     return failed
 
 
-def _full_adapters(records: list[Any], layout: Any, step: int) -> list[tuple[tuple[int, ...], dict[str, Any]]]:
-    """[(ranks of one TP group, {adapter: full tensor})] after ``step``."""
-    if all(p.dim is None for rec in records for p in rec.partitions.values()):
-        return [((rec.rank,), dict(rec.extras.steps[step].adapters)) for rec in records]
-    out = []
-    for ranks in layout.expected_groups(len(records))["tp"]:
-        members = sorted((records[r] for r in ranks), key=lambda rec: rec.tp_rank)
-        full = {}
-        for pname, part in members[0].partitions.items():
-            pieces = [m.extras.steps[step].adapters.get(pname) for m in members]
-            full[pname] = None if any(p is None for p in pieces) else unshard(pieces, Partition(part.dim, part.gated))
-        out.append((tuple(ranks), full))
-    return out
-
-
 def check_training(ev: Any) -> Check:
     records = ev.training
     broken = layout_violations("training_matches", records)
@@ -92,15 +76,10 @@ def check_training(ev: Any) -> Check:
         for rec in records:
             result.compare(Location(f"held-out logits {after}", None, (rec.rank,)),
                            compare_tensors(rec.extras.steps[step].logits, want.logits, tol), tol, check="training_logits")
-        for ranks, full in _full_adapters(records, ev.layout, step):
+        for ranks, full in replicas(records, ev.layout, lambda rec, step=step: rec.extras.steps[step].adapters):
+            compare_adapter_sets(result, f"adapter {after}", full, want.adapters, ranks, tol, sub="training_adapters")
             if set(full) != set(want.adapters):
-                missing, extra = sorted(set(want.adapters) - set(full)), sorted(set(full) - set(want.adapters))
-                result.fail(f"adapted parameters differ from the reference: missing {missing}, unexpected {extra}",
-                            check="adapted_set")
-                return result
-            for name in sorted(full):
-                result.compare(Location(f"adapter {after}", name, ranks), compare_tensors(full[name], want.adapters[name], tol),
-                               tol, check="training_adapters")
+                return result  # named once: the other replicas and steps would say the same
     reason = no_adapter_reason(reference)
     if reason and not result.findings:
         result.nothing_to_check(reason)
@@ -151,10 +130,8 @@ def _applies(layout: Any, capabilities: Any) -> Any:
 
 
 def _applies_replicas(layout: Any, capabilities: Any) -> Any:
-    from harness.training import data_parallel_size
-
-    expert_dp = layout.min_world_size // (layout.ep * layout.etp_size * layout.pp)
-    if data_parallel_size(layout) == 1 and expert_dp == 1:
+    world = layout.min_world_size
+    if layout.dp(world) == 1 and layout.expert_dp(world) == 1:
         return ("no data-parallel replicas at this layout (DP=1, expert DP=1): every adapter tensor has one holder "
                 "per TP rank")
     return None

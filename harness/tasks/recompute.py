@@ -27,7 +27,8 @@ import torch
 from harness.evidence import RecomputeExtras, RecomputeRun
 from harness.tasks.common import any_rank, cpu64
 
-__all__ = ["SETTINGS", "BrokenTable", "recompute_evidence", "adapter_gradients", "probe_backward", "settings_not_run"]
+__all__ = ["SETTINGS", "BrokenTable", "recompute_evidence", "adapter_gradients", "probe_backward", "settings_not_run",
+           "require_grad_fn"]
 
 _FULL = dict(recompute_granularity="full")
 
@@ -77,13 +78,18 @@ def settings_not_run(family: str, case: Any) -> dict[str, str]:
             if overrides.get("recompute_granularity") == "selective" and "mlp" in overrides.get("recompute_modules", ())}
 
 
-def probe_backward(out: torch.Tensor, probe: torch.Tensor) -> None:
-    """``(out * probe).sum().backward()``, agreed by every rank first: a rank whose logits have no grad_fn
-    (nothing they depend on requires grad) would leave the others waiting in backward's collectives."""
+def require_grad_fn(out: torch.Tensor) -> None:
+    """Raise on every rank when the training logits have no grad_fn on any rank (nothing they depend on
+    requires grad): a rank that skipped backward would leave the others waiting in its collectives."""
     lost = not out.requires_grad
     if any_rank(lost):
         where = "on this rank" if lost else "on another rank"
         raise RuntimeError(f"the training logits have no grad_fn {where}: nothing they depend on requires grad")
+
+
+def probe_backward(out: torch.Tensor, probe: torch.Tensor) -> None:
+    """``(out * probe).sum().backward()``, agreed by every rank first (``require_grad_fn``)."""
+    require_grad_fn(out)
     (out * probe).sum().backward()
 
 

@@ -22,7 +22,7 @@ hyperparameters.
 
 After every step each side records the held-out batch's logits and its
 adapter tensors; the megatron side also records which base parameters moved
-and its adapter tensors keyed by replica (``replica_keys``), which the
+and its adapter tensors keyed by replica (``replica_key``), which the
 properties compare bit for bit.
 """
 
@@ -34,10 +34,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from harness.evidence import TrainingExtras, TrainingStep
-from harness.tasks.common import any_rank, cpu64
+from harness.tasks.common import cpu64
+from harness.tasks.recompute import require_grad_fn
 from harness.training import ADAM_BETAS, ADAM_EPS, LR, SGD_MOMENTUM, TrainingLoop
 
-__all__ = ["megatron_training", "reference_training", "replica_keys", "loss_of", "Batches"]
+__all__ = ["megatron_training", "reference_training", "replica_key", "loss_of", "Batches"]
 
 #: (step, replica, micro-batch) -> (this rank's model input, the probe over the full logits).
 Batches = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -48,17 +49,11 @@ def loss_of(out: torch.Tensor, probe: torch.Tensor, divisor: int) -> torch.Tenso
     return (out * probe.to(dtype=out.dtype, device=out.device)).sum() / divisor
 
 
-def replica_keys(partitions: dict[str, Any], group_rank: Callable[[str], tuple[int, int]]) -> dict[str, str]:
-    """Adapter parameter name -> its replica key: ``"<name>@<shard>/<shards>"``, or ``"<name>@full"`` for a
-    tensor every rank of its group holds whole. Two ranks with the same key must hold the same bits."""
-    out = {}
-    for name, part in partitions.items():
-        if part.dim is None:
-            out[name] = f"{part.module}:{name}@full"
-        else:
-            rank, size = group_rank(name)
-            out[name] = f"{part.module}:{name}@{rank}/{size}"
-    return out
+def replica_key(module: str, name: str, split: bool, rank: int, size: int) -> str:
+    """An adapter tensor's replica key: ``"<module>:<name>@<shard>/<shards>"`` for a split tensor (its rank
+    and size in the group it is split over), ``"<module>:<name>@full"`` for one every rank of that group
+    holds whole. Two ranks with the same key must hold the same bits."""
+    return f"{module}:{name}@" + (f"{rank}/{size}" if split else "full")
 
 
 def _ddp_and_optimizer(model: torch.nn.Module, loop: TrainingLoop, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -91,7 +86,7 @@ def _base_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def megatron_training(
-    model: torch.nn.Module, loop: TrainingLoop, dtype: torch.dtype, replicas: int, replica: int,
+    model: torch.nn.Module, loop: TrainingLoop, dtype: torch.dtype, replica: int,
     batches: Batches, heldout: torch.Tensor, forward: Callable[[Any, torch.Tensor], torch.Tensor],
     adapters: Callable[[], dict[str, torch.Tensor]], keys: dict[str, str], tokens: int,
     raw: Optional[Callable[[], dict[str, torch.Tensor]]] = None,
@@ -120,9 +115,7 @@ def megatron_training(
                 last = mb == loop.micro_batches - 1
                 with (contextlib.nullcontext() if last else ddp.no_sync()):
                     out = forward(ddp, x)
-                    if any_rank(not out.requires_grad):
-                        raise RuntimeError("the training logits have no grad_fn on some rank: nothing they depend on "
-                                           "requires grad")
+                    require_grad_fn(out)
                     loss_of(out, probe, loop.micro_batches * tokens).backward()
             finalize_model_grads([ddp])
             with cpu.cuda_tensor_types():
@@ -131,8 +124,10 @@ def megatron_training(
                 raise RuntimeError(f"megatron's optimizer skipped step {step} (found inf/nan in the gradients)")
             with torch.no_grad():
                 logits = cpu64(forward(ddp, heldout))
-            held = {keys[n]: cpu64(t) for n, t in (raw or adapters)().items() if n in keys}
-            steps.append(TrainingStep(logits=logits, adapters={n: cpu64(t) for n, t in adapters().items()}, replicas=held))
+            recorded = {n: cpu64(t) for n, t in adapters().items()}
+            own = recorded if raw is None else {n: cpu64(t) for n, t in raw().items()}
+            steps.append(TrainingStep(logits=logits, adapters=recorded,
+                                      replicas={keys[n]: t for n, t in own.items() if n in keys}))
     except Exception as exc:  # noqa: BLE001 - the implementation's, reported with the step it reached
         error = f"{type(exc).__name__}: {exc}"
     changed = sorted(n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach()))
@@ -140,10 +135,12 @@ def megatron_training(
 
 
 def reference_training(
-    model: torch.nn.Module, loop: TrainingLoop, replicas: int, batches: Batches, heldout: torch.Tensor,
+    model: torch.nn.Module, loop: TrainingLoop, batches: Batches, heldout: torch.Tensor,
     forward: Callable[[Any, torch.Tensor], torch.Tensor], adapters: Callable[[], dict[str, torch.Tensor]], tokens: int,
 ) -> TrainingExtras:
-    """The same loop on one device with plain torch over the whole global batch (see the module's doc)."""
+    """The same loop on one device with plain torch over the whole global batch, ``loop.replicas`` replicas'
+    micro-batches (see the module's doc)."""
+    replicas = loop.replicas or 1
     params = [p for p in model.parameters() if p.requires_grad]
     if loop.optimizer == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=LR, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)

@@ -19,7 +19,7 @@ from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.common import checked_table, setup
-from harness.tasks.training import megatron_training, reference_training, replica_keys
+from harness.tasks.training import megatron_training, reference_training, replica_key
 from harness.training import recompute_overrides
 
 __all__ = ["run_gpt_training_case", "seeded_batches"]
@@ -77,11 +77,10 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
         return {p: model.get_parameter(p).detach() for p in table}
 
     if is_reference:
-        extras = reference_training(model, loop, loop.replicas, batches, heldout, forward, adapters, s * b)
+        extras = reference_training(model, loop, batches, heldout, forward, adapters, s * b)
     else:
-        replicas = parallel_state.get_data_parallel_world_size()
-        keys = replica_keys(partitions, lambda name: (tp_rank, tp))
-        extras = megatron_training(model, loop, case.model_dtype, replicas, parallel_state.get_data_parallel_rank(),
+        keys = {p: replica_key(part.module, p, part.dim is not None, tp_rank, tp) for p, part in partitions.items()}
+        extras = megatron_training(model, loop, case.model_dtype, parallel_state.get_data_parallel_rank(),
                                    batches, heldout, forward, adapters, keys, s * b)
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=parallel_state.get_data_parallel_rank(),

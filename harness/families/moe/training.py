@@ -22,7 +22,7 @@ from harness.families.moe.case import MoECase
 from harness.families.moe.tasks import assemble, base_model, full_partitions, load_seeded_adapters
 from harness.rules.adapters import moe_adapter_table
 from harness.tasks.common import checked_table
-from harness.tasks.training import megatron_training, reference_training
+from harness.tasks.training import megatron_training, reference_training, replica_key
 from harness.training import recompute_overrides
 
 __all__ = ["run_moe_training_case"]
@@ -63,14 +63,13 @@ def run_moe_training_case(ctx: Any, case: MoECase) -> RankRecord:
 
     initial = adapters()
     if is_reference:
-        extras = reference_training(model, loop, loop.replicas, batches, heldout, forward, adapters, s * b)
+        extras = reference_training(model, loop, batches, heldout, forward, adapters, s * b)
     else:
-        keys = {}
-        for p, info in table.items():
-            rank, size = (sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)
-            keys[p] = f"{info.module}:{info.global_name}@" + (f"{rank}/{size}" if info.part.dim is not None else "full")
-        extras = megatron_training(model, loop, case.model_dtype, ps.get_data_parallel_world_size(),
-                                   ps.get_data_parallel_rank(), batches, heldout, forward, adapters, keys, s * b, raw=raw)
+        keys = {p: replica_key(info.module, info.global_name, info.part.dim is not None,
+                               *((sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)))
+                for p, info in table.items()}
+        extras = megatron_training(model, loop, case.model_dtype, ps.get_data_parallel_rank(), batches, heldout,
+                                   forward, adapters, keys, s * b, raw=raw)
     partitions: dict[str, Partitioned] = full_partitions(table, initial)
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=ps.get_data_parallel_rank(),
