@@ -245,6 +245,8 @@ def loop_factors(layout: ParallelLayout, family: str = "gpt") -> list[Factor]:
     dist = data_parallel_size(layout) > 1 and family not in FLOAT64_ONLY
     out.append(Factor("distributed_optimizer", (False, True) if dist else (False,),
                       "megatron-core's distributed optimizer (DP > 1)"))
+    if family not in FLOAT64_ONLY:
+        out.append(Factor("bf16", (False, True), "bf16 parameters, megatron's float32 main parameters (SGD)"))
     return out
 
 
@@ -255,7 +257,7 @@ def loop_row(case: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     return {"optimizer": loop.get("optimizer", "adam"), "overlap_grad_reduce": bool(loop.get("overlap_grad_reduce")),
             "recompute": loop.get("recompute", "none"),
-            "distributed_optimizer": bool(loop.get("distributed_optimizer"))}
+            "distributed_optimizer": bool(loop.get("distributed_optimizer")), "bf16": bool(loop.get("bf16"))}
 
 
 @dataclass(frozen=True)

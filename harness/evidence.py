@@ -236,6 +236,9 @@ class TrainingExtras:
     base_changed: list[str] = field(default_factory=list)   # base parameters whose values moved (bitwise)
     optimizer: str = ""          # the optimizer class megatron-core built (for the report)
     error: Optional[str] = None  # what the implementation raised in the loop
+    #: A bf16 loop's adapter tensors before the first step (its steps record the float32 main values, and
+    #: the properties compare what the steps added to these).
+    initial: dict[str, Any] = field(default_factory=dict)
 
 
 RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras, TrainingExtras]

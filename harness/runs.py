@@ -34,6 +34,7 @@ RUN_KINDS = {
     "training": "the implementation under test trained for the case's loop under megatron-core's DDP and optimizer at the "
                 "case's layout, each data-parallel replica on its own data (the family's training_task; harness.tasks.training)",
     "training_reference": "the reference trained for the same loop with plain torch on the whole global batch, world size 1",
+    "training_exact": "for a bf16 loop: the reference's loop in float64 on the bf16 run's exact starting values, world size 1",
     "init": "the implementation under test's initial adapters on a larger one-layer model at the case's layout (the family's init_task; harness.tasks.init)",
 }
 
@@ -212,6 +213,14 @@ class Evidence:
         key = ("training_reference", self.executor.reference_impl, ref.reference_key(), repr(ref.loop))
         return self.executor.cached(key, lambda: self.executor.run(ref, task)[0])
 
+    def _make_training_exact(self) -> tuple[Any, dict[int, str]]:
+        from harness.training import exact_training_case
+
+        task = _task(self.case.family, "training_task")
+        ref = exact_training_case(self.case, self.executor.reference_impl)
+        key = ("training_exact", self.executor.reference_impl, ref.reference_key(), repr(ref.loop))
+        return self.executor.cached(key, lambda: self.executor.run(ref, task)[0])
+
     # Shorthands the property modules read.
     @property
     def impl(self) -> list[Any]:
@@ -256,3 +265,7 @@ class Evidence:
     @property
     def training_reference(self) -> Any:
         return self.get("training_reference")
+
+    @property
+    def training_exact(self) -> Any:
+        return self.get("training_exact")

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 
 __all__ = ["TrainingLoop", "RECOMPUTE", "OPTIMIZERS", "LR", "ADAM_EPS", "SGD_MOMENTUM", "MAX_STEPS",
            "MAX_MICRO_BATCHES", "BUCKET_SIZES", "recompute_overrides", "training_loops", "loop_problem", "layout_problem",
-           "data_parallel_size", "training_case", "reference_training_case", "row_valid", "FLOAT64_ONLY"]
+           "data_parallel_size", "training_case", "reference_training_case", "exact_training_case", "row_valid", "FLOAT64_ONLY"]
 
 #: Recompute settings by name -> megatron TransformerConfig overrides (``selective`` adds the MLP or
 #: MoE layer where megatron-core can recompute it: ``recompute_overrides``).
@@ -57,6 +57,9 @@ class TrainingLoop:
     grad_reduce_in_fp32: bool = False
     bucket_size: Optional[int] = None
     recompute: str = "none"
+    #: bf16 parameters and activations with megatron's mixed precision (``OptimizerConfig.bf16``: float32
+    #: main parameters in the optimizer, ``Float16OptimizerWithFloat16Params``); SGD only (``loop_problem``).
+    bf16: bool = False
     #: Data-parallel replicas of the global batch; None: the layout's (the reference's loop names it).
     replicas: Optional[int] = None
 
@@ -67,10 +70,19 @@ class TrainingLoop:
 
     @property
     def dtype_name(self) -> str:
-        """The dtype the loop trains in: megatron's distributed optimizer takes 32- or 16-bit parameters
-        only, and ``grad_reduce_in_fp32`` rounds float64 gradients to float32, so float32 with either and
-        float64 otherwise (the harness compares in float64 wherever it can; the reference is float64)."""
+        """The dtype the loop's parameters train in: bfloat16 where the loop says so; megatron's distributed
+        optimizer takes 32- or 16-bit parameters only, and ``grad_reduce_in_fp32`` rounds float64 gradients
+        to float32, so float32 with either; float64 otherwise (the harness compares in float64 wherever it
+        can; the reference is float64)."""
+        if self.bf16:
+            return "bfloat16"
         return "float32" if self.distributed_optimizer or self.grad_reduce_in_fp32 else "float64"
+
+    @property
+    def dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,6 +106,8 @@ class TrainingLoop:
             parts.append(f"bucket {self.bucket_size}")
         if self.recompute != "none":
             parts.append(f"recompute {self.recompute}")
+        if self.bf16:
+            parts.append("bf16")
         return ", ".join(parts)
 
 
@@ -116,12 +130,17 @@ def loop_problem(data: Any) -> Optional[str]:
         return f"case field loop.micro_batches = {micro!r}: must be an integer from 1 to {MAX_MICRO_BATCHES}"
     if data.get("optimizer", "adam") not in OPTIMIZERS:
         return f"case field loop.optimizer = {data.get('optimizer')!r}: must be one of {', '.join(OPTIMIZERS)}"
-    for flag in ("distributed_optimizer", "overlap_grad_reduce", "grad_reduce_in_fp32"):
+    for flag in ("distributed_optimizer", "overlap_grad_reduce", "grad_reduce_in_fp32", "bf16"):
         if not isinstance(data.get(flag, False), bool):
             return f"case field loop.{flag} = {data.get(flag)!r}: must be true or false"
     if data.get("distributed_optimizer", False) and data.get("optimizer", "adam") != "adam":
         return (f"case field loop: optimizer = {data.get('optimizer')!r} with distributed_optimizer = true: "
                 "megatron-core's distributed optimizer takes Adam only (its checkpointing needs Adam's state)")
+    if data.get("bf16", False) and data.get("optimizer", "adam") != "sgd":
+        return (f"case field loop: bf16 = true with optimizer = {data.get('optimizer', 'adam')!r}: the harness judges a "
+                "16-bit loop by bounding its error with the single-device 16-bit run's, which holds where a step is "
+                "linear in the gradient (SGD); Adam normalises each element's step, so an element whose gradient lies "
+                "within 16-bit rounding of zero steps by up to lr either way. bf16 loops use optimizer 'sgd'")
     bucket = data.get("bucket_size")
     if bucket is not None and (not _int(bucket) or bucket < 1):
         return f"case field loop.bucket_size = {bucket!r}: must be null or a positive number of elements"
@@ -147,9 +166,9 @@ FLOAT64_ONLY = ("moe",)
 def layout_problem(loop: TrainingLoop, layout: Any, family: str = "gpt") -> Optional[str]:
     """What the loop cannot do at this layout (megatron-core's rules) or in this family, or None."""
     if family in FLOAT64_ONLY and loop.dtype_name != "float64":
-        return (f"loop.distributed_optimizer / loop.grad_reduce_in_fp32 in the {family} family: both train in "
-                "float32, and an MoE router's top-k flips near ties between float32 and the float64 reference; "
-                "the MoE family trains in float64")
+        return (f"loop.distributed_optimizer / loop.grad_reduce_in_fp32 / loop.bf16 in the {family} family: each "
+                f"trains in {loop.dtype_name}, and an MoE router's top-k flips near ties between it and the float64 "
+                "reference; the MoE family trains in float64")
     if loop.replicas is not None and layout.min_world_size == 1:
         return None  # the reference: one device, the whole global batch
     if loop.distributed_optimizer and data_parallel_size(layout) == 1:
@@ -184,6 +203,8 @@ def training_loops(layout: Any, row: Optional[Mapping[str, Any]] = None, family:
         dist = pick(draw, row, "distributed_optimizer", st.booleans()) if dp > 1 and float32_ok else False
         # megatron-core's distributed optimizer takes Adam only.
         optimizer = "adam" if dist else pick(draw, row, "optimizer", st.sampled_from(OPTIMIZERS))
+        # bf16 parameters with SGD (loop_problem), in the families that train below float64.
+        bf16 = pick(draw, row, "bf16", st.booleans()) if optimizer == "sgd" and float32_ok else False
         return TrainingLoop(
             # A designed example accumulates over two micro-batches (one is the plainest case, drawn).
             steps=draw(st.sampled_from([2, 3])) if row is None else 2,
@@ -194,6 +215,7 @@ def training_loops(layout: Any, row: Optional[Mapping[str, Any]] = None, family:
             grad_reduce_in_fp32=draw(st.booleans()) if float32_ok else False,
             bucket_size=draw(st.sampled_from(BUCKET_SIZES)),
             recompute=pick(draw, row, "recompute", st.sampled_from(tuple(RECOMPUTE))),
+            bf16=bool(bf16),
         )
 
     return loops()
@@ -203,16 +225,14 @@ def training_case(case: Any) -> Any:
     """The case as the training properties run it: the loop's dtype (``TrainingLoop.dtype_name``), adapters in
     it (``lora_dtype`` None), no dropout (masks are the forward properties' matter; here every step must
     follow the reference's exactly), training mode."""
-    import torch
-
-    dtype = torch.float64 if case.loop.dtype_name == "float64" else torch.float32
-    return case.with_(model_dtype=dtype, lora_dtype=None, lora={**case.lora, "dropout": 0.0}, training=True,
+    return case.with_(model_dtype=case.loop.dtype, lora_dtype=None, lora={**case.lora, "dropout": 0.0}, training=True,
                       micro_batches=1, value_grid=None)
 
 
 def reference_training_case(case: Any, reference_impl: str) -> Any:
-    """The reference's side: one device, float64, the whole global batch (the layout's data-parallel
-    replicas, named in the loop), plain torch: no DDP options, no recompute."""
+    """The reference's side: one device, the whole global batch (the layout's data-parallel replicas, named
+    in the loop), plain torch: no DDP options, no recompute; float64, or for a bf16 loop the single-device
+    16-bit run (bf16 parameters, float32 master copies) that ``exact_training_case`` measures."""
     import torch
 
     from harness.layouts import ParallelLayout
@@ -220,10 +240,23 @@ def reference_training_case(case: Any, reference_impl: str) -> Any:
     loop = dataclasses.replace(case.loop, replicas=data_parallel_size(case.layout), distributed_optimizer=False,
                                overlap_grad_reduce=False, grad_reduce_in_fp32=False, bucket_size=None, recompute="none")
     return training_case(case).with_(impl=reference_impl, layout=ParallelLayout(), contract="strict",
-                                     model_dtype=torch.float64, loop=loop)
+                                     model_dtype=torch.bfloat16 if loop.bf16 else torch.float64, loop=loop)
+
+
+def exact_training_case(case: Any, reference_impl: str) -> Any:
+    """For a bf16 loop: the reference's loop in float64 on the bf16 run's exact starting values (weights,
+    inputs and probes rounded to bfloat16: ``value_grid``), what both 16-bit runs' errors are measured
+    against (``harness.compare.compare_low_precision``)."""
+    import torch
+
+    ref = reference_training_case(case, reference_impl)
+    return ref.with_(model_dtype=torch.float64, loop=dataclasses.replace(ref.loop, bf16=False),
+                     value_grid=("bfloat16", "bfloat16"))
 
 
 def row_valid(row: Mapping[str, Any]) -> bool:
-    """Whether a designed row's loop features are a loop megatron-core runs (the distributed optimizer
-    takes Adam only)."""
-    return not (row.get("distributed_optimizer") and row.get("optimizer", "adam") != "adam")
+    """Whether a designed row's loop features are a loop megatron-core runs and the harness judges (the
+    distributed optimizer takes Adam only; bf16 loops train with SGD)."""
+    if row.get("distributed_optimizer") and row.get("optimizer", "adam") != "adam":
+        return False
+    return not (row.get("bf16") and row.get("optimizer", "adam") != "sgd")

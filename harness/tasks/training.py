@@ -17,7 +17,8 @@ mean over the global batch.
 ``reference_training`` trains the reference's model on one device with
 plain torch (``torch.optim.Adam`` / ``SGD``) on the same global batch: every
 replica's micro-batches, each loss divided by replicas, micro-batches and
-tokens. Nothing here is shared between the two loops but the data and the
+tokens; a bf16 loop steps float32 master copies and copies them into the
+bf16 parameters after every step. Nothing here is shared between the two loops but the data and the
 hyperparameters.
 
 After every step each side records the held-out batch's logits and its
@@ -71,7 +72,7 @@ def _ddp_and_optimizer(model: torch.nn.Module, loop: TrainingLoop, dtype: torch.
     opt_config = OptimizerConfig(
         optimizer=loop.optimizer, lr=LR, weight_decay=0.0, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
         adam_eps=ADAM_EPS, sgd_momentum=SGD_MOMENTUM, use_distributed_optimizer=loop.distributed_optimizer,
-        clip_grad=0.0, bf16=False, fp16=False, params_dtype=dtype,
+        clip_grad=0.0, bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype,
     )
     if cpu.is_active():
         cpu.patch_loaded_modules()  # megatron's optimizer and DDP modules, imported just now
@@ -79,6 +80,29 @@ def _ddp_and_optimizer(model: torch.nn.Module, loop: TrainingLoop, dtype: torch.
     with cpu.cuda_tensor_types(), gloo_groups_as_built():
         optimizer = get_megatron_optimizer(opt_config, [ddp])
     return ddp, optimizer
+
+
+def _main_params(optimizer: Any) -> dict[int, torch.Tensor]:
+    """Megatron's mixed-precision optimizer's float32 main parameter of each 16-bit model parameter, keyed
+    by the model parameter's ``data_ptr()`` (``Float16OptimizerWithFloat16Params``, inside a
+    ``ChainedOptimizer`` or not)."""
+    out: dict[int, torch.Tensor] = {}
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        for model_group, main_group in zip(getattr(opt, "float16_groups", []), getattr(opt, "fp32_from_float16_groups", [])):
+            for param, main in zip(model_group, main_group):
+                out[param.data_ptr()] = main
+    return out
+
+
+def _as_main(tensors: dict[str, torch.Tensor], main: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bf16 loop's record: each adapter's float32 main value in place of its bf16 parameter."""
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor.data_ptr() not in main:
+            raise RuntimeError(f"harness: no float32 main parameter for adapter {name} in megatron's optimizer "
+                               f"(optimizer groups hold {len(main)} 16-bit parameters)")
+        out[name] = cpu64(main[tensor.data_ptr()])
+    return out
 
 
 def _base_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -104,9 +128,13 @@ def megatron_training(
     steps: list[TrainingStep] = []
     kind = ""
     error: Optional[str] = None
+    initial: dict[str, torch.Tensor] = {}
     try:
+        if loop.bf16:
+            initial = {n: cpu64(t) for n, t in adapters().items()}
         ddp, optimizer = _ddp_and_optimizer(model, loop, dtype)
         kind = type(optimizer).__name__
+        main = _main_params(optimizer) if loop.bf16 else {}
         for step in range(loop.steps):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
@@ -124,14 +152,15 @@ def megatron_training(
                 raise RuntimeError(f"megatron's optimizer skipped step {step} (found inf/nan in the gradients)")
             with torch.no_grad():
                 logits = cpu64(forward(ddp, heldout))
-            recorded = {n: cpu64(t) for n, t in adapters().items()}
-            own = recorded if raw is None else {n: cpu64(t) for n, t in raw().items()}
+            tensors = adapters()
+            recorded = _as_main(tensors, main) if loop.bf16 else {n: cpu64(t) for n, t in tensors.items()}
+            own = {n: cpu64(t) for n, t in (tensors if raw is None else raw()).items()}
             steps.append(TrainingStep(logits=logits, adapters=recorded,
                                       replicas={keys[n]: t for n, t in own.items() if n in keys}))
     except Exception as exc:  # noqa: BLE001 - the implementation's, reported with the step it reached
         error = f"{type(exc).__name__}: {exc}"
     changed = sorted(n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach()))
-    return TrainingExtras(steps=steps, base_changed=changed, optimizer=kind, error=error)
+    return TrainingExtras(steps=steps, base_changed=changed, optimizer=kind, error=error, initial=initial)
 
 
 def reference_training(
@@ -142,19 +171,34 @@ def reference_training(
     micro-batches (see the module's doc)."""
     replicas = loop.replicas or 1
     params = [p for p in model.parameters() if p.requires_grad]
+    # A bf16 loop keeps float32 master copies: the optimizer steps them, and the model's bf16 parameters
+    # take their rounded values after every step (mixed precision, written here without megatron's code).
+    masters = [p.detach().float() for p in params] if loop.bf16 else params
     if loop.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=LR, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(masters, lr=LR, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
     else:
-        optimizer = torch.optim.SGD(params, lr=LR, momentum=SGD_MOMENTUM, weight_decay=0.0)
+        optimizer = torch.optim.SGD(masters, lr=LR, momentum=SGD_MOMENTUM, weight_decay=0.0)
     steps = []
+    initial = {n: cpu64(t) for n, t in adapters().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    main_of = {names[id(p)]: m for p, m in zip(params, masters)}
     for step in range(loop.steps):
-        optimizer.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         for replica in range(replicas):
             for mb in range(loop.micro_batches):
                 x, probe = batches(step, replica, mb)
                 loss_of(forward(model, x), probe, replicas * loop.micro_batches * tokens).backward()
+        if loop.bf16:
+            for p, master in zip(params, masters):
+                master.grad = None if p.grad is None else p.grad.float()
         optimizer.step()
+        if loop.bf16:
+            with torch.no_grad():
+                for p, master in zip(params, masters):
+                    p.copy_(master)
         with torch.no_grad():
             logits = cpu64(forward(model, heldout))
-        steps.append(TrainingStep(logits=logits, adapters={n: cpu64(t) for n, t in adapters().items()}))
-    return TrainingExtras(steps=steps, optimizer=type(optimizer).__name__)
+        recorded = {n: cpu64(main_of[n] if loop.bf16 else t) for n, t in adapters().items()}
+        steps.append(TrainingStep(logits=logits, adapters=recorded))
+    return TrainingExtras(steps=steps, optimizer=type(optimizer).__name__, initial=initial)

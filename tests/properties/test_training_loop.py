@@ -15,7 +15,7 @@ from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import GPTShape
 from harness.layouts import ParallelLayout
 from harness.results import Verdict
-from harness.training import TrainingLoop, reference_training_case, training_case
+from harness.training import TrainingLoop, exact_training_case, reference_training_case, training_case
 
 DESIGNED_ONLY = settings(max_examples=1, database=None, deadline=None)
 DP2 = ParallelLayout(tp=1, ep=2)  # a dense model at world 2: two data-parallel replicas
@@ -35,6 +35,8 @@ def _case(layout=DP2, **loop):
     (dict(recompute="everything"), "loop.recompute = 'everything': must be one of none, full-uniform"),
     (dict(bucket_size=0), "loop.bucket_size = 0"),
     (dict(overlap_grad_reduce="yes"), "loop.overlap_grad_reduce = 'yes': must be true or false"),
+    (dict(bf16=1), "loop.bf16 = 1: must be true or false"),
+    (dict(bf16=True), "bf16 = true with optimizer = 'adam'"),
 ])
 def test_a_bad_loop_is_one_clear_error_naming_the_field(fields, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -66,6 +68,13 @@ def test_the_sides_train_in_the_dtypes_the_loop_allows():
     assert ref.layout.min_world_size == 1 and ref.model_dtype == torch.float64
     assert ref.loop.replicas == 2 and not ref.loop.distributed_optimizer and ref.loop.recompute == "none"
     assert training_case(_case()).lora["dropout"] == 0.0
+    bf16 = _case(optimizer="sgd", bf16=True, grad_reduce_in_fp32=True)
+    assert training_case(bf16).model_dtype == torch.bfloat16
+    # Judged by the 16-bit rule: the single-device bf16 loop, and float64 on its exact starting values.
+    ref16, exact = reference_training_case(bf16, "lora.reference"), exact_training_case(bf16, "lora.reference")
+    assert ref16.model_dtype == torch.bfloat16 and ref16.loop.bf16 and ref16.value_grid is None
+    assert exact.model_dtype == torch.float64 and not exact.loop.bf16 and exact.value_grid == ("bfloat16", "bfloat16")
+    assert exact.loop.replicas == ref16.loop.replicas == 2
 
 
 def test_megatron_tensor_factories_asked_for_cuda_give_cpu_tensors_only_inside_megatron():
@@ -159,8 +168,41 @@ def test_an_moe_loop_in_float32_is_refused_in_the_parent():
     from harness.families.moe.model import MoEShape
 
     layout = ParallelLayout(tp=1, ep=2)
-    for loop in (TrainingLoop(distributed_optimizer=True), TrainingLoop(grad_reduce_in_fp32=True)):
+    for loop in (TrainingLoop(distributed_optimizer=True), TrainingLoop(grad_reduce_in_fp32=True),
+                 TrainingLoop(optimizer="sgd", bf16=True)):
         case = MoECase(shape=MoEShape(seq_length=8), lora=dict(dim=2, alpha=4), seed=3, layout=layout,
                        model_dtype=torch.float64, loop=loop)
         with pytest.raises(CaseError, match="MoE family trains in float64"):
             case.validate()
+
+
+def _bf16_verdicts(impl, layout):
+    """training_matches on two bf16 loops (megatron's Float16OptimizerWithFloat16Params against the
+    single-device bf16 loop and float64 on the same exact values)."""
+    from harness.properties.training import check_training
+    from harness.runs import Evidence, Executor
+
+    executor = Executor()
+    out = []
+    for loop in (TrainingLoop(steps=2, micro_batches=2, optimizer="sgd", bf16=True),
+                 TrainingLoop(steps=2, micro_batches=2, optimizer="sgd", bf16=True, grad_reduce_in_fp32=True)):
+        case = GPTCase(shape=GPTShape(num_layers=2), lora=dict(dim=4, alpha=8), seed=1, layout=layout, impl=impl,
+                       model_dtype=torch.float32, loop=loop)
+        ev = Evidence(executor, case)
+        out.append((check_training(ev), ev.training[0].extras.optimizer))
+    return out
+
+
+def test_a_bf16_loop_runs_megatrons_mixed_precision_and_judges_the_float32_main_values(max_tp):
+    """bf16 parameters with float32 main parameters in megatron's optimizer: a correct LoRA passes the
+    16-bit rule on what the steps added to the adapters; losing a micro-batch fails it (an SGD step of lr
+    0.01 is below a bf16 weight's last bit, so only the main values show it)."""
+    if max_tp < 2:
+        pytest.skip("needs --tp 2")
+    for check, optimizer in _bf16_verdicts("lora.megatron", ParallelLayout(tp=2)):
+        assert optimizer == "ChainedOptimizer" and check.verdict is Verdict.PASS, [f.message for f in check.findings]
+        assert any(c.stats.baseline_abs is not None for c in check.comparisons)  # the 16-bit rule, not a fixed bound
+    for check, _ in _bf16_verdicts("tests.wrong_impls.ddp_grad_buffer_reset", ParallelLayout(tp=2)):
+        assert check.verdict is Verdict.NUMERIC
+        assert {f.check for f in check.findings} >= {"training_adapters"}
+        assert "16-bit error against float64" in check.findings[0].message

@@ -5,6 +5,8 @@ megatron-core's DDP and optimizer, each data-parallel replica on its own
 data; in a world of size 1 with the reference (the loop names its
 ``replicas``) the reference's model trains with plain torch on the whole
 global batch. Seeded full base and adapter weights (B non-zero) on both sides.
+For a bf16 loop the reference also runs in float64 on the bf16 run's exact
+values (``value_grid``: weights, inputs and probes rounded to bfloat16).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from harness import cpu
 from harness.evidence import Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
+from harness.families.gpt.tasks import _grid, _round_to_grid
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.common import checked_table, setup
 from harness.tasks.training import megatron_training, reference_training, replica_key
@@ -27,16 +30,21 @@ __all__ = ["run_gpt_training_case", "seeded_batches"]
 
 def seeded_batches(case: Any, tp: int, tp_rank: int, logits_shape: tuple[int, ...], device: Any) -> Any:
     """(step, replica, micro-batch) -> (this rank's decoder input, the probe): seeded full tensors, this rank's
-    sequence shard of the input under SP; the same values on every layout."""
+    sequence shard of the input under SP; the same values on every layout, rounded to the case's value grid
+    (``value_grid``: a float64 run on a bf16 run's exact values)."""
+    from harness.cases import parse_dtype
+
     s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
+    grid = None if case.value_grid is None else parse_dtype(case.value_grid[0])
 
     def x_of(name: str) -> torch.Tensor:
-        full = seeded_tensor(case.seed, name, (s, b, h)).to(device=device, dtype=case.model_dtype)
+        full = _grid(seeded_tensor(case.seed, name, (s, b, h)), grid).to(device=device, dtype=case.model_dtype)
         return full.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full
 
     def batches(step: int, replica: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
         tag = f"{step}.{replica}.{mb}"
-        return x_of(f"train.{tag}"), seeded_tensor(case.seed, f"train-probe.{tag}", logits_shape).to(device=device)
+        probe = _grid(seeded_tensor(case.seed, f"train-probe.{tag}", logits_shape), grid)
+        return x_of(f"train.{tag}"), probe.to(device=device)
 
     return batches, x_of("heldout")
 
@@ -62,6 +70,7 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
         lambda: load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
     if broken is not None:
         return broken
+    _round_to_grid(model, table, case)
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
     s, b = case.shape.seq_length, case.shape.micro_batch_size
     ids = torch.zeros(b, s, dtype=torch.long, device=device)
