@@ -240,6 +240,7 @@ def loop_factors(layout: ParallelLayout, family: str = "gpt") -> list[Factor]:
         # Full recompute of the first of two layers stands for both full settings here (uniform over
         # every layer is drawn, and recompute_transparent runs every setting on every example).
         Factor("recompute", ("none", "full-block", "selective"), "activation recompute inside the training loop"),
+        Factor("per_token_loss", (False, True), "megatron's per-token loss: normalised by the global batch's tokens"),
     ]
     # One level where DP=1: the distributed optimizer shards over data-parallel ranks.
     dist = data_parallel_size(layout) > 1 and family not in FLOAT64_ONLY
@@ -257,7 +258,8 @@ def loop_row(case: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     return {"optimizer": loop.get("optimizer", "adam"), "overlap_grad_reduce": bool(loop.get("overlap_grad_reduce")),
             "recompute": loop.get("recompute", "none"),
-            "distributed_optimizer": bool(loop.get("distributed_optimizer")), "bf16": bool(loop.get("bf16"))}
+            "distributed_optimizer": bool(loop.get("distributed_optimizer")), "bf16": bool(loop.get("bf16")),
+            "per_token_loss": bool(loop.get("per_token_loss"))}
 
 
 @dataclass(frozen=True)

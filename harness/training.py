@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 __all__ = ["TrainingLoop", "RECOMPUTE", "OPTIMIZERS", "LR", "ADAM_EPS", "SGD_MOMENTUM", "MAX_STEPS",
-           "MAX_MICRO_BATCHES", "BUCKET_SIZES", "recompute_overrides", "training_loops", "loop_problem", "layout_problem",
+           "MAX_MICRO_BATCHES", "BUCKET_SIZES", "recompute_overrides", "loop_overrides", "training_loops", "loop_problem", "layout_problem",
            "data_parallel_size", "training_case", "reference_training_case", "exact_training_case", "row_valid", "FLOAT64_ONLY"]
 
 #: Recompute settings by name -> megatron TransformerConfig overrides (``selective`` adds the MLP or
@@ -60,6 +60,10 @@ class TrainingLoop:
     #: bf16 parameters and activations with megatron's mixed precision (``OptimizerConfig.bf16``: float32
     #: main parameters in the optimizer, ``Float16OptimizerWithFloat16Params``); SGD only (``loop_problem``).
     bf16: bool = False
+    #: megatron's per-token loss normalisation (``calculate_per_token_loss``): every micro-batch's loss is
+    #: its masked token sum, and ``finalize_model_grads`` divides by the valid tokens of the global batch;
+    #: off, each micro-batch's loss is its mean over its own valid tokens and DDP averages the replicas.
+    per_token_loss: bool = False
     #: Data-parallel replicas of the global batch; None: the layout's (the reference's loop names it).
     replicas: Optional[int] = None
 
@@ -108,6 +112,8 @@ class TrainingLoop:
             parts.append(f"recompute {self.recompute}")
         if self.bf16:
             parts.append("bf16")
+        if self.per_token_loss:
+            parts.append("per-token loss")
         return ", ".join(parts)
 
 
@@ -130,7 +136,7 @@ def loop_problem(data: Any) -> Optional[str]:
         return f"case field loop.micro_batches = {micro!r}: must be an integer from 1 to {MAX_MICRO_BATCHES}"
     if data.get("optimizer", "adam") not in OPTIMIZERS:
         return f"case field loop.optimizer = {data.get('optimizer')!r}: must be one of {', '.join(OPTIMIZERS)}"
-    for flag in ("distributed_optimizer", "overlap_grad_reduce", "grad_reduce_in_fp32", "bf16"):
+    for flag in ("distributed_optimizer", "overlap_grad_reduce", "grad_reduce_in_fp32", "bf16", "per_token_loss"):
         if not isinstance(data.get(flag, False), bool):
             return f"case field loop.{flag} = {data.get(flag)!r}: must be true or false"
     if data.get("distributed_optimizer", False) and data.get("optimizer", "adam") != "adam":
@@ -188,6 +194,11 @@ def recompute_overrides(loop: TrainingLoop, family: str, biased: bool) -> dict[s
     return overrides
 
 
+def loop_overrides(loop: TrainingLoop) -> dict[str, Any]:
+    """megatron TransformerConfig overrides for the loop's loss normalisation (the megatron side only)."""
+    return {"calculate_per_token_loss": True} if loop.per_token_loss else {}
+
+
 def training_loops(layout: Any, row: Optional[Mapping[str, Any]] = None, family: str = "gpt") -> Any:
     """A hypothesis strategy for the loop at ``layout`` (a designed ``row`` fixes its features); float64
     only for the families in ``FLOAT64_ONLY``."""
@@ -216,6 +227,7 @@ def training_loops(layout: Any, row: Optional[Mapping[str, Any]] = None, family:
             bucket_size=draw(st.sampled_from(BUCKET_SIZES)),
             recompute=pick(draw, row, "recompute", st.sampled_from(tuple(RECOMPUTE))),
             bf16=bool(bf16),
+            per_token_loss=pick(draw, row, "per_token_loss", st.booleans()),
         )
 
     return loops()

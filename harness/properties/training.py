@@ -176,7 +176,7 @@ def _applies_replicas(layout: Any, capabilities: Any) -> Any:
     return None
 
 
-_DESIGN = ("optimizer", "distributed_optimizer", "overlap_grad_reduce", "recompute")
+_DESIGN = ("optimizer", "distributed_optimizer", "overlap_grad_reduce", "recompute", "per_token_loss")
 #: bf16 loops exist in the families that train below float64 (harness.training.FLOAT64_ONLY).
 _DENSE_DESIGN = _DESIGN + ("bf16",)
 

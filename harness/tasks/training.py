@@ -39,10 +39,26 @@ from harness.tasks.common import cpu64
 from harness.tasks.recompute import require_grad_fn
 from harness.training import ADAM_BETAS, ADAM_EPS, LR, SGD_MOMENTUM, TrainingLoop
 
-__all__ = ["megatron_training", "reference_training", "replica_key", "loss_of", "Batches"]
+__all__ = ["megatron_training", "reference_training", "replica_key", "loss_of", "Batches", "token_mask", "finalize"]
 
-#: (step, replica, micro-batch) -> (this rank's model input, the probe over the full logits).
-Batches = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
+#: (step, replica, micro-batch) -> (this rank's model input, the probe over the full logits, zero at the
+#: micro-batch's masked tokens, and the number of its valid tokens).
+Batches = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor, int]]
+
+
+def token_mask(seed: int, tag: str, batch: int, seq: int) -> torch.Tensor:
+    """A micro-batch's loss mask, (batch, seq) bool: a seeded quarter to all of its tokens are valid, so
+    replicas and micro-batches hold different numbers of them (a mean over one replica's tokens is then not
+    the global batch's mean: only a loop that normalises as it says matches the reference)."""
+    from harness.sharding import seeded_tensor
+
+    n = batch * seq
+    share = float(seeded_tensor(seed, f"train-mask-share.{tag}", (1,)).abs().clamp(max=3.0)) / 3.0
+    valid = max(1, min(n, round(n * (0.25 + 0.75 * share))))
+    order = seeded_tensor(seed, f"train-mask.{tag}", (n,)).argsort()
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:valid]] = True
+    return keep.view(batch, seq)
 
 
 def loss_of(out: torch.Tensor, probe: torch.Tensor, divisor: int) -> torch.Tensor:
@@ -105,6 +121,15 @@ def _as_main(tensors: dict[str, torch.Tensor], main: dict[int, torch.Tensor]) ->
     return out
 
 
+def finalize(ddp: Any, loop: TrainingLoop, valid: int) -> None:
+    """megatron's ``finalize_model_grads`` after a step's micro-batches; with per-token loss it sums this
+    replica's ``valid`` tokens over the data-parallel group and divides every gradient by that total."""
+    from megatron.core.distributed import finalize_model_grads
+
+    num_tokens = torch.tensor(float(valid), dtype=torch.float64) if loop.per_token_loss else None
+    finalize_model_grads([ddp], num_tokens=num_tokens)
+
+
 def _base_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
@@ -112,7 +137,7 @@ def _base_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def megatron_training(
     model: torch.nn.Module, loop: TrainingLoop, dtype: torch.dtype, replica: int,
     batches: Batches, heldout: torch.Tensor, forward: Callable[[Any, torch.Tensor], torch.Tensor],
-    adapters: Callable[[], dict[str, torch.Tensor]], keys: dict[str, str], tokens: int,
+    adapters: Callable[[], dict[str, torch.Tensor]], keys: dict[str, str],
     raw: Optional[Callable[[], dict[str, torch.Tensor]]] = None,
 ) -> TrainingExtras:
     """The loop under megatron-core's DDP and optimizer on this rank (see the module's doc).
@@ -120,8 +145,6 @@ def megatron_training(
     ``adapters()`` gives what the steps record (a collective for a family that assembles full tensors:
     every rank calls it); ``raw()`` (default ``adapters``) this rank's own tensors by parameter name,
     which ``keys`` map to replica keys, recorded after every step too."""
-    from megatron.core.distributed import finalize_model_grads
-
     from harness import cpu
 
     before = _base_snapshot(model)
@@ -138,14 +161,19 @@ def megatron_training(
         for step in range(loop.steps):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
+            valid = 0
             for mb in range(loop.micro_batches):
-                x, probe = batches(step, replica, mb)
+                x, probe, tokens = batches(step, replica, mb)
+                valid += tokens
                 last = mb == loop.micro_batches - 1
+                # Per-token loss: the masked sum, divided by the global batch's valid tokens in
+                # finalize_model_grads; otherwise the micro-batch's mean, which DDP averages over replicas.
+                divisor = 1 if loop.per_token_loss else loop.micro_batches * tokens
                 with (contextlib.nullcontext() if last else ddp.no_sync()):
                     out = forward(ddp, x)
                     require_grad_fn(out)
-                    loss_of(out, probe, loop.micro_batches * tokens).backward()
-            finalize_model_grads([ddp])
+                    loss_of(out, probe, divisor).backward()
+            finalize(ddp, loop, valid)
             with cpu.cuda_tensor_types():
                 ok, _, _ = optimizer.step()
             if not ok:
@@ -165,7 +193,7 @@ def megatron_training(
 
 def reference_training(
     model: torch.nn.Module, loop: TrainingLoop, batches: Batches, heldout: torch.Tensor,
-    forward: Callable[[Any, torch.Tensor], torch.Tensor], adapters: Callable[[], dict[str, torch.Tensor]], tokens: int,
+    forward: Callable[[Any, torch.Tensor], torch.Tensor], adapters: Callable[[], dict[str, torch.Tensor]],
 ) -> TrainingExtras:
     """The same loop on one device with plain torch over the whole global batch, ``loop.replicas`` replicas'
     micro-batches (see the module's doc)."""
@@ -185,10 +213,21 @@ def reference_training(
     for step in range(loop.steps):
         for p in params:
             p.grad = None
-        for replica in range(replicas):
-            for mb in range(loop.micro_batches):
-                x, probe = batches(step, replica, mb)
-                loss_of(forward(model, x), probe, replicas * loop.micro_batches * tokens).backward()
+        batch = [[batches(step, replica, mb) for mb in range(loop.micro_batches)] for replica in range(replicas)]
+        total = sum(tokens for row in batch for _, _, tokens in row)
+        for row in batch:
+            for x, probe, tokens in row:
+                # Per-token loss: the masked sums, their gradients divided by the global batch's valid tokens
+                # after backward (as megatron does: the model's float32 pieces, such as an MoE router's
+                # probabilities, then round the same gradients); otherwise each micro-batch's mean over its
+                # own tokens, averaged over micro-batches and replicas.
+                divisor = 1 if loop.per_token_loss else replicas * loop.micro_batches * tokens
+                loss_of(forward(model, x), probe, divisor).backward()
+        if loop.per_token_loss:
+            scale = torch.tensor(1.0 / total, dtype=torch.float64)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         if loop.bf16:
             for p, master in zip(params, masters):
                 master.grad = None if p.grad is None else p.grad.float()

@@ -206,3 +206,29 @@ def test_a_bf16_loop_runs_megatrons_mixed_precision_and_judges_the_float32_main_
         assert check.verdict is Verdict.NUMERIC
         assert {f.check for f in check.findings} >= {"training_adapters"}
         assert "16-bit error against float64" in check.findings[0].message
+
+
+def test_replicas_hold_different_numbers_of_valid_tokens():
+    from harness.tasks.training import token_mask
+
+    counts = {int(token_mask(3, f"0.{replica}.{mb}", 2, 8).sum()) for replica in range(2) for mb in range(3)}
+    assert len(counts) > 1 and all(1 <= c <= 16 for c in counts)
+    assert torch.equal(token_mask(3, "0.1.0", 2, 8), token_mask(3, "0.1.0", 2, 8))  # seeded: every rank agrees
+
+
+def test_a_loop_that_normalises_each_replica_by_its_own_tokens_fails_training_matches(_world2):
+    """Per-replica local token normalisation under megatron's per-token loss: the replicas hold different
+    numbers of valid tokens, so the mean of their means is another objective than the global batch's."""
+    from harness.properties.training import check_training
+    from harness.runs import Evidence, Executor
+
+    executor = Executor()
+    loop = TrainingLoop(steps=2, micro_batches=2, optimizer="sgd", per_token_loss=True)
+    case = _case(DP2).with_(loop=loop)
+    assert check_training(Evidence(executor, case)).verdict is Verdict.PASS
+    wrong = Evidence(executor, case)
+    from tests.helpers.local_token_loss import run_local_token_loss
+
+    wrong._runs["training"] = executor.run(training_case(case), run_local_token_loss)
+    check = check_training(wrong)
+    assert check.verdict is Verdict.NUMERIC and {f.check for f in check.findings} >= {"training_adapters"}

@@ -22,14 +22,15 @@ from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gath
 from harness.families.gpt.tasks import _grid, _round_to_grid
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.common import checked_table, setup
-from harness.tasks.training import megatron_training, reference_training, replica_key
-from harness.training import recompute_overrides
+from harness.tasks.training import megatron_training, reference_training, replica_key, token_mask
+from harness.training import loop_overrides, recompute_overrides
 
 __all__ = ["run_gpt_training_case", "seeded_batches"]
 
 
 def seeded_batches(case: Any, tp: int, tp_rank: int, logits_shape: tuple[int, ...], device: Any) -> Any:
-    """(step, replica, micro-batch) -> (this rank's decoder input, the probe): seeded full tensors, this rank's
+    """(step, replica, micro-batch) -> (this rank's decoder input, the probe, zero at masked tokens
+    (``token_mask``), the number of valid tokens): seeded full tensors, this rank's
     sequence shard of the input under SP; the same values on every layout, rounded to the case's value grid
     (``value_grid``: a float64 run on a bf16 run's exact values)."""
     from harness.cases import parse_dtype
@@ -41,10 +42,11 @@ def seeded_batches(case: Any, tp: int, tp_rank: int, logits_shape: tuple[int, ..
         full = _grid(seeded_tensor(case.seed, name, (s, b, h)), grid).to(device=device, dtype=case.model_dtype)
         return full.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full
 
-    def batches(step: int, replica: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batches(step: int, replica: int, mb: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         tag = f"{step}.{replica}.{mb}"
-        probe = _grid(seeded_tensor(case.seed, f"train-probe.{tag}", logits_shape), grid)
-        return x_of(f"train.{tag}"), probe.to(device=device)
+        keep = token_mask(case.seed, tag, b, s)
+        probe = _grid(seeded_tensor(case.seed, f"train-probe.{tag}", logits_shape), grid) * keep.unsqueeze(-1)
+        return x_of(f"train.{tag}"), probe.to(device=device), int(keep.sum())
 
     return batches, x_of("heldout")
 
@@ -59,7 +61,8 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
     is_reference = ctx.world_size == 1 and loop.replicas is not None
     impl, tp, tp_rank = setup(ctx, case)
     device = getattr(ctx, "device", None) or torch.device("cpu")
-    overrides = {} if is_reference else recompute_overrides(loop, "gpt", case.shape.add_bias_linear)
+    overrides = {} if is_reference else {**recompute_overrides(loop, "gpt", case.shape.add_bias_linear),
+                                         **loop_overrides(loop)}
     model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
                       parallel_output=not output_layer_gathers(case.contract), **overrides)
     load_full_base_weights(model, case.seed, tp_rank, tp)
@@ -86,11 +89,11 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
         return {p: model.get_parameter(p).detach() for p in table}
 
     if is_reference:
-        extras = reference_training(model, loop, batches, heldout, forward, adapters, s * b)
+        extras = reference_training(model, loop, batches, heldout, forward, adapters)
     else:
         keys = {p: replica_key(part.module, p, part.dim is not None, tp_rank, tp) for p, part in partitions.items()}
         extras = megatron_training(model, loop, case.model_dtype, parallel_state.get_data_parallel_rank(),
-                                   batches, heldout, forward, adapters, keys, s * b)
+                                   batches, heldout, forward, adapters, keys)
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=parallel_state.get_data_parallel_rank(),
         output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions=partitions, extras=extras,

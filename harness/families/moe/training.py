@@ -23,7 +23,7 @@ from harness.families.moe.tasks import assemble, base_model, full_partitions, lo
 from harness.rules.adapters import moe_adapter_table
 from harness.tasks.common import checked_table
 from harness.tasks.training import megatron_training, reference_training, replica_key
-from harness.training import recompute_overrides
+from harness.training import loop_overrides, recompute_overrides
 
 __all__ = ["run_moe_training_case"]
 
@@ -36,7 +36,8 @@ def run_moe_training_case(ctx: Any, case: MoECase) -> RankRecord:
     if loop is None:
         raise ValueError("a training task needs a case with a loop (harness.training.TrainingLoop)")
     is_reference = ctx.world_size == 1 and loop.replicas is not None
-    overrides = {} if is_reference else recompute_overrides(loop, "moe", case.shape.add_bias_linear)
+    overrides = {} if is_reference else {**recompute_overrides(loop, "moe", case.shape.add_bias_linear),
+                                         **loop_overrides(loop)}
     impl, sizes, model = base_model(ctx, case, **overrides)
     tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
     cpu.manual_seed(case.seed)
@@ -63,13 +64,13 @@ def run_moe_training_case(ctx: Any, case: MoECase) -> RankRecord:
 
     initial = adapters()
     if is_reference:
-        extras = reference_training(model, loop, batches, heldout, forward, adapters, s * b)
+        extras = reference_training(model, loop, batches, heldout, forward, adapters)
     else:
         keys = {p: replica_key(info.module, info.global_name, info.part.dim is not None,
                                *((sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)))
                 for p, info in table.items()}
         extras = megatron_training(model, loop, case.model_dtype, ps.get_data_parallel_rank(), batches, heldout,
-                                   forward, adapters, keys, s * b, raw=raw)
+                                   forward, adapters, keys, raw=raw)
     partitions: dict[str, Partitioned] = full_partitions(table, initial)
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=ps.get_data_parallel_rank(),
