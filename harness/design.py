@@ -246,8 +246,9 @@ def loop_factors(layout: ParallelLayout, family: str = "gpt") -> list[Factor]:
     dist = data_parallel_size(layout) > 1 and family not in FLOAT64_ONLY
     out.append(Factor("distributed_optimizer", (False, True) if dist else (False,),
                       "megatron-core's distributed optimizer (DP > 1)"))
-    if family not in FLOAT64_ONLY:
-        out.append(Factor("bf16", (False, True), "bf16 parameters, megatron's float32 main parameters (SGD)"))
+    # bf16 loops at TP=1 only (harness.training.layout_problem).
+    out.append(Factor("bf16", (False, True) if family not in FLOAT64_ONLY and layout.tp == 1 else (False,),
+                      "bf16 parameters, megatron's float32 main parameters (SGD, TP=1)"))
     return out
 
 

@@ -9,16 +9,20 @@ hyperparameters, no clipping, no weight decay), for each step
 ``zero_grad_buffer``, ``micro_batches`` forward/backward passes (all but the
 last under ``no_sync``, as megatron's schedule does), ``finalize_model_grads``
 and ``optimizer.step()``. Data-parallel replica ``r`` feeds its own seeded
-micro-batches; each micro-batch's loss is a seeded linear functional of the
-logits over its tokens, divided by the micro-batches and tokens of one
-replica (megatron's DDP averages over the replicas), so the step follows the
-mean over the global batch.
+micro-batches, each with its own loss mask (``token_mask``: replicas and
+micro-batches hold different numbers of valid tokens); each micro-batch's
+loss is a seeded linear functional of the logits over its valid tokens,
+divided by them and the micro-batches (megatron's DDP averages over the
+replicas), or, with ``per_token_loss``, the masked sum, every gradient
+divided by the global batch's valid tokens in ``finalize_model_grads``.
+A bf16 loop records the adapters' float32 main values (megatron's
+mixed-precision optimizer's main parameters) and where they started.
 
 ``reference_training`` trains the reference's model on one device with
 plain torch (``torch.optim.Adam`` / ``SGD``) on the same global batch: every
-replica's micro-batches, each loss divided by replicas, micro-batches and
-tokens; a bf16 loop steps float32 master copies and copies them into the
-bf16 parameters after every step. Nothing here is shared between the two loops but the data and the
+replica's micro-batches with the same normalisation; a bf16 loop steps
+float32 master copies and copies them into the bf16 parameters after every
+step. Nothing here is shared between the two loops but the data and the
 hyperparameters.
 
 After every step each side records the held-out batch's logits and its
