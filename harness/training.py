@@ -252,8 +252,8 @@ def training_case(case: Any) -> Any:
 
 def reference_training_case(case: Any, reference_impl: str) -> Any:
     """The reference's side: one device, the whole global batch (the layout's data-parallel replicas, named
-    in the loop), plain torch: no DDP options, no recompute; float64, or for a bf16 loop the single-device
-    16-bit run (bf16 parameters, float32 master copies) that ``exact_training_case`` measures."""
+    in the loop), plain torch: no DDP options, no recompute; in the loop's dtype: float64, or the
+    single-device float32 / bf16 run (bf16: float32 master copies) that ``exact_training_case`` measures."""
     import torch
 
     from harness.layouts import ParallelLayout
@@ -261,18 +261,18 @@ def reference_training_case(case: Any, reference_impl: str) -> Any:
     loop = dataclasses.replace(case.loop, replicas=data_parallel_size(case.layout), distributed_optimizer=False,
                                overlap_grad_reduce=False, grad_reduce_in_fp32=False, bucket_size=None, recompute="none")
     return training_case(case).with_(impl=reference_impl, layout=ParallelLayout(), contract="strict",
-                                     model_dtype=torch.bfloat16 if loop.bf16 else torch.float64, loop=loop)
+                                     model_dtype=case.loop.dtype, loop=loop)
 
 
 def exact_training_case(case: Any, reference_impl: str) -> Any:
-    """For a bf16 loop: the reference's loop in float64 on the bf16 run's exact starting values (weights,
-    inputs and probes rounded to bfloat16: ``value_grid``), what both 16-bit runs' errors are measured
-    against (``harness.compare.compare_low_precision``)."""
+    """For a loop below float64 (float32, bf16): the reference's loop in float64 on that run's exact starting
+    values (weights, inputs and probes rounded to its dtype: ``value_grid``), what the implementation's and the
+    single-device reference's errors are measured against (``harness.compare.compare_low_precision``)."""
     import torch
 
     ref = reference_training_case(case, reference_impl)
-    return ref.with_(model_dtype=torch.float64, loop=dataclasses.replace(ref.loop, bf16=False),
-                     value_grid=("bfloat16", "bfloat16"))
+    grid = case.loop.dtype_name
+    return ref.with_(model_dtype=torch.float64, loop=dataclasses.replace(ref.loop, bf16=False), value_grid=(grid, grid))
 
 
 def row_valid(row: Mapping[str, Any]) -> bool:

@@ -15,8 +15,9 @@ loss is a seeded linear functional of the logits over its valid tokens,
 divided by them and the micro-batches (megatron's DDP averages over the
 replicas), or, with ``per_token_loss``, the masked sum, every gradient
 divided by the global batch's valid tokens in ``finalize_model_grads``.
-A bf16 loop records the adapters' float32 main values (megatron's
-mixed-precision optimizer's main parameters) and where they started.
+A loop below float64 records where the adapters started; a bf16 loop
+records their float32 main values (megatron's mixed-precision optimizer's
+main parameters) after every step.
 
 ``reference_training`` trains the reference's model on one device with
 plain torch (``torch.optim.Adam`` / ``SGD``) on the same global batch: every
@@ -157,7 +158,7 @@ def megatron_training(
     error: Optional[str] = None
     initial: dict[str, torch.Tensor] = {}
     try:
-        if loop.bf16:
+        if loop.dtype_name != "float64":
             initial = {n: cpu64(t) for n, t in adapters().items()}
         ddp, optimizer = _ddp_and_optimizer(model, loop, dtype)
         kind = type(optimizer).__name__

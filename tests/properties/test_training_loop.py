@@ -73,8 +73,12 @@ def test_the_sides_train_in_the_dtypes_the_loop_allows():
     assert training_case(adam).model_dtype == torch.float32  # megatron's distributed optimizer: 32/16-bit only
     assert training_case(_case()).model_dtype == torch.float64
     ref = reference_training_case(adam, "lora.reference")
-    assert ref.layout.min_world_size == 1 and ref.model_dtype == torch.float64
+    # A float32 loop is judged by the 16-bit rule: the single-device loop in float32, float64 on its values.
+    assert ref.layout.min_world_size == 1 and ref.model_dtype == torch.float32
     assert ref.loop.replicas == 2 and not ref.loop.distributed_optimizer and ref.loop.recompute == "none"
+    exact32 = exact_training_case(adam, "lora.reference")
+    assert exact32.model_dtype == torch.float64 and exact32.value_grid == ("float32", "float32")
+    assert reference_training_case(_case(), "lora.reference").model_dtype == torch.float64
     assert training_case(_case()).lora["dropout"] == 0.0
     bf16 = _case(optimizer="sgd", bf16=True, grad_reduce_in_fp32=True)
     assert training_case(bf16).model_dtype == torch.bfloat16
