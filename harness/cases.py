@@ -51,7 +51,7 @@ def parse_dtype(value: Any) -> Optional[torch.dtype]:
 
 #: Top-level fields of a case's JSON (``to_json``); the first five are required.
 CASE_FIELDS = ("family", "shape", "lora", "seed", "layout", "impl", "training", "model_dtype", "lora_dtype",
-               "contract", "micro_batches", "value_grid", "loop")
+               "contract", "micro_batches", "value_grid", "loop", "load_layout")
 _REQUIRED_FIELDS = CASE_FIELDS[:5]
 #: Seeds are 0 <= seed < 2**32 (what hypothesis draws is far below; torch and megatron accept these).
 _SEED_LIMIT = 2**32
@@ -199,6 +199,16 @@ def check_case_json(data: Any) -> None:
         from harness.training import loop_problem
 
         problems.append(loop_problem(data["loop"]))
+    load = data.get("load_layout")
+    if load is not None:
+        rule = f"case field load_layout = {load!r}: must be null or a layout name such as 'tp2-ep1'"
+        if not isinstance(load, str):
+            problems.append(rule)
+        else:
+            try:
+                ParallelLayout.parse(load)
+            except ValueError as exc:
+                problems.append(f"{rule} ({exc})")
     problems = [p for p in problems if p]
     if problems:
         raise ValueError(problems[0])

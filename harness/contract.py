@@ -195,7 +195,8 @@ def contract_point(key: str) -> ContractPoint:
 
 
 _DTYPE_NAMES = (None, "float32", "float64", "bfloat16", "float16")
-_FLAGS = ("experts", "grouped_experts", "sequence_parallel", "a2a", "vlm", "merge", "adapter_switch", "recompute")
+_FLAGS = ("experts", "grouped_experts", "sequence_parallel", "a2a", "vlm", "merge", "adapter_switch", "recompute",
+          "checkpoint")
 
 
 def _names_problem(value: Any, allowed: tuple, what: str) -> Optional[str]:
@@ -245,6 +246,7 @@ class Capabilities:
     merge: bool = True
     adapter_switch: bool = True
     recompute: bool = True
+    checkpoint: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -321,6 +323,7 @@ class Capabilities:
             ("merge", "LoRAMerge"),
             ("adapter_switch", "switching adapters off (enable_adapter_layers / disable_adapter_layers / disable_adapter)"),
             ("recompute", "training under megatron-core's activation recompute"),
+            ("checkpoint", "adapter checkpoints (set_params_to_save / adapter_key_filter / sharded_state_dict)"),
         ):
             if not getattr(self, flag):
                 out.append(f"{what} (not supported)")

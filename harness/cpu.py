@@ -53,6 +53,8 @@ __all__ = [
     "suspend_override",
     "MOE_OVERRIDES",
     "cuda_tensor_types",
+    "prepare_checkpointing",
+    "CHECKPOINT_MODULES",
 ]
 
 # Megatron modules that use CUDA-only calls on paths the harness exercises.
@@ -575,3 +577,38 @@ def cuda_tensor_types() -> Iterator[None]:
             yield
         finally:
             torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+#: megatron-core's distributed-checkpoint modules, imported (and so patched) by ``prepare_checkpointing``.
+CHECKPOINT_MODULES = (
+    "megatron.core.dist_checkpointing.serialization",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+)
+
+
+def prepare_checkpointing() -> None:
+    """Make megatron-core's ``dist_checkpointing.save`` / ``load`` run in a CPU rank process.
+
+    Its modules call ``torch.cuda.synchronize`` and ``torch.cuda.current_device`` on the save path:
+    imported here, they get the CPU stand-ins like every megatron module (in CPU mode). And its
+    file writer asks a ``multiprocessing`` Manager for the queue its writer threads report to; a
+    Manager is a child process, which a daemon (a rank of the harness's pools, so that none outlives
+    its owner) may not start. A synchronous save only puts into that queue from threads of the same
+    process, so inside a daemon a thread-safe ``queue.Queue`` stands in for it.
+    """
+    import importlib
+    import multiprocessing
+    import queue
+
+    for name in CHECKPOINT_MODULES:
+        importlib.import_module(name)
+    if is_active():
+        patch_loaded_modules()
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if multiprocessing.current_process().daemon and not getattr(filesystem_async, "_harness_queue", False):
+        filesystem_async.get_write_results_queue = lambda mp_mode="spawn": queue.Queue()
+        filesystem_async._harness_queue = True

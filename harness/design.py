@@ -53,7 +53,7 @@ from harness.contract import Capabilities
 from harness.layouts import ParallelLayout
 
 __all__ = ["Factor", "factors", "designed_rows", "row_of_case", "common_row", "training_row", "targets_for", "init_levels",
-           "Coverage", "coverage_of", "coverage_lines", "GROUPS_DOC", "DROPOUT_P", "loop_factors", "loop_row"]
+           "Coverage", "coverage_of", "coverage_lines", "GROUPS_DOC", "DROPOUT_P", "loop_factors", "loop_row", "checkpoint_row"]
 
 #: Dropout probability of a designed row with dropout on: the largest drawn,
 #: so that the dropout checks decide (``harness.properties.dropout_spec``).
@@ -119,6 +119,9 @@ def _design(family: str, layout: ParallelLayout, caps: Capabilities,
     # The training loop's features join only the designs of the properties that read them: the loop
     # does not change what the other properties run, and its product would multiply theirs.
     fs += tuple(f for f in loop_factors(layout, family) if f.name in only)
+    from harness.checkpoint import checkpoint_factors
+
+    fs += tuple(f for f in checkpoint_factors(layout, family) if f.name in only)
     # Every feature the family has at some layout (a2a only under sequence parallelism).
     known = {f.name for f in factors(family, ParallelLayout(tp=2, sp=True), Capabilities())} | {f.name for f in fs}
     unknown = sorted(set(only) - known)
@@ -263,6 +266,11 @@ def loop_row(case: Mapping[str, Any]) -> dict[str, Any]:
             "per_token_loss": bool(loop.get("per_token_loss"))}
 
 
+def checkpoint_row(case: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint feature of a case (its JSON form): where it is loaded; none when not drawn."""
+    return {"load_layout": case["load_layout"]} if case.get("load_layout") else {}
+
+
 @dataclass(frozen=True)
 class Coverage:
     """What the examples that ran at one family and layout exercised, against the design."""
@@ -277,6 +285,8 @@ class Coverage:
     missing: tuple[str, ...]             # feature values of the design no example ran
     #: The training loops the examples ran (harness.training): field -> the values seen.
     loops: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: The layouts checkpoints saved here were loaded at (harness.checkpoint).
+    loads: tuple[str, ...] = ()
 
     def line(self) -> str:
         head = (f"{self.family} {self.layout}: designed {self.designed_run}/{self.designed} examples ran, "
@@ -287,7 +297,8 @@ class Coverage:
         if self.loops:
             loops = "; training loops: " + "; ".join(
                 f"{name} {'/'.join(_show(v) for v in vals)}" for name, vals in self.loops.items())
-        return f"{head}: {paths}{tail}{loops}"
+        loads = f"; checkpoints loaded at {'/'.join(self.loads)}" if self.loads else ""
+        return f"{head}: {paths}{tail}{loops}{loads}"
 
 
 def _show(value: Any) -> str:
@@ -318,8 +329,9 @@ def coverage_of(family: str, layout: ParallelLayout, caps: Optional[Capabilities
         values = {loop.get(name) for loop in loops}
         if values:
             seen_loops[name] = tuple(sorted(values, key=repr))
+    loads = tuple(sorted({str(c["load_layout"]) for c in cases if c.get("load_layout")}))
     return Coverage(family, layout.describe(), len(design), designed_run, len(wanted), len(wanted & got), levels, missing,
-                    seen_loops)
+                    seen_loops, loads)
 
 
 def _combos(family: str, fs: tuple[Factor, ...], rows: Iterable[Mapping[str, Any]]) -> set[tuple]:

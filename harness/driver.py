@@ -328,6 +328,8 @@ def check_property(
     ended = False
     # Properties that train through the training loop draw one with each example (harness.training).
     reads_loop = bool({"training", "training_reference"} & set(prop.needs))
+    # The checkpoint property draws the layout it loads at (harness.checkpoint).
+    reads_load = "checkpoint_load" in prop.needs
     if designed and prop.designed:
         # Each designed row is a one-example search over a strategy with the
         # row's features fixed: hypothesis's first example is the row's
@@ -337,11 +339,11 @@ def check_property(
         only = (prop.design_factors or {}).get(family)
         for i, row in enumerate(designed_rows(family, layout, caps, only=only)):
             outcome.designed += 1
-            if search(cases_for(family, layout, impl, caps, row=row, loop=reads_loop), one, 0, f"{digest}|designed{i}", "designed"):
+            if search(cases_for(family, layout, impl, caps, row=row, loop=reads_loop, checkpoint=reads_load), one, 0, f"{digest}|designed{i}", "designed"):
                 ended = True
                 break
     if not ended and run_settings.max_examples > 0:
-        ended = search(cases_for(family, layout, impl, caps, loop=reads_loop), run_settings, seed, digest, "drawn")
+        ended = search(cases_for(family, layout, impl, caps, loop=reads_loop, checkpoint=reads_load), run_settings, seed, digest, "drawn")
     if not ended:
         _conclude_without_failure(outcome, harness_defects)
     outcome.seconds = time.monotonic() - started

@@ -38,7 +38,7 @@ from harness.results import Finding
 __all__ = [
     "DropoutStats", "ModuleMerge", "ModelFold", "MergeEvidence", "ForwardExtras", "DenseExtras", "MoEExtras",
     "VLMBase", "VLMCombo", "VLMExtras", "ZeroForward", "InitExtras", "SwitchExtras", "RecomputeRun", "RecomputeExtras",
-    "TrainingStep", "TrainingExtras", "RankExtras", "EXTRAS_TYPES",
+    "TrainingStep", "TrainingExtras", "CheckpointExtras", "RankExtras", "EXTRAS_TYPES",
     "evidence_path", "evidence_field", "Partitioned", "RankRecord", "ErrorRecord",
 ]
 
@@ -241,9 +241,28 @@ class TrainingExtras:
     initial: dict[str, Any] = field(default_factory=dict)
 
 
-RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras, TrainingExtras]
+@dataclass(frozen=True)
+class CheckpointExtras:
+    """One side of the checkpoint task (harness.tasks.checkpoint): the held-out logits and this rank's adapter
+    tensors (as ``RankRecord.partitions`` describes them) after saving (trained one step) or after loading."""
+
+    logits: Any = None                                     # the held-out batch's full logits (float64 CPU)
+    adapters: dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None       # "<step>: <Type>: <message>" where the implementation or megatron raised
+    missing: tuple[str, ...] = ()     # checkpoint methods the LoRA object or the model lack (nothing ran then)
+    #: Save side, rank 0: every key of the saved checkpoint -> its global shape (megatron's metadata).
+    saved: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Save side: the logits of a fresh model at the same layout after ``load_state_dict(state_dict())``.
+    plain_logits: Any = None
+    #: Load side: adapter parameters no loaded entry reached, and loaded entries the model did not take.
+    not_loaded: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+
+
+RankExtras = Union[DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras, TrainingExtras,
+                   CheckpointExtras]
 EXTRAS_TYPES: tuple[type, ...] = (DenseExtras, MoEExtras, VLMExtras, InitExtras, SwitchExtras, RecomputeExtras,
-                                  TrainingExtras)
+                                  TrainingExtras, CheckpointExtras)
 
 _PREFIX = "extras."
 

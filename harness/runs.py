@@ -10,6 +10,7 @@ property declares the runs it ``needs`` and reads them from here.
 from __future__ import annotations
 
 import collections
+import os
 from typing import Any, Callable, Optional
 
 from harness.layouts import ParallelLayout
@@ -35,6 +36,10 @@ RUN_KINDS = {
                 "case's layout, each data-parallel replica on its own data (the family's training_task; harness.tasks.training)",
     "training_reference": "the reference trained for the same loop with plain torch on the whole global batch, world size 1",
     "training_exact": "for a bf16 loop: the reference's loop in float64 on the bf16 run's exact starting values, world size 1",
+    "checkpoint_save": "the implementation under test trained one step at the case's layout, its adapters saved with "
+                       "megatron-core's dist_checkpointing (the family's checkpoint_save_task; harness.tasks.checkpoint)",
+    "checkpoint_load": "the implementation under test's fresh model at the case's load layout, the checkpoint loaded "
+                       "(the family's checkpoint_load_task); made after checkpoint_save, which it reads",
     "init": "the implementation under test's initial adapters on a larger one-layer model at the case's layout (the family's init_task; harness.tasks.init)",
 }
 
@@ -43,7 +48,7 @@ _POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.families.g
                  "harness.families.moe.tasks", "harness.families.moe.init", "harness.families.vlm.tasks",
                  "harness.families.gpt.switch", "harness.families.moe.switch", "harness.families.gpt.recompute",
                  "harness.families.moe.recompute", "harness.families.gpt.training",
-                 "harness.families.moe.training")
+                 "harness.families.moe.training", "harness.families.gpt.checkpoint")
 
 
 class Executor:
@@ -221,6 +226,32 @@ class Evidence:
         key = ("training_exact", self.executor.reference_impl, ref.reference_key(), repr(ref.loop))
         return self.executor.cached(key, lambda: self.executor.run(ref, task)[0])
 
+    def _make_checkpoint_save(self) -> tuple[Any, dict[int, str]]:
+        from harness.checkpoint import checkpoint_case
+
+        task = _task(self.case.family, "checkpoint_save_task")
+        case = checkpoint_case(self.case)
+        return self.executor.cached(("checkpoint_save", repr(case)), lambda: self.executor.run(case, task))
+
+    def _make_checkpoint_load(self) -> tuple[Any, dict[int, str]]:
+        import shutil
+
+        from harness.checkpoint import checkpoint_case, checkpoint_dir
+
+        saved = checkpoint_case(self.case)
+        case = saved.with_(layout=saved.load_layout, load_layout=saved.layout)
+        task = _task(self.case.family, "checkpoint_load_task")
+
+        def load() -> Any:
+            self.get("checkpoint_save")  # the save side writes what this run reads
+            try:
+                return self.executor.run(case, task)
+            finally:
+                # The pools' owner is this process: the directory the ranks wrote (harness.checkpoint).
+                shutil.rmtree(checkpoint_dir(os.getpid(), saved), ignore_errors=True)
+
+        return self.executor.cached(("checkpoint_load", repr(case)), load)
+
     # Shorthands the property modules read.
     @property
     def impl(self) -> list[Any]:
@@ -269,3 +300,11 @@ class Evidence:
     @property
     def training_exact(self) -> Any:
         return self.get("training_exact")
+
+    @property
+    def checkpoint_save(self) -> list[Any]:
+        return self.get("checkpoint_save")
+
+    @property
+    def checkpoint_load(self) -> list[Any]:
+        return self.get("checkpoint_load")

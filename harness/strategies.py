@@ -93,17 +93,23 @@ def lora_configs(draw: Any, tp: int = 1, capabilities: Optional[Capabilities] = 
 
 
 def cases_for(family: str, layout: ParallelLayout, impl: str, capabilities: Optional[Capabilities] = None,
-              row: Optional[dict[str, Any]] = None, loop: bool = False) -> st.SearchStrategy[Any]:
+              row: Optional[dict[str, Any]] = None, loop: bool = False, checkpoint: bool = False) -> st.SearchStrategy[Any]:
     """The case strategy of a model family (its ``Family.strategy``); with a designed ``row``
     (``harness.design``), its features fixed. ``loop``: also draw a training loop
     (``harness.training``), after everything else, for the properties that read one: the other
     features keep their draws, so every property at a layout still draws the same examples, and the
-    properties that read no loop neither carry nor shrink one."""
+    properties that read no loop neither carry nor shrink one. ``checkpoint``: also draw the layout the
+    checkpoint property loads at (``harness.checkpoint``), the same way."""
     from harness.families import get_family
 
     cases = get_family(family).strategy(layout, impl, capabilities, row)
-    if not loop:
-        return cases
-    from harness.training import training_loops
+    if loop:
+        from harness.training import training_loops
 
-    return st.tuples(cases, training_loops(layout, row, family)).map(lambda pair: pair[0].with_(loop=pair[1]))
+        cases = st.tuples(cases, training_loops(layout, row, family)).map(lambda pair: pair[0].with_(loop=pair[1]))
+    if checkpoint:
+        from harness.checkpoint import load_layout_strategy
+
+        cases = st.tuples(cases, load_layout_strategy(family, layout, row)).map(
+            lambda pair: pair[0].with_(load_layout=pair[1]))
+    return cases

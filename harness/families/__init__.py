@@ -62,7 +62,7 @@ class FamilyDesign:
 
 #: Family fields that may be a "module:name" string, imported on first access.
 LAZY_FIELDS = frozenset({"case_type", "shape_type", "strategy", "task", "builder", "design", "error_task", "init_task",
-                         "switch_task", "recompute_task", "training_task"})
+                         "switch_task", "recompute_task", "training_task", "checkpoint_save_task", "checkpoint_load_task"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,6 +103,9 @@ class Family:
     recompute_task: Optional[Callable[..., Any]] = None
     #: The training-loop task (``harness.tasks.training``): ``training_task(ctx, case) -> RankRecord``.
     training_task: Optional[Callable[..., Any]] = None
+    #: The checkpoint tasks (``harness.tasks.checkpoint``): save at the case's layout, load at its load layout.
+    checkpoint_save_task: Optional[Callable[..., Any]] = None
+    checkpoint_load_task: Optional[Callable[..., Any]] = None
     #: ``requires(capabilities)`` -> why an implementation cannot run this family, or None.
     requires: Callable[[Any], Optional[str]] = lambda caps: None
     #: Properties written for other families that this one runs too (its evidence supports them),

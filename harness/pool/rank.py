@@ -72,6 +72,7 @@ class RankContext:
     device: Any = None  # torch.device the rank computes on
     store: Any = None  # the TCPStore client of this world
     tasks_run: int = 0  # tasks started in this process before the current one
+    owner_pid: int = 0  # the process that owns this pool (what a task may name files it shares with it by)
 
 
 @dataclasses.dataclass
@@ -246,6 +247,7 @@ def rank_main(spec: RankSpec, conn) -> None:
             pid=os.getpid(),
             device=device,
             store=store,
+            owner_pid=spec.owner_pid,
         )
         if spec.initializer:
             resolve(spec.initializer)(ctx)

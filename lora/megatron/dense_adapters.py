@@ -296,6 +296,30 @@ class ParallelLinearAdapter(nn.Module):
             out = _ShareOfReplicated.apply(out, self.tp_size)
         return out
 
+    # -- checkpointing -------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict[str, Any]:
+        """A and B as megatron-core's linears shard them over TP (each piece at its offset in the full,
+        layout-independent tensor, replicas across data parallelism marked), B of a gated ``linear_fc1``
+        through megatron's SwiGLU factory: each rank holds its gate slice then its up slice, which are two
+        separate ranges of the full tensor. One entry per layer, keyed by the global layer number
+        (``per_layer_entry``)."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        entry, sharded_offsets = per_layer_entry(prefix, sharded_offsets)
+        out = dict(self.linear_in.sharded_state_dict(f"{entry}linear_in.", sharded_offsets, metadata))
+        b = dict(self.linear_out.sharded_state_dict(f"{entry}linear_out.", sharded_offsets, metadata))
+        if self.gated and self.kind == "column":
+            key = f"{entry}linear_out.weight"
+            b[key] = apply_swiglu_sharded_factory(
+                b[key], sharded_offsets, metadata.get("singleton_local_shards", False), tp_group=self.tp_group,
+                dp_group=metadata["dp_cp_group"])
+        out.update(b)
+        # The entries' own keys carry the layer; the dict keeps the module's state-dict names (what
+        # load_state_dict matches what a load returns by).
+        return {prefix + k[len(entry):]: v for k, v in out.items()}
+
     # -- sequence parallelism ---------------------------------------------
     def _gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """(s/t, b, in) -> (s, b, in); backward: reduce-scatter of A's partial input gradients."""
@@ -335,6 +359,28 @@ class _ShareOfReplicated(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         return grad, None
+
+
+def per_layer_entry(prefix: str, sharded_offsets: tuple) -> tuple[str, tuple]:
+    """An adapter's checkpoint entries inside a megatron TransformerBlock, one per layer.
+
+    The block saves each parameter of its layers as one entry stacked along a leading layer axis (the
+    layer's global number is the offset it passes down, and it rewrites ``decoder.layers.<i>.`` to
+    ``decoder.layers.``). Every layer must then hold the parameter, which an adapter of only some layers
+    (``*.layers.0.*.linear_qkv``) does not: megatron refuses such a checkpoint as incomplete. So an
+    adapter folds the layer axis into its key instead: the key gets the global layer number after the
+    block's prefix (``decoder.layers.<i>.<g>.x``, which the block's rewrite turns into
+    ``decoder.layers.<g>.x``) and the layer offset is dropped. Outside a block, unchanged."""
+    import re
+
+    if len(sharded_offsets) != 1:
+        return prefix, sharded_offsets
+    found = list(re.finditer(r"(?:^|\.)layers\.\d+\.", prefix))
+    if not found:
+        return prefix, sharded_offsets
+    end = found[-1].end()
+    layer = int(sharded_offsets[0][1])
+    return f"{prefix[:end]}{layer}.{prefix[end:]}", ()
 
 
 class ParallelLoRALinear(AdapterWrapper):

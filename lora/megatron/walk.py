@@ -167,6 +167,25 @@ class LoRABase(LoRAFields):
             return type(model)(result)
         return result[0]
 
+    # ------------------------------------------------------ checkpointing
+    def set_params_to_save(self, model: Any) -> None:
+        """Remember what an adapter checkpoint holds: every trainable parameter's name (the adapters, and
+        whatever a VLM variant left unfrozen) and the buffers of modules that track running statistics."""
+        names: set[str] = set()
+        for chunk in _unwrapped(model):
+            names.update(n for n, p in chunk.named_parameters() if p.requires_grad)
+            for module_name, module in chunk.named_modules():
+                if hasattr(module, "track_running_stats"):
+                    names.update(f"{module_name}.{b}" if module_name else b for b, _ in module.named_buffers())
+        self.params_to_save = names
+
+    def adapter_key_filter(self, key: Any) -> bool:
+        """Whether a state-dict key belongs in an adapter checkpoint: a name ``set_params_to_save`` kept, or
+        an adapter's (``.adapter.`` in it); a ``(name, tensor)`` pair by whether the tensor trains."""
+        if isinstance(key, tuple):
+            return bool(key[1].requires_grad)
+        return key in getattr(self, "params_to_save", set()) or ".adapter." in key or key.endswith(".adapters")
+
     # ------------------------------------------------------ switching off
     def enable_adapter_layers(self, model: Any) -> None:
         """Every adapter of `model` (module, list of chunks, or a DDP wrapper) on: base + adapter."""
@@ -188,11 +207,15 @@ class LoRABase(LoRAFields):
             self.enable_adapter_layers(model)
 
 
-def _wrappers(model: Any) -> list[Any]:
+def _unwrapped(model: Any) -> list[Any]:
     chunks = []
     for chunk in model_chunks(model):
         # torch's and megatron-core's DistributedDataParallel keep the model in `.module`.
         while type(chunk).__name__.endswith("DistributedDataParallel") and isinstance(getattr(chunk, "module", None), nn.Module):
             chunk = chunk.module
         chunks.append(chunk)
-    return [m for chunk in chunks for m in chunk.modules() if is_adapter_wrapper(m)]
+    return chunks
+
+
+def _wrappers(model: Any) -> list[Any]:
+    return [m for chunk in _unwrapped(model) for m in chunk.modules() if is_adapter_wrapper(m)]

@@ -69,6 +69,20 @@ class AdapterWrapper(nn.Module):
             return self.to_wrap(x, *args, **kwargs)
         return add_to_base_output(self.to_wrap(x, *args, **kwargs), self.adapter(x))
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict[str, Any]:
+        """megatron-core's distributed-checkpoint view: the base layer's tensors under the keys it has
+        unwrapped (``prefix``; so a parent that rewrites its child's keys, as a gated MLP does for
+        ``linear_fc1.weight``, still finds them, and a base checkpoint loads into an adapted model), the
+        adapter's under ``prefix + "adapter."``: an adapter tensor's key is its parameter name.
+
+        Defined here because attribute lookup falls through to the base layer: without it, megatron would
+        call the base's ``sharded_state_dict`` and the adapter would never reach a checkpoint."""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out = dict(sharded_state_dict_default(self.to_wrap, prefix, sharded_offsets, metadata))
+        out.update(sharded_state_dict_default(self.adapter, f"{prefix}adapter.", sharded_offsets, metadata))
+        return out
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

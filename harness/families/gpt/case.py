@@ -43,6 +43,8 @@ class GPTCase:
     value_grid: Optional[tuple[str, str]] = None
     #: How the training properties train this example (``harness.training``); None: not drawn.
     loop: Optional[TrainingLoop] = None
+    #: Where the checkpoint property loads what it saved at ``layout`` (``harness.checkpoint``); None: not drawn.
+    load_layout: Optional[ParallelLayout] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, ParallelLayout):
@@ -62,6 +64,8 @@ class GPTCase:
             object.__setattr__(self, "value_grid", tuple(dtype_name(parse_dtype(n)) for n in grid))
         if self.loop is not None and not isinstance(self.loop, TrainingLoop):
             raise TypeError(f"GPTCase.loop must be a harness.training.TrainingLoop or None, got {self.loop!r}")
+        if self.load_layout is not None and not isinstance(self.load_layout, ParallelLayout):
+            raise TypeError(f"GPTCase.load_layout must be a ParallelLayout or None, got {self.load_layout!r}")
 
     def with_(self, **changes: Any) -> "GPTCase":
         return replace(self, **changes)
@@ -87,6 +91,12 @@ class GPTCase:
             problem = layout_problem(self.loop, self.layout, self.family)
             if problem:
                 raise CaseError(f"{self.family} case: {problem}")
+        if self.load_layout is not None:
+            # The model must fit the layout it is loaded at as well (the same rules, at that layout).
+            try:
+                self.with_(layout=self.load_layout, load_layout=None, loop=None).validate()
+            except CaseError as exc:
+                raise CaseError(f"{self.family} case: load_layout {self.load_layout}: {exc}") from None
 
     def _check_shape(self) -> None:
         self.shape.check(self.layout.tp)
@@ -132,6 +142,8 @@ class GPTCase:
         }
         if self.loop is not None:
             out["loop"] = self.loop.to_json()
+        if self.load_layout is not None:
+            out["load_layout"] = self.load_layout.describe()
         return out
 
     @classmethod
@@ -149,6 +161,7 @@ class GPTCase:
             micro_batches=int(data.get("micro_batches", 1)),
             value_grid=None if data.get("value_grid") is None else tuple(data["value_grid"]),
             loop=None if data.get("loop") is None else TrainingLoop.from_json(data["loop"]),
+            load_layout=None if data.get("load_layout") is None else ParallelLayout.parse(data["load_layout"]),
         )
 
     def describe(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from harness.contract import DEFAULT_TARGET_MODULES, Capabilities
-from harness.design import DROPOUT_P, GROUPS_DOC, Factor, common_row, init_levels, loop_row, training_row
+from harness.design import DROPOUT_P, GROUPS_DOC, Factor, checkpoint_row, common_row, init_levels, loop_row, training_row
 from harness.families import FamilyDesign
 from harness.layouts import ParallelLayout
 
@@ -56,7 +56,7 @@ def row_of_case(case: Mapping[str, Any]) -> dict[str, Any]:
     out["micro_batches"] = int(case.get("micro_batches", 1) or 1)
     out["model_dtype"] = case.get("model_dtype", "float32")
     out["a2a"] = bool(lora.get("a2a_experimental", False))
-    return out | loop_row(case)
+    return out | loop_row(case) | checkpoint_row(case)
 
 
 DESIGN = FamilyDesign(factors=factors, row_of_case=row_of_case, targets=TARGETS, valid=valid)

@@ -1,0 +1,85 @@
+"""Where the checkpoint property loads what it saved (harness/SPEC.md, "Adapter checkpoints").
+
+An example of ``checkpoint_roundtrip`` saves the adapters at its layout X and loads them at
+``case.load_layout`` Y. Y is drawn from ``load_layouts(family, X)``: X itself, and of the family's
+layouts whose world fits in X's (so a run never starts a world larger than the layouts it already runs),
+the first with another TP size and the first with the same TP size and another data-parallel size or
+sequence parallelism; so from X = tp2 it reaches tp1 and tp2-sp, from tp1-ep2 (data parallelism 2) tp2
+and tp1. Y is part of the case's JSON, so it shrinks, is stored and replays with the rest.
+
+``checkpoint_dir`` names the directory both sides of one example use: the save task writes it, the
+load task reads it, the parent removes it after the load (``harness.runs``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Any, Mapping, Optional
+
+__all__ = ["load_layouts", "checkpoint_factors", "checkpoint_dir", "load_layout_strategy", "saved_case", "checkpoint_case"]
+
+
+#: Load layouts per saved layout: itself, one with another TP size, one with the same TP and another
+#: data-parallel size (or sequence parallelism toggled): each a different resharding of the adapters.
+MAX_LOAD_LAYOUTS = 3
+
+
+def load_layouts(family: str, layout: Any) -> list[Any]:
+    """The layouts an example saved at ``layout`` may be loaded at, ``layout`` first: of the family's layouts
+    whose world fits in ``layout``'s, the first with another TP size and the first with the same TP size."""
+    from harness.families import get_family
+
+    world = layout.min_world_size
+    found = [y for y in get_family(family).layouts(max(layout.tp, 2), max(layout.ep, 2))
+             if y != layout and y.min_world_size <= world]
+    other_tp = [y for y in found if y.tp != layout.tp]
+    same_tp = [y for y in found if y.tp == layout.tp]
+    return ([layout] + other_tp[:1] + same_tp[:1])[:MAX_LOAD_LAYOUTS]
+
+
+def checkpoint_factors(layout: Any, family: str) -> list[Any]:
+    """The designed feature of the checkpoint property: the load layout, each candidate at least once."""
+    from harness.design import Factor
+
+    names = tuple(y.describe() for y in load_layouts(family, layout))
+    return [Factor("load_layout", names, "the layout the saved adapters are loaded at")]
+
+
+def load_layout_strategy(family: str, layout: Any, row: Optional[Mapping[str, Any]] = None) -> Any:
+    """A hypothesis strategy of load layouts (a designed ``row`` fixes it)."""
+    from hypothesis import strategies as st
+
+    from harness.layouts import ParallelLayout
+    from harness.strategies import pick
+
+    names = [y.describe() for y in load_layouts(family, layout)]
+
+    @st.composite
+    def draw_layout(draw: Any) -> Any:
+        return ParallelLayout.parse(pick(draw, row, "load_layout", st.sampled_from(names)))
+
+    return draw_layout()
+
+
+def saved_case(case: Any) -> Any:
+    """The case as the save side runs it (what names its directory): the checkpoint case of
+    ``checkpoint_case``; the load side passes its case with ``layout`` and ``load_layout`` swapped back."""
+    return checkpoint_case(case)
+
+
+def checkpoint_case(case: Any) -> Any:
+    """The case as the checkpoint tasks run it: float64 (logits compared across layouts), no dropout (the
+    held-out logits must not depend on masks), training mode, one micro-batch, no training loop."""
+    import torch
+
+    return case.with_(model_dtype=torch.float64, lora_dtype=None, lora={**case.lora, "dropout": 0.0}, training=True,
+                      micro_batches=1, value_grid=None, loop=None)
+
+
+def checkpoint_dir(owner_pid: int, case: Any) -> str:
+    """The directory of one example's checkpoint: under the pool owner's own folder, named by the saved
+    case, so concurrent runs on one machine never share one."""
+    digest = hashlib.sha256(repr(case).encode()).hexdigest()[:20]
+    return os.path.join(tempfile.gettempdir(), f"lora-harness-checkpoints-{owner_pid}", digest)

@@ -1,0 +1,190 @@
+"""The checkpoint task on one rank (harness/SPEC.md, "Adapter checkpoints"): save at one layout, load at another.
+
+``save_side`` trains the adapted model one plain SGD step (the same batch on
+every rank, so data-parallel replicas stay equal), records the held-out
+logits and this rank's adapter tensors, then saves what the LoRA object
+marks for saving the way Megatron-Bridge's PEFT checkpointing does:
+``set_params_to_save(model)``, the model's ``sharded_state_dict()``
+filtered by ``adapter_key_filter``, megatron-core's
+``dist_checkpointing.save``. Rank 0 reads back the checkpoint's metadata
+(every key and its global shape). It also checks the plain path at the same
+layout: a fresh model (other adapter values) given ``load_state_dict`` of
+the trained model's ``state_dict()``, and its held-out logits.
+
+``load_side`` builds a fresh model at the load layout with other adapter
+values, applies the same LoRA, loads the checkpoint
+(``dist_checkpointing.load`` of the filtered ``sharded_state_dict()``,
+then ``load_state_dict(..., strict=False)``) and records the held-out
+logits and its adapter tensors, and the adapters no loaded entry reached.
+
+What the implementation raises is recorded with the step it happened in;
+a method the LoRA object or the model lacks is recorded as missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable
+
+import torch
+
+from harness.evidence import CheckpointExtras
+from harness.tasks.common import cpu64
+
+__all__ = ["save_side", "load_side", "LR", "checkpoint_metadata", "dp_metadata"]
+
+#: The plain SGD step taken before saving (so what is saved is what training made, not the start).
+LR = 0.1
+
+_METHODS = ("set_params_to_save", "adapter_key_filter")
+
+
+def dp_metadata() -> dict[str, Any]:
+    """The ``metadata`` megatron-core's ``sharded_state_dict`` methods need (the data-parallel group
+    replicas are marked over)."""
+    from megatron.core import parallel_state
+
+    return {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+
+
+def _missing(peft: Any, model: Any) -> tuple[str, ...]:
+    gone = [f"LoRA.{m}" for m in _METHODS if not callable(getattr(peft, m, None))]
+    if not callable(getattr(model, "sharded_state_dict", None)):
+        gone.append(f"{type(model).__name__}.sharded_state_dict")
+    return tuple(gone)
+
+
+def _filtered(peft: Any, model: Any) -> dict[str, Any]:
+    peft.set_params_to_save(model)
+    full = model.sharded_state_dict(prefix="", metadata=dp_metadata())
+    return {k: v for k, v in full.items() if peft.adapter_key_filter(k)}
+
+
+def checkpoint_metadata(path: str) -> dict[str, tuple[int, ...]]:
+    """Every key of a saved checkpoint and its global shape (megatron-core's own reading of it)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(path)
+    return {k: tuple(int(n) for n in getattr(v, "global_shape", ())) for k, v in meta.items()}
+
+
+def sharding_problems(sharded: dict[str, Any]) -> list[str]:
+    """megatron-core's own check of a sharded state dict (every piece of each tensor saved by exactly one main
+    replica, shapes agreeing across ranks), run on every rank. ``dist_checkpointing.save`` runs it on rank 0
+    alone and raises there while the other ranks wait in the save's next collective: a checkpoint that breaks
+    it would hang them; checked here first, every rank skips the save with the same reason."""
+    from collections import defaultdict
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factories
+    from megatron.core.dist_checkpointing.validation import (
+        _validate_objects_for_key, _validate_sharding_for_key, determine_global_metadata)
+
+    built = dict(sharded)
+    apply_factories(built)  # as the save does first (a gated fc1's gate and up halves become two pieces)
+    _, global_metadata = determine_global_metadata(built)
+    by_key: dict[str, list] = defaultdict(list)
+    for rank, shardings in enumerate(global_metadata):
+        for sharding in shardings:
+            by_key[sharding.key].append((rank, sharding))
+    problems = []
+    for key in sorted(by_key):
+        shardings = by_key[key]
+        try:
+            if isinstance(shardings[0][1], ShardedObject):
+                found = _validate_objects_for_key(shardings)
+            else:
+                found = _validate_sharding_for_key(shardings)
+        except AssertionError as exc:  # ranks disagree on the tensor's global shape, dtype or grid
+            found = [f"ranks disagree on {key}: {exc}"]
+        problems += [f"{key}: {e}" for e in found]
+    return problems
+
+
+def _reraise_interrupts(exc: BaseException) -> None:
+    """torch's distributed checkpoint raises ``CheckpointException``, a ``BaseException``: recorded like any
+    other failure, while an interrupt or exit still ends the task."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        raise exc
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_side(peft: Any, model: Any, path: str, rank: int, train_step: Callable[[], None],
+              logits: Callable[[Any], torch.Tensor], adapters: Callable[[Any], dict[str, torch.Tensor]],
+              fresh: Callable[[], Any]) -> CheckpointExtras:
+    """Train one step, record, save (see the module's doc). ``fresh()`` builds the same model at the same
+    layout with other adapter values (for the plain ``state_dict`` round trip)."""
+    from megatron.core import dist_checkpointing
+
+    from harness import cpu
+
+    step = "train"
+    try:
+        train_step()
+        out_logits, out_adapters = cpu64(logits(model)), {n: cpu64(t) for n, t in adapters(model).items()}
+    except Exception as exc:  # noqa: BLE001 - the implementation's
+        return CheckpointExtras(error=f"{step}: {type(exc).__name__}: {exc}")
+    missing = _missing(peft, model)
+    if missing:
+        return CheckpointExtras(logits=out_logits, adapters=out_adapters, missing=missing)
+    cpu.prepare_checkpointing()
+    error, saved, plain = None, {}, None
+    try:
+        step = "sharded_state_dict"
+        filtered = _filtered(peft, model)
+        step = "megatron-core's sharding validation"
+        problems = sharding_problems(filtered)
+        if problems:
+            raise RuntimeError(f"{len(problems)} problem(s): " + "; ".join(p[:300] for p in problems[:3]))
+        step = "dist_checkpointing.save"
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path)
+        _barrier()
+        dist_checkpointing.save(filtered, path)
+        _barrier()
+        if rank == 0:
+            saved = checkpoint_metadata(path)
+        step = "state_dict / load_state_dict"
+        state = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in model.state_dict().items()}
+        other = fresh()
+        other.load_state_dict(state)
+        plain = cpu64(logits(other))
+    except BaseException as exc:  # noqa: BLE001 - the implementation's (or megatron's on what it was given)
+        _reraise_interrupts(exc)
+        error = f"{step}: {type(exc).__name__}: {exc}"
+    return CheckpointExtras(logits=out_logits, adapters=out_adapters, error=error, saved=saved, plain_logits=plain)
+
+
+def load_side(peft: Any, model: Any, path: str, logits: Callable[[Any], torch.Tensor],
+              adapters: Callable[[Any], dict[str, torch.Tensor]]) -> CheckpointExtras:
+    """Load the checkpoint into a fresh model at this layout and record (see the module's doc)."""
+    from megatron.core import dist_checkpointing
+
+    from harness import cpu
+
+    missing = _missing(peft, model)
+    if missing:
+        return CheckpointExtras(missing=missing)
+    cpu.prepare_checkpointing()
+    step = "sharded_state_dict"
+    try:
+        filtered = _filtered(peft, model)
+        step = "dist_checkpointing.load"
+        loaded = dist_checkpointing.load(filtered, path)
+        step = "load_state_dict"
+        result = model.load_state_dict(loaded, strict=False)
+        own = set(adapters(model))
+        not_loaded = tuple(sorted(own - set(loaded)))
+        unexpected = tuple(sorted(getattr(result, "unexpected_keys", ()) or ()))
+        return CheckpointExtras(logits=cpu64(logits(model)), adapters={n: cpu64(t) for n, t in adapters(model).items()},
+                                not_loaded=not_loaded, unexpected=unexpected)
+    except BaseException as exc:  # noqa: BLE001
+        _reraise_interrupts(exc)
+        return CheckpointExtras(error=f"{step}: {type(exc).__name__}: {exc}")
