@@ -252,8 +252,10 @@ class CheckpointExtras:
     missing: tuple[str, ...] = ()     # checkpoint methods the LoRA object or the model lack (nothing ran then)
     #: Save side, rank 0: every key of the saved checkpoint -> its global shape (megatron's metadata).
     saved: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    #: Save side: the logits of a fresh model at the same layout after ``load_state_dict(state_dict())``.
+    #: Save side: the logits of a fresh model at the same layout after ``load_state_dict(state_dict())``, or
+    #: what that raised.
     plain_logits: Any = None
+    plain_error: Optional[str] = None
     #: Load side: adapter parameters no loaded entry reached, and loaded entries the model did not take.
     not_loaded: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()

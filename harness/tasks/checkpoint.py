@@ -151,15 +151,20 @@ def save_side(peft: Any, model: Any, path: str, rank: int, train_step: Callable[
         _barrier()
         if rank == 0:
             saved = checkpoint_metadata(path)
-        step = "state_dict / load_state_dict"
+    except BaseException as exc:  # noqa: BLE001 - the implementation's (or megatron's on what it was given)
+        _reraise_interrupts(exc)
+        error = f"{step}: {type(exc).__name__}: {exc}"
+    plain_error = None
+    try:
         state = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in model.state_dict().items()}
         other = fresh()
         other.load_state_dict(state)
         plain = cpu64(logits(other))
-    except BaseException as exc:  # noqa: BLE001 - the implementation's (or megatron's on what it was given)
+    except BaseException as exc:  # noqa: BLE001
         _reraise_interrupts(exc)
-        error = f"{step}: {type(exc).__name__}: {exc}"
-    return CheckpointExtras(logits=out_logits, adapters=out_adapters, error=error, saved=saved, plain_logits=plain)
+        plain_error = f"{type(exc).__name__}: {exc}"
+    return CheckpointExtras(logits=out_logits, adapters=out_adapters, error=error, saved=saved, plain_logits=plain,
+                            plain_error=plain_error)
 
 
 def load_side(peft: Any, model: Any, path: str, logits: Callable[[Any], torch.Tensor],
