@@ -47,20 +47,32 @@ def checkpoint_factors(layout: Any, family: str) -> list[Any]:
     return [Factor("load_layout", names, "the layout the saved adapters are loaded at")]
 
 
-def load_layout_strategy(family: str, layout: Any, row: Optional[Mapping[str, Any]] = None) -> Any:
-    """A hypothesis strategy of load layouts (a designed ``row`` fixes it)."""
+def holds(case: Any, layout: Any) -> bool:
+    """Whether the case's model can be laid out at ``layout`` too (its shape, sequence parallelism)."""
+    from harness.errors import CaseError
+
+    try:
+        case.with_(layout=layout, load_layout=None, loop=None).validate()
+    except CaseError:
+        return False
+    return True
+
+
+def load_layout_strategy(family: str, layout: Any, case: Any, row: Optional[Mapping[str, Any]] = None) -> Any:
+    """A hypothesis strategy of the layouts ``case`` (drawn at ``layout``) may be loaded at: the candidates of
+    ``load_layouts`` whose shape rules it meets (a designed ``row`` fixes the choice; a row naming one the
+    case cannot meet rejects the draw, and the designed search draws another case)."""
     from hypothesis import strategies as st
 
     from harness.layouts import ParallelLayout
-    from harness.strategies import pick
 
-    names = [y.describe() for y in load_layouts(family, layout)]
-
-    @st.composite
-    def draw_layout(draw: Any) -> Any:
-        return ParallelLayout.parse(pick(draw, row, "load_layout", st.sampled_from(names)))
-
-    return draw_layout()
+    fitting = [y.describe() for y in load_layouts(family, layout) if holds(case, y)]
+    wanted = None if row is None else row.get("load_layout")
+    if wanted is None:
+        return st.sampled_from(fitting).map(ParallelLayout.parse)
+    if wanted not in fitting:
+        return st.nothing()
+    return st.just(ParallelLayout.parse(wanted))
 
 
 def saved_case(case: Any) -> Any:

@@ -110,6 +110,6 @@ def cases_for(family: str, layout: ParallelLayout, impl: str, capabilities: Opti
     if checkpoint:
         from harness.checkpoint import load_layout_strategy
 
-        cases = st.tuples(cases, load_layout_strategy(family, layout, row)).map(
-            lambda pair: pair[0].with_(load_layout=pair[1]))
+        cases = cases.flatmap(lambda case: load_layout_strategy(family, layout, case, row).map(
+            lambda y: case.with_(load_layout=y)))
     return cases

@@ -85,6 +85,11 @@ class GPTCase:
             self._check_shape()
         except (ShapeError, LayoutError) as exc:
             raise CaseError(f"{self.family} case at layout {self.layout}: {exc}") from None
+        seq = getattr(self.shape, "seq_length", None)
+        if self.layout.sp and self.layout.tp > 1 and isinstance(seq, int) and seq % self.layout.tp:
+            raise CaseError(f"{self.family} case at layout {self.layout}: {type(self.shape).__name__}.seq_length={seq} "
+                            f"must be divisible by TP={self.layout.tp} under sequence parallelism (each rank holds "
+                            "an equal sequence shard)")
         if self.loop is not None:
             from harness.training import layout_problem
 
