@@ -48,9 +48,14 @@ def checkpoint_factors(layout: Any, family: str) -> list[Any]:
 
 
 def holds(case: Any, layout: Any) -> bool:
-    """Whether the case's model can be laid out at ``layout`` too (its shape, sequence parallelism)."""
+    """Whether the case's model and LoRA can be laid out at ``layout`` too: its shape and sequence length,
+    and the rank, which a column-parallel base splits over TP (harness/SPEC.md: a ``ValueError`` otherwise;
+    the strategies draw ranks the example's own TP divides)."""
     from harness.errors import CaseError
 
+    dim = (case.lora or {}).get("dim")
+    if isinstance(dim, int) and layout.tp > 1 and dim % layout.tp:
+        return False
     try:
         case.with_(layout=layout, load_layout=None, loop=None).validate()
     except CaseError:

@@ -100,3 +100,16 @@ def test_checkpoint_bugs_are_caught_with_a_named_reason(_tp2, impl, expected):
     outcome = _outcome(impl)
     assert outcome.verdict.failing and outcome.verdict is not Verdict.HARNESS, outcome.error
     assert expected <= _failing_checks(outcome), outcome.error
+
+
+def test_a_load_layout_the_example_cannot_use_is_never_drawn():
+    """Deep runs drew loads at TP=2 of models saved at TP=1 with one attention head, a rank of 1, or (under
+    SP) a sequence of 5: each crashed the load, charged to a correct LoRA. Such layouts are left out."""
+    from harness.checkpoint import holds
+
+    saved = ParallelLayout(tp=1, ep=2)
+    assert holds(_case(saved), TP2)
+    assert not holds(_case(saved).with_(lora=dict(dim=1, alpha=4)), TP2)
+    assert not holds(_case(saved, num_attention_heads=1, num_query_groups=1), TP2)
+    assert not holds(_case(saved, seq_length=5), ParallelLayout(tp=2, sp=True))
+    assert holds(_case(saved, seq_length=5), TP2)
