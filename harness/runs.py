@@ -247,8 +247,14 @@ class Evidence:
             try:
                 return self.executor.run(case, task)
             finally:
-                # The pools' owner is this process: the directory the ranks wrote (harness.checkpoint).
-                shutil.rmtree(checkpoint_dir(os.getpid(), saved), ignore_errors=True)
+                # The pools' owner is this process: the directory the ranks wrote (harness.checkpoint), and
+                # this process's folder of them once it is empty.
+                where = checkpoint_dir(os.getpid(), saved)
+                shutil.rmtree(where, ignore_errors=True)
+                try:
+                    os.rmdir(os.path.dirname(where))
+                except OSError:
+                    pass  # another example's checkpoint is still there
 
         return self.executor.cached(("checkpoint_load", repr(case)), load)
 

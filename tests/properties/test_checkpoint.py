@@ -88,18 +88,28 @@ def test_lora_megatron_saves_at_tp2_and_loads_at_every_candidate_layout(_tp2):
     assert {"tp1-ep1-etp1-pp1", "tp2-ep1-etp2-pp1", "tp2-ep1-etp2-pp1-sp"} <= loads
 
 
-@pytest.mark.parametrize("impl, expected", [
-    # Megatron-Bridge #5310's class: the adapters never reach the checkpoint.
-    ("tests.wrong_impls.ckpt_wrapper_drops_adapter", {"checkpoint_keys"}),
-    # Megatron-Bridge #2240's class: TP shards saved as if each were the whole tensor.
-    ("tests.wrong_impls.ckpt_replica_ignores_tp", {"checkpoint_save"}),
-    # Every rank the main replica: duplicate entries, refused by megatron's sharding validation.
-    ("tests.wrong_impls.ckpt_replicas_all_main", {"checkpoint_save"}),
-])
-def test_checkpoint_bugs_are_caught_with_a_named_reason(_tp2, impl, expected):
-    outcome = _outcome(impl)
+def test_an_adapter_missing_from_the_checkpoint_is_caught_with_a_shrunk_example(_tp2):
+    """Megatron-Bridge #5310's class: the adapters never reach the checkpoint."""
+    outcome = _outcome("tests.wrong_impls.ckpt_wrapper_drops_adapter")
     assert outcome.verdict.failing and outcome.verdict is not Verdict.HARNESS, outcome.error
-    assert expected <= _failing_checks(outcome), outcome.error
+    assert {"checkpoint_keys"} <= _failing_checks(outcome), outcome.error
+    assert outcome.minimal_case is not None and outcome.minimal_case.load_layout is not None
+
+
+@pytest.mark.parametrize("impl", [
+    # Megatron-Bridge #2240's class: TP shards saved as if each were the whole tensor.
+    "tests.wrong_impls.ckpt_replica_ignores_tp",
+    # Every rank the main replica: duplicate entries, refused by megatron's sharding validation.
+    "tests.wrong_impls.ckpt_replicas_all_main",
+])
+def test_a_badly_sharded_checkpoint_is_a_named_finding_not_a_hang(_tp2, impl):
+    from harness.properties.checkpoint import check
+    from harness.runs import Evidence, Executor
+
+    result = check(Evidence(Executor(), _case(TP2, ParallelLayout()).with_(impl=impl)))
+    assert result.verdict is Verdict.CONTRACT
+    assert {f.check for f in result.findings} == {"checkpoint_save"}
+    assert "sharding validation" in result.findings[0].message
 
 
 def test_a_load_layout_the_example_cannot_use_is_never_drawn():
