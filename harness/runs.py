@@ -234,9 +234,7 @@ class Evidence:
         return self.executor.cached(("checkpoint_save", repr(case)), lambda: self.executor.run(case, task))
 
     def _make_checkpoint_load(self) -> tuple[Any, dict[int, str]]:
-        import shutil
-
-        from harness.checkpoint import checkpoint_case, checkpoint_dir
+        from harness.checkpoint import checkpoint_case
 
         saved = checkpoint_case(self.case)
         case = saved.with_(layout=saved.load_layout, load_layout=saved.layout)
@@ -247,16 +245,23 @@ class Evidence:
             try:
                 return self.executor.run(case, task)
             finally:
-                # The pools' owner is this process: the directory the ranks wrote (harness.checkpoint), and
-                # this process's folder of them once it is empty.
-                where = checkpoint_dir(os.getpid(), saved)
-                shutil.rmtree(where, ignore_errors=True)
-                try:
-                    os.rmdir(os.path.dirname(where))
-                except OSError:
-                    pass  # another example's checkpoint is still there
+                self.discard_checkpoint()
 
         return self.executor.cached(("checkpoint_load", repr(case)), load)
+
+    def discard_checkpoint(self) -> None:
+        """Remove the directory this example's checkpoint ranks wrote (their pools' owner is this process:
+        ``harness.checkpoint.checkpoint_dir``), and this process's folder of them once it is empty."""
+        import shutil
+
+        from harness.checkpoint import checkpoint_case, checkpoint_dir
+
+        where = checkpoint_dir(os.getpid(), checkpoint_case(self.case))
+        shutil.rmtree(where, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(where))
+        except OSError:
+            pass  # another example's checkpoint is still there, or none was written
 
     # Shorthands the property modules read.
     @property

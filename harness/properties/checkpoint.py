@@ -46,6 +46,15 @@ def _full_shapes(records: list[Any]) -> dict[str, tuple[int, ...]]:
 
 
 def check(ev: Any) -> Check:
+    try:
+        return _check(ev)
+    finally:
+        discard = getattr(ev, "discard_checkpoint", None)
+        if discard is not None:
+            discard()  # also when the load never ran (a failed save)
+
+
+def _check(ev: Any) -> Check:
     saved_at, loaded_at = ev.case.layout, ev.case.load_layout
     save = ev.checkpoint_save
     broken = layout_violations("checkpoint_roundtrip", save)
