@@ -3,9 +3,8 @@
 An example of ``checkpoint_roundtrip`` saves the adapters at its layout X and loads them at
 ``case.load_layout`` Y. Y is drawn from ``load_layouts(family, X)``: X itself, and of the family's
 layouts whose world fits in X's (so a run never starts a world larger than the layouts it already runs),
-the first with another TP size and the first with the same TP size and another data-parallel size or
-sequence parallelism; so from X = tp2 it reaches tp1 and tp2-sp, from tp1-ep2 (data parallelism 2) tp2
-and tp1. Y is part of the case's JSON, so it shrinks, is stored and replays with the rest.
+the first with another TP size (``MAX_LOAD_LAYOUTS``); so from X = tp2 it reaches tp1, from tp1-ep2
+(data parallelism 2) tp2. Y is part of the case's JSON, so it shrinks, is stored and replays with the rest.
 
 ``checkpoint_dir`` names the directory both sides of one example use: the save task writes it, the
 load task reads it, the parent removes it after the load (``harness.runs``).
@@ -28,7 +27,8 @@ MAX_LOAD_LAYOUTS = 3
 
 def load_layouts(family: str, layout: Any) -> list[Any]:
     """The layouts an example saved at ``layout`` may be loaded at, ``layout`` first: of the family's layouts
-    whose world fits in ``layout``'s, the first with another TP size and the first with the same TP size."""
+    whose world fits in ``layout``'s, the first with another TP size, then the first with the same TP size,
+    up to ``MAX_LOAD_LAYOUTS`` in all."""
     from harness.families import get_family
 
     world = layout.min_world_size
