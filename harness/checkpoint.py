@@ -17,7 +17,7 @@ import os
 import tempfile
 from typing import Any, Mapping, Optional
 
-__all__ = ["load_layouts", "checkpoint_factors", "checkpoint_dir", "load_layout_strategy", "saved_case", "checkpoint_case"]
+__all__ = ["load_layouts", "checkpoint_factors", "checkpoint_dir", "load_layout_strategy", "checkpoint_case"]
 
 
 #: Load layouts per saved layout: itself, one with another TP size, one with the same TP and another
@@ -78,12 +78,6 @@ def load_layout_strategy(family: str, layout: Any, case: Any, row: Optional[Mapp
     if wanted not in fitting:
         return st.nothing()
     return st.just(ParallelLayout.parse(wanted))
-
-
-def saved_case(case: Any) -> Any:
-    """The case as the save side runs it (what names its directory): the checkpoint case of
-    ``checkpoint_case``; the load side passes its case with ``layout`` and ``load_layout`` swapped back."""
-    return checkpoint_case(case)
 
 
 def checkpoint_case(case: Any) -> Any:

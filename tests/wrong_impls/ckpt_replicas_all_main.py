@@ -12,13 +12,9 @@ def _patch(wrapper, full_name):
     own = type(adapter).sharded_state_dict
 
     def every_rank_main(self, prefix="", sharded_offsets=(), metadata=None):
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
         out = own(self, prefix, sharded_offsets, metadata)
         for value in out.values():
-            if isinstance(value, ShardedTensor):
-                value.replica_id = 0
-            elif hasattr(value, "replica_id"):
+            if hasattr(value, "replica_id"):  # ShardedTensor, ShardedObject, factories
                 value.replica_id = 0
         return out
 

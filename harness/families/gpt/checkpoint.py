@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from harness import cpu
-from harness.checkpoint import checkpoint_dir, saved_case
+from harness.checkpoint import checkpoint_case, checkpoint_dir
 from harness.evidence import Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
@@ -83,7 +83,7 @@ def run_gpt_checkpoint_save(ctx: Any, case: GPTCase) -> RankRecord:
     def fresh() -> Any:
         return _built(ctx, case, case.seed + 1)[1]
 
-    extras = save_side(peft, model, checkpoint_dir(ctx.owner_pid, saved_case(case)), ctx.rank, train_step_of(model),
+    extras = save_side(peft, model, checkpoint_dir(ctx.owner_pid, checkpoint_case(case)), ctx.rank, train_step_of(model),
                        logits, adapters, fresh)
     return _record(ctx, tp, tp_rank, table, extras)
 
@@ -96,5 +96,5 @@ def run_gpt_checkpoint_load(ctx: Any, case: GPTCase) -> RankRecord:
         return broken
     logits, adapters, _ = _io(ctx, case, tp, tp_rank, table)
     saved = case.with_(layout=case.load_layout, load_layout=case.layout)
-    extras = load_side(peft, model, checkpoint_dir(ctx.owner_pid, saved_case(saved)), logits, adapters)
+    extras = load_side(peft, model, checkpoint_dir(ctx.owner_pid, checkpoint_case(saved)), logits, adapters)
     return _record(ctx, tp, tp_rank, table, extras)
