@@ -76,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every property at every layout of the set")
     v.add_argument("--tp", type=_positive_int, default=2, help="largest tensor-parallel size, a power of two (default 2)")
     v.add_argument("--ep", type=_positive_int, default=1, help="largest expert-parallel size, a power of two (default 1)")
+    v.add_argument("--pp", type=_positive_int, default=1,
+                   help="largest pipeline-parallel size, a power of two (default 1: no pipeline layouts); the dense family "
+                        "then also runs at tp1-pp<N>, tp1-pp<N>-vpp2 and tp<T>-pp<N>")
     v.add_argument("--impl", default="lora.megatron", help="module under test (default lora.megatron)")
     v.add_argument("--profile", default=None, help="hypothesis profile: fast (default) or deep")
     v.add_argument("--examples", type=_positive_int, default=None, help="drawn examples per property and layout, after the designed ones (overrides the profile)")
@@ -107,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
     l = sub.add_parser("layouts", help="list the layouts a --tp/--ep set checks")
     l.add_argument("--tp", type=_positive_int, default=2)
     l.add_argument("--ep", type=_positive_int, default=1)
+    l.add_argument("--pp", type=_positive_int, default=1)
 
     sub.add_parser("contract", help="print the contract the harness checks (harness/SPEC.md)")
     return p
@@ -206,7 +210,7 @@ def verify(args: argparse.Namespace, executor: Any = None, command: Optional[str
     world = getattr(getattr(executor, "world", None), "world_size", None)
     try:
         plan = Plan(
-            args.tp, args.ep, families=args.families, properties=args.properties, layouts=args.layouts,
+            args.tp, args.ep, pp=args.pp, families=args.families, properties=args.properties, layouts=args.layouts,
             settings=settings.get_profile(profile), examples=args.examples, seed=args.seed,
             designed=not getattr(args, "no_designed", False),
             max_world=max(MAX_WORLD, world) if isinstance(world, int) else MAX_WORLD,
@@ -490,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from harness.plan import Plan, PlanError
 
             try:
-                layouts = Plan(args.tp, args.ep).layouts
+                layouts = Plan(args.tp, args.ep, pp=args.pp).layouts
             except PlanError as exc:
                 raise UsageError(str(exc)) from None
             for family, family_layouts in layouts.items():

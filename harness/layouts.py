@@ -156,6 +156,10 @@ class ParallelLayout:
     etp: int | None = None
     pp: int = 1
     sp: bool = False
+    # Virtual pipeline stages (model chunks) per pipeline rank; None: one
+    # chunk per stage (no interleaving). Only with pp > 1, as megatron's
+    # interleaved schedule needs.
+    vpp: int | None = None
     # Dense data-parallel size; None: the smallest the other sizes allow
     # (``min_world_size``). Set it to run a layout in a bigger world, e.g.
     # TP=2, EP=2, ETP=1 with data_parallel=2 (world 4, expert data parallel 2).
@@ -163,6 +167,9 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.vpp == 1:
+            # One chunk per stage is no virtual pipeline: one name per layout.
+            object.__setattr__(self, "vpp", None)
         if self.data_parallel is not None and self.data_parallel * self.tp * CP_SIZE == math.lcm(self.tp * CP_SIZE, self.etp_size * self.ep):
             # The smallest data parallelism is the default: one name per layout.
             object.__setattr__(self, "data_parallel", None)
@@ -186,11 +193,13 @@ class ParallelLayout:
                 )
         if not isinstance(self.sp, bool):
             raise LayoutError(f"ParallelLayout.sp={self.sp!r} is invalid: sp must be True or False")
-        if self.pp != 1:
-            raise LayoutError(
-                f"ParallelLayout.pp={self.pp} is not supported: pipeline parallel size must be 1 "
-                "for now (the harness has no pipeline schedule)"
-            )
+        if self.vpp is not None:
+            _check_size("vpp", self.vpp)
+            if self.pp == 1:
+                raise LayoutError(
+                    f"ParallelLayout.vpp={self.vpp} is invalid with pp=1: virtual pipeline stages "
+                    "need pipeline parallelism (pp > 1; megatron's interleaved schedule)"
+                )
         if self.sp and self.tp == 1:
             # Same rule as megatron-core's ModelParallelConfig, which raises
             # "Cannot use sequence parallelism without tensor parallelism".
@@ -203,6 +212,16 @@ class ParallelLayout:
     def etp_size(self) -> int:
         """Expert tensor parallel size, with None resolved to tp as megatron does."""
         return self.tp if self.etp is None else self.etp
+
+    @property
+    def chunks(self) -> int:
+        """Model chunks per pipeline rank: vpp, or 1 without virtual stages."""
+        return self.vpp or 1
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages the model's layers are split into: pp * vpp (megatron's division rule)."""
+        return self.pp * self.chunks
 
     @property
     def moe_trainable(self) -> bool:
@@ -272,6 +291,7 @@ class ParallelLayout:
         return {
             "tensor_model_parallel_size": self.tp,
             "pipeline_model_parallel_size": self.pp,
+            "virtual_pipeline_model_parallel_size": self.vpp,
             "expert_model_parallel_size": self.ep,
             "expert_tensor_parallel_size": self.etp_size,
             "sequence_parallel": self.sp,
@@ -312,6 +332,8 @@ class ParallelLayout:
     def describe(self) -> str:
         """Short stable name, e.g. "tp2-ep1-etp2-pp1-sp"; used as test id and report key."""
         name = f"tp{self.tp}-ep{self.ep}-etp{self.etp_size}-pp{self.pp}"
+        if self.vpp is not None:
+            name += f"-vpp{self.vpp}"
         if self.data_parallel is not None:
             name += f"-dp{self.data_parallel}"
         return name + "-sp" if self.sp else name
@@ -324,10 +346,10 @@ class ParallelLayout:
         m = _NAME.fullmatch(text.strip()) if isinstance(text, str) else None
         if m is None:
             raise LayoutError(
-                f"cannot parse layout {text!r}: expected 'tp<N>[-ep<N>][-etp<N>][-pp<N>][-sp]', "
+                f"cannot parse layout {text!r}: expected 'tp<N>[-ep<N>][-etp<N>][-pp<N>[-vpp<N>]][-dp<N>][-sp]', "
                 "e.g. 'tp2-ep1-etp2-pp1-sp'"
             )
-        tp, ep, etp, pp, dp, sp = m.groups()
+        tp, ep, etp, pp, vpp, dp, sp = m.groups()
         tp = int(tp)
         etp_value = None if etp is None or int(etp) == tp else int(etp)
         return cls(
@@ -335,6 +357,7 @@ class ParallelLayout:
             ep=1 if ep is None else int(ep),
             etp=etp_value,
             pp=1 if pp is None else int(pp),
+            vpp=None if vpp is None else int(vpp),
             sp=sp is not None,
             data_parallel=None if dp is None else int(dp),
         )
@@ -344,7 +367,7 @@ class ParallelLayout:
     @property
     def _key(self) -> tuple:
         # dp=None and an explicit dp equal to the smallest one are the same layout.
-        return (self.tp, self.ep, self.etp_size, self.pp, self.sp, self.min_world_size)
+        return (self.tp, self.ep, self.etp_size, self.pp, self.chunks, self.sp, self.min_world_size)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ParallelLayout):
@@ -356,11 +379,11 @@ class ParallelLayout:
 
     @property
     def sort_key(self) -> tuple:
-        """Cheapest first: by smallest world, then tp, ep, etp, pp, sp."""
+        """Cheapest first: by smallest world, then tp, ep, etp, pp, vpp, sp."""
         return (self.min_world_size, *self._key[:-1])
 
 
-_NAME = re.compile(r"tp(\d+)(?:-ep(\d+))?(?:-etp(\d+))?(?:-pp(\d+))?(?:-dp(\d+))?(-sp)?")
+_NAME = re.compile(r"tp(\d+)(?:-ep(\d+))?(?:-etp(\d+))?(?:-pp(\d+))?(?:-vpp(\d+))?(?:-dp(\d+))?(-sp)?")
 
 
 def _check_world(world_size: Any) -> None:

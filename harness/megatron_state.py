@@ -49,7 +49,7 @@ def initialize(layout: Any, world_size: int | None = None, *, seed: int | None =
     if create_gloo_process_groups is None:
         create_gloo_process_groups = str(dist.get_backend()) != "gloo"
 
-    key = (layout.tp, CP_SIZE, layout.etp_size, layout.ep, layout.pp, world_size, create_gloo_process_groups)
+    key = (layout.tp, CP_SIZE, layout.etp_size, layout.ep, layout.pp, layout.vpp, world_size, create_gloo_process_groups)
     cached = _built
     built = not (
         cached is not None
@@ -69,6 +69,7 @@ def initialize(layout: Any, world_size: int | None = None, *, seed: int | None =
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=layout.tp,
                 pipeline_model_parallel_size=layout.pp,
+                virtual_pipeline_model_parallel_size=layout.vpp,
                 context_parallel_size=CP_SIZE,
                 expert_model_parallel_size=layout.ep,
                 expert_tensor_parallel_size=layout.etp_size,

@@ -142,6 +142,7 @@ class Plan:
         tp: int = 2,
         ep: int = 1,
         *,
+        pp: int = 1,
         families: Optional[Sequence[str]] = None,
         properties: Optional[Sequence[str]] = None,
         layouts: Optional[Sequence[str]] = None,
@@ -162,7 +163,7 @@ class Plan:
         if self._property_names is not None:
             self.properties  # named properties are checked now, before any rank starts
         try:
-            sets = {family: layout_set(tp, ep, family, max_world=max_world) for family in chosen}
+            sets = {family: layout_set(tp, ep, family, max_world=max_world, max_pp=pp) for family in chosen}
         except ValueError as exc:
             raise PlanError(str(exc)) from None
         if layouts:
@@ -175,7 +176,8 @@ class Plan:
             every = {layout for family_layouts in sets.values() for layout in family_layouts}
             missing = [name for name, layout in zip(layouts, wanted) if layout not in every]
             if missing:
-                raise PlanError(f"--layout {', '.join(missing)} is not in the set of --tp {tp} --ep {ep}: "
+                raise PlanError(f"--layout {', '.join(missing)} is not in the set of --tp {tp} --ep {ep}"
+                                f"{f' --pp {pp}' if pp > 1 else ''}: "
                                 f"{', '.join(sorted({str(layout) for layout in every}))}")
             sets = {f: [layout for layout in ls if layout in wanted] for f, ls in sets.items()}
         if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
@@ -185,7 +187,7 @@ class Plan:
                 check_seed("--seed", seed)
             except ValueError as exc:
                 raise PlanError(str(exc)) from None
-        self.tp, self.ep = tp, ep
+        self.tp, self.ep, self.pp = tp, ep, pp
         self.layouts: dict[str, list[ParallelLayout]] = sets
         self.examples = examples
         self.seed: int = seed if seed is not None else random.SystemRandom().randrange(2**32)

@@ -75,6 +75,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lora-harness", "LoRA sharding harness")
     group.addoption("--tp", type=int, default=2, help="largest tensor-parallel size to check, a power of two (default 2)")
     group.addoption("--ep", type=int, default=1, help="largest expert-parallel size to check, a power of two (default 1)")
+    group.addoption("--pp", type=int, default=1, help="largest pipeline-parallel size to check, a power of two (default 1: no pipeline layouts)")
     group.addoption("--lora-impl", default=None, help="module under test exposing LoRA, VLMLoRA, LoRAMerge (default: the test module's LORA_IMPL, else lora.megatron)")
     group.addoption("--lora-contract", default=None, choices=("strict", "bridge"), help="contract to judge by (default: what the implementation declares)")
     group.addoption("--rank-timeout", type=float, default=None, help="ceiling in seconds for one rank task")
@@ -162,7 +163,7 @@ def pytest_configure(config: pytest.Config) -> None:
     seed = worker["lora_harness_seed"] if worker is not None and "lora_harness_seed" in worker else config.getoption("lora_seed")
     try:
         # Sizes, examples and seed checked here, before anything else.
-        plan = Plan(config.getoption("tp"), config.getoption("ep"), examples=config.getoption("lora_examples"),
+        plan = Plan(config.getoption("tp"), config.getoption("ep"), pp=config.getoption("pp"), examples=config.getoption("lora_examples"),
                     seed=seed, designed=not config.getoption("lora_no_designed"))
     except PlanError as exc:
         _usage(str(exc).replace("--examples", "--lora-examples").replace("--seed", "--lora-seed"))
@@ -234,7 +235,7 @@ class HarnessSession:
             from harness.plan import Plan
 
             getoption = getattr(self.config, "getoption", lambda name, default=None: default)
-            self.plan = Plan(getoption("tp") or 2, getoption("ep") or 1, examples=getoption("lora_examples"),
+            self.plan = Plan(getoption("tp") or 2, getoption("ep") or 1, pp=getoption("pp") or 1, examples=getoption("lora_examples"),
                              seed=self.seed, designed=not getoption("lora_no_designed"))
 
     @property
@@ -303,7 +304,7 @@ class BoundProperty:
         return outcome
 
 
-_CELL_ID = re.compile(r"\[(?:([a-z0-9_]+)-)?[a-z0-9_]+-(tp\d+-ep\d+-etp\d+-pp\d+(?:-dp\d+)?(?:-sp)?)\]")
+_CELL_ID = re.compile(r"\[(?:([a-z0-9_]+)-)?[a-z0-9_]+-(tp\d+-ep\d+-etp\d+-pp\d+(?:-vpp\d+)?(?:-dp\d+)?(?:-sp)?)\]")
 
 
 def cell_scope(nodeid: str) -> str:
@@ -344,7 +345,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
-    layouts = layout_set(config.getoption("tp"), config.getoption("ep"))
+    layouts = layout_set(config.getoption("tp"), config.getoption("ep"), max_pp=config.getoption("pp"))
     if "lora_property" in metafunc.fixturenames:
         from harness.contract import ImplLoadError
         session: HarnessSession = config._lora_harness  # type: ignore[attr-defined]

@@ -120,16 +120,17 @@ def check_seed(flag: str, value: object) -> int:
     return value
 
 
-def check_world(max_tp: int, max_ep: int = 1, limit: int = MAX_WORLD) -> None:
-    """``ValueError`` when the largest layout of ``--tp max_tp --ep max_ep`` needs more than ``limit`` ranks."""
+def check_world(max_tp: int, max_ep: int = 1, limit: int = MAX_WORLD, max_pp: int = 1) -> None:
+    """``ValueError`` when the largest layout of ``--tp max_tp --ep max_ep --pp max_pp`` needs more than ``limit`` ranks."""
     import os
 
-    world = max_tp * max_ep
+    world = max_tp * max_ep * max_pp
     if world > limit:
+        pp = f" --pp {max_pp}" if max_pp > 1 else ""
         raise ValueError(
-            f"--tp {max_tp} --ep {max_ep}: the largest layout of the set needs a world of {world} ranks, "
+            f"--tp {max_tp} --ep {max_ep}{pp}: the largest layout of the set needs a world of {world} ranks, "
             f"more than the {limit} the harness runs (a local run starts one process per rank; "
-            f"this machine has {os.cpu_count() or 'an unknown number of'} CPUs); use a smaller --tp or --ep"
+            f"this machine has {os.cpu_count() or 'an unknown number of'} CPUs); use a smaller --tp, --ep or --pp"
         )
 
 
@@ -144,8 +145,9 @@ def _check_max(flag: str, value: object) -> int:
     return value
 
 
-def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt", max_world: int = MAX_WORLD) -> list[ParallelLayout]:
-    """The layouts a family's properties run at for ``--tp max_tp --ep max_ep``, cheapest first.
+def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt", max_world: int = MAX_WORLD,
+               max_pp: int = 1) -> list[ParallelLayout]:
+    """The layouts a family's properties run at for ``--tp max_tp --ep max_ep --pp max_pp``, cheapest first.
 
     The one layout enumerator: every front end (CLI, pytest, torchrun) reads
     it through the run plan (``harness.plan``). A maximum that is not a
@@ -154,13 +156,16 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt", max_world: int
     64, by default). What each family runs is its own
     (``harness.families.<name>.layouts``): dense GPT every power-of-two TP
     times every power-of-two EP (as data parallelism), TP > 1 also with
-    sequence parallelism; MoE every TP, EP and expert TP whose world fits,
-    with SP at TP > 1, plus expert data parallelism; VLM TP 1 and the two
-    largest TPs, never SP or EP.
+    sequence parallelism, and with ``max_pp`` > 1 pipeline layouts (every
+    power-of-two PP, with and without virtual stages); MoE every TP, EP and
+    expert TP whose world fits, with SP at TP > 1, plus expert data
+    parallelism; VLM TP 1 and the two largest TPs, never SP or EP. Families
+    without pipeline layouts yet (MoE, VLM) ignore ``max_pp``.
     """
     from harness.families import get_family
 
     _check_max("--tp", max_tp)
     _check_max("--ep", max_ep)
-    check_world(max_tp, max_ep, max_world)
-    return get_family(family).layouts(max_tp, max_ep)
+    _check_max("--pp", max_pp)
+    check_world(max_tp, max_ep, max_world, max_pp)
+    return get_family(family).layouts(max_tp, max_ep, max_pp)

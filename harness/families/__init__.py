@@ -86,8 +86,8 @@ class Family:
     #: ``strategy(layout, impl, capabilities, row)`` -> a hypothesis strategy of cases
     #: (``row``: a designed example's fixed features, or None for a free draw).
     strategy: Callable[..., Any]
-    #: ``layouts(max_tp, max_ep)`` -> the family's layouts, cheapest first (sizes already checked).
-    layouts: Callable[[int, int], list]
+    #: ``layouts(max_tp, max_ep, max_pp)`` -> the family's layouts, cheapest first (sizes already checked).
+    layouts: Callable[[int, int, int], list]
     #: The forward/backward rank task: ``task(ctx, case) -> RankRecord``.
     task: Callable[..., Any]
     #: The model builder (documentation and tests; the tasks call it).

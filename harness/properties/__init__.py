@@ -42,7 +42,9 @@ class Property:
     value), so a cheap-to-decide property does not pay for rows it cannot tell
     apart (``harness.design.designed_rows(only=...)``). ``example_share``: the
     property's share of the family's drawn examples (a property whose example
-    runs several models draws fewer; at least one is always drawn).
+    runs several models draws fewer; at least one is always drawn). ``pipeline``: whether the
+    property runs at pipeline layouts (pp > 1); one whose tasks do not build a pipeline yet is
+    skipped there, with that reason.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Property:
     # Left out of the hash (a dict): a Property stays hashable, as its Cell is.
     design_factors: Optional[dict[str, tuple[str, ...]]] = field(default=None, hash=False)
     example_share: float = 1.0
+    pipeline: bool = False
 
     def skip_reason(self, family: str, layout: ParallelLayout, capabilities: Capabilities) -> Optional[str]:
         if family not in self.families:
@@ -64,6 +67,9 @@ class Property:
             known = families().get(family)
             if known is None or not known.runs(self):
                 return f"{self.name} does not apply to the {family} family"
+        if layout.pp > 1 and not self.pipeline:
+            return (f"{self.name} does not run at pipeline layouts yet (pp={layout.pp}): its rank task builds one "
+                    "stage-less model")
         return self.applies(layout, capabilities) if self.applies else None
 
 

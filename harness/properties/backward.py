@@ -55,6 +55,7 @@ def _note_unrouted_experts(result: Check, reference) -> None:
 
 
 PROPERTY = register(Property(
+    pipeline=True,
     families=("gpt", "moe"),
     name="backward_matches",
     check=check,

@@ -25,6 +25,7 @@ def check(ev) -> Check:
 
 
 PROPERTY = register(Property(
+    pipeline=True,
     families=("gpt", "moe"),
     name="forward_matches",
     check=check,

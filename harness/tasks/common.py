@@ -177,15 +177,23 @@ def state_findings(model: torch.nn.Module, table: dict[str, Any], case: Any) -> 
 
 
 def reapply_findings(model: torch.nn.Module, impl: Any, lora_kwargs: dict[str, Any], training: bool,
-                      contract: str = "strict") -> list[Finding]:
+                      contract: str = "strict", *, handed: Any = None,
+                      names: Optional[Callable[[Any], torch.nn.Module]] = None) -> list[Finding]:
     """Applying the same LoRA again must change nothing (SPEC: idempotent); raising is a finding too
-    (every miss advisory under the bridge contract: contract point ``idempotent``)."""
+    (every miss advisory under the bridge contract: contract point ``idempotent``).
+
+    ``handed``: what the implementation is given (default ``model``), e.g. a pipeline stage's
+    chunks, with ``model`` their ``harness.pipeline.global_view``; ``names(result)`` turns what it
+    returns into a module with comparable parameter names (default: the result itself)."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tree = [(m, dict(m._modules), m.training) for m in model.modules()]
+    roots = [model] + ([] if handed is None else list(handed) if isinstance(handed, (list, tuple)) else [handed])
+    every = {id(m): m for root in roots for m in root.modules()}
+    tree = [(m, dict(m._modules), m.training) for m in every.values()]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        again = impl.LoRA(**lora_kwargs)(model, training=training)
-        return idempotence_findings(before, dict(again.named_parameters()), contract)
+        again = impl.LoRA(**lora_kwargs)(model if handed is None else handed, training=training)
+        again_named = names(again) if names is not None else again
+        return idempotence_findings(before, dict(again_named.named_parameters()), contract)
     except Exception as exc:  # noqa: BLE001 - this check's finding alone
         return [Finding("contract", f"applying LoRA a second time raised {type(exc).__name__}: {exc}", "idempotent",
                         binding=contract == "strict")]

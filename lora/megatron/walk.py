@@ -20,12 +20,46 @@ from lora.megatron.matching import ModuleMatcher, is_expert_linear_name
 from lora.megatron.recompute import enable_recompute_input_grad
 from lora.megatron.wrapper import is_adapter_wrapper
 
-__all__ = ["join_name", "walk_and_replace", "LoRABase"]
+__all__ = ["join_name", "walk_and_replace", "LoRABase", "global_layer_names"]
 
 
 def join_name(prefix: str, name: str) -> str:
     """Full dotted name of child `name` under the module whose full name is `prefix` ('' at the top)."""
     return f"{prefix}.{name}" if prefix else name
+
+
+def global_layer_names(chunk: nn.Module) -> dict[str, str]:
+    """For a pipeline chunk: each transformer layer's local name -> the name it has in the whole model.
+
+    megatron-core builds a pipeline stage's block with local indices (``decoder.layers.0`` on every
+    stage); the layer's global, 1-based number is its ``layer_number``. Patterns are matched against
+    the whole model's names (harness/SPEC.md, "Pipeline stages"), so ``*.layers.0.*`` means the
+    model's first layer at every pipeline layout. Empty without pipeline parallelism (the chunk's
+    ``config.pipeline_model_parallel_size`` is 1), where local and global names are the same.
+    """
+    config = getattr(chunk, "config", None)
+    if int(getattr(config, "pipeline_model_parallel_size", 1) or 1) <= 1:
+        return {}
+    out = {}
+    for name, module in chunk.named_modules():
+        head, _, index = name.rpartition(".")
+        number = getattr(module, "layer_number", None)
+        if index.isdigit() and (head == "layers" or head.endswith(".layers")) and isinstance(number, int):
+            out[name] = f"{head}.{number - 1}"
+    return out
+
+
+def _renamed(names: dict[str, str], prefix: str, name: str) -> tuple[str, str]:
+    """(prefix, name) of a walked module, under its whole-model name (``global_layer_names``)."""
+    if not names:
+        return prefix, name
+    full = join_name(prefix, name)
+    for local, whole in names.items():
+        if full == local or full.startswith(local + "."):
+            full = whole + full[len(local):]
+            break
+    head, _, leaf = full.rpartition(".")
+    return head, leaf
 
 
 def walk_and_replace(
@@ -129,6 +163,7 @@ class LoRABase(LoRAFields):
         """Called once the walk has finished `module`'s subtree; a hook for subclasses."""
 
     def _visit(self, module: nn.Module, name: str, prefix: str) -> tuple[nn.Module, bool]:
+        prefix, name = _renamed(self.__dict__.get("_names", {}), prefix, name)
         if is_adapter_wrapper(module):
             # Already adapted (a previous call): count it as matched so the
             # second call warns about nothing, and leave it untouched.
@@ -143,7 +178,16 @@ class LoRABase(LoRAFields):
         return new, descend
 
     def _leave(self, module: nn.Module, name: str, prefix: str) -> None:
+        prefix, name = _renamed(self.__dict__.get("_names", {}), prefix, name)
         self.leave_subtree(module, join_name(prefix, name))
+
+    def _walk_chunk(self, chunk: nn.Module) -> nn.Module:
+        """One chunk, its modules named as in the whole model (``global_layer_names``)."""
+        self._names = global_layer_names(chunk)
+        try:
+            return walk_and_replace(chunk, self._visit, self._leave)
+        finally:
+            self._names = {}
 
     def __call__(self, model: nn.Module | list[nn.Module], training: bool = True) -> Any:
         chunks = model_chunks(model)
@@ -151,7 +195,7 @@ class LoRABase(LoRAFields):
         self._walk_roots = chunks
         try:
             self.freeze_model(model, training)
-            result = [walk_and_replace(chunk, self._visit, self._leave) for chunk in chunks]
+            result = [self._walk_chunk(chunk) for chunk in chunks]
         finally:
             self._walk_roots = []
         if training:

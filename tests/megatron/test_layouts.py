@@ -142,7 +142,8 @@ def test_groups_of_tp2_ep2_on_8_by_hand():
         ({"ep": -1}, ["ep=-1", "integers >= 1"]),
         ({"etp": 0}, ["etp=0", "integers >= 1"]),
         ({"pp": 0}, ["pp=0", "integers >= 1"]),
-        ({"pp": 2}, ["pp=2", "must be 1 for now"]),
+        ({"vpp": 2}, ["vpp=2", "pp=1", "pp > 1"]),
+        ({"pp": 2, "vpp": 0}, ["vpp=0", "integers >= 1"]),
         ({"sp": 1, "tp": 2}, ["sp=1", "True or False"]),
         ({"sp": True}, ["sp=True", "tp=1", "requires tp > 1"]),
     ],
@@ -224,8 +225,20 @@ def test_parse_shorthand_and_errors():
     for bad in ["", "ep2", "tp2-sp-ep2", "tp-2", "tp2 ep2"]:
         with pytest.raises(LayoutError, match="cannot parse layout"):
             ParallelLayout.parse(bad)
-    with pytest.raises(LayoutError, match="pp=2"):
-        ParallelLayout.parse("tp1-pp2")
+    assert ParallelLayout.parse("tp1-pp2") == ParallelLayout(pp=2)
+    assert ParallelLayout.parse("tp2-pp2-vpp2-sp") == ParallelLayout(tp=2, pp=2, vpp=2, sp=True)
+    with pytest.raises(LayoutError, match="vpp=2 is invalid with pp=1"):
+        ParallelLayout.parse("tp1-pp1-vpp2")
+
+
+def test_pipeline_layouts_name_their_virtual_stages():
+    layout = ParallelLayout(tp=1, pp=2, vpp=2)
+    assert layout.describe() == "tp1-ep1-etp1-pp2-vpp2"
+    assert (layout.min_world_size, layout.chunks, layout.stages) == (2, 2, 4)
+    assert ParallelLayout(pp=2, vpp=1) == ParallelLayout(pp=2) and ParallelLayout(pp=2, vpp=1).vpp is None
+    assert ParallelLayout(pp=2, vpp=2) != ParallelLayout(pp=2)
+    assert ParallelLayout(pp=2).model_parallel_config_kwargs()["virtual_pipeline_model_parallel_size"] is None
+    assert ParallelLayout(tp=2, pp=2).min_world_size == 4
 
 
 def test_etp_none_equals_explicit_tp():

@@ -90,6 +90,15 @@ class GPTCase:
             raise CaseError(f"{self.family} case at layout {self.layout}: {type(self.shape).__name__}.seq_length={seq} "
                             f"must be divisible by TP={self.layout.tp} under sequence parallelism (each rank holds "
                             "an equal sequence shard)")
+        layers = getattr(self.shape, "num_layers", None)
+        stages = self.layout.stages
+        if stages > 1 and isinstance(layers, int) and layers % stages:
+            raise CaseError(f"{self.family} case at layout {self.layout}: {type(self.shape).__name__}.num_layers={layers} "
+                            f"must be divisible by pp*vpp={self.layout.pp}*{self.layout.chunks}={stages} (megatron gives "
+                            "every pipeline stage and virtual chunk the same number of layers)")
+        if self.layout.pp > 1 and self.family != "gpt":
+            raise CaseError(f"{self.family} case at layout {self.layout}: pipeline layouts (pp={self.layout.pp}) are "
+                            "run for the dense family (gpt) only so far")
         if self.loop is not None:
             from harness.training import layout_problem
 

@@ -190,9 +190,14 @@ def sequence_parallel_layer_spec(normalization: str = "RMSNorm") -> Any:
 
 def build_gpt(
     shape: GPTShape, *, tp: int, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-    parallel_output: bool = False, **config_overrides: Any
+    parallel_output: bool = False, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
+    **config_overrides: Any
 ) -> Any:
     """megatron-core GPTModel for the active parallel_state (logits gathered over TP).
+
+    Under pipeline parallelism (``config_overrides`` from ``harness.pipeline.pipeline_config``) it
+    is one chunk of this rank's stage: ``pre_process`` holds the embedding, ``post_process`` the
+    final norm and output layer, ``vp_stage`` names the virtual stage.
 
     ``parallel_output=True`` builds it as training does (the output layer
     returns this rank's vocabulary shard) and gathers the logits after the
@@ -221,7 +226,8 @@ def build_gpt(
         one_layer = sequence_parallel_layer_spec(config.normalization)
     else:
         one_layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel, parallel_output=parallel_output)
+    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel, parallel_output=parallel_output,
+                                     pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
 
 
 def output_layer_gathers(contract: str) -> bool:
@@ -242,7 +248,8 @@ def _gather_logits_hook(module: Any, args: Any, output: Any) -> Any:
 
 
 def gpt_model_from_layer_spec(
-    shape: GPTShape, config: Any, one_layer: Any, *, sequence_parallel: bool, parallel_output: bool = False
+    shape: GPTShape, config: Any, one_layer: Any, *, sequence_parallel: bool, parallel_output: bool = False,
+    pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
 ) -> Any:
     """megatron's GPTModel with ``one_layer`` in every layer (logits gathered over TP).
 
@@ -260,7 +267,7 @@ def gpt_model_from_layer_spec(
 
         # What megatron builds from a layer spec, with the final norm ours.
         layer_spec = TransformerBlockSubmodules(
-            layer_specs=[one_layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelNorm
+            layer_specs=[one_layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=SequenceParallelNorm
         )
     model = GPTModel(
         config=config,
@@ -269,8 +276,11 @@ def gpt_model_from_layer_spec(
         max_sequence_length=shape.seq_length,
         position_embedding_type="rope",
         parallel_output=parallel_output,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
     )
-    if parallel_output:
+    if parallel_output and post_process:
         # The full logits for the comparisons, gathered after the model (its
         # backward takes this rank's shard), where no adapter sits.
         model.register_forward_hook(_gather_logits_hook)

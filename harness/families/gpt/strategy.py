@@ -18,20 +18,23 @@ from harness.families.gpt.model import GPTShape
 __all__ = ["gpt_shapes", "gpt_cases"]
 
 @st.composite
-def gpt_shapes(draw: Any, tp: int = 1, sequence_parallel: bool = False, row: Optional[dict[str, Any]] = None) -> GPTShape:
+def gpt_shapes(draw: Any, tp: int = 1, sequence_parallel: bool = False, row: Optional[dict[str, Any]] = None,
+               stages: int = 1) -> GPTShape:
     """A tiny GPT that TP=tp can shard: heads, query groups, ffn and vocab divisible by tp.
 
     Under sequence parallelism the sequence is split over TP too. With a
     designed ``row`` (``harness.design``) the gated MLP and biases are the
     row's, and sizes start where every check has power: two layers, two
     heads per query group (GQA), head dim 4, a batch of two, four tokens.
+    Under a pipeline (``stages`` = pp * vpp > 1) every stage and chunk gets
+    one or two layers.
     """
     floor = row is not None
     groups = tp * pick(draw, row, "query_groups", st.integers(1, 2))
     heads = groups * draw(st.sampled_from([2, 1] if floor else [1, 2]))
     head_dim = draw(st.sampled_from([4, 8] if floor else [2, 4, 8]))  # RoPE rotates pairs: even
     return GPTShape(
-        num_layers=draw(ints(floor, 1, 2, 2)),
+        num_layers=draw(ints(floor, 1, 2, 2)) if stages == 1 else stages * draw(st.integers(1, 2)),
         hidden_size=heads * head_dim,
         num_attention_heads=heads,
         num_query_groups=groups,
@@ -89,7 +92,7 @@ def gpt_cases(
     if layout.sp and caps.a2a:
         lora["a2a_experimental"] = pick(draw, row, "a2a", st.booleans())
     return GPTCase(
-        shape=draw(gpt_shapes(tp, sequence_parallel=layout.sp, row=row)),
+        shape=draw(gpt_shapes(tp, sequence_parallel=layout.sp, row=row, stages=layout.stages)),
         lora=lora,
         seed=draw(st.integers(0, 2**31 - 1)),
         layout=layout,

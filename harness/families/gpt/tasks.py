@@ -45,8 +45,14 @@ __all__ = ["run_gpt_case", "run_error_case", "NON_LINEAR_TARGETS"]
 
 
 def run_gpt_case(ctx: Any, case: GPTCase) -> RankRecord:
-    """Forward and backward of a LoRA-adapted GPTModel at the case's layout."""
+    """Forward and backward of a LoRA-adapted GPTModel at the case's layout (at pp > 1:
+    ``harness.families.gpt.pipeline``)."""
     from megatron.core import parallel_state
+
+    if case.layout.pp > 1:
+        from harness.families.gpt.pipeline import run_gpt_pipeline_case
+
+        return run_gpt_pipeline_case(ctx, case)
 
     impl, tp, tp_rank = setup(ctx, case)
     model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from harness.layouts import ParallelLayout, powers_of_two
 
 
-def layouts(max_tp: int, max_ep: int) -> list[ParallelLayout]:
-    """Every power-of-two TP, EP and ETP (ETP <= TP) whose world (lcm(tp, etp*ep)) is at most
+def layouts(max_tp: int, max_ep: int, max_pp: int = 1) -> list[ParallelLayout]:
+    """No pipeline layouts yet (``max_pp`` is not used: the family's tasks run one stage).
+    Every power-of-two TP, EP and ETP (ETP <= TP) whose world (lcm(tp, etp*ep)) is at most
     ``max_tp * max_ep``; TP > 1 always with sequence parallelism, which megatron-core's MoE layer
     requires; plus the largest layout with ETP=1 in the largest world, so experts have data
     parallelism of their own. ``--tp 2 --ep 2``: tp1, tp1-ep2 (data parallel 2), tp2-sp,

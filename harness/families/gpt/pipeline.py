@@ -1,0 +1,156 @@
+"""The dense forward/backward task at a pipeline layout (pp > 1): megatron-core's schedule over the stages.
+
+What ``run_gpt_case`` does at PP=1, with the model built as megatron builds it for a pipeline (one
+chunk per virtual stage on each rank, ``harness.pipeline``) and handed to the implementation as
+megatron hands it over (a module per stage, a list of chunks under virtual stages). Weights and
+adapters are loaded, and gradients read, through ``global_view``: by PP=1 names, so a stage's
+local ``decoder.layers.0`` is loaded and compared as the global layer it is. The pipeline runs the
+micro-batches through megatron-core's own schedule; the logits come from the last stage, the input
+gradient from the first, the adapters from every stage, and every rank of a pipeline group sends
+the whole model's evidence (``stage_gathered``), so the parent compares it as at PP=1.
+
+Under virtual stages megatron's interleaved schedule needs at least ``pp`` micro-batches; a case with
+fewer is padded with micro-batches whose loss is zero (exact zeros added to every gradient).
+
+Not yet at pipeline layouts (the properties that read them are skipped there, with the reason):
+the merge evidence, the replicated-dropout-mask check and the all-to-all count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from harness import cpu
+from harness.dropout import keyed_dropout
+from harness.evidence import DenseExtras, DropoutStats, MergeEvidence, Partitioned, RankRecord
+from harness.families.gpt.case import GPTCase
+from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
+from harness.pipeline import (
+    chunks_of,
+    global_view,
+    handed_over,
+    merged,
+    pipeline_config,
+    run_schedule,
+    stage_chunks,
+    stage_gathered,
+)
+from harness.results import Finding
+from harness.sharding import initial_adapters, load_full_adapter_weights, load_full_base_weights, seeded_tensor
+from harness.tasks.common import checked_table, cpu64, reapply_findings, sequence_gathered, setup, state_findings
+
+__all__ = ["run_gpt_pipeline_case", "NOT_AT_PIPELINE"]
+
+#: Why the evidence the pipeline task does not make yet is missing (``MergeEvidence.error``; never read:
+#: merge_matches is skipped at pipeline layouts).
+NOT_AT_PIPELINE = "not made at pipeline layouts yet"
+
+
+def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
+    """Forward and backward of a LoRA-adapted, pipelined GPTModel at the case's layout."""
+    from megatron.core import parallel_state
+
+    impl, tp, tp_rank = setup(ctx, case)
+    layout = case.layout
+    config = pipeline_config(layout, case.model_dtype)
+    chunks = stage_chunks(
+        lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
+                                        parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
+                                        post_process=post, vp_stage=vp, **config),
+        layout)
+    load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
+    lora_kwargs = case.lora_kwargs()
+    cpu.manual_seed(case.seed)
+    handed = impl.LoRA(**lora_kwargs)(handed_over(chunks, layout), training=case.training)
+    chunks = chunks_of(handed)
+    same_mode = all(c.training == case.training for c in chunks)
+    view = global_view(chunks, training=case.training if same_mode else not case.training)
+    initial = initial_adapters(view)
+    table, broken = checked_table(
+        lambda: load_full_adapter_weights(view, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
+    if broken is not None:
+        return broken
+    findings = state_findings(view, table, case)
+    grid = _round_to_grid(view, table, case)
+
+    s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
+    ids = torch.zeros(b, s, dtype=torch.long)
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = causal_mask(s)
+    batches = []
+    for mb in range(case.micro_batches):
+        suffix = "" if mb == 0 else str(mb)
+        full_x = _grid(seeded_tensor(case.seed, "input" + suffix, (s, b, h)), grid).to(case.model_dtype)
+        x = (full_x.chunk(tp, dim=0)[tp_rank] if layout.sp else full_x).clone().requires_grad_(True)
+        probe = _grid(seeded_tensor(case.seed, "probe" + suffix, (b, s, case.shape.vocab_size)), grid)
+        batches.append({"x": x, "probe": probe})
+    # megatron's interleaved schedule (virtual stages) needs at least pp micro-batches: the rest
+    # carry a zero loss, so they add exact zeros to every gradient.
+    while layout.vpp and len(batches) < layout.pp:
+        x = torch.zeros_like(batches[0]["x"]).requires_grad_(True)
+        batches.append({"x": x, "probe": torch.zeros_like(batches[0]["probe"])})
+
+    def forward(chunk: Any, batch: dict[str, Any]) -> torch.Tensor:
+        first = getattr(chunk, "pre_process", True)
+        return chunk(ids, pos, mask, decoder_input=batch["x"] if first else None)
+
+    with keyed_dropout(chunks[0]) as dropout_log:
+        outputs = run_schedule(chunks, batches, forward, lambda out, batch: (out * batch["probe"].to(out.dtype)).sum(),
+                               seq_length=s, micro_batch_size=b)
+    if outputs and outputs[0].dtype != case.model_dtype:
+        findings.append(Finding(
+            "contract", f"logits dtype {outputs[0].dtype}, the base model computes in {case.model_dtype} "
+            "(the adapter output must be cast back)", "output_dtype"))
+    first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    x = batches[0]["x"]
+    input_grad = (sequence_gathered(x.grad) if layout.sp else x.grad) if first_stage else None
+    grads = {p: cpu64(view.get_parameter(p).grad) for p in table}
+    stepped = _sgd_step(view, table) if case.training else None
+    findings += reapply_findings(view, impl, lora_kwargs, case.training, case.contract,
+                                 handed=handed_over(chunks, layout), names=lambda m: global_view(chunks_of(m)))
+    partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
+    mine = {
+        "output": cpu64(outputs[0]) if outputs else None,
+        "input_grad": cpu64(input_grad),
+        "grads": grads,
+        "initial": initial,
+        "partitions": partitions,
+        "stepped": stepped,
+    }
+    stages = stage_gathered(mine)
+    return RankRecord(
+        rank=ctx.rank,
+        tp_rank=tp_rank,
+        tp_size=tp,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        output=next((st["output"] for st in stages if st["output"] is not None), None),
+        input_grad=next((st["input_grad"] for st in stages if st["input_grad"] is not None), None),
+        adapter_grads=merged([st["grads"] for st in stages]) or {},
+        initial_adapters=merged([st["initial"] for st in stages]) or {},
+        partitions=merged([st["partitions"] for st in stages]) or {},
+        findings=findings,
+        extras=DenseExtras(
+            dropout=DropoutStats.of(dropout_log),
+            merge=MergeEvidence(modules=None, fold=None, cast_once=None, error=NOT_AT_PIPELINE),
+            stepped_adapters=merged([st["stepped"] for st in stages]),
+            dropout_masks=None,
+        ),
+    )
+
+
+def _grid(t: torch.Tensor, grid: Any) -> torch.Tensor:
+    return t if grid is None else t.to(grid).to(t.dtype)
+
+
+def _round_to_grid(view: torch.nn.Module, table: dict[str, Any], case: GPTCase) -> Any:
+    from harness.families.gpt.tasks import _round_to_grid as rounded
+
+    return rounded(view, table, case)[0]
+
+
+def _sgd_step(view: torch.nn.Module, table: dict[str, Any]) -> dict[str, Any]:
+    from harness.families.gpt.tasks import _sgd_step as step
+
+    return step(view, table)
