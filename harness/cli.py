@@ -76,9 +76,7 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every property at every layout of the set")
     v.add_argument("--tp", type=_positive_int, default=2, help="largest tensor-parallel size, a power of two (default 2)")
     v.add_argument("--ep", type=_positive_int, default=1, help="largest expert-parallel size, a power of two (default 1)")
-    v.add_argument("--pp", type=_positive_int, default=1,
-                   help="largest pipeline-parallel size, a power of two (default 1: no pipeline layouts); the dense family "
-                        "then also runs at tp1-pp<N>, tp1-pp<N>-vpp2 and tp<T>-pp<N>")
+    v.add_argument("--pp", type=_positive_int, default=1, help="largest pipeline-parallel size, a power of two (default 1: no pipeline layouts)")
     v.add_argument("--impl", default="lora.megatron", help="module under test (default lora.megatron)")
     v.add_argument("--profile", default=None, help="hypothesis profile: fast (default) or deep")
     v.add_argument("--examples", type=_positive_int, default=None, help="drawn examples per property and layout, after the designed ones (overrides the profile)")

@@ -168,4 +168,18 @@ def layout_set(max_tp: int, max_ep: int = 1, family: str = "gpt", max_world: int
     _check_max("--ep", max_ep)
     _check_max("--pp", max_pp)
     check_world(max_tp, max_ep, max_world, max_pp)
-    return get_family(family).layouts(max_tp, max_ep, max_pp)
+    enumerate_layouts = get_family(family).layouts
+    if max_pp == 1 or not _takes_pp(enumerate_layouts):
+        # A family whose ``layouts`` takes no ``max_pp`` has no pipeline layouts.
+        return enumerate_layouts(max_tp, max_ep)
+    return enumerate_layouts(max_tp, max_ep, max_pp)
+
+
+def _takes_pp(fn: object) -> bool:
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)

@@ -86,7 +86,8 @@ class Family:
     #: ``strategy(layout, impl, capabilities, row)`` -> a hypothesis strategy of cases
     #: (``row``: a designed example's fixed features, or None for a free draw).
     strategy: Callable[..., Any]
-    #: ``layouts(max_tp, max_ep, max_pp)`` -> the family's layouts, cheapest first (sizes already checked).
+    #: ``layouts(max_tp, max_ep[, max_pp])`` -> the family's layouts, cheapest first (sizes already checked);
+    #: a family whose function takes no ``max_pp`` has no pipeline layouts.
     layouts: Callable[[int, int, int], list]
     #: The forward/backward rank task: ``task(ctx, case) -> RankRecord``.
     task: Callable[..., Any]

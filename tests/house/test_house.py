@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = (
     (0, ("harness._quiet", "harness._plugins", "harness.errors", "harness.layouts", "harness.compare", "harness.stats",
          "harness.dropout", "harness.cpu", "harness.megatron_state", "harness.results", "harness.contract", "harness.sharding", "harness.rules",
-         "harness.bridge", "harness.evidence", "harness.report.environment", "harness.report.model")),
+         "harness.bridge", "harness.evidence", "harness.report.environment", "harness.report.model", "harness.pipeline")),
     (1, ("harness.settings", "harness.cases", "harness.strategies", "harness.design", "harness.tasks", "harness.training",
          "harness.checkpoint")),
     (2, ("harness.families",)),

@@ -1,0 +1,139 @@
+"""Pipeline layouts (harness.pipeline, harness.families.gpt.pipeline): a stage's chunks read by PP=1 names,
+megatron-core's schedule on gloo, patterns meaning the whole model's layers, and the checks failing for the
+pipeline bugs of tests/wrong_impls."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from harness.cases import CaseError, case_from_json
+from harness.families.gpt.case import GPTCase
+from harness.families.gpt.model import GPTShape
+from harness.layouts import ParallelLayout
+from harness.pipeline import global_view
+from harness.plan import Plan, PlanError
+from harness.results import Verdict
+from lora.megatron.walk import global_layer_names
+
+PP2 = ParallelLayout(pp=2)
+VPP = ParallelLayout(pp=2, vpp=2)
+
+
+class _Layer(nn.Module):
+    def __init__(self, number):
+        super().__init__()
+        self.layer_number = number
+        self.linear_qkv = nn.Linear(2, 2)
+
+
+class _Block(nn.Module):
+    def __init__(self, numbers, final=False):
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer(n) for n in numbers)
+        if final:
+            self.final_layernorm = nn.LayerNorm(2)
+
+
+class _Chunk(nn.Module):
+    def __init__(self, numbers, first=False, last=False, pp=2):
+        super().__init__()
+        self.config = SimpleNamespace(pipeline_model_parallel_size=pp)
+        if first:
+            self.embedding = nn.Embedding(4, 2)
+        self.decoder = _Block(numbers, final=last)
+        if last:
+            self.output_layer = nn.Linear(2, 4)
+
+
+def test_a_stage_is_read_by_the_names_a_pp1_model_gives_its_parameters():
+    # Stage 0 of pp2 x vpp2 over 4 layers: chunk 0 holds layer 1 (with the embedding), chunk 1 layer 3.
+    chunks = [_Chunk([1], first=True), _Chunk([3])]
+    view = global_view(chunks, training=False)
+    names = [n for n, _ in view.named_parameters()]
+    assert names == ["embedding.weight", "decoder.layers.0.linear_qkv.weight", "decoder.layers.0.linear_qkv.bias",
+                     "decoder.layers.2.linear_qkv.weight", "decoder.layers.2.linear_qkv.bias"]
+    # The chunks' own tensors (nothing copied), and the view's mode is its own.
+    assert view.get_parameter("decoder.layers.2.linear_qkv.weight") is chunks[1].decoder.layers[0].linear_qkv.weight
+    assert view.training is False and chunks[0].training is True
+    last = global_view([_Chunk([2], last=True)])
+    assert [n for n, _ in last.named_parameters()][-4:] == [
+        "decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "output_layer.weight", "output_layer.bias"]
+    with pytest.raises(ValueError, match="layer number 1"):
+        global_view([_Chunk([1]), _Chunk([1])])
+
+
+def test_lora_megatron_names_a_stage_s_layers_by_their_global_number():
+    assert global_layer_names(_Chunk([3, 4])) == {"decoder.layers.0": "decoder.layers.2", "decoder.layers.1": "decoder.layers.3"}
+    # Without a pipeline the names stay as they are, whatever layer_number says.
+    assert global_layer_names(_Chunk([3, 4], pp=1)) == {}
+
+
+def test_pipeline_layouts_are_in_the_plan_only_with_pp():
+    plan = Plan(2, 2, pp=2)
+    gpt = {str(layout) for layout in plan.layouts["gpt"]}
+    assert {"tp1-ep1-etp1-pp2", "tp1-ep1-etp1-pp2-vpp2", "tp2-ep1-etp2-pp2"} <= gpt
+    assert all(layout.pp == 1 for family in ("moe", "vlm") for layout in plan.layouts[family])
+    assert all(layout.pp == 1 for ls in Plan(2, 2).layouts.values() for layout in ls)
+    with pytest.raises(PlanError, match="--pp 3"):
+        Plan(2, 1, pp=3)
+
+
+def test_a_pipeline_case_travels_in_its_json_and_a_bad_one_is_refused_before_any_rank_starts():
+    case = _case(VPP, num_layers=4)
+    assert case_from_json(case.to_json()) == case and case.to_json()["layout"] == "tp1-ep1-etp1-pp2-vpp2"
+    with pytest.raises(CaseError, match=r"num_layers=2 must be divisible by pp\*vpp=2\*2=4"):
+        _case(VPP, num_layers=2).validate()
+    with pytest.raises(CaseError, match=r"num_layers=3 must be divisible by pp\*vpp=2\*1=2"):
+        _case(PP2, num_layers=3).validate()
+
+
+def test_properties_without_a_pipeline_task_are_skipped_there_with_the_reason():
+    from harness.contract import Capabilities
+    from harness.properties import get_property
+
+    reason = get_property("merge_matches").skip_reason("gpt", PP2, Capabilities())
+    assert reason and "pipeline layouts" in reason and "pp=2" in reason
+    assert get_property("backward_matches").skip_reason("gpt", PP2, Capabilities()) is None
+
+
+def _case(layout, impl="lora.megatron", num_layers=2, **lora):
+    return GPTCase(
+        shape=GPTShape(num_layers=num_layers, hidden_size=16, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=16,
+                       vocab_size=8, seq_length=4),
+        lora=dict(dim=2, alpha=4, target_modules=["*.layers.0.*.linear_qkv", "*linear_fc2"], exclude_modules=[], **lora),
+        seed=11, layout=layout, impl=impl, model_dtype=torch.float64, training=True, micro_batches=2)
+
+
+def _checks(case):
+    from harness.properties.backward import check as backward
+    from harness.properties.forward import check as forward
+    from harness.runs import Evidence, Executor
+
+    ev = Evidence(Executor(), case)
+    return forward(ev), backward(ev)
+
+
+@pytest.mark.parametrize("pipeline", [PP2, VPP], ids=str)
+def test_lora_megatron_through_megatron_s_schedule_matches_the_reference(pipeline):
+    """Two micro-batches through the one-forward-one-backward and the interleaved schedules: the logits from the
+    last stage, the input gradient from the first and every stage's adapter gradients equal the reference's."""
+    fwd, bwd = _checks(_case(pipeline, num_layers=pipeline.stages))
+    assert fwd.verdict is Verdict.PASS and bwd.verdict is Verdict.PASS, (fwd.findings, bwd.findings)
+    assert len(bwd.comparisons) > 4 and not bwd.vacuous
+
+
+def test_matching_a_stage_s_local_layer_names_is_caught():
+    """``*.layers.0.*`` at PP=2 means the model's first layer; matched per stage it adapts every stage's first."""
+    fwd, bwd = _checks(_case(PP2, impl="tests.wrong_impls.pp_stage_local_names"))
+    assert fwd.verdict.failing and bwd.verdict.failing
+    unexpected = [f.message for f in bwd.findings if f.check == "adapted_set"]
+    assert unexpected and "decoder.layers.1.self_attention.linear_qkv.adapter" in unexpected[0]
+
+
+def test_adapting_only_the_first_of_a_stage_s_chunks_is_caught():
+    fwd, bwd = _checks(_case(VPP, impl="tests.wrong_impls.pp_first_chunk_only", num_layers=4))
+    assert bwd.verdict.failing
+    missing = [f.message for f in bwd.findings if f.check == "adapted_set"]
+    assert missing and "decoder.layers.2.mlp.linear_fc2.adapter" in missing[0]
