@@ -256,3 +256,48 @@ def error_expecter(contract: str, findings: list[Finding]) -> Callable[..., None
 
 #: Contract points on which Megatron-Bridge raises no error at all (so a miss is advisory under bridge).
 BRIDGE_SILENT = ("non_linear_target", "router_target")
+
+
+# megatron-core's Transformer Engine linears (the harness's own list; its models use local specs).
+_TE_LINEARS = frozenset({"TELinear", "TEColumnParallelLinear", "TERowParallelLinear", "TELayerNormColumnParallelLinear"})
+
+
+def linear_type(module: torch.nn.Module) -> bool:
+    """SPEC's linear types (plain, megatron column/row parallel, TE), decided by the harness from the class."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(module, (torch.nn.Linear, ColumnParallelLinear, RowParallelLinear)):
+        return True
+    return any(c.__name__ in _TE_LINEARS for c in type(module).__mro__)
+
+
+def stage_local_findings(chunks: list[torch.nn.Module], view: torch.nn.Module, lora_kwargs: dict[str, Any]) -> list[Finding]:
+    """At a pipeline layout: whether the adapted modules are the ones the patterns select by stage-local names
+    (``decoder.layers.0`` on every stage) where that differs from what they select by the whole model's names
+    (``view``: ``harness.pipeline.global_view``). SPEC "Pipeline stages": a layer index in a pattern is the
+    model's layer. Decided by the harness's own matching (``harness.rules.vlm``), never the implementation's."""
+    from harness.rules.adapters import adapter_modules
+    from harness.rules.vlm import expected_adapted_modules
+
+    wrappers = adapter_modules(view)
+    local = {id(m): n for chunk in chunks for n, m in chunk.named_modules()}
+    linear: dict[str, str] = {}
+    for name, module in view.named_modules():
+        if not name or any(name.startswith(w + ".") for w in wrappers):
+            continue  # inside an adapter wrapper: its base and the adapter's own linears
+        if (name in wrappers or linear_type(module)) and id(module) in local:
+            linear[name] = local[id(module)]
+    targets, excludes = list(lora_kwargs.get("target_modules") or []), list(lora_kwargs.get("exclude_modules") or [])
+    if not targets and not excludes:
+        return []
+    whole = expected_adapted_modules(linear, targets, excludes)
+    picked_locally = expected_adapted_modules(set(linear.values()), targets, excludes)
+    by_local = {g for g, n in linear.items() if n in picked_locally}
+    got = set(wrappers)
+    if whole == by_local or got != by_local:
+        return []
+    return [Finding(
+        "contract", f"target/exclude patterns {targets or excludes} were matched against this pipeline stage's local "
+        f"names: adapted {sorted(got - whole)[:3]}, left {sorted(whole - got)[:3]}. megatron-core numbers each "
+        "stage's layers from 0 (decoder.layers.0 on every stage); a layer index in a pattern names the whole "
+        "model's layer (SPEC: Pipeline stages)", "stage_local_names")]

@@ -130,6 +130,14 @@ def test_matching_a_stage_s_local_layer_names_is_caught():
     assert fwd.verdict.failing and bwd.verdict.failing
     unexpected = [f.message for f in bwd.findings if f.check == "adapted_set"]
     assert unexpected and "decoder.layers.1.self_attention.linear_qkv.adapter" in unexpected[0]
+    # And named as what it is, on every rank of the stage that holds the extra adapter.
+    from harness.properties.adapters_spec import check as adapters
+    from harness.runs import Evidence, Executor
+
+    named = adapters(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.pp_stage_local_names")))
+    assert named.verdict is Verdict.CONTRACT
+    [finding] = [f for f in named.findings if f.check == "stage_local_names"]
+    assert "decoder.layers.1.self_attention.linear_qkv" in finding.message and "local names" in finding.message
 
 
 def test_adapting_only_the_first_of_a_stage_s_chunks_is_caught():

@@ -39,7 +39,15 @@ from harness.pipeline import (
 )
 from harness.results import Finding
 from harness.sharding import initial_adapters, load_full_adapter_weights, load_full_base_weights, seeded_tensor
-from harness.tasks.common import checked_table, cpu64, reapply_findings, sequence_gathered, setup, state_findings
+from harness.tasks.common import (
+    checked_table,
+    cpu64,
+    reapply_findings,
+    sequence_gathered,
+    setup,
+    stage_local_findings,
+    state_findings,
+)
 
 __all__ = ["run_gpt_pipeline_case", "NOT_AT_PIPELINE"]
 
@@ -72,7 +80,7 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
         lambda: load_full_adapter_weights(view, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
     if broken is not None:
         return broken
-    findings = state_findings(view, table, case)
+    findings = state_findings(view, table, case) + stage_local_findings(chunks, view, lora_kwargs)
     grid = _round_to_grid(view, table, case)
 
     s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size

@@ -48,6 +48,7 @@ from harness.families.gpt.model import output_layer_gathers
 from harness.contract import load_impl
 from harness.evidence import VLMBase, VLMCombo, VLMExtras
 from harness.evidence import RankRecord
+from harness.tasks.common import linear_type
 
 __all__ = ["run_vlm_case", "ACCESS_FORMS", "LLaVAHolder", "access_form", "ADAM_LR"]
 
@@ -76,18 +77,6 @@ def access_form(index: int, seed: int) -> str:
     """The access form of combination ``index`` in a case seeded ``seed``: each form covers about a third."""
     return ACCESS_FORMS[(index + seed) % len(ACCESS_FORMS)]
 
-
-# megatron-core's Transformer Engine linears (the harness's own list; its LLaVA uses local specs).
-_TE_LINEARS = frozenset({"TELinear", "TEColumnParallelLinear", "TERowParallelLinear", "TELayerNormColumnParallelLinear"})
-
-
-def _linear_type(module: nn.Module) -> bool:
-    """SPEC's linear types (plain, megatron column/row parallel, TE), decided by the harness from the class."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    if isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
-        return True
-    return any(c.__name__ in _TE_LINEARS for c in type(module).__mro__)
 
 
 def _inner(result: Any, access: str) -> nn.Module:
@@ -160,8 +149,8 @@ def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
     modules = dict(pristine.named_modules())
     base = VLMBase(
         params=sorted(n for n, _ in pristine.named_parameters()),
-        linear=sorted(n for n, m in modules.items() if n and _linear_type(m)),
-        other=sorted(n for n, m in modules.items() if n and not _linear_type(m)),
+        linear=sorted(n for n, m in modules.items() if n and linear_type(m)),
+        other=sorted(n for n, m in modules.items() if n and not linear_type(m)),
     )
     del pristine, modules
     # Seeded on the CPU, then moved: the same values on every device.
