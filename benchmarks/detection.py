@@ -69,6 +69,11 @@ def pytest_runtest_logreport(report):
 '''
 
 
+def pipeline_flags(impl: str) -> list[str]:
+    """A pipeline bug (``pp_*``) exists only at pipeline layouts: its runs add ``--pp 2``."""
+    return ["--pp", "2"] if impl.startswith("pp_") else []
+
+
 def run_once(impl: str, seed: int, workers: str, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="lora-detection-") as tmp:
         test = Path(tmp) / "test_my_lora.py"
@@ -77,7 +82,7 @@ def run_once(impl: str, seed: int, workers: str, timeout: float) -> dict:
         stamp = Path(tmp) / "first_failure.txt"
         report = Path(tmp) / "report"
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "_first_failure",
-               "-n", workers, "--tp", "2", "--ep", "2", "--lora-impl", f"tests.wrong_impls.{impl}",
+               "-n", workers, "--tp", "2", "--ep", "2", *pipeline_flags(impl), "--lora-impl", f"tests.wrong_impls.{impl}",
                "--lora-seed", str(seed), "--regressions", str(Path(tmp) / "regressions"), "--report", str(report),
                str(test)]
         env = dict(os.environ, LORA_FIRST_FAILURE_FILE=str(stamp),

@@ -69,10 +69,11 @@ def layout_seed(base: int, layout: ParallelLayout, family: str = "gpt") -> int:
 
 
 def _parallel_score(family: str, layout: ParallelLayout) -> int:
-    """How many kinds of parallelism a layout exercises (TP, EP, SP, ETP != TP, data parallelism)."""
+    """How many kinds of parallelism a layout exercises (TP, EP, SP, ETP != TP, data parallelism, PP, virtual stages)."""
     experts = family == "moe"
     dp = (layout.data_parallel or 1) > 1 or (not experts and layout.ep > 1)
-    return (layout.tp > 1) + (experts and layout.ep > 1) + bool(layout.sp) + (experts and layout.etp_size != layout.tp) + bool(dp)
+    return ((layout.tp > 1) + (experts and layout.ep > 1) + bool(layout.sp) + (experts and layout.etp_size != layout.tp)
+            + bool(dp) + (layout.pp > 1) + (layout.vpp is not None))
 
 
 def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, ParallelLayout]]:
@@ -83,7 +84,9 @@ def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Paral
     gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where most sharding bugs
     show; then MoE with expert TP > 1 on the fewest ranks (moe tp2-sp) and
     dense TP without sequence parallelism (gpt tp2, where activations are
-    replicated over TP); then VLM's multi-rank layout; then the others by
+    replicated over TP); then the pipeline layout with virtual stages on the
+    fewest ranks (gpt tp1-pp2-vpp2 with ``--pp 2``: stage-local names and
+    chunks); then VLM's multi-rank layout; then the others by
     parallelism per rank; layouts of one rank (which only the non-sharding
     checks can fail) last.
     """
@@ -97,7 +100,7 @@ def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Paral
     rest = sorted(cells, key=density)
     first = []
     for family in ("gpt", "moe"):
-        best = next((c for c in rest if c[0] == family and c[1].min_world_size > 1), None)
+        best = next((c for c in rest if c[0] == family and c[1].min_world_size > 1 and c[1].pp == 1), None)
         if best is not None:
             first.append(best)
     # Then MoE with expert tensor parallelism (ETP > 1, fewest ranks), where
@@ -105,10 +108,11 @@ def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Paral
     # parallelism: activations replicated over TP, where a per-rank dropout
     # RNG or a missing broadcast shows.
     etp = min((c for c in rest if c[0] == "moe" and c[1].etp_size > 1), key=lambda c: c[1].min_world_size, default=None)
-    plain = next((c for c in rest if c[0] == "gpt" and c[1].tp > 1 and not c[1].sp and c[1].ep == 1), None)
+    plain = next((c for c in rest if c[0] == "gpt" and c[1].tp > 1 and not c[1].sp and c[1].ep == 1 and c[1].pp == 1), None)
+    pipe = min((c for c in rest if c[1].pp > 1), key=lambda c: (c[1].vpp is None, c[1].min_world_size), default=None)
     # And the VLM family's largest layout: its freezing rules fail at any TP.
     vlm = next((c for c in rest if c[0] == "vlm" and c[1].min_world_size > 1), None)
-    for cell in (etp, plain, vlm):
+    for cell in (etp, plain, pipe, vlm):
         if cell is not None and cell not in first:
             first.append(cell)
     return first + [c for c in rest if c not in first]

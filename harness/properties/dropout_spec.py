@@ -108,6 +108,7 @@ def _check_drops(result: Check, ev, p: float, stats: list) -> bool:
 
 
 PROPERTY = register(Property(
+    pipeline=True,
     name="dropout_follows_spec",
     check=check,
     needs=("impl", "reference"),

@@ -109,6 +109,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
+    pipeline=True,
     name="merge_matches",
     check=check,
     needs=("impl", "reference", "reference64"),

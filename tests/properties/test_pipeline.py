@@ -93,7 +93,7 @@ def test_properties_without_a_pipeline_task_are_skipped_there_with_the_reason():
     from harness.contract import Capabilities
     from harness.properties import get_property
 
-    reason = get_property("merge_matches").skip_reason("gpt", PP2, Capabilities())
+    reason = get_property("checkpoint_roundtrip").skip_reason("gpt", PP2, Capabilities())
     assert reason and "pipeline layouts" in reason and "pp=2" in reason
     assert get_property("backward_matches").skip_reason("gpt", PP2, Capabilities()) is None
 
@@ -145,3 +145,37 @@ def test_adapting_only_the_first_of_a_stage_s_chunks_is_caught():
     assert bwd.verdict.failing
     missing = [f.message for f in bwd.findings if f.check == "adapted_set"]
     assert missing and "decoder.layers.2.mlp.linear_fc2.adapter" in missing[0]
+
+
+def test_lora_megatron_merges_and_drops_through_the_schedule():
+    from harness.properties.dropout_spec import check as dropout
+    from harness.properties.merge import check as merge
+    from harness.runs import Evidence, Executor
+
+    ev = Evidence(Executor(), _case(VPP, num_layers=4, dropout=0.5))
+    for result in (merge(ev), dropout(ev)):
+        assert result.verdict is Verdict.PASS, result.findings
+
+
+@pytest.fixture
+def _tp2(max_tp):
+    if max_tp < 2:
+        pytest.skip("needs --tp 2")
+
+
+@pytest.mark.parametrize("impl, prop, where, verdict, sub", [
+    # The fold without alpha/dim: the merged modules and model differ from W + (alpha/dim) B A.
+    ("tests.wrong_impls.merge_without_scale", "merge", PP2, Verdict.NUMERIC, ""),
+    # Each TP rank its own mask on a tensor replicated over TP, inside each stage.
+    ("tests.wrong_impls.dropout_mask_per_rank", "dropout_spec", ParallelLayout(tp=2, pp=2), Verdict.CONTRACT,
+     "dropout_replicated_mask"),
+], ids=["merge_without_scale", "dropout_mask_per_rank"])
+def test_merge_and_dropout_bugs_are_caught_at_pipeline_layouts(_tp2, impl, prop, where, verdict, sub):
+    import importlib
+
+    from harness.runs import Evidence, Executor
+
+    check = importlib.import_module(f"harness.properties.{prop}").check
+    result = check(Evidence(Executor(), _case(where, impl=impl, dropout=0.5)))
+    assert result.verdict is verdict, result.findings
+    assert sub in {f.check for f in result.findings if f.verdict.failing}

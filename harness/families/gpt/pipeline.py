@@ -12,8 +12,15 @@ the whole model's evidence (``stage_gathered``), so the parent compares it as at
 Under virtual stages megatron's interleaved schedule needs at least ``pp`` micro-batches; a case with
 fewer is padded with micro-batches whose loss is zero (exact zeros added to every gradient).
 
-Not yet at pipeline layouts (the properties that read them are skipped there, with the reason):
-the merge evidence, the replicated-dropout-mask check and the all-to-all count.
+The merge evidence is made as at PP=1: every adapted module's ``LoRAMerge.merge`` against the
+harness's own ``W + s B A`` (``module_merges`` on the global view, per stage), and the model folded
+(``LoRAMerge()`` on what the implementation was handed, or the harness's fold with its ``merge``,
+chunk by chunk) run forward-only through the schedule before and after, the logits from the last
+stage sent to every rank of the pipeline group.
+
+With dropout in training at TP > 1 the replicated-mask check runs the implementation's own dropout
+through a forward-only schedule, each TP group inside its stage. Not made at pipeline layouts: the
+all-to-all count of ``a2a_experimental`` (the pipeline layouts have no sequence parallelism).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 
 from harness import cpu
 from harness.dropout import keyed_dropout
-from harness.evidence import DenseExtras, DropoutStats, MergeEvidence, Partitioned, RankRecord
+from harness.evidence import DenseExtras, DropoutStats, MergeEvidence, ModelFold, Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
 from harness.pipeline import (
@@ -40,20 +47,19 @@ from harness.pipeline import (
 from harness.results import Finding
 from harness.sharding import initial_adapters, load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.common import (
+    any_rank,
     checked_table,
     cpu64,
     reapply_findings,
+    replicated_masks,
     sequence_gathered,
     setup,
     stage_local_findings,
     state_findings,
 )
 
-__all__ = ["run_gpt_pipeline_case", "NOT_AT_PIPELINE"]
+__all__ = ["run_gpt_pipeline_case"]
 
-#: Why the evidence the pipeline task does not make yet is missing (``MergeEvidence.error``; never read:
-#: merge_matches is skipped at pipeline layouts).
-NOT_AT_PIPELINE = "not made at pipeline layouts yet"
 
 
 def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
@@ -94,11 +100,7 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
         x = (full_x.chunk(tp, dim=0)[tp_rank] if layout.sp else full_x).clone().requires_grad_(True)
         probe = _grid(seeded_tensor(case.seed, "probe" + suffix, (b, s, case.shape.vocab_size)), grid)
         batches.append({"x": x, "probe": probe})
-    # megatron's interleaved schedule (virtual stages) needs at least pp micro-batches: the rest
-    # carry a zero loss, so they add exact zeros to every gradient.
-    while layout.vpp and len(batches) < layout.pp:
-        x = torch.zeros_like(batches[0]["x"]).requires_grad_(True)
-        batches.append({"x": x, "probe": torch.zeros_like(batches[0]["probe"])})
+    batches = _padded(batches, layout)
 
     def forward(chunk: Any, batch: dict[str, Any]) -> torch.Tensor:
         first = getattr(chunk, "pre_process", True)
@@ -116,8 +118,21 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
     input_grad = (sequence_gathered(x.grad) if layout.sp else x.grad) if first_stage else None
     grads = {p: cpu64(view.get_parameter(p).grad) for p in table}
     stepped = _sgd_step(view, table) if case.training else None
+    held_out = _padded([{"x": x.detach(), "probe": torch.zeros_like(batches[0]["probe"])}], layout)
+
+    def logits(model_chunks: list[Any]) -> torch.Tensor:
+        with torch.no_grad():
+            out = run_schedule(model_chunks, held_out, forward, lambda o, batch: o.sum(), seq_length=s,
+                               micro_batch_size=b, forward_only=True)
+        return next(o for o in stage_gathered(cpu64(out[0]) if out else None) if o is not None)
+
+    masks = None
+    if case.training and case.lora.get("dropout", 0.0) > 0 and tp > 1:
+        # The implementation's own dropout, through the schedule: each TP group is inside one stage.
+        masks = replicated_masks(view, lambda _: logits(chunks), s // tp if layout.sp else None)
     findings += reapply_findings(view, impl, lora_kwargs, case.training, case.contract,
                                  handed=handed_over(chunks, layout), names=lambda m: global_view(chunks_of(m)))
+    merge = _merge_evidence(chunks, view, impl, table, lora_kwargs.get("alpha", 32), layout, logits)
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
     mine = {
         "output": cpu64(outputs[0]) if outputs else None,
@@ -141,11 +156,62 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
         findings=findings,
         extras=DenseExtras(
             dropout=DropoutStats.of(dropout_log),
-            merge=MergeEvidence(modules=None, fold=None, cast_once=None, error=NOT_AT_PIPELINE),
+            merge=merge,
             stepped_adapters=merged([st["stepped"] for st in stages]),
-            dropout_masks=None,
+            dropout_masks=masks,
         ),
     )
+
+
+def _padded(batches: list[dict[str, Any]], layout: Any) -> list[dict[str, Any]]:
+    """megatron's interleaved schedule (virtual stages) needs at least pp micro-batches: the rest carry
+    a zero loss, so they add exact zeros to every gradient (and their outputs are never read)."""
+    out = list(batches)
+    while layout.vpp and len(out) < layout.pp:
+        out.append({"x": torch.zeros_like(out[0]["x"]).requires_grad_(out[0]["x"].requires_grad),
+                    "probe": torch.zeros_like(out[0]["probe"])})
+    return out
+
+
+def _merge_evidence(chunks: list[Any], view: Any, impl: Any, table: dict[str, Any], alpha: float, layout: Any,
+                    logits: Any) -> MergeEvidence:
+    """``harness.tasks.common.merge_evidence`` for a pipeline stage (or what the implementation raised)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from harness.rules.adapters import adapter_modules
+    from harness.tasks.merge import cast_once, fold_with_merge, module_merges
+
+    modules = fold = once = error = None
+    elsewhere = "another pipeline stage raised while merging (its rank reports what)"
+
+    def attempt(make: Any) -> Any:
+        nonlocal error
+        try:
+            return make()
+        except Exception as exc:  # noqa: BLE001 - reported by merge_matches alone
+            error = f"{type(exc).__name__}: {exc}"
+            return None
+
+    # Every step that a schedule follows is agreed on by every rank first: a stage that raised
+    # must not leave the others waiting in the next point-to-point.
+    modules = attempt(lambda: module_merges(view, impl, table, alpha))
+    if any_rank(error is not None):
+        return MergeEvidence(modules=modules, error=error or elsewhere)
+    for chunk in chunks:
+        chunk.eval()
+    adapted = logits(chunks)
+    merger = impl.LoRAMerge()
+    how = "model" if callable(merger) else "harness"
+    merged = attempt(lambda: chunks_of(merger(handed_over(chunks, layout))) if how == "model"
+                     else [fold_with_merge(chunk, merger, alpha) for chunk in chunks])
+    if any_rank(error is not None):
+        return MergeEvidence(modules=modules, error=error or elsewhere)
+    fold = ModelFold(adapted_output=adapted, merged_output=logits(merged),
+                     left=sorted(adapter_modules(global_view(merged)))[:5], how=how)
+    group = parallel_state.get_tensor_model_parallel_group()
+    once = attempt(lambda: cast_once(impl, group, dist.get_world_size(group), parallel_state.get_tensor_model_parallel_rank()))
+    return MergeEvidence(modules=modules, fold=fold, cast_once=once, error=error)
 
 
 def _grid(t: torch.Tensor, grid: Any) -> torch.Tensor:
