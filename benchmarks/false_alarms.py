@@ -51,13 +51,14 @@ def run_pytest(cmd: list[str], cwd: str, env: dict, timeout: float) -> tuple[int
         return -1, f"timed out after {timeout} s\n{exc.stdout or ''}"
 
 
-def run_once(impl: str, seed: int, profile: str, workers: str, timeout: float, select: str | None = None) -> dict:
+def run_once(impl: str, seed: int, profile: str, workers: str, timeout: float, select: str | None = None,
+             pp: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="lora-false-alarms-") as tmp:
         test = Path(tmp) / "test_my_lora.py"
         test.write_text(downstream_file())
         report = Path(tmp) / "report"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers, "--tp", "2", "--ep", "2",
-               "--lora-impl", impl, "--lora-seed", str(seed), "--hypothesis-profile", profile,
+               "--pp", str(pp), "--lora-impl", impl, "--lora-seed", str(seed), "--hypothesis-profile", profile,
                "--regressions", str(Path(tmp) / "regressions"), "--report", str(report), str(test)]
         if select:
             cmd += ["-k", select]
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select", default=None, help="only the cells this pytest -k expression selects (e.g. a property added since the last full sweep)")
     ap.add_argument("--deep-first-seed", type=int, default=1000, help="the first deep-profile seed")
     ap.add_argument("--workers", default="2", help="pytest -n")
+    ap.add_argument("--pp", type=int, default=1, help="pytest --pp: 2 adds the pipeline layouts")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
     ap.add_argument("--json", default=None, help="also write every run's record here")
     args = ap.parse_args(argv)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(impl, args.first_seed + i, "fast") for impl in impls for i in range(args.seeds)]
     plan += [(impl, args.deep_first_seed + i, "deep") for impl in impls for i in range(args.deep_seeds)]
     for impl, seed, profile in plan:
-        r = run_once(impl, seed, profile, args.workers, args.timeout, args.select)
+        r = run_once(impl, seed, profile, args.workers, args.timeout, args.select, args.pp)
         runs.append(r)
         status = "ok" if not r["failing"] and r["rc"] in (0,) else f"rc {r['rc']}"
         print(f"{impl:<28} {profile:<4} seed {seed:<5} {r['cells']:>3} cells  {len(r['failing'])} failing  "
