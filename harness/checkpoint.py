@@ -32,8 +32,10 @@ def load_layouts(family: str, layout: Any) -> list[Any]:
     from harness.families import get_family
 
     world = layout.min_world_size
-    found = [y for y in get_family(family).layouts(max(layout.tp, 2), max(layout.ep, 2))
-             if y != layout and y.min_world_size <= world]
+    # A layout with pipeline stages loads among the pipeline layouts too (its other-TP candidate is one
+    # without: a checkpoint written by stages read by a model that has none).
+    sizes = (max(layout.tp, 2), max(layout.ep, 2)) + ((layout.pp,) if layout.pp > 1 else ())
+    found = [y for y in get_family(family).layouts(*sizes) if y != layout and y.min_world_size <= world]
     other_tp = [y for y in found if y.tp != layout.tp]
     same_tp = [y for y in found if y.tp == layout.tp]
     return ([layout] + other_tp[:1] + same_tp[:1])[:MAX_LOAD_LAYOUTS]

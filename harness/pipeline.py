@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["stage_chunks", "global_view", "pipeline_config", "run_schedule", "stage_gathered", "handed_over",
-           "chunks_of"]
+           "chunks_of", "merged", "padded"]
 
 
 def pipeline_config(layout: Any, dtype: torch.dtype) -> dict[str, Any]:
@@ -175,6 +175,17 @@ def run_schedule(
         forward_only=forward_only,
     )
     return outputs
+
+
+def padded(batches: Sequence[dict[str, Any]], layout: Any) -> list[dict[str, Any]]:
+    """megatron's interleaved schedule (virtual stages) needs at least pp micro-batches: the micro-batches
+    (dicts with an input ``x`` and a ``probe`` the loss weighs the output with) padded with ones whose input
+    and probe are zero, so they add exact zeros to every gradient (their outputs are never read)."""
+    out = list(batches)
+    while layout.vpp and len(out) < layout.pp:
+        out.append({"x": torch.zeros_like(out[0]["x"]).requires_grad_(out[0]["x"].requires_grad),
+                    "probe": torch.zeros_like(out[0]["probe"])})
+    return out
 
 
 def stage_gathered(value: Any) -> list[Any]:

@@ -48,17 +48,36 @@ def dp_metadata() -> dict[str, Any]:
     return {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
 
 
+def _chunks(model: Any) -> list[Any]:
+    """The modules of ``model``: itself, or the chunks of a virtual-pipeline list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def _missing(peft: Any, model: Any) -> tuple[str, ...]:
     gone = [f"LoRA.{m}" for m in _METHODS if not callable(getattr(peft, m, None))]
-    if not callable(getattr(model, "sharded_state_dict", None)):
-        gone.append(f"{type(model).__name__}.sharded_state_dict")
+    for chunk in _chunks(model):
+        if not callable(getattr(chunk, "sharded_state_dict", None)):
+            gone.append(f"{type(chunk).__name__}.sharded_state_dict")
+            break
     return tuple(gone)
 
 
 def _filtered(peft: Any, model: Any) -> dict[str, Any]:
+    """What an adapter checkpoint holds: each chunk's ``sharded_state_dict`` filtered by the LoRA object,
+    nested per chunk (``chunk<i>``) for a list of chunks, as megatron's training nests them (the entries'
+    own keys are global: a checkpoint saved with chunks loads into a model without them)."""
     peft.set_params_to_save(model)
-    full = model.sharded_state_dict(prefix="", metadata=dp_metadata())
-    return {k: v for k, v in full.items() if peft.adapter_key_filter(k)}
+    chunks = _chunks(model)
+    dicts = [{k: v for k, v in chunk.sharded_state_dict(prefix="", metadata=dp_metadata()).items()
+              if peft.adapter_key_filter(k)} for chunk in chunks]
+    return dicts[0] if not isinstance(model, (list, tuple)) else {f"chunk{i}": d for i, d in enumerate(dicts)}
+
+
+def _per_chunk(model: Any, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """A state dict as ``_filtered`` nests it, one dict per chunk."""
+    if not isinstance(model, (list, tuple)):
+        return [state]
+    return [state.get(f"chunk{i}", {}) for i in range(len(model))]
 
 
 def checkpoint_metadata(path: str) -> dict[str, tuple[int, ...]]:
@@ -156,9 +175,11 @@ def save_side(peft: Any, model: Any, path: str, rank: int, train_step: Callable[
         error = f"{step}: {type(exc).__name__}: {exc}"
     plain_error = None
     try:
-        state = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in model.state_dict().items()}
+        states = [{k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in chunk.state_dict().items()}
+                  for chunk in _chunks(model)]
         other = fresh()
-        other.load_state_dict(state)
+        for chunk, state in zip(_chunks(other), states):
+            chunk.load_state_dict(state)
         plain = cpu64(logits(other))
     except BaseException as exc:  # noqa: BLE001
         _reraise_interrupts(exc)
@@ -168,8 +189,11 @@ def save_side(peft: Any, model: Any, path: str, rank: int, train_step: Callable[
 
 
 def load_side(peft: Any, model: Any, path: str, logits: Callable[[Any], torch.Tensor],
-              adapters: Callable[[Any], dict[str, torch.Tensor]]) -> CheckpointExtras:
-    """Load the checkpoint into a fresh model at this layout and record (see the module's doc)."""
+              adapters: Callable[[Any], dict[str, torch.Tensor]],
+              names: Callable[[Any], dict[int, str]] = lambda m: {id(p): n for n, p in m.named_parameters()}
+              ) -> CheckpointExtras:
+    """Load the checkpoint into a fresh model at this layout and record (see the module's doc). ``names(model)``:
+    each parameter's name as ``adapters`` gives it, by ``id`` (at a pipeline layout the whole model's names)."""
     from megatron.core import dist_checkpointing
 
     from harness import cpu
@@ -184,10 +208,17 @@ def load_side(peft: Any, model: Any, path: str, logits: Callable[[Any], torch.Te
         step = "dist_checkpointing.load"
         loaded = dist_checkpointing.load(filtered, path)
         step = "load_state_dict"
-        result = model.load_state_dict(loaded, strict=False)
+        named = names(model)
+        reached: set[str] = set()
+        unexpected_keys: list[str] = []
+        for chunk, state in zip(_chunks(model), _per_chunk(model, loaded)):
+            result = chunk.load_state_dict(state, strict=False)
+            unexpected_keys += list(getattr(result, "unexpected_keys", ()) or ())
+            own_params = dict(chunk.named_parameters())
+            reached |= {named[id(own_params[k])] for k in state if k in own_params and id(own_params[k]) in named}
         own = set(adapters(model))
-        not_loaded = tuple(sorted(own - set(loaded)))
-        unexpected = tuple(sorted(getattr(result, "unexpected_keys", ()) or ()))
+        not_loaded = tuple(sorted(own - reached))
+        unexpected = tuple(sorted(unexpected_keys))
         return CheckpointExtras(logits=cpu64(logits(model)), adapters={n: cpu64(t) for n, t in adapters(model).items()},
                                 not_loaded=not_loaded, unexpected=unexpected)
     except BaseException as exc:  # noqa: BLE001

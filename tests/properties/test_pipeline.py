@@ -179,3 +179,26 @@ def test_merge_and_dropout_bugs_are_caught_at_pipeline_layouts(_tp2, impl, prop,
     result = check(Evidence(Executor(), _case(where, impl=impl, dropout=0.5)))
     assert result.verdict is verdict, result.findings
     assert sub in {f.check for f in result.findings if f.verdict.failing}
+
+
+@pytest.mark.parametrize("saved", [PP2, VPP], ids=str)
+def test_adapters_saved_by_stages_load_bit_for_bit_where_there_are_none(_tp2, saved):
+    """A checkpoint written by pipeline stages (a list of chunks under virtual stages) loads at tp2 without
+    stages: the adapters bit for bit, the logits the same, each adapter once in the file set."""
+    from harness.properties.checkpoint import check
+    from harness.runs import Evidence, Executor
+
+    case = _case(saved, num_layers=saved.stages).with_(load_layout=ParallelLayout(tp=2))
+    result = check(Evidence(Executor(), case))
+    assert result.verdict is Verdict.PASS, result.findings
+    assert any("adapter loaded at tp2" in c.location.quantity for c in result.comparisons)
+
+
+def test_a_checkpoint_keyed_by_stage_local_layers_is_caught(_tp2):
+    from harness.properties.checkpoint import check
+    from harness.runs import Evidence, Executor
+
+    case = _case(PP2, impl="tests.wrong_impls.ckpt_stage_local_layer").with_(load_layout=ParallelLayout(tp=2))
+    result = check(Evidence(Executor(), case))
+    assert result.verdict.failing and result.verdict is not Verdict.HARNESS, result.findings
+    assert {f.check for f in result.findings if f.verdict.failing} & {"checkpoint_save", "checkpoint_keys"}

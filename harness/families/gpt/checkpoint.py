@@ -2,11 +2,14 @@
 
 The save task runs the case at ``layout`` (its ``load_layout`` names where it will be loaded); the load
 task runs the case with the two swapped, at the load layout, ``load_layout`` naming where it was saved.
-Both name the checkpoint directory by the saved case (``harness.checkpoint.checkpoint_dir``).
+Both name the checkpoint directory by the saved case (``harness.checkpoint.checkpoint_dir``). At a pipeline
+layout each side is a stage run through megatron-core's schedule (``harness.pipeline``), its adapters named
+by global layer: a checkpoint saved at PP=2 loads at PP=1 and the other way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -16,6 +19,17 @@ from harness.checkpoint import checkpoint_case, checkpoint_dir
 from harness.evidence import Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
+from harness.pipeline import (
+    chunks_of,
+    global_view,
+    handed_over,
+    merged,
+    padded,
+    pipeline_config,
+    run_schedule,
+    stage_chunks,
+    stage_gathered,
+)
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.checkpoint import LR, load_side, save_side
 from harness.tasks.common import checked_table, setup
@@ -25,39 +39,64 @@ __all__ = ["run_gpt_checkpoint_save", "run_gpt_checkpoint_load"]
 
 def _built(ctx: Any, case: GPTCase, adapter_seed: int) -> Any:
     """(LoRA object, adapted model, partition table, or a violation record) at the case's layout: seeded base,
-    adapters loaded with ``adapter_seed``'s values."""
+    adapters loaded with ``adapter_seed``'s values. At a pipeline layout the model is this rank's stage as
+    megatron hands it over (a module, or a list of chunks under virtual stages; ``harness.pipeline``), the
+    table by the whole model's names."""
     impl, tp, tp_rank = setup(ctx, case)
-    model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
-                      parallel_output=not output_layer_gathers(case.contract))
-    load_full_base_weights(model, case.seed, tp_rank, tp)
+    layout = case.layout
+    config = pipeline_config(layout, case.model_dtype)
+    chunks = stage_chunks(
+        lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
+                                        parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
+                                        post_process=post, vp_stage=vp, **config),
+        layout)
+    load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
     kwargs = case.lora_kwargs()
     cpu.manual_seed(case.seed)
     peft = impl.LoRA(**kwargs)
-    model = peft(model, training=True)
+    model = peft(handed_over(chunks, layout), training=True)
+    view = global_view(chunks_of(model))
     table, broken = checked_table(
-        lambda: load_full_adapter_weights(model, adapter_seed, tp_rank, tp, kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
+        lambda: load_full_adapter_weights(view, adapter_seed, tp_rank, tp, kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
     return peft, model, table, broken, tp, tp_rank
 
 
 def _io(ctx: Any, case: GPTCase, tp: int, tp_rank: int, table: Any) -> tuple[Any, Any, Any]:
     device = getattr(ctx, "device", None) or torch.device("cpu")
-    s = case.shape.seq_length
+    s, b = case.shape.seq_length, case.shape.micro_batch_size
     ids, pos, x = dense_inputs(case, tp, tp_rank, device)
     mask = causal_mask(s).to(device)
+    probe = seeded_tensor(case.seed, "checkpoint-probe", (b, s, case.shape.vocab_size)).to(device=device)
+
+    def forward(chunk: Any, batch: dict[str, Any]) -> torch.Tensor:
+        return chunk(ids, pos, mask, decoder_input=batch["x"] if getattr(chunk, "pre_process", True) else None)
+
+    def run(m: Any, grad: bool) -> Any:
+        """The logits of ``m`` (every rank's copy from the last stage under a pipeline), with the loss's
+        backward when ``grad``."""
+        if case.layout.pp == 1:
+            out = chunks_of(m)[0](ids, pos, mask, decoder_input=x)
+            if grad:
+                (out * probe.to(out.dtype)).sum().div(out.numel()).backward()
+            return out
+        batches = padded([{"x": x.detach(), "probe": probe}], case.layout)
+        outs = run_schedule(chunks_of(m), batches, forward,
+                            lambda out, batch: (out * batch["probe"].to(out.dtype)).sum().div(out.numel()),
+                            seq_length=s, micro_batch_size=b, forward_only=not grad)
+        return next(o for o in stage_gathered(outs[0].detach() if outs else None) if o is not None)
 
     def logits(m: Any) -> torch.Tensor:
         with torch.no_grad():
-            return m(ids, pos, mask, decoder_input=x)
+            return run(m, grad=False)
 
     def adapters(m: Any) -> dict[str, torch.Tensor]:
-        return {p: m.get_parameter(p).detach() for p in table}
+        view = global_view(chunks_of(m))
+        return {p: view.get_parameter(p).detach() for p in table}
 
     def train_step_of(m: Any) -> Any:
         def step() -> None:
-            out = m(ids, pos, mask, decoder_input=x)
-            probe = seeded_tensor(case.seed, "checkpoint-probe", tuple(out.shape)).to(device=device, dtype=out.dtype)
-            (out * probe).sum().div(out.numel()).backward()
-            trainable = [p for p in m.parameters() if p.requires_grad and p.grad is not None]
+            run(m, grad=True)
+            trainable = [p for c in chunks_of(m) for p in c.parameters() if p.requires_grad and p.grad is not None]
             torch.optim.SGD(trainable, lr=LR).step()
         return step
 
@@ -65,12 +104,17 @@ def _io(ctx: Any, case: GPTCase, tp: int, tp_rank: int, table: Any) -> tuple[Any
 
 
 def _record(ctx: Any, tp: int, tp_rank: int, table: Any, extras: Any) -> RankRecord:
+    """This rank's record; under a pipeline every rank of the pipeline group holds the whole model's adapters
+    and partitions (``stage_gathered``), so the parent puts them back together as at PP=1."""
     from megatron.core import parallel_state
 
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
+    stages = stage_gathered((partitions, extras.adapters, extras.not_loaded))
+    extras = dataclasses.replace(extras, adapters=merged([st[1] for st in stages]) or {},
+                                 not_loaded=tuple(sorted({n for st in stages for n in st[2]})))
     return RankRecord(rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=parallel_state.get_data_parallel_rank(),
-                      output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions=partitions,
-                      extras=extras)
+                      output=None, input_grad=None, adapter_grads={}, initial_adapters={},
+                      partitions=merged([st[0] for st in stages]) or {}, extras=extras)
 
 
 def run_gpt_checkpoint_save(ctx: Any, case: GPTCase) -> RankRecord:
@@ -96,5 +140,6 @@ def run_gpt_checkpoint_load(ctx: Any, case: GPTCase) -> RankRecord:
         return broken
     logits, adapters, _ = _io(ctx, case, tp, tp_rank, table)
     saved = case.with_(layout=case.load_layout, load_layout=case.layout)
-    extras = load_side(peft, model, checkpoint_dir(ctx.owner_pid, checkpoint_case(saved)), logits, adapters)
+    extras = load_side(peft, model, checkpoint_dir(ctx.owner_pid, checkpoint_case(saved)), logits, adapters,
+                       lambda m: {id(p): n for n, p in global_view(chunks_of(m)).named_parameters()})
     return _record(ctx, tp, tp_rank, table, extras)

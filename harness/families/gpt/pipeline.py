@@ -39,6 +39,7 @@ from harness.pipeline import (
     global_view,
     handed_over,
     merged,
+    padded,
     pipeline_config,
     run_schedule,
     stage_chunks,
@@ -100,7 +101,7 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
         x = (full_x.chunk(tp, dim=0)[tp_rank] if layout.sp else full_x).clone().requires_grad_(True)
         probe = _grid(seeded_tensor(case.seed, "probe" + suffix, (b, s, case.shape.vocab_size)), grid)
         batches.append({"x": x, "probe": probe})
-    batches = _padded(batches, layout)
+    batches = padded(batches, layout)
 
     def forward(chunk: Any, batch: dict[str, Any]) -> torch.Tensor:
         first = getattr(chunk, "pre_process", True)
@@ -118,7 +119,7 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
     input_grad = (sequence_gathered(x.grad) if layout.sp else x.grad) if first_stage else None
     grads = {p: cpu64(view.get_parameter(p).grad) for p in table}
     stepped = _sgd_step(view, table) if case.training else None
-    held_out = _padded([{"x": x.detach(), "probe": torch.zeros_like(batches[0]["probe"])}], layout)
+    held_out = padded([{"x": x.detach(), "probe": torch.zeros_like(batches[0]["probe"])}], layout)
 
     def logits(model_chunks: list[Any]) -> torch.Tensor:
         with torch.no_grad():
@@ -161,16 +162,6 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
             dropout_masks=masks,
         ),
     )
-
-
-def _padded(batches: list[dict[str, Any]], layout: Any) -> list[dict[str, Any]]:
-    """megatron's interleaved schedule (virtual stages) needs at least pp micro-batches: the rest carry
-    a zero loss, so they add exact zeros to every gradient (and their outputs are never read)."""
-    out = list(batches)
-    while layout.vpp and len(out) < layout.pp:
-        out.append({"x": torch.zeros_like(out[0]["x"]).requires_grad_(out[0]["x"].requires_grad),
-                    "probe": torch.zeros_like(out[0]["probe"])})
-    return out
 
 
 def _merge_evidence(chunks: list[Any], view: Any, impl: Any, table: dict[str, Any], alpha: float, layout: Any,
