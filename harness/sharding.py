@@ -238,16 +238,17 @@ def load_full_base_weights(
 
 @torch.no_grad()
 def load_full_adapter_weights(
-    model: nn.Module, seed: int, tp_rank: int, tp_size: int, dim: int
+    model: nn.Module, seed: int, tp_rank: int, tp_size: int, dim: int, allow_empty: bool = False
 ) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
     """Set every adapter's A and B to slices of seeded full matrices (B non-zero).
 
     Checks names and shapes first (``adapter_table``, raising
-    ``SpecViolation``) and returns its table.
+    ``SpecViolation``; ``allow_empty``: a model without adapters is no
+    violation, as for a pipeline stage) and returns its table.
     """
     from harness.rules.adapters import adapter_table
 
-    table = adapter_table(model, tp_rank, tp_size, dim)
+    table = adapter_table(model, tp_rank, tp_size, dim, allow_empty)
     for pname, (wname, part, shape) in table.items():
         which = pname.rsplit(".", 2)[-2]
         param = model.get_parameter(pname)

@@ -70,6 +70,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
+    pipeline=True,
     name="adapters_switch_off",
     check=check,
     needs=("switch",),

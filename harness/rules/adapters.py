@@ -68,14 +68,19 @@ def adapter_full_shapes(wrapper: nn.Module, tp_size: int, dim: int) -> dict[str,
     return {"linear_in": (dim, in_full), "linear_out": (out_full, dim)}
 
 
-def adapter_table(model: nn.Module, tp_rank: int, tp_size: int, dim: int) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
+def adapter_table(model: nn.Module, tp_rank: int, tp_size: int, dim: int,
+                  allow_empty: bool = False) -> dict[str, tuple[str, Partition, tuple[int, ...]]]:
     """Per adapter parameter: (canonical module name, partition, full shape), loading nothing.
 
     Checks each parameter's name and local shape against harness/SPEC.md and
-    raises ``SpecViolation`` naming the module when they differ.
+    raises ``SpecViolation`` naming the module when they differ. A model
+    without any adapter is one too, unless ``allow_empty`` (a pipeline stage
+    may hold none: the patterns may select layers of other stages only).
     """
     table = {}
     wrappers = adapter_modules(model)
+    if not wrappers and allow_empty:
+        return table
     if not wrappers:
         raise SpecViolation("no module with `to_wrap` and `adapter` children: no adapter was applied (SPEC naming)")
     for wname, wrapper in wrappers.items():

@@ -143,9 +143,19 @@ def save_side(peft: Any, model: Any, path: str, rank: int, train_step: Callable[
 
     from harness import cpu
 
+    from harness.tasks.common import any_rank
+
     step = "train"
+    failed = None
     try:
         train_step()
+    except Exception as exc:  # noqa: BLE001 - the implementation's
+        failed = f"{step}: {type(exc).__name__}: {exc}"
+    # Every rank knows whether another failed before the next forward pass (a pipeline stage or TP rank
+    # that raised must not leave the others waiting in a collective).
+    if any_rank(failed is not None):
+        return CheckpointExtras(error=failed or f"{step}: another rank raised (its record says what)")
+    try:
         out_logits, out_adapters = cpu64(logits(model)), {n: cpu64(t) for n, t in adapters(model).items()}
     except Exception as exc:  # noqa: BLE001 - the implementation's
         return CheckpointExtras(error=f"{step}: {type(exc).__name__}: {exc}")
@@ -174,16 +184,19 @@ def save_side(peft: Any, model: Any, path: str, rank: int, train_step: Callable[
         _reraise_interrupts(exc)
         error = f"{step}: {type(exc).__name__}: {exc}"
     plain_error = None
+    other = fresh()
     try:
         states = [{k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in chunk.state_dict().items()}
                   for chunk in _chunks(model)]
-        other = fresh()
         for chunk, state in zip(_chunks(other), states):
             chunk.load_state_dict(state)
-        plain = cpu64(logits(other))
     except BaseException as exc:  # noqa: BLE001
         _reraise_interrupts(exc)
         plain_error = f"{type(exc).__name__}: {exc}"
+    if not any_rank(plain_error is not None):
+        plain = cpu64(logits(other))
+    elif plain_error is None:
+        plain_error = "another rank raised in load_state_dict(state_dict()) (its record says what)"
     return CheckpointExtras(logits=out_logits, adapters=out_adapters, error=error, saved=saved, plain_logits=plain,
                             plain_error=plain_error)
 

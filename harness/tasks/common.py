@@ -45,13 +45,23 @@ def any_rank(flag: bool) -> bool:
 
 def checked_table(make: Callable[[], Any], rank: int, tp_rank: int, tp_size: int) -> tuple[Any, Any]:
     """``(make(), None)``, or ``(None, violation_record)`` on every rank when ``make`` raised
-    ``SpecViolation`` on any rank (the adapters' names or shapes are off harness/SPEC.md)."""
+    ``SpecViolation`` on any rank (the adapters' names or shapes are off harness/SPEC.md). Under pipeline
+    parallelism ``make`` may find a stage without adapters (``allow_empty``); the model as a whole must
+    hold one."""
     from megatron.core import parallel_state
 
     try:
         table, violation = make(), None
     except SpecViolation as exc:
         table, violation = None, str(exc)
+    if violation is None and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        import torch.distributed as dist
+
+        held = torch.tensor([1 if table else 0])
+        dist.all_reduce(held, op=dist.ReduceOp.MAX, group=parallel_state.get_pipeline_model_parallel_group())
+        if not held.item():
+            violation = ("no module of any pipeline stage has `to_wrap` and `adapter` children: no adapter was "
+                         "applied (SPEC naming)")
     if any_rank(violation is not None):
         return None, violation_record(rank, tp_rank, tp_size, parallel_state.get_data_parallel_rank(), violation)
     return table, None

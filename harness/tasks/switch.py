@@ -41,8 +41,16 @@ def _snapshot(model: Any) -> dict[str, tuple[torch.Tensor, bool]]:
     return {n: (p.detach().clone(), bool(p.requires_grad)) for n, p in model.named_parameters()}
 
 
-def switch_evidence(peft: Any, model: Any, forward: Callable[[Any], torch.Tensor], base: torch.Tensor) -> SwitchExtras:
-    """Every step of ``STEPS`` on ``model`` (already adapted by ``peft``, in eval mode), as float64 CPU logits."""
+def switch_evidence(peft: Any, model: Any, forward: Callable[[Any], torch.Tensor], base: torch.Tensor,
+                    named: Callable[[Any], Any] = lambda m: m) -> SwitchExtras:
+    """Every step of ``STEPS`` on ``model`` (already adapted by ``peft``, in eval mode), as float64 CPU logits.
+
+    ``model`` is what the implementation was handed (a pipeline stage's list of chunks, say) and
+    ``named(model)`` a module whose parameters and submodules name it (``harness.pipeline.global_view``).
+    Every rank agrees that a step went through before the next forward pass: a rank whose implementation
+    raised must not leave the others waiting in a collective of the model's forward."""
+    from harness.tasks.common import any_rank
+
     def run() -> torch.Tensor:
         with torch.no_grad():
             return forward(model).detach().to(device="cpu", dtype=torch.float64)
@@ -51,36 +59,45 @@ def switch_evidence(peft: Any, model: Any, forward: Callable[[Any], torch.Tensor
     missing = tuple(m for m in SWITCH_METHODS if not callable(getattr(peft, m, None)))
     if missing:
         return SwitchExtras(base=base, adapted=adapted, missing=missing)
-    before = _snapshot(model)
-    tree = [(n, type(m).__name__) for n, m in model.named_modules()]
+    before = _snapshot(named(model))
+    tree = [(n, type(m).__name__) for n, m in named(model).named_modules()]
     steps: dict[str, torch.Tensor] = {}
-    step = "inside disable_adapter"
-    try:
-        with peft.disable_adapter(model):
-            steps[step] = run()
-        step = "after disable_adapter"
-        steps[step] = run()
-        step = "disable_adapter_layers"
-        peft.disable_adapter_layers(model)
-        peft.disable_adapter_layers(model)
-        steps[step] = run()
-        step = "enable_adapter_layers"
-        peft.enable_adapter_layers(model)
-        peft.enable_adapter_layers(model)
-        steps[step] = run()
-        step = "after a raising block"
+
+    def raising_block() -> None:
         try:
             with peft.disable_adapter(model):
                 raise _Probe("raised by the harness inside disable_adapter")
         except _Probe:
             pass
+
+    block: list[Any] = []
+
+    def enter() -> None:
+        block.append(peft.disable_adapter(model))
+        block[0].__enter__()
+
+    # The block is entered by every rank before its forward pass, and left after it.
+    actions = {
+        "inside disable_adapter": enter,
+        "after disable_adapter": lambda: block[0].__exit__(None, None, None),
+        "disable_adapter_layers": lambda: (peft.disable_adapter_layers(model), peft.disable_adapter_layers(model)),
+        "enable_adapter_layers": lambda: (peft.enable_adapter_layers(model), peft.enable_adapter_layers(model)),
+        "after a raising block": raising_block,
+    }
+    for step, action in actions.items():
+        error = None
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - reported as the implementation's, with the step
+            error = f"{step}: {type(exc).__name__}: {exc}"
+        if any_rank(error is not None):
+            return SwitchExtras(base=base, adapted=adapted, steps=steps,
+                                error=error or f"{step}: another rank raised there (its record says what)")
         steps[step] = run()
-    except Exception as exc:  # noqa: BLE001 - reported as the implementation's, with the step
-        return SwitchExtras(base=base, adapted=adapted, steps=steps, error=f"{step}: {type(exc).__name__}: {exc}")
-    after = _snapshot(model)
+    after = _snapshot(named(model))
     changed = tuple(sorted(
         n for n in set(before) | set(after)
         if n not in before or n not in after or before[n][1] != after[n][1] or not torch.equal(before[n][0], after[n][0])
     ))
-    tree_changed = tree != [(n, type(m).__name__) for n, m in model.named_modules()]
+    tree_changed = tree != [(n, type(m).__name__) for n, m in named(model).named_modules()]
     return SwitchExtras(base=base, adapted=adapted, steps=steps, changed=changed, tree_changed=tree_changed)

@@ -93,7 +93,7 @@ def test_properties_without_a_pipeline_task_are_skipped_there_with_the_reason():
     from harness.contract import Capabilities
     from harness.properties import get_property
 
-    reason = get_property("checkpoint_roundtrip").skip_reason("gpt", PP2, Capabilities())
+    reason = get_property("errors_follow_spec").skip_reason("gpt", PP2, Capabilities())
     assert reason and "pipeline layouts" in reason and "pp=2" in reason
     assert get_property("backward_matches").skip_reason("gpt", PP2, Capabilities()) is None
 
@@ -102,7 +102,7 @@ def _case(layout, impl="lora.megatron", num_layers=2, **lora):
     return GPTCase(
         shape=GPTShape(num_layers=num_layers, hidden_size=16, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=16,
                        vocab_size=8, seq_length=4),
-        lora=dict(dim=2, alpha=4, target_modules=["*.layers.0.*.linear_qkv", "*linear_fc2"], exclude_modules=[], **lora),
+        lora=dict(dim=2, alpha=4, target_modules=["*.layers.0.*.linear_qkv", "*linear_fc2"], exclude_modules=[]) | lora,
         seed=11, layout=layout, impl=impl, model_dtype=torch.float64, training=True, micro_batches=2)
 
 
@@ -202,3 +202,14 @@ def test_a_checkpoint_keyed_by_stage_local_layers_is_caught(_tp2):
     result = check(Evidence(Executor(), case))
     assert result.verdict.failing and result.verdict is not Verdict.HARNESS, result.findings
     assert {f.check for f in result.findings if f.verdict.failing} & {"checkpoint_save", "checkpoint_keys"}
+
+
+def test_switching_adapters_off_is_checked_through_the_schedule():
+    from harness.properties.adapter_switch import check
+    from harness.runs import Evidence, Executor
+
+    assert check(Evidence(Executor(), _case(VPP, num_layers=4))).verdict is Verdict.PASS
+    # Every adapter but the first layer's switched off: the second stage's logits never go back to the base.
+    wrong = check(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.switch_leaves_first_layer_on",
+                                             target_modules=["linear_fc2"])))
+    assert wrong.verdict is Verdict.NUMERIC, wrong.findings

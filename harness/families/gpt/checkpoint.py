@@ -57,7 +57,7 @@ def _built(ctx: Any, case: GPTCase, adapter_seed: int) -> Any:
     model = peft(handed_over(chunks, layout), training=True)
     view = global_view(chunks_of(model))
     table, broken = checked_table(
-        lambda: load_full_adapter_weights(view, adapter_seed, tp_rank, tp, kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
+        lambda: load_full_adapter_weights(view, adapter_seed, tp_rank, tp, kwargs.get("dim", 32), case.layout.pp > 1), ctx.rank, tp_rank, tp)
     return peft, model, table, broken, tp, tp_rank
 
 
@@ -97,7 +97,8 @@ def _io(ctx: Any, case: GPTCase, tp: int, tp_rank: int, table: Any) -> tuple[Any
         def step() -> None:
             run(m, grad=True)
             trainable = [p for c in chunks_of(m) for p in c.parameters() if p.requires_grad and p.grad is not None]
-            torch.optim.SGD(trainable, lr=LR).step()
+            if trainable:  # a pipeline stage may hold no adapter
+                torch.optim.SGD(trainable, lr=LR).step()
         return step
 
     return logits, adapters, train_step_of

@@ -84,7 +84,7 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
     view = global_view(chunks, training=case.training if same_mode else not case.training)
     initial = initial_adapters(view)
     table, broken = checked_table(
-        lambda: load_full_adapter_weights(view, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
+        lambda: load_full_adapter_weights(view, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32), layout.pp > 1), ctx.rank, tp_rank, tp)
     if broken is not None:
         return broken
     findings = state_findings(view, table, case) + stage_local_findings(chunks, view, lora_kwargs)

@@ -10,6 +10,7 @@ from harness import cpu
 from harness.evidence import RankRecord
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
+from harness.pipeline import chunks_of, global_view, handed_over, padded, pipeline_config, run_schedule, stage_chunks, stage_gathered
 from harness.sharding import load_full_adapter_weights, load_full_base_weights
 from harness.tasks.common import checked_table, setup
 from harness.tasks.switch import switch_evidence
@@ -18,31 +19,50 @@ __all__ = ["run_gpt_switch_case"]
 
 
 def run_gpt_switch_case(ctx: Any, case: GPTCase) -> RankRecord:
-    """``SwitchExtras`` for the case's dense model at its layout (eval mode, seeded base and adapter weights)."""
+    """``SwitchExtras`` for the case's dense model at its layout (eval mode, seeded base and adapter weights);
+    at a pipeline layout this rank's stage, its logits through megatron's schedule (``harness.pipeline``)."""
     from megatron.core import parallel_state
 
     impl, tp, tp_rank = setup(ctx, case)
-    model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
-                      parallel_output=not output_layer_gathers(case.contract))
-    load_full_base_weights(model, case.seed, tp_rank, tp)
+    layout = case.layout
+    config = pipeline_config(layout, case.model_dtype)
+    chunks = stage_chunks(
+        lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
+                                        parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
+                                        post_process=post, vp_stage=vp, **config),
+        layout)
+    load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
     device = getattr(ctx, "device", None) or torch.device("cpu")
-    s = case.shape.seq_length
+    s, b = case.shape.seq_length, case.shape.micro_batch_size
     ids, pos, x = dense_inputs(case, tp, tp_rank, device)
-    forward = lambda m: m(ids, pos, causal_mask(s).to(device), decoder_input=x)  # noqa: E731
-    model.eval()
+    mask = causal_mask(s).to(device)
+
+    def forward(m: Any) -> torch.Tensor:
+        if layout.pp == 1:
+            return chunks_of(m)[0](ids, pos, mask, decoder_input=x)
+        batches = padded([{"x": x, "probe": torch.zeros(b, s, case.shape.vocab_size)}], layout)
+        outs = run_schedule(chunks_of(m), batches,
+                            lambda c, batch: c(ids, pos, mask, decoder_input=batch["x"] if c.pre_process else None),
+                            lambda out, batch: out.sum(), seq_length=s, micro_batch_size=b, forward_only=True)
+        return next(o for o in stage_gathered(outs[0].detach() if outs else None) if o is not None)
+
+    for chunk in chunks:
+        chunk.eval()
     with torch.no_grad():
-        base = forward(model).detach().to(device="cpu", dtype=torch.float64)
+        base = forward(handed_over(chunks, layout)).detach().to(device="cpu", dtype=torch.float64)
     lora_kwargs = case.lora_kwargs()
     cpu.manual_seed(case.seed)
     peft = impl.LoRA(**lora_kwargs)
-    model = peft(model, training=case.training)
+    model = peft(handed_over(chunks, layout), training=case.training)
     _, broken = checked_table(
-        lambda: load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
+        lambda: load_full_adapter_weights(global_view(chunks_of(model)), case.seed, tp_rank, tp, lora_kwargs.get("dim", 32), layout.pp > 1),
+        ctx.rank, tp_rank, tp)
     if broken is not None:
         return broken
-    model.eval()
+    for chunk in chunks_of(model):
+        chunk.eval()
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=parallel_state.get_data_parallel_rank(),
         output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions={},
-        extras=switch_evidence(peft, model, forward, base),
+        extras=switch_evidence(peft, model, forward, base, named=lambda m: global_view(chunks_of(m))),
     )
