@@ -12,6 +12,7 @@ def check(ev) -> Check:
 
 
 PROPERTY = register(Property(
+    pipeline=True,
     families=("gpt", "moe"),
     name="errors_follow_spec",
     check=check,

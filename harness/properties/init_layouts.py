@@ -34,10 +34,15 @@ def check(ev) -> Check:
 
 
 def _applies(layout, capabilities):
+    if layout.pp > 1:
+        # SPEC, "Pipeline stages": the promise is across TP and EP layouts.
+        return ("at pp > 1 each pipeline stage draws its own adapters (SPEC: the same initial values are promised "
+                "across TP and EP layouts, not across stage splits)")
     return "TP=1 compares the TP=1 draw with itself" if layout.tp == 1 and layout.ep == 1 else None
 
 
 PROPERTY = register(Property(
+    pipeline=True,
     families=("gpt", "moe"),
     name="init_matches_layouts",
     check=check,

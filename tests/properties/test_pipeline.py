@@ -213,3 +213,15 @@ def test_switching_adapters_off_is_checked_through_the_schedule():
     wrong = check(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.switch_leaves_first_layer_on",
                                              target_modules=["linear_fc2"])))
     assert wrong.verdict is Verdict.NUMERIC, wrong.findings
+
+
+def test_bad_input_errors_name_the_whole_model_s_modules_on_every_stage():
+    """A pattern selecting a module without an adapter raises naming it; on the second stage that is layer 1's
+    (the stage's first layer), which an implementation matching stage-local names calls layer 0's."""
+    from harness.properties.errors_spec import check
+    from harness.runs import Evidence, Executor
+
+    assert check(Evidence(Executor(), _case(VPP, num_layers=4))).verdict is Verdict.PASS
+    wrong = check(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.pp_stage_local_names")))
+    assert wrong.verdict is Verdict.CONTRACT
+    assert any("decoder.layers.1." in f.message and f.check == "non_linear_target" for f in wrong.findings), wrong.findings

@@ -221,12 +221,29 @@ def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
     """
     from megatron.core import parallel_state
 
+    from harness.pipeline import global_view, handed_over, pipeline_config, stage_chunks
+
     impl, tp, tp_rank = setup(ctx, case)
     findings: list[Finding] = []
+    layout = case.layout
+    config = pipeline_config(layout, case.model_dtype)
 
-    def fresh_model() -> torch.nn.Module:
-        return build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
-                      parallel_output=not output_layer_gathers(case.contract))
+    def fresh_model() -> Any:
+        """The model as megatron hands it over: at a pipeline layout this rank's stage (a list of chunks under
+        virtual stages)."""
+        chunks = stage_chunks(
+            lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
+                                            parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
+                                            post_process=post, vp_stage=vp, **config),
+            layout)
+        return handed_over(chunks, layout)
+
+    # The errors name modules by the whole model's names: on a pipeline stage the first module a pattern
+    # selects is in the stage's first layer (global number ``first``), and a pattern naming layer 0 selects
+    # nothing on the other stages, so the layer-indexed one is not used there.
+    sample = fresh_model()
+    view = global_view(sample if isinstance(sample, list) else [sample])
+    first = min(int(k) for k in view.get_submodule("decoder.layers")._modules) if layout.pp > 1 else 0
 
     expect = error_expecter(case.contract, findings)
 
@@ -245,8 +262,10 @@ def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
             lambda which=which: impl.LoRA(**{which: bogus})(fresh_model()),
         )
     non_linear = contract_point("non_linear_target")
-    pattern, full_name = NON_LINEAR_TARGETS[case.seed % len(NON_LINEAR_TARGETS)]
-    type_name = type(fresh_model().get_submodule(full_name)).__name__
+    targets = NON_LINEAR_TARGETS if layout.pp == 1 else [t for t in NON_LINEAR_TARGETS if ".layers.0." not in t[0]]
+    pattern, full_name = targets[case.seed % len(targets)]
+    full_name = full_name.replace("decoder.layers.0.", f"decoder.layers.{first}.")
+    type_name = type(view.get_submodule(full_name)).__name__
     expect(
         "non_linear_target", f"target_modules=[{pattern!r}] selecting a module with no adapter",
         non_linear.strict_errors, non_linear.bridge_errors, [full_name, type_name],
@@ -254,7 +273,7 @@ def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
     )
     if tp > 1:
         dim = tp * (1 + case.seed % 3) + 1
-        qkv = "decoder.layers.0.self_attention.linear_qkv"
+        qkv = f"decoder.layers.{first}.self_attention.linear_qkv"
         expect(
             "rank_divisible", f"dim={dim} at TP={tp} on a column-parallel base", ("ValueError",), ("AssertionError", "ValueError"),
             [qkv, str(dim), str(tp)],
