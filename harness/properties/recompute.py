@@ -89,6 +89,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
+    pipeline=True,
     name="recompute_transparent",
     check=check,
     needs=("recompute",),

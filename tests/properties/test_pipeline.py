@@ -225,3 +225,14 @@ def test_bad_input_errors_name_the_whole_model_s_modules_on_every_stage():
     wrong = check(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.pp_stage_local_names")))
     assert wrong.verdict is Verdict.CONTRACT
     assert any("decoder.layers.1." in f.message and f.check == "non_linear_target" for f in wrong.findings), wrong.findings
+
+
+def test_activation_recompute_is_checked_on_every_stage():
+    """The first stage's input does not require grad (a frozen embedding's output): an implementation that does
+    not make a recomputed block's input require grad loses the first stage's adapter gradients."""
+    from harness.properties.recompute import check
+    from harness.runs import Evidence, Executor
+
+    assert check(Evidence(Executor(), _case(VPP, num_layers=4))).verdict is Verdict.PASS
+    wrong = check(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.recompute_frozen_input")))
+    assert wrong.verdict.failing and wrong.verdict is not Verdict.HARNESS, wrong.findings

@@ -10,6 +10,7 @@ from harness import cpu
 from harness.evidence import RankRecord
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
+from harness.pipeline import chunks_of, global_view, handed_over, padded, pipeline_config, run_schedule, stage_chunks, stage_gathered
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
 from harness.tasks.common import checked_table, cpu64, setup
 from harness.tasks.recompute import BrokenTable, adapter_gradients, probe_backward, recompute_evidence
@@ -18,7 +19,8 @@ __all__ = ["run_gpt_recompute_case"]
 
 
 def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
-    """``RecomputeExtras`` for the case's dense model at its layout (training, whatever the case's mode)."""
+    """``RecomputeExtras`` for the case's dense model at its layout (training, whatever the case's mode); at a
+    pipeline layout this rank's stage through megatron's schedule, its adapters' gradients by global name."""
     from megatron.core import parallel_state
 
     impl, tp, tp_rank = setup(ctx, case)
@@ -31,24 +33,43 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
     # (an implementation that remembers models by id() is judged on the models, not the allocator).
     alive: list[Any] = []
 
+    layout = case.layout
+    mask = causal_mask(s).to(device)
+    b = case.shape.micro_batch_size
+
     def run(overrides: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         # Every run from the same RNG states (megatron's model-parallel tracker included):
         # dropout draws the same masks with and without recompute.
-        case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
-        model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
-                          parallel_output=not output_layer_gathers(case.contract), **overrides)
-        load_full_base_weights(model, case.seed, tp_rank, tp)
+        layout.initialize_megatron(ctx.world_size, seed=case.seed)
+        config = pipeline_config(layout, case.model_dtype) | overrides
+        chunks = stage_chunks(
+            lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
+                                            parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
+                                            post_process=post, vp_stage=vp, **config),
+            layout)
+        load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
         cpu.manual_seed(case.seed)
-        model = impl.LoRA(**lora_kwargs)(model, training=True)
+        model = impl.LoRA(**lora_kwargs)(handed_over(chunks, layout), training=True)
+        view = global_view(chunks_of(model))
         _, broken = checked_table(
-            lambda: load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
+            lambda: load_full_adapter_weights(view, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32), layout.pp > 1),
+            ctx.rank, tp_rank, tp)
         if broken is not None:
             raise BrokenTable(broken)
-        out = model(ids, pos, causal_mask(s).to(device), decoder_input=x)
-        probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(device=out.device, dtype=out.dtype)
-        probe_backward(out, probe)
+        probe = seeded_tensor(case.seed, "probe", (b, s, case.shape.vocab_size)).to(device=device)
         alive.append(model)
-        return cpu64(out), adapter_gradients(model)
+        if layout.pp == 1:
+            out = model(ids, pos, mask, decoder_input=x)
+            probe_backward(out, probe.to(out.dtype))
+            return cpu64(out), adapter_gradients(model)
+        # Under a pipeline megatron's schedule runs backward; the first stage's input does not require
+        # grad (as the embedding's output under a frozen base), later stages' inputs are received.
+        batches = padded([{"x": x, "probe": probe}], layout)
+        outs = run_schedule(chunks_of(model), batches,
+                            lambda c, batch: c(ids, pos, mask, decoder_input=batch["x"] if c.pre_process else None),
+                            lambda o, batch: (o * batch["probe"].to(o.dtype)).sum(), seq_length=s, micro_batch_size=b)
+        out = next(o for o in stage_gathered(cpu64(outs[0]) if outs else None) if o is not None)
+        return out, adapter_gradients(view)
 
     try:
         extras = recompute_evidence("gpt", run, case)
