@@ -222,6 +222,7 @@ _DESIGN = ("optimizer", "distributed_optimizer", "overlap_grad_reduce", "recompu
 _DENSE_DESIGN = _DESIGN + ("bf16",)
 
 TRAINING = register(Property(
+    pipeline=True,
     name="training_matches",
     check=check_training,
     needs=("training", "training_reference"),
@@ -235,6 +236,7 @@ TRAINING = register(Property(
 ))
 
 REPLICAS = register(Property(
+    pipeline=True,
     name="replicas_identical",
     check=check_replicas,
     needs=("training",),

@@ -78,7 +78,9 @@ def replica_key(module: str, name: str, split: bool, rank: int, size: int) -> st
     return f"{module}:{name}@" + (f"{rank}/{size}" if split else "full")
 
 
-def _ddp_and_optimizer(model: torch.nn.Module, loop: TrainingLoop, dtype: torch.dtype) -> tuple[Any, Any]:
+def _ddp_and_optimizer(model: Any, loop: TrainingLoop, dtype: torch.dtype) -> tuple[list[Any], Any]:
+    """megatron's DDP around each of the model's chunks (one, or a pipeline stage's virtual chunks) and one
+    optimizer over them all, as megatron's training builds them."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -89,7 +91,8 @@ def _ddp_and_optimizer(model: torch.nn.Module, loop: TrainingLoop, dtype: torch.
         grad_reduce_in_fp32=loop.grad_reduce_in_fp32, overlap_grad_reduce=loop.overlap_grad_reduce,
         use_distributed_optimizer=loop.distributed_optimizer, bucket_size=loop.bucket_size,
     )
-    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    ddps = [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk) for chunk in chunks]
     opt_config = OptimizerConfig(
         optimizer=loop.optimizer, lr=LR, weight_decay=0.0, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
         adam_eps=ADAM_EPS, sgd_momentum=SGD_MOMENTUM, use_distributed_optimizer=loop.distributed_optimizer,
@@ -99,8 +102,12 @@ def _ddp_and_optimizer(model: torch.nn.Module, loop: TrainingLoop, dtype: torch.
         cpu.patch_loaded_modules()  # megatron's optimizer and DDP modules, imported just now
     # The optimizer reads megatron's gloo copies of the data-parallel groups (on a gloo world, the groups).
     with cpu.cuda_tensor_types(), gloo_groups_as_built():
-        optimizer = get_megatron_optimizer(opt_config, [ddp])
-    return ddp, optimizer
+        optimizer = get_megatron_optimizer(opt_config, ddps)
+    if len(ddps) > 1 or chunks[0].config.pipeline_model_parallel_size > 1:
+        # What megatron's training hands its pipeline schedule: every micro-batch but a chunk's last under
+        # that chunk's no_sync.
+        chunks[0].config.no_sync_func = [d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync
+    return ddps, optimizer
 
 
 def _main_params(optimizer: Any) -> dict[int, torch.Tensor]:
@@ -127,12 +134,13 @@ def _as_main(tensors: dict[str, torch.Tensor], main: dict[int, torch.Tensor]) ->
 
 
 def finalize(ddp: Any, loop: TrainingLoop, valid: int) -> None:
-    """megatron's ``finalize_model_grads`` after a step's micro-batches; with per-token loss it sums this
-    replica's ``valid`` tokens over the data-parallel group and divides every gradient by that total."""
+    """megatron's ``finalize_model_grads`` after a step's micro-batches (``ddp``: one DDP module or a stage's
+    list); with per-token loss it sums this replica's ``valid`` tokens over the data-parallel group and
+    divides every gradient by that total."""
     from megatron.core.distributed import finalize_model_grads
 
     num_tokens = torch.tensor(float(valid), dtype=torch.float64) if loop.per_token_loss else None
-    finalize_model_grads([ddp], num_tokens=num_tokens)
+    finalize_model_grads(list(ddp) if isinstance(ddp, (list, tuple)) else [ddp], num_tokens=num_tokens)
 
 
 def _base_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -144,55 +152,74 @@ def megatron_training(
     batches: Batches, heldout: torch.Tensor, forward: Callable[[Any, torch.Tensor], torch.Tensor],
     adapters: Callable[[], dict[str, torch.Tensor]], keys: dict[str, str],
     raw: Optional[Callable[[], dict[str, torch.Tensor]]] = None,
+    pipeline: Optional[Callable[..., Any]] = None,
+    whole: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda d: d,
 ) -> TrainingExtras:
     """The loop under megatron-core's DDP and optimizer on this rank (see the module's doc).
 
     ``adapters()`` gives what the steps record (a collective for a family that assembles full tensors:
     every rank calls it); ``raw()`` (default ``adapters``) this rank's own tensors by parameter name,
-    which ``keys`` map to replica keys, recorded after every step too."""
+    which ``keys`` map to replica keys, recorded after every step too.
+
+    ``pipeline``: for a pipeline stage (``model`` its chunks, as megatron hands them over), runs megatron's
+    schedule: ``pipeline(ddps, micro_batches)`` with ``[(input, probe, divisor)]`` runs forward and backward
+    of the step's micro-batches, ``pipeline(ddps, None, heldout)`` returns the held-out logits (every rank
+    of the pipeline group gets the last stage's); ``whole(recorded)`` turns a stage's recorded adapters into
+    the whole model's (a collective over the pipeline group: every rank calls it)."""
     from harness import cpu
 
-    before = _base_snapshot(model)
+    named = model if pipeline is None else None
+    if named is None:
+        from harness.pipeline import chunks_of, global_view
+
+        named = global_view(chunks_of(model))
+    before = _base_snapshot(named)
     steps: list[TrainingStep] = []
     kind = ""
     error: Optional[str] = None
     initial: dict[str, torch.Tensor] = {}
     try:
         if loop.dtype_name != "float64":
-            initial = {n: cpu64(t) for n, t in adapters().items()}
-        ddp, optimizer = _ddp_and_optimizer(model, loop, dtype)
+            initial = whole({n: cpu64(t) for n, t in adapters().items()})
+        ddps, optimizer = _ddp_and_optimizer(model, loop, dtype)
+        ddp = ddps[0]
         kind = type(optimizer).__name__
         main = _main_params(optimizer) if loop.bf16 else {}
         for step in range(loop.steps):
-            ddp.zero_grad_buffer()
+            for d in ddps:
+                d.zero_grad_buffer()
             optimizer.zero_grad()
             valid = 0
+            step_batches = []
             for mb in range(loop.micro_batches):
                 x, probe, tokens = batches(step, replica, mb)
                 valid += tokens
-                last = mb == loop.micro_batches - 1
                 # Per-token loss: the masked sum, divided by the global batch's valid tokens in
                 # finalize_model_grads; otherwise the micro-batch's mean, which DDP averages over replicas.
-                divisor = 1 if loop.per_token_loss else loop.micro_batches * tokens
+                step_batches.append((x, probe, 1 if loop.per_token_loss else loop.micro_batches * tokens))
+            if pipeline is not None:
+                pipeline(ddps, step_batches)
+            for mb, (x, probe, divisor) in enumerate(step_batches if pipeline is None else []):
+                last = mb == loop.micro_batches - 1
                 with (contextlib.nullcontext() if last else ddp.no_sync()):
                     out = forward(ddp, x)
                     require_grad_fn(out)
                     loss_of(out, probe, divisor).backward()
-            finalize(ddp, loop, valid)
+            finalize(ddps, loop, valid)
             with cpu.cuda_tensor_types():
                 ok, _, _ = optimizer.step()
             if not ok:
                 raise RuntimeError(f"megatron's optimizer skipped step {step} (found inf/nan in the gradients)")
             with torch.no_grad():
-                logits = cpu64(forward(ddp, heldout))
+                logits = cpu64(forward(ddp, heldout) if pipeline is None else pipeline(ddps, None, heldout))
             tensors = adapters()
-            recorded = _as_main(tensors, main) if loop.bf16 else {n: cpu64(t) for n, t in tensors.items()}
+            recorded = whole(_as_main(tensors, main) if loop.bf16 else {n: cpu64(t) for n, t in tensors.items()})
             own = {n: cpu64(t) for n, t in (tensors if raw is None else raw()).items()}
             steps.append(TrainingStep(logits=logits, adapters=recorded,
                                       replicas={keys[n]: t for n, t in own.items() if n in keys}))
     except Exception as exc:  # noqa: BLE001 - the implementation's, reported with the step it reached
         error = f"{type(exc).__name__}: {exc}"
-    changed = sorted(n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach()))
+    changed = sorted(n for n, p in named.named_parameters() if n in before and not torch.equal(before[n], p.detach()))
     return TrainingExtras(steps=steps, base_changed=changed, optimizer=kind, error=error, initial=initial)
 
 

@@ -20,9 +20,20 @@ from harness.evidence import Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
 from harness.families.gpt.tasks import _grid, _round_to_grid
+from harness.pipeline import (
+    chunks_of,
+    global_view,
+    handed_over,
+    merged,
+    padded,
+    pipeline_config,
+    run_schedule,
+    stage_chunks,
+    stage_gathered,
+)
 from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
-from harness.tasks.common import checked_table, setup
-from harness.tasks.training import megatron_training, reference_training, replica_key, token_mask
+from harness.tasks.common import checked_table, cpu64, setup
+from harness.tasks.training import loss_of, megatron_training, reference_training, replica_key, token_mask
 from harness.training import loop_overrides, recompute_overrides
 
 __all__ = ["run_gpt_training_case", "seeded_batches"]
@@ -61,19 +72,25 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
     is_reference = ctx.world_size == 1 and loop.replicas is not None
     impl, tp, tp_rank = setup(ctx, case)
     device = getattr(ctx, "device", None) or torch.device("cpu")
+    layout = case.layout
     overrides = {} if is_reference else {**recompute_overrides(loop, "gpt", case.shape.add_bias_linear),
-                                         **loop_overrides(loop)}
-    model = build_gpt(case.shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
-                      parallel_output=not output_layer_gathers(case.contract), **overrides)
-    load_full_base_weights(model, case.seed, tp_rank, tp)
+                                         **loop_overrides(loop), **pipeline_config(layout, case.model_dtype)}
+    chunks = stage_chunks(
+        lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
+                                        parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
+                                        post_process=post, vp_stage=vp, **overrides),
+        layout)
+    load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
     lora_kwargs = case.lora_kwargs()
     cpu.manual_seed(case.seed)
-    model = impl.LoRA(**lora_kwargs)(model, training=True)
+    model = impl.LoRA(**lora_kwargs)(handed_over(chunks, layout), training=True)
+    view = global_view(chunks_of(model))
     table, broken = checked_table(
-        lambda: load_full_adapter_weights(model, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32)), ctx.rank, tp_rank, tp)
+        lambda: load_full_adapter_weights(view, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32), layout.pp > 1),
+        ctx.rank, tp_rank, tp)
     if broken is not None:
         return broken
-    _round_to_grid(model, table, case)
+    _round_to_grid(view, table, case)
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
     s, b = case.shape.seq_length, case.shape.micro_batch_size
     ids = torch.zeros(b, s, dtype=torch.long, device=device)
@@ -85,15 +102,41 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
 
     batches, heldout = seeded_batches(case, tp, tp_rank, (b, s, case.shape.vocab_size), device)
 
-    def adapters() -> dict[str, torch.Tensor]:
-        return {p: model.get_parameter(p).detach() for p in table}
+    def own() -> dict[str, torch.Tensor]:
+        return {p: view.get_parameter(p).detach() for p in table}
+
+    def whole(recorded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The whole model's adapters on every rank of a pipeline group (a stage holds its own)."""
+        return recorded if layout.pp == 1 else merged(stage_gathered(recorded)) or {}
+
+    def pipeline(ddps: list[Any], micro_batches: Any, held: Any = None) -> Any:
+        """megatron's schedule over this stage's DDP-wrapped chunks: a step's forward and backward, or the
+        held-out logits (from the last stage, on every rank)."""
+        def stage_forward(chunk: Any, batch: dict[str, Any]) -> torch.Tensor:
+            first = getattr(getattr(chunk, "module", chunk), "pre_process", True)
+            return chunk(ids, pos, mask, decoder_input=batch["x"] if first else None)
+
+        if micro_batches is None:
+            outs = run_schedule(ddps, padded([{"x": held, "probe": torch.zeros(b, s, case.shape.vocab_size)}], layout),
+                                stage_forward, lambda o, batch: o.sum(), seq_length=s, micro_batch_size=b,
+                                forward_only=True)
+            return next(o for o in stage_gathered(cpu64(outs[0]) if outs else None) if o is not None)
+        # Each micro-batch's own divisor rides with it; padding micro-batches (virtual stages) add zeros.
+        rows = [{"x": x, "probe": probe, "divisor": divisor} for x, probe, divisor in micro_batches]
+        run_schedule(ddps, padded(rows, layout), stage_forward,
+                     lambda o, batch: loss_of(o, batch["probe"], batch.get("divisor", 1)), seq_length=s,
+                     micro_batch_size=b)
+        return None
 
     if is_reference:
-        extras = reference_training(model, loop, batches, heldout, forward, adapters)
+        extras = reference_training(model, loop, batches, heldout, forward, own)
     else:
         keys = {p: replica_key(part.module, p, part.dim is not None, tp_rank, tp) for p, part in partitions.items()}
         extras = megatron_training(model, loop, case.model_dtype, parallel_state.get_data_parallel_rank(),
-                                   batches, heldout, forward, adapters, keys)
+                                   batches, heldout, forward, own, keys, pipeline=pipeline if layout.pp > 1 else None,
+                                   whole=whole)
+    if layout.pp > 1:
+        partitions = merged([st for st in stage_gathered(partitions)]) or {}
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=parallel_state.get_data_parallel_rank(),
         output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions=partitions, extras=extras,
