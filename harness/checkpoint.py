@@ -17,7 +17,8 @@ import os
 import tempfile
 from typing import Any, Mapping, Optional
 
-__all__ = ["load_layouts", "checkpoint_factors", "checkpoint_dir", "load_layout_strategy", "checkpoint_case"]
+__all__ = ["load_layouts", "checkpoint_factors", "checkpoint_dir", "load_layout_strategy", "checkpoint_case",
+           "require_writable_root"]
 
 
 #: Load layouts per saved layout: itself and one with another TP size (a third, the same TP size with another
@@ -89,6 +90,20 @@ def checkpoint_case(case: Any) -> Any:
 
     return case.with_(model_dtype=torch.float64, lora_dtype=None, lora={**case.lora, "dropout": 0.0}, training=True,
                       micro_batches=1, value_grid=None, loop=None)
+
+
+def require_writable_root() -> None:
+    """``OSError`` naming the folder and the way out when checkpoints cannot be written where the ranks write
+    them (``tempfile.gettempdir()``, i.e. ``TMPDIR``): a run checks it before any rank starts, so a failed save
+    is never charged to the implementation for want of a writable folder."""
+    root = tempfile.gettempdir()
+    try:
+        with tempfile.NamedTemporaryFile(prefix="lora-harness-checkpoints-probe-", dir=root):
+            pass
+    except OSError as exc:
+        raise OSError(f"checkpoint_roundtrip writes its checkpoints under {root} (tempfile.gettempdir()), which "
+                      f"cannot be written ({type(exc).__name__}: {exc}); set TMPDIR to a writable folder, or leave "
+                      "the property out") from None
 
 
 def checkpoint_dir(owner_pid: int, case: Any) -> str:

@@ -191,6 +191,13 @@ class Plan:
                 check_seed("--seed", seed)
             except ValueError as exc:
                 raise PlanError(str(exc)) from None
+        if self._property_names is None or "checkpoint_roundtrip" in self._property_names:
+            from harness.checkpoint import require_writable_root
+
+            try:
+                require_writable_root()
+            except OSError as exc:
+                raise PlanError(str(exc)) from None
         self.tp, self.ep, self.pp = tp, ep, pp
         self.layouts: dict[str, list[ParallelLayout]] = sets
         self.examples = examples

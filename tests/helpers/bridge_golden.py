@@ -1,7 +1,7 @@
 """The golden table of what the harness finds in Megatron-Bridge's LoRA: how it is made, how it is compared.
 
 ``run_matrix()`` runs every registered property at every layout of
-``--tp 2 --ep 2`` for ``megatron.bridge.peft.lora`` with a fixed seed and
+``--tp 2 --ep 2 --pp 2`` for ``megatron.bridge.peft.lora`` with a fixed seed and
 ``EXAMPLES`` examples per cell, and returns each cell that did not simply
 pass: its verdict and the finding checks behind it. ``tests/helpers/bridge_golden.json``
 holds that table for the installed Megatron-Bridge version, each row with
@@ -56,6 +56,12 @@ EXPLAINED = {
     "vlm_access_forms": "SPEC stricter (advisory): VLMLoRA takes the model as a list of chunks only",
 }
 
+#: The same at pipeline layouts, where Bridge's matcher sees a stage's local names (peft/base.py walks each
+#: chunk from its root): a pattern with a layer index selects that layer of every stage.
+STAGE_LOCAL = ("Megatron-Bridge matches patterns against a pipeline stage's local names: '*.layers.0.*' adapts "
+               "the first layer of every stage (SPEC 'Pipeline stages'); no upstream report known")
+EXPLAINED_AT_PP = {"numeric": STAGE_LOCAL, "adapted_set": STAGE_LOCAL, "stage_local_names": STAGE_LOCAL}
+
 
 def _checks(outcome: Any) -> list[str]:
     from harness.results import Verdict
@@ -87,7 +93,7 @@ def run_matrix() -> list[dict[str, Any]]:
     executor = Executor()
     rows = []
     for family in family_names():
-        for layout in layout_set(2, 2, family):
+        for layout in layout_set(2, 2, family, max_pp=2):
             for name, prop in registry().items():
                 if family not in prop.families or name in NOT_IN_TABLE:
                     continue
@@ -100,7 +106,8 @@ def run_matrix() -> list[dict[str, Any]]:
                 checks = _checks(outcome)
                 rows.append({
                     "property": name, "layout": outcome.layout, "verdict": outcome.verdict.value, "checks": checks,
-                    "why": sorted({EXPLAINED.get(c, "unexplained: look into it") for c in checks}),
+                    "why": sorted({(EXPLAINED_AT_PP if layout.pp > 1 else {}).get(c) or EXPLAINED.get(c, "unexplained: look into it")
+                                   for c in checks}),
                     "minimal_case": None if outcome.minimal_case is None or outcome.verdict is Verdict.ADVISORY
                     else outcome.minimal_case.to_json(),
                 })

@@ -264,3 +264,15 @@ def test_a_gradient_buffer_reset_between_micro_batches_is_caught_at_a_pipeline_l
 
     result = check_training(Evidence(Executor(), _loop_case(PP2, impl="tests.wrong_impls.ddp_grad_buffer_reset")))
     assert result.verdict is Verdict.NUMERIC, result.findings
+
+
+def test_an_unwritable_checkpoint_folder_is_a_usage_error_before_any_rank_starts(tmp_path, monkeypatch):
+    import tempfile
+
+    # A file where the folder should be: no user, root included, can write under it.
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocked))
+    with pytest.raises(PlanError, match=r"checkpoint_roundtrip writes its checkpoints under .*not-a-folder.*TMPDIR"):
+        Plan(2, 1)
+    Plan(2, 1, properties=["forward_matches"])  # a run without the property does not need the folder
