@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["stage_chunks", "global_view", "pipeline_config", "run_schedule", "stage_gathered", "handed_over",
-           "chunks_of", "merged", "padded"]
+           "chunks_of", "merged", "padded", "stage_input", "stage_logits"]
 
 
 def pipeline_config(layout: Any, dtype: torch.dtype) -> dict[str, Any]:
@@ -186,6 +186,30 @@ def padded(batches: Sequence[dict[str, Any]], layout: Any) -> list[dict[str, Any
         out.append({"x": torch.zeros_like(out[0]["x"]).requires_grad_(out[0]["x"].requires_grad),
                     "probe": torch.zeros_like(out[0]["probe"])})
     return out
+
+
+def stage_input(*args: Any) -> Callable[[nn.Module, dict[str, Any]], torch.Tensor]:
+    """``forward(chunk, batch)`` for ``run_schedule``: ``chunk(*args, decoder_input=batch["x"])`` on the chunk
+    that holds the embedding (``pre_process``), ``decoder_input=None`` on the others, whose input the schedule
+    sets (a DDP-wrapped chunk is read through its ``module``)."""
+    def forward(chunk: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        first = getattr(getattr(chunk, "module", chunk), "pre_process", True)
+        return chunk(*args, decoder_input=batch["x"] if first else None)
+
+    return forward
+
+
+def stage_logits(chunks: Sequence[nn.Module], forward: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
+                 x: torch.Tensor, output_shape: tuple[int, ...], layout: Any) -> torch.Tensor:
+    """The logits of input ``x`` through a forward-only schedule, the last stage's on every rank of the
+    pipeline group (float64 CPU)."""
+    batches = padded([{"x": x, "probe": torch.zeros(output_shape)}], layout)
+    seq, micro_batch = output_shape[1], output_shape[0]
+    with torch.no_grad():
+        outs = run_schedule(chunks, batches, forward, lambda out, batch: out.sum(), seq_length=seq,
+                            micro_batch_size=micro_batch, forward_only=True)
+    mine = outs[0].detach().to(device="cpu", dtype=torch.float64) if outs else None
+    return next(o for o in stage_gathered(mine) if o is not None)
 
 
 def stage_gathered(value: Any) -> list[Any]:

@@ -14,25 +14,24 @@ from typing import Any
 
 import torch
 
-from harness import cpu
 from harness.checkpoint import checkpoint_case, checkpoint_dir
 from harness.evidence import Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
-from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
+from harness.families.gpt.model import causal_mask, dense_inputs
+from harness.families.gpt.stage import adapted_stage
 from harness.pipeline import (
     chunks_of,
     global_view,
-    handed_over,
     merged,
     padded,
-    pipeline_config,
     run_schedule,
-    stage_chunks,
     stage_gathered,
+    stage_input,
+    stage_logits,
 )
-from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
+from harness.sharding import seeded_tensor
 from harness.tasks.checkpoint import LR, load_side, save_side
-from harness.tasks.common import checked_table, setup
+from harness.tasks.common import setup
 
 __all__ = ["run_gpt_checkpoint_save", "run_gpt_checkpoint_load"]
 
@@ -43,22 +42,8 @@ def _built(ctx: Any, case: GPTCase, adapter_seed: int) -> Any:
     megatron hands it over (a module, or a list of chunks under virtual stages; ``harness.pipeline``), the
     table by the whole model's names."""
     impl, tp, tp_rank = setup(ctx, case)
-    layout = case.layout
-    config = pipeline_config(layout, case.model_dtype)
-    chunks = stage_chunks(
-        lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
-                                        parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
-                                        post_process=post, vp_stage=vp, **config),
-        layout)
-    load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
-    kwargs = case.lora_kwargs()
-    cpu.manual_seed(case.seed)
-    peft = impl.LoRA(**kwargs)
-    model = peft(handed_over(chunks, layout), training=True)
-    view = global_view(chunks_of(model))
-    table, broken = checked_table(
-        lambda: load_full_adapter_weights(view, adapter_seed, tp_rank, tp, kwargs.get("dim", 32), case.layout.pp > 1), ctx.rank, tp_rank, tp)
-    return peft, model, table, broken, tp, tp_rank
+    built = adapted_stage(ctx, case, impl, tp, tp_rank, training=True, adapter_seed=adapter_seed)
+    return built.peft, built.model, built.table, built.broken, tp, tp_rank
 
 
 def _io(ctx: Any, case: GPTCase, tp: int, tp_rank: int, table: Any) -> tuple[Any, Any, Any]:
@@ -68,26 +53,24 @@ def _io(ctx: Any, case: GPTCase, tp: int, tp_rank: int, table: Any) -> tuple[Any
     mask = causal_mask(s).to(device)
     probe = seeded_tensor(case.seed, "checkpoint-probe", (b, s, case.shape.vocab_size)).to(device=device)
 
-    def forward(chunk: Any, batch: dict[str, Any]) -> torch.Tensor:
-        return chunk(ids, pos, mask, decoder_input=batch["x"] if getattr(chunk, "pre_process", True) else None)
-
-    def run(m: Any, grad: bool) -> Any:
-        """The logits of ``m`` (every rank's copy from the last stage under a pipeline), with the loss's
-        backward when ``grad``."""
-        if case.layout.pp == 1:
-            out = chunks_of(m)[0](ids, pos, mask, decoder_input=x)
-            if grad:
-                (out * probe.to(out.dtype)).sum().div(out.numel()).backward()
-            return out
-        batches = padded([{"x": x.detach(), "probe": probe}], case.layout)
-        outs = run_schedule(chunks_of(m), batches, forward,
-                            lambda out, batch: (out * batch["probe"].to(out.dtype)).sum().div(out.numel()),
-                            seq_length=s, micro_batch_size=b, forward_only=not grad)
-        return next(o for o in stage_gathered(outs[0].detach() if outs else None) if o is not None)
+    forward = stage_input(ids, pos, mask)
 
     def logits(m: Any) -> torch.Tensor:
+        """The held-out logits (every rank's copy of the last stage's under a pipeline)."""
+        if case.layout.pp > 1:
+            return stage_logits(chunks_of(m), forward, x, (b, s, case.shape.vocab_size), case.layout)
         with torch.no_grad():
-            return run(m, grad=False)
+            return chunks_of(m)[0](ids, pos, mask, decoder_input=x)
+
+    def backward(m: Any) -> None:
+        """The loss's forward and backward (through megatron's schedule under a pipeline)."""
+        if case.layout.pp == 1:
+            out = chunks_of(m)[0](ids, pos, mask, decoder_input=x)
+            (out * probe.to(out.dtype)).sum().div(out.numel()).backward()
+            return
+        run_schedule(chunks_of(m), padded([{"x": x.detach(), "probe": probe}], case.layout), forward,
+                     lambda out, batch: (out * batch["probe"].to(out.dtype)).sum().div(out.numel()),
+                     seq_length=s, micro_batch_size=b)
 
     def adapters(m: Any) -> dict[str, torch.Tensor]:
         view = global_view(chunks_of(m))
@@ -95,7 +78,7 @@ def _io(ctx: Any, case: GPTCase, tp: int, tp_rank: int, table: Any) -> tuple[Any
 
     def train_step_of(m: Any) -> Any:
         def step() -> None:
-            run(m, grad=True)
+            backward(m)
             trainable = [p for c in chunks_of(m) for p in c.parameters() if p.requires_grad and p.grad is not None]
             if trainable:  # a pipeline stage may hold no adapter
                 torch.optim.SGD(trainable, lr=LR).step()

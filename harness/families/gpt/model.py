@@ -29,6 +29,7 @@ __all__ = [
     "transformer_config",
     "gpt_model_from_layer_spec",
     "build_gpt",
+    "build_stage",
     "output_layer_gathers",
     "causal_mask",
     "SequenceParallelNorm",
@@ -228,6 +229,20 @@ def build_gpt(
         one_layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel, parallel_output=parallel_output,
                                      pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
+def build_stage(case: Any, tp: int, **overrides: Any) -> list[Any]:
+    """The case's model as this rank holds it at the case's layout: ``[GPTModel]``, or under pipeline
+    parallelism the stage's chunks (``harness.pipeline.stage_chunks``), each with ``overrides`` in its config."""
+    from harness.pipeline import pipeline_config, stage_chunks
+
+    layout = case.layout
+    config = {**pipeline_config(layout, case.model_dtype), **overrides}
+    return stage_chunks(
+        lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
+                                        parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
+                                        post_process=post, vp_stage=vp, **config),
+        layout)
 
 
 def output_layer_gathers(contract: str) -> bool:

@@ -29,27 +29,26 @@ from typing import Any
 
 import torch
 
-from harness import cpu
 from harness.dropout import keyed_dropout
 from harness.evidence import DenseExtras, DropoutStats, MergeEvidence, ModelFold, Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
-from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
+from harness.families.gpt.model import causal_mask
+from harness.families.gpt.stage import adapted_stage
 from harness.pipeline import (
     chunks_of,
     global_view,
     handed_over,
     merged,
     padded,
-    pipeline_config,
     run_schedule,
-    stage_chunks,
     stage_gathered,
+    stage_input,
+    stage_logits,
 )
 from harness.results import Finding
-from harness.sharding import initial_adapters, load_full_adapter_weights, load_full_base_weights, seeded_tensor
+from harness.sharding import seeded_tensor
 from harness.tasks.common import (
     any_rank,
-    checked_table,
     cpu64,
     reapply_findings,
     replicated_masks,
@@ -69,24 +68,14 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
 
     impl, tp, tp_rank = setup(ctx, case)
     layout = case.layout
-    config = pipeline_config(layout, case.model_dtype)
-    chunks = stage_chunks(
-        lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
-                                        parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
-                                        post_process=post, vp_stage=vp, **config),
-        layout)
-    load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
     lora_kwargs = case.lora_kwargs()
-    cpu.manual_seed(case.seed)
-    handed = impl.LoRA(**lora_kwargs)(handed_over(chunks, layout), training=case.training)
-    chunks = chunks_of(handed)
+    built = adapted_stage(ctx, case, impl, tp, tp_rank, training=case.training)
+    if built.broken is not None:
+        return built.broken
+    chunks, view, initial, table = built.chunks, built.view, built.initial, built.table
+    # state_findings reads the model's mode: the view's is every chunk's, or the wrong one if they differ.
     same_mode = all(c.training == case.training for c in chunks)
-    view = global_view(chunks, training=case.training if same_mode else not case.training)
-    initial = initial_adapters(view)
-    table, broken = checked_table(
-        lambda: load_full_adapter_weights(view, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32), layout.pp > 1), ctx.rank, tp_rank, tp)
-    if broken is not None:
-        return broken
+    view.training = case.training if same_mode else not case.training
     findings = state_findings(view, table, case) + stage_local_findings(chunks, view, lora_kwargs)
     grid = _round_to_grid(view, table, case)
 
@@ -103,10 +92,7 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
         batches.append({"x": x, "probe": probe})
     batches = padded(batches, layout)
 
-    def forward(chunk: Any, batch: dict[str, Any]) -> torch.Tensor:
-        first = getattr(chunk, "pre_process", True)
-        return chunk(ids, pos, mask, decoder_input=batch["x"] if first else None)
-
+    forward = stage_input(ids, pos, mask)
     with keyed_dropout(chunks[0]) as dropout_log:
         outputs = run_schedule(chunks, batches, forward, lambda out, batch: (out * batch["probe"].to(out.dtype)).sum(),
                                seq_length=s, micro_batch_size=b)
@@ -119,13 +105,9 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
     input_grad = (sequence_gathered(x.grad) if layout.sp else x.grad) if first_stage else None
     grads = {p: cpu64(view.get_parameter(p).grad) for p in table}
     stepped = _sgd_step(view, table) if case.training else None
-    held_out = padded([{"x": x.detach(), "probe": torch.zeros_like(batches[0]["probe"])}], layout)
 
     def logits(model_chunks: list[Any]) -> torch.Tensor:
-        with torch.no_grad():
-            out = run_schedule(model_chunks, held_out, forward, lambda o, batch: o.sum(), seq_length=s,
-                               micro_batch_size=b, forward_only=True)
-        return next(o for o in stage_gathered(cpu64(out[0]) if out else None) if o is not None)
+        return stage_logits(model_chunks, forward, x.detach(), (b, s, case.shape.vocab_size), layout)
 
     masks = None
     if case.training and case.lora.get("dropout", 0.0) > 0 and tp > 1:

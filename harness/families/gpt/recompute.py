@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from harness import cpu
 from harness.evidence import RankRecord
 from harness.families.gpt.case import GPTCase
-from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
-from harness.pipeline import chunks_of, global_view, handed_over, padded, pipeline_config, run_schedule, stage_chunks, stage_gathered
-from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
-from harness.tasks.common import checked_table, cpu64, setup
+from harness.families.gpt.model import causal_mask, dense_inputs
+from harness.families.gpt.stage import adapted_stage
+from harness.pipeline import chunks_of, padded, run_schedule, stage_gathered, stage_input
+from harness.sharding import seeded_tensor
+from harness.tasks.common import cpu64, setup
 from harness.tasks.recompute import BrokenTable, adapter_gradients, probe_backward, recompute_evidence
 
 __all__ = ["run_gpt_recompute_case"]
@@ -27,7 +27,6 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
     device = getattr(ctx, "device", None) or torch.device("cpu")
     s = case.shape.seq_length
     ids, pos, x = dense_inputs(case, tp, tp_rank, device)
-    lora_kwargs = case.lora_kwargs()
 
     # Every model stays alive until the task ends: no two runs of one example share an id()
     # (an implementation that remembers models by id() is judged on the models, not the allocator).
@@ -41,21 +40,10 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
         # Every run from the same RNG states (megatron's model-parallel tracker included):
         # dropout draws the same masks with and without recompute.
         layout.initialize_megatron(ctx.world_size, seed=case.seed)
-        config = pipeline_config(layout, case.model_dtype) | overrides
-        chunks = stage_chunks(
-            lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
-                                            parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
-                                            post_process=post, vp_stage=vp, **config),
-            layout)
-        load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
-        cpu.manual_seed(case.seed)
-        model = impl.LoRA(**lora_kwargs)(handed_over(chunks, layout), training=True)
-        view = global_view(chunks_of(model))
-        _, broken = checked_table(
-            lambda: load_full_adapter_weights(view, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32), layout.pp > 1),
-            ctx.rank, tp_rank, tp)
-        if broken is not None:
-            raise BrokenTable(broken)
+        built = adapted_stage(ctx, case, impl, tp, tp_rank, training=True, **overrides)
+        if built.broken is not None:
+            raise BrokenTable(built.broken)
+        model, view = built.model, built.view
         probe = seeded_tensor(case.seed, "probe", (b, s, case.shape.vocab_size)).to(device=device)
         alive.append(model)
         if layout.pp == 1:
@@ -65,8 +53,7 @@ def run_gpt_recompute_case(ctx: Any, case: GPTCase) -> RankRecord:
         # Under a pipeline megatron's schedule runs backward; the first stage's input does not require
         # grad (as the embedding's output under a frozen base), later stages' inputs are received.
         batches = padded([{"x": x, "probe": probe}], layout)
-        outs = run_schedule(chunks_of(model), batches,
-                            lambda c, batch: c(ids, pos, mask, decoder_input=batch["x"] if c.pre_process else None),
+        outs = run_schedule(chunks_of(model), batches, stage_input(ids, pos, mask),
                             lambda o, batch: (o * batch["probe"].to(o.dtype)).sum(), seq_length=s, micro_batch_size=b)
         out = next(o for o in stage_gathered(cpu64(outs[0]) if outs else None) if o is not None)
         return out, adapter_gradients(view)

@@ -9,8 +9,8 @@ import torch
 from harness import cpu
 from harness.evidence import RankRecord
 from harness.families.gpt.case import GPTCase
-from harness.families.gpt.model import build_gpt, causal_mask, dense_inputs, output_layer_gathers
-from harness.pipeline import chunks_of, global_view, handed_over, padded, pipeline_config, run_schedule, stage_chunks, stage_gathered
+from harness.families.gpt.model import build_stage, causal_mask, dense_inputs
+from harness.pipeline import chunks_of, global_view, handed_over, stage_input, stage_logits
 from harness.sharding import load_full_adapter_weights, load_full_base_weights
 from harness.tasks.common import checked_table, setup
 from harness.tasks.switch import switch_evidence
@@ -25,12 +25,7 @@ def run_gpt_switch_case(ctx: Any, case: GPTCase) -> RankRecord:
 
     impl, tp, tp_rank = setup(ctx, case)
     layout = case.layout
-    config = pipeline_config(layout, case.model_dtype)
-    chunks = stage_chunks(
-        lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
-                                        parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
-                                        post_process=post, vp_stage=vp, **config),
-        layout)
+    chunks = build_stage(case, tp)
     load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
     device = getattr(ctx, "device", None) or torch.device("cpu")
     s, b = case.shape.seq_length, case.shape.micro_batch_size
@@ -40,11 +35,7 @@ def run_gpt_switch_case(ctx: Any, case: GPTCase) -> RankRecord:
     def forward(m: Any) -> torch.Tensor:
         if layout.pp == 1:
             return chunks_of(m)[0](ids, pos, mask, decoder_input=x)
-        batches = padded([{"x": x, "probe": torch.zeros(b, s, case.shape.vocab_size)}], layout)
-        outs = run_schedule(chunks_of(m), batches,
-                            lambda c, batch: c(ids, pos, mask, decoder_input=batch["x"] if c.pre_process else None),
-                            lambda out, batch: out.sum(), seq_length=s, micro_batch_size=b, forward_only=True)
-        return next(o for o in stage_gathered(outs[0].detach() if outs else None) if o is not None)
+        return stage_logits(chunks_of(m), stage_input(ids, pos, mask), x, (b, s, case.shape.vocab_size), layout)
 
     for chunk in chunks:
         chunk.eval()

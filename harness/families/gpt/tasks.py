@@ -20,7 +20,7 @@ from harness.families.gpt.case import GPTCase
 from harness.dropout import keyed_dropout
 from harness.evidence import DenseExtras, DropoutStats
 from harness.contract import INIT_METHODS, contract_point
-from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
+from harness.families.gpt.model import build_gpt, build_stage, causal_mask, output_layer_gathers
 from harness.results import Finding
 from harness.evidence import ErrorRecord, Partitioned, RankRecord
 from harness.tasks.common import (
@@ -221,21 +221,16 @@ def run_error_case(ctx: Any, case: GPTCase) -> ErrorRecord:
     """
     from megatron.core import parallel_state
 
-    from harness.pipeline import global_view, handed_over, pipeline_config, stage_chunks
+    from harness.pipeline import global_view, handed_over
 
     impl, tp, tp_rank = setup(ctx, case)
     findings: list[Finding] = []
     layout = case.layout
-    config = pipeline_config(layout, case.model_dtype)
 
     def fresh_model() -> Any:
         """The model as megatron hands it over: at a pipeline layout this rank's stage (a list of chunks under
         virtual stages)."""
-        chunks = stage_chunks(
-            lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
-                                            parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
-                                            post_process=post, vp_stage=vp, **config),
-            layout)
+        chunks = build_stage(case, tp)
         return handed_over(chunks, layout)
 
     # The errors name modules by the whole model's names: on a pipeline stage the first module a pattern

@@ -15,24 +15,21 @@ from typing import Any
 
 import torch
 
-from harness import cpu
 from harness.evidence import Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
-from harness.families.gpt.model import build_gpt, causal_mask, output_layer_gathers
+from harness.families.gpt.model import causal_mask
+from harness.families.gpt.stage import adapted_stage
 from harness.families.gpt.tasks import _grid, _round_to_grid
 from harness.pipeline import (
-    chunks_of,
-    global_view,
-    handed_over,
     merged,
     padded,
-    pipeline_config,
     run_schedule,
-    stage_chunks,
     stage_gathered,
+    stage_input,
+    stage_logits,
 )
-from harness.sharding import load_full_adapter_weights, load_full_base_weights, seeded_tensor
-from harness.tasks.common import checked_table, cpu64, setup
+from harness.sharding import seeded_tensor
+from harness.tasks.common import setup
 from harness.tasks.training import loss_of, megatron_training, reference_training, replica_key, token_mask
 from harness.training import loop_overrides, recompute_overrides
 
@@ -74,22 +71,11 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
     device = getattr(ctx, "device", None) or torch.device("cpu")
     layout = case.layout
     overrides = {} if is_reference else {**recompute_overrides(loop, "gpt", case.shape.add_bias_linear),
-                                         **loop_overrides(loop), **pipeline_config(layout, case.model_dtype)}
-    chunks = stage_chunks(
-        lambda pre, post, vp: build_gpt(case.shape, tp=tp, sequence_parallel=layout.sp, params_dtype=case.model_dtype,
-                                        parallel_output=not output_layer_gathers(case.contract), pre_process=pre,
-                                        post_process=post, vp_stage=vp, **overrides),
-        layout)
-    load_full_base_weights(global_view(chunks), case.seed, tp_rank, tp)
-    lora_kwargs = case.lora_kwargs()
-    cpu.manual_seed(case.seed)
-    model = impl.LoRA(**lora_kwargs)(handed_over(chunks, layout), training=True)
-    view = global_view(chunks_of(model))
-    table, broken = checked_table(
-        lambda: load_full_adapter_weights(view, case.seed, tp_rank, tp, lora_kwargs.get("dim", 32), layout.pp > 1),
-        ctx.rank, tp_rank, tp)
-    if broken is not None:
-        return broken
+                                         **loop_overrides(loop)}
+    built = adapted_stage(ctx, case, impl, tp, tp_rank, training=True, **overrides)
+    if built.broken is not None:
+        return built.broken
+    model, view, table = built.model, built.view, built.table
     _round_to_grid(view, table, case)
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
     s, b = case.shape.seq_length, case.shape.micro_batch_size
@@ -112,15 +98,9 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
     def pipeline(ddps: list[Any], micro_batches: Any, held: Any = None) -> Any:
         """megatron's schedule over this stage's DDP-wrapped chunks: a step's forward and backward, or the
         held-out logits (from the last stage, on every rank)."""
-        def stage_forward(chunk: Any, batch: dict[str, Any]) -> torch.Tensor:
-            first = getattr(getattr(chunk, "module", chunk), "pre_process", True)
-            return chunk(ids, pos, mask, decoder_input=batch["x"] if first else None)
-
+        stage_forward = stage_input(ids, pos, mask)
         if micro_batches is None:
-            outs = run_schedule(ddps, padded([{"x": held, "probe": torch.zeros(b, s, case.shape.vocab_size)}], layout),
-                                stage_forward, lambda o, batch: o.sum(), seq_length=s, micro_batch_size=b,
-                                forward_only=True)
-            return next(o for o in stage_gathered(cpu64(outs[0]) if outs else None) if o is not None)
+            return stage_logits(ddps, stage_forward, held, (b, s, case.shape.vocab_size), layout)
         # Each micro-batch's own divisor rides with it; padding micro-batches (virtual stages) add zeros.
         rows = [{"x": x, "probe": probe, "divisor": divisor} for x, probe, divisor in micro_batches]
         run_schedule(ddps, padded(rows, layout), stage_forward,
