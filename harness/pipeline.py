@@ -178,11 +178,12 @@ def run_schedule(
 
 
 def padded(batches: Sequence[dict[str, Any]], layout: Any) -> list[dict[str, Any]]:
-    """megatron's interleaved schedule (virtual stages) needs at least pp micro-batches: the micro-batches
-    (dicts with an input ``x`` and a ``probe`` the loss weighs the output with) padded with ones whose input
-    and probe are zero, so they add exact zeros to every gradient (their outputs are never read)."""
+    """megatron's interleaved schedule (virtual stages) takes a multiple of pp micro-batches (its groups of
+    ``microbatch_group_size_per_vp_stage`` = pp; a remainder below pp is refused): the micro-batches (dicts
+    with an input ``x`` and a ``probe`` the loss weighs the output with) padded with ones whose input and
+    probe are zero, so they add exact zeros to every gradient (their outputs are never read)."""
     out = list(batches)
-    while layout.vpp and len(out) < layout.pp:
+    while layout.vpp and len(out) % layout.pp:
         out.append({"x": torch.zeros_like(out[0]["x"]).requires_grad_(out[0]["x"].requires_grad),
                     "probe": torch.zeros_like(out[0]["probe"])})
     return out

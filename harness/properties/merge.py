@@ -87,8 +87,30 @@ def check(ev) -> Check:
                 stats.baseline_abs = single
                 result.compare(where, stats, low_tol)
             else:
-                result.compare(where, compare_tensors(fold.merged_output, fold.adapted_output, tol), tol)
+                stats = compare_tensors(fold.merged_output, fold.adapted_output, tol)
+                if not stats.passed and torch.float32 in (case.model_dtype, case.lora_dtype):
+                    stats, tol_used = _float32_fold(ev, fold, tol)
+                    result.compare(where, stats, tol_used)
+                else:
+                    result.compare(where, stats, tol)
     return result
+
+
+def _float32_fold(ev, fold, tol: Tolerance):
+    """A float32 fold that missed the plain bound, judged as a 16-bit fold is: folding rounds W + s B@A in
+    float32, and a deep, ill-conditioned model (pipeline layouts draw up to four layers per stage pair) carries
+    that rounding past rtol 1e-3 in a correct fold too (a deep run saw 1.2e-3 at tp2-pp2). The bound is the
+    error-ratio rule's against the single-device float32 run's own errors (measured against float64 on the
+    same values), never tighter than the plain one; a missing scale or a wrong shard moves the logits by
+    far more."""
+    single = _single_device_error(ev)
+    adapted = fold.adapted_output
+    scale = float(adapted.abs().max())
+    eps = torch.finfo(torch.float32).eps
+    wide = Tolerance(0.0, max(tol.atol + tol.rtol * scale, LOW_PRECISION_FACTOR * single + LOW_PRECISION_FLOOR * eps * scale))
+    stats = compare_tensors(fold.merged_output, adapted, wide)
+    stats.baseline_abs = single
+    return stats, wide
 
 
 def _single_device_error(ev) -> float:

@@ -2,6 +2,7 @@
 megatron-core's schedule on gloo, patterns meaning the whole model's layers, and the checks failing for the
 pipeline bugs of tests/wrong_impls."""
 
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -106,12 +107,20 @@ def _case(layout, impl="lora.megatron", num_layers=2, **lora):
         seed=11, layout=layout, impl=impl, model_dtype=torch.float64, training=True, micro_batches=2)
 
 
+@functools.lru_cache(maxsize=1)
+def _executor():
+    """One executor for the module: examples that share a run (the reference's, say) make it once."""
+    from harness.runs import Executor
+
+    return Executor()
+
+
 def _checks(case):
     from harness.properties.backward import check as backward
     from harness.properties.forward import check as forward
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
-    ev = Evidence(Executor(), case)
+    ev = Evidence(_executor(), case)
     return forward(ev), backward(ev)
 
 
@@ -132,9 +141,9 @@ def test_matching_a_stage_s_local_layer_names_is_caught():
     assert unexpected and "decoder.layers.1.self_attention.linear_qkv.adapter" in unexpected[0]
     # And named as what it is, on every rank of the stage that holds the extra adapter.
     from harness.properties.adapters_spec import check as adapters
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
-    named = adapters(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.pp_stage_local_names")))
+    named = adapters(Evidence(_executor(), _case(PP2, impl="tests.wrong_impls.pp_stage_local_names")))
     assert named.verdict is Verdict.CONTRACT
     [finding] = [f for f in named.findings if f.check == "stage_local_names"]
     assert "decoder.layers.1.self_attention.linear_qkv" in finding.message and "local names" in finding.message
@@ -150,9 +159,9 @@ def test_adapting_only_the_first_of_a_stage_s_chunks_is_caught():
 def test_lora_megatron_merges_and_drops_through_the_schedule():
     from harness.properties.dropout_spec import check as dropout
     from harness.properties.merge import check as merge
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
-    ev = Evidence(Executor(), _case(VPP, num_layers=4, dropout=0.5))
+    ev = Evidence(_executor(), _case(VPP, num_layers=4, dropout=0.5))
     for result in (merge(ev), dropout(ev)):
         assert result.verdict is Verdict.PASS, result.findings
 
@@ -173,10 +182,10 @@ def _tp2(max_tp):
 def test_merge_and_dropout_bugs_are_caught_at_pipeline_layouts(_tp2, impl, prop, where, verdict, sub):
     import importlib
 
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
     check = importlib.import_module(f"harness.properties.{prop}").check
-    result = check(Evidence(Executor(), _case(where, impl=impl, dropout=0.5)))
+    result = check(Evidence(_executor(), _case(where, impl=impl, dropout=0.5)))
     assert result.verdict is verdict, result.findings
     assert sub in {f.check for f in result.findings if f.verdict.failing}
 
@@ -186,31 +195,31 @@ def test_adapters_saved_by_stages_load_bit_for_bit_where_there_are_none(_tp2, sa
     """A checkpoint written by pipeline stages (a list of chunks under virtual stages) loads at tp2 without
     stages: the adapters bit for bit, the logits the same, each adapter once in the file set."""
     from harness.properties.checkpoint import check
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
     case = _case(saved, num_layers=saved.stages).with_(load_layout=ParallelLayout(tp=2))
-    result = check(Evidence(Executor(), case))
+    result = check(Evidence(_executor(), case))
     assert result.verdict is Verdict.PASS, result.findings
     assert any("adapter loaded at tp2" in c.location.quantity for c in result.comparisons)
 
 
 def test_a_checkpoint_keyed_by_stage_local_layers_is_caught(_tp2):
     from harness.properties.checkpoint import check
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
     case = _case(PP2, impl="tests.wrong_impls.ckpt_stage_local_layer").with_(load_layout=ParallelLayout(tp=2))
-    result = check(Evidence(Executor(), case))
+    result = check(Evidence(_executor(), case))
     assert result.verdict.failing and result.verdict is not Verdict.HARNESS, result.findings
     assert {f.check for f in result.findings if f.verdict.failing} & {"checkpoint_save", "checkpoint_keys"}
 
 
 def test_switching_adapters_off_is_checked_through_the_schedule():
     from harness.properties.adapter_switch import check
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
-    assert check(Evidence(Executor(), _case(VPP, num_layers=4))).verdict is Verdict.PASS
+    assert check(Evidence(_executor(), _case(VPP, num_layers=4))).verdict is Verdict.PASS
     # Every adapter but the first layer's switched off: the second stage's logits never go back to the base.
-    wrong = check(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.switch_leaves_first_layer_on",
+    wrong = check(Evidence(_executor(), _case(PP2, impl="tests.wrong_impls.switch_leaves_first_layer_on",
                                              target_modules=["linear_fc2"])))
     assert wrong.verdict is Verdict.NUMERIC, wrong.findings
 
@@ -219,10 +228,10 @@ def test_bad_input_errors_name_the_whole_model_s_modules_on_every_stage():
     """A pattern selecting a module without an adapter raises naming it; on the second stage that is layer 1's
     (the stage's first layer), which an implementation matching stage-local names calls layer 0's."""
     from harness.properties.errors_spec import check
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
-    assert check(Evidence(Executor(), _case(VPP, num_layers=4))).verdict is Verdict.PASS
-    wrong = check(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.pp_stage_local_names")))
+    assert check(Evidence(_executor(), _case(VPP, num_layers=4))).verdict is Verdict.PASS
+    wrong = check(Evidence(_executor(), _case(PP2, impl="tests.wrong_impls.pp_stage_local_names")))
     assert wrong.verdict is Verdict.CONTRACT
     assert any("decoder.layers.1." in f.message and f.check == "non_linear_target" for f in wrong.findings), wrong.findings
 
@@ -231,10 +240,10 @@ def test_activation_recompute_is_checked_on_every_stage():
     """The first stage's input does not require grad (a frozen embedding's output): an implementation that does
     not make a recomputed block's input require grad loses the first stage's adapter gradients."""
     from harness.properties.recompute import check
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
-    assert check(Evidence(Executor(), _case(VPP, num_layers=4))).verdict is Verdict.PASS
-    wrong = check(Evidence(Executor(), _case(PP2, impl="tests.wrong_impls.recompute_frozen_input")))
+    assert check(Evidence(_executor(), _case(VPP, num_layers=4))).verdict is Verdict.PASS
+    wrong = check(Evidence(_executor(), _case(PP2, impl="tests.wrong_impls.recompute_frozen_input")))
     assert wrong.verdict.failing and wrong.verdict is not Verdict.HARNESS, wrong.findings
 
 
@@ -251,18 +260,18 @@ def test_the_training_loop_runs_through_megatron_s_schedule_under_ddp(loop):
     """Two steps of two micro-batches, each stage's chunks in megatron's DDP, one optimizer over every chunk,
     finalize_model_grads over the stages: every step's held-out logits and adapters match the reference's."""
     from harness.properties.training import check_training
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
-    result = check_training(Evidence(Executor(), _loop_case(VPP, **loop)))
+    result = check_training(Evidence(_executor(), _loop_case(VPP, **loop)))
     assert result.verdict is Verdict.PASS, result.findings
     assert any("after step 2" in c.location.quantity for c in result.comparisons)
 
 
 def test_a_gradient_buffer_reset_between_micro_batches_is_caught_at_a_pipeline_layout():
     from harness.properties.training import check_training
-    from harness.runs import Evidence, Executor
+    from harness.runs import Evidence
 
-    result = check_training(Evidence(Executor(), _loop_case(PP2, impl="tests.wrong_impls.ddp_grad_buffer_reset")))
+    result = check_training(Evidence(_executor(), _loop_case(PP2, impl="tests.wrong_impls.ddp_grad_buffer_reset")))
     assert result.verdict is Verdict.NUMERIC, result.findings
 
 

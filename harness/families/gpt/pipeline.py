@@ -9,8 +9,8 @@ micro-batches through megatron-core's own schedule; the logits come from the las
 gradient from the first, the adapters from every stage, and every rank of a pipeline group sends
 the whole model's evidence (``stage_gathered``), so the parent compares it as at PP=1.
 
-Under virtual stages megatron's interleaved schedule needs at least ``pp`` micro-batches; a case with
-fewer is padded with micro-batches whose loss is zero (exact zeros added to every gradient).
+Under virtual stages megatron's interleaved schedule takes a multiple of ``pp`` micro-batches; a case's
+are padded to one with micro-batches whose loss is zero (exact zeros added to every gradient).
 
 The merge evidence is made as at PP=1: every adapted module's ``LoRAMerge.merge`` against the
 harness's own ``W + s B A`` (``module_merges`` on the global view, per stage), and the model folded
