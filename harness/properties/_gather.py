@@ -168,7 +168,15 @@ class Numeric:
         from harness.compare import compare_low_precision
 
         if self.low:
+            from harness.compare import ILL_CONDITIONED, ill_conditioned
+
             stats, tol = compare_low_precision(actual, pick(self.reference), pick(self.exact), self.eps)
+            if not stats.passed and ill_conditioned(stats):
+                check.note(location.describe(), "undecidable",
+                           f"{location.describe()}: {stats.reason}; not charged: the single-device 16-bit run's own "
+                           f"error is {stats.baseline_abs / stats.ref_max:.0%} of the largest value (at least "
+                           f"{ILL_CONDITIONED:.0%}: mostly rounding noise in 16 bits, where a sharded run lands anywhere)")
+                return
         else:
             tol = self.tol
             stats = compare_tensors(actual, pick(self.reference), tol)

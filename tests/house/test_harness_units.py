@@ -230,3 +230,32 @@ def test_a_rank_error_is_a_contract_violation_by_its_type_not_its_name():
     assert _fault_verdict(RankTaskError("report", {0: ours, 1: theirs})) is Verdict.CRASH
     exc_type, message, _ = theirs  # still unpacks as (type name, message, traceback)
     assert (exc_type, message) == ("SpecViolation", "lora_A has shape (4, 8)")
+
+
+def test_a_16_bit_comparison_of_mostly_rounding_noise_is_undecidable_not_charged():
+    """Deep seed 1302: bf16 gradients at tp2 whose single-device errors were 5% and 10% of their largest entries;
+    the correct sharded run's were 9 and 8.6 times those. Such a comparison decides nothing; one whose single-device error is small
+    still fails a wrong value."""
+    import torch
+
+    from harness.compare import compare_low_precision, ill_conditioned
+    from harness.properties._gather import Numeric
+    from harness.results import Check, Location
+
+    exact = torch.tensor([10.0, 0.5])
+    noisy, clean = torch.tensor([9.0, 0.5]), torch.tensor([9.99, 0.5])
+    wrong = torch.tensor([0.0, 0.5])
+    eps = torch.finfo(torch.bfloat16).eps
+    stats, _ = compare_low_precision(wrong, noisy, exact, eps)
+    assert not stats.passed and ill_conditioned(stats)
+    stats, _ = compare_low_precision(wrong, clean, exact, eps)
+    assert not stats.passed and not ill_conditioned(stats)
+
+    numeric = Numeric.__new__(Numeric)
+    numeric.low, numeric.eps, numeric.fragile = True, eps, 0
+    for reference, verdict_failing in ((noisy, False), (clean, True)):
+        numeric.reference, numeric.exact = reference, exact
+        check = Check("forward_matches")
+        numeric.compare(check, Location("output", None, (0,)), wrong, lambda rec: rec)
+        assert check.verdict.failing is verdict_failing
+        assert bool(check.notes) is not verdict_failing
