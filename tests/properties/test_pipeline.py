@@ -285,3 +285,14 @@ def test_an_unwritable_checkpoint_folder_is_a_usage_error_before_any_rank_starts
     with pytest.raises(PlanError, match=r"checkpoint_roundtrip writes its checkpoints under .*not-a-folder.*TMPDIR"):
         Plan(2, 1)
     Plan(2, 1, properties=["forward_matches"])  # a run without the property does not need the folder
+
+
+def test_more_micro_batches_than_stages_under_virtual_stages_train_as_the_reference():
+    """Deep seed 1301: three micro-batches at tp1-pp2-vpp2 (padded to four, a multiple of pp, as megatron's
+    interleaved schedule requires), where gloo's batched point-to-point mixed up in-flight activations until
+    the harness switched to megatron's separate sends (``pipeline_config``)."""
+    from harness.properties.training import check_training
+    from harness.runs import Evidence
+
+    result = check_training(Evidence(_executor(), _loop_case(VPP, micro_batches=3)))
+    assert result.verdict is Verdict.PASS, result.findings
