@@ -56,6 +56,21 @@ EXPLAINED = {
     "vlm_access_forms": "SPEC stricter (advisory): VLMLoRA takes the model as a list of chunks only",
 }
 
+#: A numeric cell whose minimal case runs megatron's shared-expert overlap without expert tensor parallelism.
+SHARED_OVERLAP = ("Megatron-Bridge #6089: under moe_shared_expert_overlap the shared expert's fc2 adapter adds its "
+                  "whole, already reduced delta on every TP rank, and the MoE layer's reduction sums it TP times")
+
+
+def _why(check: str, layout: Any, minimal: Any) -> str:
+    """What a finding check means in this cell (the table's "why" column)."""
+    if layout.pp > 1 and check in EXPLAINED_AT_PP:
+        return EXPLAINED_AT_PP[check]
+    shape = (minimal or {}).get("shape") or {}
+    if check == "numeric" and shape.get("shared_expert_overlap") and layout.etp_size == 1:
+        return SHARED_OVERLAP
+    return EXPLAINED.get(check, "unexplained: look into it")
+
+
 #: The same at pipeline layouts, where Bridge's matcher sees a stage's local names (peft/base.py walks each
 #: chunk from its root): a pattern with a layer index selects that layer of every stage.
 STAGE_LOCAL = ("Megatron-Bridge matches patterns against a pipeline stage's local names: '*.layers.0.*' adapts "
@@ -104,12 +119,11 @@ def run_matrix() -> list[dict[str, Any]]:
                 if outcome.verdict in (Verdict.PASS, Verdict.SKIPPED, Verdict.VACUOUS):
                     continue
                 checks = _checks(outcome)
+                minimal = (None if outcome.minimal_case is None or outcome.verdict is Verdict.ADVISORY
+                           else outcome.minimal_case.to_json())
                 rows.append({
                     "property": name, "layout": outcome.layout, "verdict": outcome.verdict.value, "checks": checks,
-                    "why": sorted({(EXPLAINED_AT_PP if layout.pp > 1 else {}).get(c) or EXPLAINED.get(c, "unexplained: look into it")
-                                   for c in checks}),
-                    "minimal_case": None if outcome.minimal_case is None or outcome.verdict is Verdict.ADVISORY
-                    else outcome.minimal_case.to_json(),
+                    "why": sorted({_why(c, layout, minimal) for c in checks}), "minimal_case": minimal,
                 })
     return rows
 

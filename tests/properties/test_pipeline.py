@@ -296,3 +296,25 @@ def test_more_micro_batches_than_stages_under_virtual_stages_train_as_the_refere
 
     result = check_training(Evidence(_executor(), _loop_case(VPP, micro_batches=3)))
     assert result.verdict is Verdict.PASS, result.findings
+
+
+def test_megatron_bridge_matches_a_stage_s_local_names_and_the_harness_says_so():
+    """Megatron-Bridge 0.6.2 walks each pipeline chunk from its root: '*.layers.0.*' adapts every stage's first
+    layer. Numeric under its own contract (the logits are wrong), and named (stage_local_names)."""
+    from harness import bridge
+
+    if not bridge.bridge_installed():
+        pytest.skip("megatron-bridge is not installed (ci/setup.sh installs it)")
+    from harness.contract import capabilities_of
+    from harness.properties.adapters_spec import check as adapters
+    from harness.properties.forward import check as forward
+    from harness.runs import Evidence
+
+    case = _case(PP2, impl="megatron.bridge.peft.lora").with_(contract=capabilities_of("megatron.bridge.peft.lora").contract)
+    assert case.contract == "bridge"
+    ev = Evidence(_executor(), case)
+    assert forward(ev).verdict is Verdict.NUMERIC
+    named = adapters(ev)
+    assert named.verdict is Verdict.CONTRACT
+    assert any(f.check == "stage_local_names" and "decoder.layers.1.self_attention.linear_qkv" in f.message
+               for f in named.findings)
