@@ -275,7 +275,7 @@ def test_replay_names_the_file_and_what_is_wrong(tmp_path, capsys):
         ("{}", "case field 'family' is missing"),
         (json.dumps({k: v for k, v in _good_case().items() if k != "shape"}), "case field 'shape' is missing"),
         (json.dumps(dict(_good_case(), seed="zero")), "case field seed = 'zero': must be an integer"),
-        (json.dumps(dict(_good_case(), layout="tp2-pp2")), "pipeline parallel size must be 1"),
+        (json.dumps(dict(_good_case(), layout="tp1-pp1-vpp2")), "vpp=2 is invalid with pp=1"),
         (json.dumps(dict(_good_case(), lora=dict(_good_case()["lora"], dim=0))), "case field lora.dim = 0: must be an integer >= 1"),
         (json.dumps(dict(_good_case(), shape=dict(_good_case()["shape"], hidden_size=0))), "shape.hidden_size = 0: must be an integer >= 1"),
         (json.dumps(dict(_good_case(), family="rnn")), "case field family = 'rnn': must be one of gpt, moe, vlm"),

@@ -17,8 +17,10 @@ def run_local_token_loss(ctx: Any, case: Any) -> Any:
     from megatron.core.distributed import finalize_model_grads
 
     def local(ddp: Any, loop: Any, valid: int) -> None:
-        ddp.scale_gradients(1.0 / valid)  # this replica's own tokens, before DDP sums the replicas
-        finalize_model_grads([ddp])
+        ddps = list(ddp) if isinstance(ddp, (list, tuple)) else [ddp]
+        for chunk in ddps:
+            chunk.scale_gradients(1.0 / valid)  # this replica's own tokens, before DDP sums the replicas
+        finalize_model_grads(ddps)
 
     original = loop_module.finalize
     loop_module.finalize = local
