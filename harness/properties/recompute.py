@@ -2,9 +2,10 @@
 
 Checked on every rank against the same rank's run without recompute
 (``harness.tasks.recompute``), without the reference: for each recompute
-setting of the family (``full`` with ``uniform`` over every layer and
-``block`` over the first; ``selective`` over the MLP or MoE layer and core
-attention), the training logits and every
+setting of the family (``full`` with ``uniform`` over every layer;
+``selective`` over the MLP or MoE layer and core attention; ``block``
+recompute runs in the training loop's designed examples), the training
+logits and every
 trainable parameter's gradient equal the run without recompute's. A
 gradient missing or zero under recompute where the run without has one is
 named as such: megatron's reentrant checkpoint never ran its backward,
@@ -94,10 +95,10 @@ PROPERTY = register(Property(
     check=check,
     needs=("recompute",),
     families=("gpt", "moe"),
-    doc="under each activation recompute setting (full uniform/block, selective) the training logits and every "
+    doc="under each activation recompute setting (full uniform, selective) the training logits and every "
     "adapter gradient equal the run without recompute's; none is lost to a checkpoint whose inputs need no grad",
     applies=_applies,
-    # An example trains four models (without recompute and three settings): a fifth of the draws.
+    # An example trains three models (without recompute and two settings): a fifth of the draws.
     example_share=0.2,
     design_factors={
         "gpt": ("targets", "gated"),

@@ -34,16 +34,17 @@ _FULL = dict(recompute_granularity="full")
 
 #: family -> setting name -> megatron TransformerConfig overrides (the models have two layers).
 #: (``layernorm`` recompute is left out: megatron-core 0.19 reaches Transformer Engine's
-#: FP8GlobalStateManager on that path, which does not exist without Transformer Engine.)
+#: FP8GlobalStateManager on that path, which does not exist without Transformer Engine. ``full`` recompute
+#: with ``recompute_method="block"`` (the first layer only) was a third setting until session 10; it left
+#: to keep the suite within its 10 minutes, and the training loop's designed ``full-block`` recompute
+#: (``harness.training.RECOMPUTE``) still runs it at every layout, against the reference.)
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "gpt": {
         "full, uniform, every layer": dict(_FULL, recompute_method="uniform", recompute_num_layers=1),
-        "full, block, first layer": dict(_FULL, recompute_method="block", recompute_num_layers=1),
         "selective: mlp, core_attn": dict(recompute_granularity="selective", recompute_modules=["mlp", "core_attn"]),
     },
     "moe": {
         "full, uniform, every layer": dict(_FULL, recompute_method="uniform", recompute_num_layers=1),
-        "full, block, first layer": dict(_FULL, recompute_method="block", recompute_num_layers=1),
         "selective: moe, core_attn": dict(recompute_granularity="selective", recompute_modules=["moe", "core_attn"]),
     },
 }

@@ -80,7 +80,7 @@ def test_every_setting_runs_until_one_raises():
 
     def run(overrides):
         calls.append(overrides)
-        if overrides.get("recompute_method") == "block":
+        if overrides.get("recompute_granularity") == "full":
             raise RuntimeError("element 0 of tensors does not require grad")
         return torch.zeros(2), {"a": torch.ones(1)}
 
@@ -92,8 +92,9 @@ def test_every_setting_runs_until_one_raises():
     finally:
         mod.any_rank = original
     names = list(SETTINGS["gpt"])
-    assert calls[0] == {} and list(ev.runs) == names[:2]
-    assert ev.runs[names[1]].error == "RuntimeError: element 0 of tensors does not require grad"
+    # The first setting raised: the next is not run.
+    assert calls[0] == {} and len(calls) == 2 and list(ev.runs) == names[:1]
+    assert ev.runs[names[0]].error == "RuntimeError: element 0 of tensors does not require grad"
     assert isinstance(ev.plain, RecomputeRun) and torch.equal(ev.plain.grads["a"], torch.ones(1))
 
 
