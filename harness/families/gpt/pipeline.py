@@ -33,6 +33,7 @@ from harness.dropout import keyed_dropout
 from harness.evidence import DenseExtras, DropoutStats, MergeEvidence, ModelFold, Partitioned, RankRecord
 from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import causal_mask
+from harness.families.gpt.tasks import _grid, _round_to_grid, _sgd_step
 from harness.families.gpt.stage import adapted_stage
 from harness.pipeline import (
     chunks_of,
@@ -77,7 +78,7 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
     same_mode = all(c.training == case.training for c in chunks)
     view.training = case.training if same_mode else not case.training
     findings = state_findings(view, table, case) + stage_local_findings(chunks, view, lora_kwargs)
-    grid = _round_to_grid(view, table, case)
+    grid = _round_to_grid(view, table, case)[0]
 
     s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
     ids = torch.zeros(b, s, dtype=torch.long)
@@ -186,18 +187,3 @@ def _merge_evidence(chunks: list[Any], view: Any, impl: Any, table: dict[str, An
     once = attempt(lambda: cast_once(impl, group, dist.get_world_size(group), parallel_state.get_tensor_model_parallel_rank()))
     return MergeEvidence(modules=modules, fold=fold, cast_once=once, error=error)
 
-
-def _grid(t: torch.Tensor, grid: Any) -> torch.Tensor:
-    return t if grid is None else t.to(grid).to(t.dtype)
-
-
-def _round_to_grid(view: torch.nn.Module, table: dict[str, Any], case: GPTCase) -> Any:
-    from harness.families.gpt.tasks import _round_to_grid as rounded
-
-    return rounded(view, table, case)[0]
-
-
-def _sgd_step(view: torch.nn.Module, table: dict[str, Any]) -> dict[str, Any]:
-    from harness.families.gpt.tasks import _sgd_step as step
-
-    return step(view, table)
