@@ -29,7 +29,8 @@ MAX_LOAD_LAYOUTS = 2
 def load_layouts(family: str, layout: Any) -> list[Any]:
     """The layouts an example saved at ``layout`` may be loaded at, ``layout`` first: of the family's layouts
     whose world fits in ``layout``'s, the first with another TP size, then the first with the same TP size,
-    up to ``MAX_LOAD_LAYOUTS`` in all."""
+    up to ``MAX_LOAD_LAYOUTS`` in all; in a family with experts, the first that differs from ``layout`` in
+    the most of TP, EP and expert TP."""
     from harness.families import get_family
 
     world = layout.min_world_size
@@ -37,6 +38,11 @@ def load_layouts(family: str, layout: Any) -> list[Any]:
     # without: a checkpoint written by stages read by a model that has none).
     sizes = (max(layout.tp, 2), max(layout.ep, 2)) + ((layout.pp,) if layout.pp > 1 else ())
     found = [y for y in get_family(family).layouts(*sizes) if y != layout and y.min_world_size <= world]
+    if any(y.etp is not None and y.etp != y.tp for y in found):
+        # A family with experts: the candidate that changes most of TP, EP and ETP at once (so the layouts
+        # together load across EP 2 -> 1 and 1 -> 2 and ETP 1 <-> 2 as well as TP), the first of equals.
+        found.sort(key=lambda y: -((y.tp != layout.tp) + (y.ep != layout.ep) + (y.etp_size != layout.etp_size)))
+        return ([layout] + found[:1])[:MAX_LOAD_LAYOUTS]
     other_tp = [y for y in found if y.tp != layout.tp]
     same_tp = [y for y in found if y.tp == layout.tp]
     return ([layout] + other_tp[:1] + same_tp[:1])[:MAX_LOAD_LAYOUTS]

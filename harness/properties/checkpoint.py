@@ -19,6 +19,7 @@ tensor). The plain path at X as well: a fresh model given
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -26,6 +27,7 @@ from harness.compare import FLOAT64, Tolerance, compare_tensors
 from harness.properties import Property, register
 from harness.properties._gather import layout_violations, no_adapter_reason, replicas
 from harness.results import Check, Location
+from harness.rules.adapters import is_expert_name
 
 EXACT = Tolerance(rtol=0.0, atol=0.0)
 
@@ -43,6 +45,27 @@ def stacked_key(name: str) -> str:
 
 def _full_shapes(records: list[Any]) -> dict[str, tuple[int, ...]]:
     return {p: tuple(part.full_shape) for p, part in records[0].partitions.items()}
+
+
+def _expert_elements(result: Check, saved_at: Any, experts: dict[str, tuple[int, ...]],
+                     entries: dict[str, tuple[int, ...]], contract: str) -> None:
+    """The routed experts' adapters in the checkpoint, counted: the entries no other adapter claims must hold
+    exactly as many elements as the experts' adapters have. Fewer: some expert's adapter (an EP rank's
+    experts, an expert-TP shard) never reached the checkpoint. More: something is saved twice or a base
+    tensor came through the filter; Megatron-Bridge stores a grouped linear's shared adapter once per
+    expert, which the bridge contract allows (a larger file, nothing lost), so there it is advisory."""
+    want = sum(math.prod(shape) for shape in experts.values())
+    got = sum(math.prod(shape) for shape in entries.values())
+    if got < want:
+        result.fail(f"the checkpoint saved at {saved_at} holds {got} elements outside the other adapters' entries; "
+                    f"the routed experts' {len(experts)} adapter tensor(s) ({_shown(sorted(experts))}) have {want}: "
+                    f"an EP rank's experts or an expert-TP shard never reached it (entries: {_shown(sorted(entries))})",
+                    kind="contract", check="checkpoint_keys")
+    elif got > want:
+        result.fail(f"the checkpoint saved at {saved_at} holds {got} elements outside the other adapters' entries; "
+                    f"the routed experts' adapters have {want}: something is saved twice or is no adapter "
+                    f"(entries: {_shown(sorted(entries))})", kind="contract", check="checkpoint_keys",
+                    binding=contract != "bridge")
 
 
 def check(ev: Any) -> Check:
@@ -89,13 +112,17 @@ def _check(ev: Any) -> Check:
         return result
     # The file set: each adapter tensor exactly once, with its full shape: in its own entry under its name
     # (the global layer number), or in megatron's layer-stacked entry ("decoder.layers.3.x" is layer 3 of
-    # "decoder.layers.x", whose global shape leads with the number of layers), not both.
+    # "decoder.layers.x", whose global shape leads with the number of layers), not both. Routed experts'
+    # adapters have no name megatron fixes (an implementation stacks them over experts, layers, or neither):
+    # they are counted instead, every element of every expert's adapter once.
     shapes = _full_shapes(save)
     stored = head.saved
+    experts = {p: shape for p, shape in shapes.items() if is_expert_name(p)}
+    named = {p: shape for p, shape in shapes.items() if p not in experts}
     expected: dict[str, list[str]] = {}
-    for pname in shapes:
+    for pname in named:
         expected.setdefault(pname if pname in stored else stacked_key(pname), []).append(pname)
-    twice = sorted(p for p in shapes if p in stored and stacked_key(p) != p and stacked_key(p) in stored)
+    twice = sorted(p for p in named if p in stored and stacked_key(p) != p and stacked_key(p) in stored)
     if twice:
         result.fail(f"the checkpoint saved at {saved_at} holds {_shown(twice)} twice: in its own entry and in the "
                     "layer-stacked one", kind="contract", check="checkpoint_keys")
@@ -105,7 +132,9 @@ def _check(ev: Any) -> Check:
         result.fail(f"the checkpoint saved at {saved_at} holds no entry for {len(absent)} adapter tensor(s): "
                     f"{_shown(absent)} (their modules' sharded_state_dict does not reach them)",
                     kind="contract", check="checkpoint_keys")
-    if extra:
+    if experts:
+        _expert_elements(result, saved_at, experts, {k: stored[k] for k in extra}, ev.case.contract)
+    elif extra:
         result.fail(f"the checkpoint saved at {saved_at} holds {len(extra)} entr(ies) that are no adapter tensor of "
                     f"the model: {_shown(extra)} (an adapter saved twice, under another name, or a base tensor the "
                     "filter let through)", kind="contract", check="checkpoint_keys")
@@ -162,11 +191,12 @@ PROPERTY = register(Property(
     name="checkpoint_roundtrip",
     check=check,
     needs=("checkpoint_save", "checkpoint_load"),
-    families=("gpt",),
+    families=("gpt", "moe"),
     doc="adapters trained a step at the layout, saved with megatron-core's dist_checkpointing (set_params_to_save, "
     "sharded_state_dict, adapter_key_filter) and loaded at another layout are bit for bit what was trained, every "
     "adapter once in the checkpoint, and compute the same logits; load_state_dict(state_dict()) too",
     applies=_applies,
     example_share=0.2,
-    design_factors={"gpt": ("targets", "gated", "load_layout")},
+    design_factors={"gpt": ("targets", "gated", "load_layout"),
+                    "moe": ("expert_kind", "share_expert_adapters", "load_layout")},
 ))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -203,10 +203,12 @@ def save_side(peft: Any, model: Any, path: str, rank: int, train_step: Callable[
 
 def load_side(peft: Any, model: Any, path: str, logits: Callable[[Any], torch.Tensor],
               adapters: Callable[[Any], dict[str, torch.Tensor]],
-              names: Callable[[Any], dict[int, str]] = lambda m: {id(p): n for n, p in m.named_parameters()}
-              ) -> CheckpointExtras:
+              names: Callable[[Any], dict[int, str]] = lambda m: {id(p): n for n, p in m.named_parameters()},
+              own: Optional[Callable[[Any], set[str]]] = None) -> CheckpointExtras:
     """Load the checkpoint into a fresh model at this layout and record (see the module's doc). ``names(model)``:
-    each parameter's name as ``adapters`` gives it, by ``id`` (at a pipeline layout the whole model's names)."""
+    each parameter's name as ``adapters`` gives it, by ``id`` (at a pipeline layout the whole model's names);
+    ``own(model)``: the names of the adapters this rank holds (default: every name ``adapters`` gives, which
+    an MoE rank's whole-model record exceeds by the other EP ranks' experts)."""
     from megatron.core import dist_checkpointing
 
     from harness import cpu
@@ -214,8 +216,11 @@ def load_side(peft: Any, model: Any, path: str, logits: Callable[[Any], torch.Te
     missing = _missing(peft, model)
     if missing:
         return CheckpointExtras(missing=missing)
+    from harness.tasks.common import any_rank
+
     cpu.prepare_checkpointing()
     step = "sharded_state_dict"
+    error = None
     try:
         filtered = _filtered(peft, model)
         step = "dist_checkpointing.load"
@@ -229,11 +234,13 @@ def load_side(peft: Any, model: Any, path: str, logits: Callable[[Any], torch.Te
             unexpected_keys += list(getattr(result, "unexpected_keys", ()) or ())
             own_params = dict(chunk.named_parameters())
             reached |= {named[id(own_params[k])] for k in state if k in own_params and id(own_params[k]) in named}
-        own = set(adapters(model))
-        not_loaded = tuple(sorted(own - reached))
-        unexpected = tuple(sorted(unexpected_keys))
-        return CheckpointExtras(logits=cpu64(logits(model)), adapters={n: cpu64(t) for n, t in adapters(model).items()},
-                                not_loaded=not_loaded, unexpected=unexpected)
     except BaseException as exc:  # noqa: BLE001
         _reraise_interrupts(exc)
-        return CheckpointExtras(error=f"{step}: {type(exc).__name__}: {exc}")
+        error = f"{step}: {type(exc).__name__}: {exc}"
+    # Every rank knows whether another failed before the record's collectives (whole adapters, logits).
+    if any_rank(error is not None):
+        return CheckpointExtras(error=error or f"{step}: another rank raised (its record says what)")
+    recorded = {n: cpu64(t) for n, t in adapters(model).items()}
+    held = set(recorded) if own is None else own(model)
+    return CheckpointExtras(logits=cpu64(logits(model)), adapters=recorded, not_loaded=tuple(sorted(held - reached)),
+                            unexpected=tuple(sorted(unexpected_keys)))

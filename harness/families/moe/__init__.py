@@ -30,6 +30,8 @@ FAMILY = register(Family(
     switch_task="harness.families.moe.switch:run_moe_switch_case",
     recompute_task="harness.families.moe.recompute:run_moe_recompute_case",
     training_task="harness.families.moe.training:run_moe_training_case",
+    checkpoint_save_task="harness.families.moe.checkpoint:run_moe_checkpoint_save",
+    checkpoint_load_task="harness.families.moe.checkpoint:run_moe_checkpoint_load",
     builder="harness.families.moe.model:build_moe_gpt",
     design="harness.families.moe.design:DESIGN",
     # An MoE example costs several dense ones (a bigger world at most layouts, one more run for

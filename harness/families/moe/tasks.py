@@ -155,11 +155,13 @@ def base_model(ctx: Any, case: MoECase, **config_overrides: Any) -> tuple[Any, d
     return impl, sizes, model
 
 
-def load_seeded_adapters(model: torch.nn.Module, table: dict[str, AdapterParam], case: MoECase, sizes: dict[str, int]) -> None:
-    """Every adapter's shard of a seeded full matrix by global name (B non-zero: every adapter moves the logits)."""
+def load_seeded_adapters(model: torch.nn.Module, table: dict[str, AdapterParam], case: MoECase, sizes: dict[str, int],
+                         seed: Optional[int] = None) -> None:
+    """Every adapter's shard of a seeded full matrix by global name (B non-zero: every adapter moves the logits);
+    ``seed`` the values' (default the case's)."""
     with torch.no_grad():
         for pname, info in table.items():
-            full = seeded_tensor(case.seed, info.global_name, info.full_shape, std=1.0 / info.full_shape[1] ** 0.5)
+            full = seeded_tensor(case.seed if seed is None else seed, info.global_name, info.full_shape, std=1.0 / info.full_shape[1] ** 0.5)
             g_rank, g_size = ((sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp"
                               else (sizes["tp_rank"], sizes["tp_size"]))
             model.get_parameter(pname).copy_(shard(full, info.part, g_rank, g_size))
