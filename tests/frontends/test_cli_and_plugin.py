@@ -35,7 +35,7 @@ def test_layouts_follow_tp_and_ep(capsys):
     assert main(["layouts", "--tp", "2", "--ep", "2"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "gpt  tp1-ep1-etp1-pp1  world 1", "gpt  tp1-ep2-etp1-pp1  world 2", "gpt  tp2-ep1-etp2-pp1  world 2",
-        "gpt  tp2-ep1-etp2-pp1-sp  world 2", "gpt  tp2-ep2-etp2-pp1  world 4", "gpt  tp2-ep2-etp2-pp1-sp  world 4",
+        "gpt  tp2-ep1-etp2-pp1-sp  world 2", "gpt  tp2-ep2-etp2-pp1-sp  world 4",
         "moe  tp1-ep1-etp1-pp1  world 1", "moe  tp1-ep2-etp1-pp1  world 2", "moe  tp2-ep1-etp1-pp1-sp  world 2",
         "moe  tp2-ep1-etp2-pp1-sp  world 2", "moe  tp2-ep2-etp1-pp1-sp  world 2",
         "moe  tp2-ep2-etp1-pp1-dp2-sp  world 4", "moe  tp2-ep2-etp2-pp1-sp  world 4",

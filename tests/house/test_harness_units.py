@@ -187,7 +187,7 @@ def test_layout_set_refuses_what_it_would_round():
     with pytest.raises(ValueError, match="--ep 0"):
         layout_set(2, 0)
     assert [str(l) for l in layout_set(2, 2)] == [
-        "tp1-ep1-etp1-pp1", "tp1-ep2-etp1-pp1", "tp2-ep1-etp2-pp1", "tp2-ep1-etp2-pp1-sp", "tp2-ep2-etp2-pp1", "tp2-ep2-etp2-pp1-sp",
+        "tp1-ep1-etp1-pp1", "tp1-ep2-etp1-pp1", "tp2-ep1-etp2-pp1", "tp2-ep1-etp2-pp1-sp", "tp2-ep2-etp2-pp1-sp",
     ]
 
 

@@ -6,7 +6,7 @@ loading it gets rank 0's adapters for every expert, or finds the entries too sma
 
 import types
 
-import lora.megatron.expert_adapters as ea
+import lora.megatron.expert_checkpoint as ea
 from tests.wrong_impls._experts import LORA_HARNESS_CAPABILITIES, LoRAMerge, VLMLoRA, patched_expert_lora  # noqa: F401
 
 

@@ -4,7 +4,7 @@ refuses the checkpoint at EP=2 (one piece with two main replicas); at EP=1 nothi
 
 import types
 
-import lora.megatron.expert_adapters as ea
+import lora.megatron.expert_checkpoint as ea
 from tests.wrong_impls._experts import LORA_HARNESS_CAPABILITIES, LoRAMerge, VLMLoRA, patched_expert_lora  # noqa: F401
 
 
