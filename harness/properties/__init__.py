@@ -12,7 +12,7 @@ a module (or, from another package, an entry point in the group
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from harness._plugins import discover
 from harness.contract import Capabilities
@@ -43,8 +43,8 @@ class Property:
     apart (``harness.design.designed_rows(only=...)``). ``example_share``: the
     property's share of the family's drawn examples (a property whose example
     runs several models draws fewer; at least one is always drawn). ``pipeline``: whether the
-    property runs at pipeline layouts (pp > 1); one whose tasks do not build a pipeline yet is
-    skipped there, with that reason.
+    property runs at pipeline layouts (pp > 1): True for every family, or the families whose
+    tasks for it build pipeline stages; elsewhere it is skipped there, with that reason.
     """
 
     name: str
@@ -58,7 +58,10 @@ class Property:
     # Left out of the hash (a dict): a Property stays hashable, as its Cell is.
     design_factors: Optional[dict[str, tuple[str, ...]]] = field(default=None, hash=False)
     example_share: float = 1.0
-    pipeline: bool = False
+    pipeline: Union[bool, tuple[str, ...]] = False
+
+    def runs_at_pipeline_layouts(self, family: str) -> bool:
+        return self.pipeline is True or (isinstance(self.pipeline, tuple) and family in self.pipeline)
 
     def skip_reason(self, family: str, layout: ParallelLayout, capabilities: Capabilities) -> Optional[str]:
         if family not in self.families:
@@ -67,9 +70,9 @@ class Property:
             known = families().get(family)
             if known is None or not known.runs(self):
                 return f"{self.name} does not apply to the {family} family"
-        if layout.pp > 1 and not self.pipeline:
-            return (f"{self.name} does not run at pipeline layouts yet (pp={layout.pp}): its rank task builds one "
-                    "stage-less model")
+        if layout.pp > 1 and not self.runs_at_pipeline_layouts(family):
+            return (f"{self.name} does not run at the {family} family's pipeline layouts yet (pp={layout.pp}): its "
+                    "rank task builds one stage-less model")
         return self.applies(layout, capabilities) if self.applies else None
 
 

@@ -12,7 +12,7 @@ def check(ev) -> Check:
 
 
 PROPERTY = register(Property(
-    pipeline=True,
+    pipeline=("gpt",),
     families=("gpt", "moe"),
     name="errors_follow_spec",
     check=check,

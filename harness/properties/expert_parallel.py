@@ -45,6 +45,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
+    pipeline=("moe",),
     name="ep_size_independent",
     check=check,
     needs=("impl", "impl_ep1"),

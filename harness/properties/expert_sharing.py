@@ -55,6 +55,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
+    pipeline=("moe",),
     name="shared_expert_adapters_identical",
     check=check,
     needs=("impl",),

@@ -90,7 +90,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
-    pipeline=True,
+    pipeline=("gpt",),
     name="recompute_transparent",
     check=check,
     needs=("recompute",),

@@ -75,7 +75,8 @@ def test_pipeline_layouts_are_in_the_plan_only_with_pp():
     plan = Plan(2, 2, pp=2)
     gpt = {str(layout) for layout in plan.layouts["gpt"]}
     assert {"tp1-ep1-etp1-pp2", "tp1-ep1-etp1-pp2-vpp2", "tp2-ep1-etp2-pp2"} <= gpt
-    assert all(layout.pp == 1 for family in ("moe", "vlm") for layout in plan.layouts[family])
+    assert [str(layout) for layout in plan.layouts["moe"] if layout.pp > 1] == ["tp1-ep2-etp1-pp2"]
+    assert all(layout.pp == 1 for layout in plan.layouts["vlm"])
     assert all(layout.pp == 1 for ls in Plan(2, 2).layouts.values() for layout in ls)
     with pytest.raises(PlanError, match="--pp 3"):
         Plan(2, 1, pp=3)
@@ -94,9 +95,12 @@ def test_properties_without_a_pipeline_task_are_skipped_there_with_the_reason():
     from harness.contract import Capabilities
     from harness.properties import get_property
 
-    # A property whose task builds no stages (the MoE family's, for now) is skipped there with that reason.
-    reason = get_property("shared_expert_adapters_identical").skip_reason("moe", PP2, Capabilities())
-    assert reason and "pipeline layouts" in reason and "pp=2" in reason
+    # A property whose family task builds no stages (the MoE family's switch task, for now) is skipped there
+    # with that reason; the MoE family's forward/backward task builds them.
+    reason = get_property("adapters_switch_off").skip_reason("moe", PP2, Capabilities())
+    assert reason and "moe family's pipeline layouts" in reason and "pp=2" in reason
+    assert get_property("shared_expert_adapters_identical").skip_reason("moe", ParallelLayout(ep=2, pp=2), Capabilities()) is None
+    assert get_property("adapters_switch_off").skip_reason("gpt", PP2, Capabilities()) is None
     # The initial values are promised across TP and EP layouts, not across stage splits.
     assert "each pipeline stage draws its own" in get_property("init_matches_layouts").skip_reason("gpt", PP2, Capabilities())
     assert get_property("backward_matches").skip_reason("gpt", PP2, Capabilities()) is None

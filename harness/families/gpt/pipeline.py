@@ -25,7 +25,7 @@ all-to-all count of ``a2a_experimental`` (the pipeline layouts have no sequence 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -59,7 +59,7 @@ from harness.tasks.common import (
     state_findings,
 )
 
-__all__ = ["run_gpt_pipeline_case"]
+__all__ = ["run_gpt_pipeline_case", "pipeline_merge_evidence"]
 
 
 
@@ -116,7 +116,7 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
         masks = replicated_masks(view, lambda _: logits(chunks), s // tp if layout.sp else None)
     findings += reapply_findings(view, impl, lora_kwargs, case.training, case.contract,
                                  handed=handed_over(chunks, layout), names=lambda m: global_view(chunks_of(m)))
-    merge = _merge_evidence(chunks, view, impl, table, lora_kwargs.get("alpha", 32), layout, logits)
+    merge = pipeline_merge_evidence(chunks, view, impl, table, lora_kwargs.get("alpha", 32), layout, logits)
     partitions = {p: Partitioned(w, part.dim, part.gated, tuple(shape)) for p, (w, part, shape) in table.items()}
     mine = {
         "output": cpu64(outputs[0]) if outputs else None,
@@ -147,9 +147,10 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
     )
 
 
-def _merge_evidence(chunks: list[Any], view: Any, impl: Any, table: dict[str, Any], alpha: float, layout: Any,
-                    logits: Any) -> MergeEvidence:
-    """``harness.tasks.common.merge_evidence`` for a pipeline stage (or what the implementation raised)."""
+def pipeline_merge_evidence(chunks: list[Any], view: Any, impl: Any, table: Optional[dict[str, Any]], alpha: float,
+                            layout: Any, logits: Any) -> MergeEvidence:
+    """``harness.tasks.common.merge_evidence`` for a pipeline stage (or what the implementation raised);
+    ``table`` None: no module merges (the MoE family's experts fold through the model-level merge only)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -169,7 +170,7 @@ def _merge_evidence(chunks: list[Any], view: Any, impl: Any, table: dict[str, An
 
     # Every step that a schedule follows is agreed on by every rank first: a stage that raised
     # must not leave the others waiting in the next point-to-point.
-    modules = attempt(lambda: module_merges(view, impl, table, alpha))
+    modules = attempt(lambda: module_merges(view, impl, table, alpha) if table is not None else {})
     if any_rank(error is not None):
         return MergeEvidence(modules=modules, error=error or elsewhere)
     for chunk in chunks:

@@ -46,6 +46,7 @@ __all__ = [
     "MoEShape",
     "DISPATCHERS",
     "build_moe_gpt",
+    "build_moe_stage",
     "moe_config",
     "moe_layer_spec",
     "layout_sizes",
@@ -367,9 +368,14 @@ def build_moe_gpt(
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
     parallel_output: bool = False,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
     **config_overrides: Any,
 ) -> Any:
-    """megatron-core GPTModel with an MoELayer in every layer, for the active parallel_state.
+    """megatron-core GPTModel with an MoELayer in every layer, for the active parallel_state; under
+    pipeline parallelism one chunk of this rank's stage (``pre_process``, ``post_process`` and
+    ``vp_stage`` as ``harness.families.gpt.model.build_gpt``'s).
 
     ``tp``, ``ep``, ``etp`` (None: same as tp) and ``sequence_parallel`` must
     match the layout parallel_state holds (``layout_sizes(layout)`` gives
@@ -391,7 +397,21 @@ def build_moe_gpt(
         shape, tp=tp, ep=ep, etp=etp, sequence_parallel=sequence_parallel, params_dtype=params_dtype, **config_overrides
     )
     one_layer = moe_layer_spec(shape, sequence_parallel=sequence_parallel, normalization=config.normalization)
-    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel, parallel_output=parallel_output)
+    return gpt_model_from_layer_spec(shape, config, one_layer, sequence_parallel=sequence_parallel, parallel_output=parallel_output,
+                                     pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
+def build_moe_stage(case: Any, parallel_output: bool, **overrides: Any) -> list[Any]:
+    """The case's MoE model as this rank holds it: ``[GPTModel]``, or under pipeline parallelism the stage's
+    chunks (``harness.pipeline.stage_chunks``), in the case's dtype, each with ``overrides`` in its config."""
+    from harness.pipeline import pipeline_config, stage_chunks
+
+    config = {**pipeline_config(case.layout, case.model_dtype), **overrides}
+    return stage_chunks(
+        lambda pre, post, vp: build_moe_gpt(case.shape, **layout_sizes(case.layout), params_dtype=case.model_dtype,
+                                            parallel_output=parallel_output, pre_process=pre, post_process=post,
+                                            vp_stage=vp, **config).to(case.model_dtype),
+        case.layout)
 
 
 # ----------------------------------------------------------------- routing

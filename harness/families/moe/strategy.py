@@ -81,7 +81,8 @@ def moe_shapes(draw: Any, layout: ParallelLayout, grouped_experts: bool = True, 
     if shared is not None and dispatcher == "alltoall":
         overlap = draw(st.sampled_from([True, False]))
     return MoEShape(
-        num_layers=draw(st.integers(1, 2)),
+        # Under a pipeline every stage and chunk holds one layer.
+        num_layers=draw(st.integers(1, 2)) if layout.stages == 1 else layout.stages,
         hidden_size=heads * head_dim,
         num_attention_heads=heads,
         num_query_groups=groups,

@@ -65,6 +65,16 @@ def _group(kind: str) -> Any:
     }[kind]()
 
 
+def _stage_group() -> Any:
+    """Every rank holding this rank's pipeline stage (the world without pipeline parallelism): the ranks
+    whose adapter tables name the same global parameters."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+
 def assemble(values: dict[str, Optional[torch.Tensor]], table: dict[str, AdapterParam], sizes: dict[str, int]) -> dict[str, Any]:
     """Full tensors by global name: gathered over (E)TP, per-expert ones collected over EP.
 
@@ -76,7 +86,7 @@ def assemble(values: dict[str, Optional[torch.Tensor]], table: dict[str, Adapter
     names = sorted(table)
     present = torch.tensor([0 if values.get(p) is None else 1 for p in names], dtype=torch.int64)
     if sizes["world"] > 1 and names:
-        dist.all_reduce(present, op=dist.ReduceOp.MIN)
+        dist.all_reduce(present, op=dist.ReduceOp.MIN, group=_stage_group())
     full: dict[str, Any] = {}
     by_kind: dict[str, list[tuple[str, torch.Tensor, Partition]]] = {}  # kinds in the same order on every rank
     for pname, here in zip(names, present.tolist()):
@@ -171,6 +181,10 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     """Forward, backward and one SGD step of a LoRA-adapted MoE GPTModel at the case's layout."""
     from megatron.core import parallel_state as ps
 
+    if case.layout.pp > 1:
+        from harness.families.moe.pipeline import run_moe_pipeline_case
+
+        return run_moe_pipeline_case(ctx, case)
     layout = case.layout
     impl, sizes, model = base_model(ctx, case)
     lora_kwargs = case.lora_kwargs()
