@@ -87,7 +87,8 @@ def global_view(chunks: Sequence[nn.Module], training: Optional[bool] = None) ->
     """One module holding the chunks' modules under the names a PP=1 model gives them.
 
     Every ``layers`` list of TransformerLayers becomes a ``ModuleDict`` keyed by ``layer_number - 1``
-    (megatron's global, 0-based index); containers above such a list are merged across the chunks;
+    (megatron's global, 0-based index); containers above such a list are merged across the chunks
+    (with their own parameters and buffers, such as a ViT's class token);
     any other child is the chunk's own module, under its own name (the embedding on the first stage,
     the final norm and output layer on the last). Two chunks with a same-named child that holds
     parameters is an error (no PP=1 model has that). ``training``: the view's own ``training`` flag
@@ -113,6 +114,13 @@ def global_view(chunks: Sequence[nn.Module], training: Optional[bool] = None) ->
                 if holder is None:
                     holder = nn.Module()
                     dst.add_module(name, holder)
+                # The container's own tensors (a ViT's class token) under its name.
+                for pname, param in child._parameters.items():
+                    if param is not None:
+                        holder._parameters[pname] = param
+                for bname, buf in child._buffers.items():
+                    if buf is not None:
+                        holder._buffers[bname] = buf
                 merge(holder, child, path)
             elif name in dst._modules:
                 if any(True for _ in child.parameters()) and dst._modules[name] is not child:

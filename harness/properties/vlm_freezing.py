@@ -69,7 +69,7 @@ def expected_modules(base: VLMBase, lora: dict[str, Any], access: str) -> set[st
 
 
 def combo_findings(result: Check, rank: int, combo: VLMCombo, base: VLMBase, lora: dict[str, Any],
-                   reference: VLMCombo | None, contract: str = "strict") -> None:
+                   reference: VLMCombo | None, contract: str = "strict", stage: bool = False) -> None:
     """Every SPEC rule one combination on one rank breaks, one finding each, naming the combination."""
     where = f"rank {rank}: {combo_label(combo)}"
     part = combo.none_part
@@ -112,8 +112,11 @@ def combo_findings(result: Check, rank: int, combo: VLMCombo, base: VLMBase, lor
             parts.append(f"frozen but SPEC leaves them trainable: {_names(want - trainable)}")
         result.fail(f"{where}: {'; '.join(parts)} (flagged subtrees {flagged}; {_FREEZE_RULE})",
                     kind="contract", check="trainable_set")
-    if reference is not None and not reference.error and set(reference.trainable) != trainable:
-        ref = set(reference.trainable)
+    # At a pipeline layout a rank holds one stage: the reference's trainable set restricted to its parameters.
+    ref = None if reference is None or reference.error else set(reference.trainable)
+    if ref is not None and stage:
+        ref &= got_params
+    if ref is not None and ref != trainable:
         result.fail(
             f"{where}: trainable set differs from lora.reference's VLMLoRA at world size 1: only here "
             f"{_names(trainable - ref)}, only in the reference {_names(ref - trainable)}",
@@ -143,7 +146,8 @@ def check(ev) -> Check:
     for rec in ev.impl:
         base = rec.extras.base
         for i, combo in enumerate(rec.extras.combos):
-            combo_findings(result, rec.rank, combo, base, lora, ref_combos[i], ev.case.contract)
+            combo_findings(result, rec.rank, combo, base, lora, ref_combos[i], ev.case.contract,
+                           stage=ev.case.layout.pp > 1)
     return result
 
 
@@ -154,6 +158,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
+    pipeline=("vlm",),
     name="vlm_freezing_follows_spec",
     check=check,
     needs=("impl", "reference"),

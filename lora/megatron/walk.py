@@ -34,11 +34,14 @@ def global_layer_names(chunk: nn.Module) -> dict[str, str]:
     megatron-core builds a pipeline stage's block with local indices (``decoder.layers.0`` on every
     stage); the layer's global, 1-based number is its ``layer_number``. Patterns are matched against
     the whole model's names (harness/SPEC.md, "Pipeline stages"), so ``*.layers.0.*`` means the
-    model's first layer at every pipeline layout. Empty without pipeline parallelism (the chunk's
-    ``config.pipeline_model_parallel_size`` is 1), where local and global names are the same.
+    model's first layer at every pipeline layout. Empty without pipeline parallelism (no module of the
+    chunk has a ``config`` with ``pipeline_model_parallel_size`` > 1), where local and global names are
+    the same. Any module's config, not only the chunk's: a chunk may be a wrapper around the model (a
+    VLM provider's ``.llava_model``), and a LLaVA's vision tower is built without the pipeline sizes its
+    language model has.
     """
-    config = getattr(chunk, "config", None)
-    if int(getattr(config, "pipeline_model_parallel_size", 1) or 1) <= 1:
+    if not any(int(getattr(getattr(m, "config", None), "pipeline_model_parallel_size", 1) or 1) > 1
+               for m in chunk.modules()):
         return {}
     out = {}
     for name, module in chunk.named_modules():

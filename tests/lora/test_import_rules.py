@@ -138,7 +138,7 @@ def test_module_lists_are_what_the_packages_hold():
     assert not (ROOT / "lora" / "reference.py").exists()
     jobs = ["adapters", "config", "freeze", "init", "layers", "lora", "matching", "merge", "walk"]
     assert REFERENCE_MODULES == ["lora.reference"] + [f"lora.reference.{m}" for m in jobs]
-    jobs = ["config", "dense_adapters", "expert_adapters", "freeze", "init", "layout", "lora", "matching",
+    jobs = ["config", "dense_adapters", "expert_adapters", "expert_checkpoint", "freeze", "init", "layout", "lora", "matching",
             "merge", "recompute", "walk", "wrapper"]
     assert MEGATRON_MODULES == ["lora.megatron"] + [f"lora.megatron.{m}" for m in jobs]
 

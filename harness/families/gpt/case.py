@@ -96,9 +96,9 @@ class GPTCase:
             raise CaseError(f"{self.family} case at layout {self.layout}: {type(self.shape).__name__}.num_layers={layers} "
                             f"must be divisible by pp*vpp={self.layout.pp}*{self.layout.chunks}={stages} (megatron gives "
                             "every pipeline stage and virtual chunk the same number of layers)")
-        if self.layout.pp > 1 and self.family not in ("gpt", "moe"):
+        if self.layout.pp > 1 and self.family not in ("gpt", "moe", "vlm"):
             raise CaseError(f"{self.family} case at layout {self.layout}: pipeline layouts (pp={self.layout.pp}) are "
-                            "run for the dense and MoE families (gpt, moe) only so far")
+                            "run for the built-in families (gpt, moe, vlm) only so far")
         if self.loop is not None:
             from harness.training import layout_problem
 

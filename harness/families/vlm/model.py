@@ -126,8 +126,13 @@ def _position_ids_on_cpu() -> Iterator[None]:
         torch.Tensor.cuda = original  # type: ignore[method-assign]
 
 
-def build_vlm(shape: VLMShape, *, tp: int, params_dtype: torch.dtype = torch.float32, parallel_output: bool = False) -> Any:
+def build_vlm(shape: VLMShape, *, tp: int, params_dtype: torch.dtype = torch.float32, parallel_output: bool = False,
+              pipeline: Any = None) -> Any:
     """megatron-core's LLaVAModel for the active parallel_state (logits gathered over TP).
+
+    ``pipeline``: the layout, at a pipeline layout (pp > 1): this rank's stage, the vision tower and the
+    projection on the first stage only (``add_encoder``), the language model's layers split over the stages
+    (its config carries the pipeline sizes; the vision tower's and the projection's do not).
 
     Language model: the local GPT layer spec (RMSNorm, RoPE, optional gated
     MLP), like ``harness.families.gpt.model.build_gpt``. Vision tower: megatron's local
@@ -146,7 +151,18 @@ def build_vlm(shape: VLMShape, *, tp: int, params_dtype: torch.dtype = torch.flo
     if cpu.is_active():
         # LLaVA's own modules (its forward asks torch.cuda for a device) were just imported.
         cpu.patch_loaded_modules()
-    language = transformer_config(shape, tp=tp, params_dtype=params_dtype)
+    stage: dict[str, Any] = {}
+    language_pipeline: dict[str, Any] = {}
+    if pipeline is not None and pipeline.pp > 1:
+        from megatron.core import parallel_state
+
+        from harness.pipeline import pipeline_config
+
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        stage = dict(pre_process=first, post_process=last, add_encoder=first, add_decoder=True)
+        language_pipeline = pipeline_config(pipeline, params_dtype)
+    language = transformer_config(shape, tp=tp, params_dtype=params_dtype, **language_pipeline)
     vision_shape = GPTShape(
         num_layers=shape.vision_num_layers,
         hidden_size=shape.vision_hidden_size,
@@ -190,6 +206,7 @@ def build_vlm(shape: VLMShape, *, tp: int, params_dtype: torch.dtype = torch.flo
             img_w=shape.img_size,
             patch_dim=shape.patch_dim,
             image_token_index=IMAGE_TOKEN,
+            **stage,
         )
     model.to(params_dtype)
     return model

@@ -38,14 +38,14 @@ def vlm_target_patterns() -> st.SearchStrategy[dict[str, list[str]]]:
 
 
 @st.composite
-def vlm_shapes(draw: Any, tp: int = 1, row: Optional[dict[str, Any]] = None) -> Any:
+def vlm_shapes(draw: Any, tp: int = 1, row: Optional[dict[str, Any]] = None, stages: int = 1) -> Any:
     """A tiny LLaVA that TP=tp can shard: one layer per tower, hidden sizes 8-32, a 4x4 or 8x8 image of 4x4 patches."""
     from harness.families.vlm.model import VLMShape
 
     heads = tp * draw(st.integers(1, 2))
     vision_heads = tp * draw(st.integers(1, 2))
     return VLMShape(
-        num_layers=1,
+        num_layers=stages,  # one language layer per pipeline stage
         hidden_size=heads * draw(st.sampled_from([4, 8])),
         num_attention_heads=heads,
         num_query_groups=heads,
@@ -97,7 +97,7 @@ def vlm_cases(
         lora_B_init_method=init_b or draw(st.sampled_from(inits)),
     )
     return VLMCase(
-        shape=draw(vlm_shapes(tp, row)),
+        shape=draw(vlm_shapes(tp, row, stages=layout.stages)),
         lora=lora,
         seed=draw(st.integers(0, 2**31 - 1)),
         layout=layout,

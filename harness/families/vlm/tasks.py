@@ -87,21 +87,37 @@ def _inner(result: Any, access: str) -> nn.Module:
     return result
 
 
+def _names(inner: nn.Module, pipeline: bool) -> tuple[dict[int, str], dict[int, str]]:
+    """(parameter names, module names) of the LLaVA model (or stage) ``inner``, by ``id``: its own names, or at
+    a pipeline layout the whole model's (``harness.pipeline.global_view``: a stage's language layers by their
+    global number)."""
+    if not pipeline:
+        return ({id(p): n for n, p in inner.named_parameters()}, {id(m): n for n, m in inner.named_modules()})
+    from harness.pipeline import global_view
+
+    view = global_view([inner])
+    modules = {id(m): n for n, m in view.named_modules() if n}
+    modules[id(inner)] = ""
+    return {id(p): n for n, p in view.named_parameters()}, modules
+
+
 def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool, access: str, inputs: dict[str, Any],
                tp: int, none_part: Any = None) -> VLMCombo:
     from harness.cpu import seed_model_parallel
     from harness.sharding import seeded_tensor
     from harness.families.vlm.model import build_vlm
 
+    pipeline = case.layout.pp > 1
     seed_model_parallel(case.seed)
     model = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype,
-                      parallel_output=not output_layer_gathers(case.contract))
+                      parallel_output=not output_layer_gathers(case.contract), pipeline=case.layout)
     if none_part is not None:
         # A pipeline stage without that part (LLaVA's add_encoder=False leaves
         # vision_model and vision_projection None): SPEC skips None parts.
         setattr(model, none_part, None)
     root: Any = {"model": model, "list": [model], "llava_model": LLaVAHolder(model)}[access]
     made = dict(flags=dict(flags), training=training, access=access, none_part=none_part)
+    error, inner = None, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -110,28 +126,56 @@ def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool,
         if not isinstance(inner, nn.Module):
             raise TypeError(f"VLMLoRA returned {type(result).__name__}, which does not lead to the model via {access}")
     except Exception as exc:  # noqa: BLE001 - the parent reports it for this combination
-        return VLMCombo(**made, error=f"{type(exc).__name__}: {exc}")
-    params = dict(inner.named_parameters())
+        error = f"{type(exc).__name__}: {exc}"
+    if pipeline:
+        from harness.tasks.common import any_rank
+
+        # The step runs through megatron's schedule: every stage takes it, or none (a stage that raised, or a
+        # combination that trains nothing on any stage, ends it on all of them).
+        stepping = not any_rank(error is not None) and none_part is None
+        stepping = any_rank(stepping and error is None and any(p.requires_grad for p in inner.parameters())) and stepping
+    if error is not None:
+        return VLMCombo(**made, error=error)
+    param_names, module_names = _names(inner, pipeline)
+    params = {param_names[id(p)]: p for p in inner.parameters()}
     made.update(
         params=sorted(params),
         trainable=sorted(n for n, p in params.items() if p.requires_grad),
-        not_in_mode=sorted(n or "<root>" for n, m in inner.named_modules() if m.training != training),
+        not_in_mode=sorted(module_names.get(id(m), "?") or "<root>" for m in inner.modules() if m.training != training),
     )
-    if not made["trainable"] or none_part is not None:
+    if not (stepping if pipeline else made["trainable"] and none_part is None):
         # (A LLaVA without one of its parts cannot run forward: no step.)
         return VLMCombo(**made)
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = torch.optim.Adam(inner.parameters(), lr=ADAM_LR, eps=ADAM_EPS)
     optimizer.zero_grad()
-    out, _ = inner(**inputs)
-    probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(device=out.device, dtype=out.dtype)
-    (out * probe).sum().backward()
+    if pipeline:
+        _pipeline_step(inner, case, inputs)
+    else:
+        out, _ = inner(**inputs)
+        probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(device=out.device, dtype=out.dtype)
+        (out * probe).sum().backward()
     no_grad = sorted(
         n for n, p in params.items() if p.requires_grad and (p.grad is None or not bool(p.grad.ne(0).any()))
     )
     optimizer.step()
     changed = sorted(n for n, p in params.items() if not torch.equal(before[n], p.detach()))
     return VLMCombo(**made, no_grad=no_grad, changed=changed)
+
+
+def _pipeline_step(stage: nn.Module, case: VLMCase, inputs: dict[str, Any]) -> None:
+    """One forward and backward of the seeded loss through megatron-core's schedule. The images require a
+    gradient, so the first stage's output has one even where nothing of that stage trains."""
+    from harness.pipeline import run_schedule
+    from harness.sharding import seeded_tensor
+
+    shape = case.shape
+    b = shape.micro_batch_size
+    batch = dict(inputs, images=inputs["images"].clone().requires_grad_(True))
+    probe = seeded_tensor(case.seed, "probe", (b, shape.combined_length, shape.vocab_size))
+    run_schedule([stage], [batch], lambda chunk, mb: chunk(**mb)[0],
+                 lambda out, mb: (out * probe.to(device=out.device, dtype=out.dtype)).sum(),
+                 seq_length=shape.combined_length, micro_batch_size=b)
 
 
 def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
@@ -145,7 +189,11 @@ def run_vlm_case(ctx: Any, case: VLMCase) -> RankRecord:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pristine = build_vlm(case.shape, tp=tp, params_dtype=case.model_dtype,
-                      parallel_output=not output_layer_gathers(case.contract))
+                         parallel_output=not output_layer_gathers(case.contract), pipeline=case.layout)
+    if case.layout.pp > 1:
+        from harness.pipeline import global_view
+
+        pristine = global_view([pristine])  # the stage under the whole model's names
     modules = dict(pristine.named_modules())
     base = VLMBase(
         params=sorted(n for n, _ in pristine.named_parameters()),
