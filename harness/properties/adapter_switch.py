@@ -70,7 +70,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
-    pipeline=("gpt",),
+    pipeline=("gpt", "moe"),
     name="adapters_switch_off",
     check=check,
     needs=("switch",),

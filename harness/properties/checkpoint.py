@@ -187,7 +187,7 @@ def _applies(layout: Any, capabilities: Any) -> Any:
 
 
 PROPERTY = register(Property(
-    pipeline=("gpt",),
+    pipeline=("gpt", "moe"),
     name="checkpoint_roundtrip",
     check=check,
     needs=("checkpoint_save", "checkpoint_load"),

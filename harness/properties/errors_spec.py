@@ -12,7 +12,7 @@ def check(ev) -> Check:
 
 
 PROPERTY = register(Property(
-    pipeline=("gpt",),
+    pipeline=("gpt", "moe"),
     families=("gpt", "moe"),
     name="errors_follow_spec",
     check=check,

@@ -90,7 +90,7 @@ def _applies(layout, capabilities):
 
 
 PROPERTY = register(Property(
-    pipeline=("gpt",),
+    pipeline=("gpt", "moe"),
     name="recompute_transparent",
     check=check,
     needs=("recompute",),

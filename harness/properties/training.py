@@ -222,7 +222,7 @@ _DESIGN = ("optimizer", "distributed_optimizer", "overlap_grad_reduce", "recompu
 _DENSE_DESIGN = _DESIGN + ("bf16",)
 
 TRAINING = register(Property(
-    pipeline=("gpt",),
+    pipeline=("gpt", "moe"),
     name="training_matches",
     check=check_training,
     needs=("training", "training_reference"),
@@ -236,7 +236,7 @@ TRAINING = register(Property(
 ))
 
 REPLICAS = register(Property(
-    pipeline=("gpt",),
+    pipeline=("gpt", "moe"),
     name="replicas_identical",
     check=check_replicas,
     needs=("training",),

@@ -95,11 +95,19 @@ def test_properties_without_a_pipeline_task_are_skipped_there_with_the_reason():
     from harness.contract import Capabilities
     from harness.properties import get_property
 
-    # A property whose family task builds no stages (the MoE family's switch task, for now) is skipped there
-    # with that reason; the MoE family's forward/backward task builds them.
-    reason = get_property("adapters_switch_off").skip_reason("moe", PP2, Capabilities())
+    from harness.properties import Property
+
+    # A property whose tasks build no stages (a plugin's, by default) is skipped there with that reason; one
+    # that names the families whose tasks do runs for those.
+    plain = Property(name="plugin_check", check=lambda ev: None, needs=("impl",), doc="", families=("gpt", "moe"))
+    reason = plain.skip_reason("moe", PP2, Capabilities())
     assert reason and "moe family's pipeline layouts" in reason and "pp=2" in reason
-    assert get_property("shared_expert_adapters_identical").skip_reason("moe", ParallelLayout(ep=2, pp=2), Capabilities()) is None
+    some = Property(name="plugin_check", check=lambda ev: None, needs=("impl",), doc="", families=("gpt", "moe"),
+                    pipeline=("gpt",))
+    assert some.skip_reason("gpt", PP2, Capabilities()) is None and some.skip_reason("moe", PP2, Capabilities())
+    # Every built-in property of the dense and MoE families runs at their pipeline layouts.
+    for name in ("shared_expert_adapters_identical", "adapters_switch_off", "checkpoint_roundtrip", "training_matches"):
+        assert get_property(name).skip_reason("moe", ParallelLayout(ep=2, pp=2), Capabilities()) is None, name
     assert get_property("adapters_switch_off").skip_reason("gpt", PP2, Capabilities()) is None
     # The initial values are promised across TP and EP layouts, not across stage splits.
     assert "each pipeline stage draws its own" in get_property("init_matches_layouts").skip_reason("gpt", PP2, Capabilities())

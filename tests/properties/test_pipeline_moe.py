@@ -75,3 +75,24 @@ def test_a_shared_expert_adapter_not_summed_over_ep_drifts_inside_a_stage():
     result = _check("shared_expert_adapters_identical", _case(impl="tests.wrong_impls.shared_expert_grad_not_summed"))
     assert result.verdict.failing
     assert any("differs after one optimizer step" in f.message for f in result.findings)
+
+
+def test_expert_adapters_saved_by_stages_load_without_them_at_another_ep_and_etp():
+    """Saved at tp1-ep2-pp2, loaded at tp2-sp (EP 2 -> 1, ETP 1 -> 2, no stages): bit for bit; per-expert
+    adapters saved at their local index lose EP rank 1's experts there too."""
+    load = ParallelLayout(tp=2, sp=True)
+    for grouped, share in ((True, False), (False, True)):
+        result = _check("checkpoint_roundtrip", _case(grouped=grouped, share=share).with_(load_layout=load))
+        assert result.verdict is Verdict.PASS, result.findings
+        assert any(c.location.param and ".layers.1.mlp.experts." in c.location.param for c in result.comparisons)
+    wrong = _check("checkpoint_roundtrip", _case(impl="tests.wrong_impls.ckpt_experts_local_index", share=False)
+                   .with_(load_layout=load))
+    assert wrong.verdict is Verdict.CONTRACT and "checkpoint_keys" in {f.check for f in wrong.findings}
+
+
+def test_switching_errors_and_recompute_run_on_every_moe_stage():
+    case = _case(training=False)
+    for prop in ("adapters_switch_off", "errors_follow_spec", "recompute_transparent"):
+        assert _check(prop, case).verdict is Verdict.PASS, prop
+    # A switch that leaves the expert adapters on is caught through the schedule.
+    assert _check("adapters_switch_off", _case(impl="tests.wrong_impls.switch_skips_experts")).verdict.failing

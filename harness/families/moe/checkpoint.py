@@ -5,7 +5,8 @@ rank records is every adapter *full* and by global name (``harness.families.moe.
 back together over expert-TP and collected over EP), so a checkpoint saved at one EP, ETP or TP size is
 compared with what loads at another by the expert it belongs to. The training step before the save is
 one forward and backward of the held-out batch, the gradients made what a data-parallel optimizer holds
-(``_ddp_reduce``: expert-data-parallel replicas agree), and one plain SGD step.
+(``_ddp_reduce``: expert-data-parallel replicas agree), and one plain SGD step. At a pipeline layout each
+side is a stage run through megatron-core's schedule, every rank recording the whole model's adapters.
 """
 
 from __future__ import annotations
@@ -15,32 +16,24 @@ from typing import Any
 
 import torch
 
-from harness import cpu
 from harness.checkpoint import checkpoint_case, checkpoint_dir
 from harness.evidence import RankRecord
-from harness.families.gpt.model import causal_mask
 from harness.families.moe.case import MoECase
-from harness.families.moe.tasks import _ddp_reduce, assemble, base_model, full_partitions, load_seeded_adapters
-from harness.rules.adapters import moe_adapter_table
+from harness.families.moe.stage import adapted_moe_stage, moe_io
+from harness.families.moe.tasks import _ddp_reduce, assemble, full_partitions
+from harness.pipeline import chunks_of, global_view, merged, padded, run_schedule, stage_gathered
 from harness.sharding import seeded_tensor
 from harness.tasks.checkpoint import LR, load_side, save_side
-from harness.tasks.common import checked_table
 
 __all__ = ["run_moe_checkpoint_save", "run_moe_checkpoint_load"]
 
 
 def _built(ctx: Any, case: MoECase, adapter_seed: int) -> Any:
-    """(LoRA object, adapted model, sizes, adapter table, violation record or None) at the case's layout:
-    seeded base, the implementation's LoRA, adapters loaded with ``adapter_seed``'s values."""
-    impl, sizes, model = base_model(ctx, case)
-    cpu.manual_seed(case.seed)
-    peft = impl.LoRA(**case.lora_kwargs())
-    model = peft(model, training=True)
-    table, broken = checked_table(lambda: moe_adapter_table(model, case, sizes), ctx.rank, sizes["tp_rank"],
-                                  sizes["tp_size"])
-    if broken is None:
-        load_seeded_adapters(model, table, case, sizes, seed=adapter_seed)
-    return peft, model, sizes, table, broken
+    """(LoRA object, adapted model as the implementation returned it, its whole-model view, sizes, adapter
+    table, violation record or None) at the case's layout: seeded base, the implementation's LoRA, adapters
+    loaded with ``adapter_seed``'s values; at a pipeline layout this rank's stage."""
+    built = adapted_moe_stage(ctx, case, training=True, adapter_seed=adapter_seed)
+    return built.peft, built.model, built.view, built.sizes, built.table, built.broken
 
 
 def _io(ctx: Any, case: MoECase, sizes: dict[str, int], table: Any) -> tuple[Any, Any, Any]:
@@ -48,43 +41,51 @@ def _io(ctx: Any, case: MoECase, sizes: dict[str, int], table: Any) -> tuple[Any
     from megatron.core import parallel_state as ps
 
     tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
-    s, b, h, vocab = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size, case.shape.vocab_size
-    ids = torch.zeros(b, s, dtype=torch.long)
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    mask = causal_mask(s)
-    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(case.model_dtype)
-    x = full_x.chunk(tp, dim=0)[tp_rank] if case.layout.sp else full_x
+    s, b, vocab = case.shape.seq_length, case.shape.micro_batch_size, case.shape.vocab_size
+    io = moe_io(case, sizes)
     probe = seeded_tensor(case.seed, "checkpoint-probe", (b, s, vocab))
 
     def logits(m: Any) -> torch.Tensor:
         """The held-out logits, whole on every rank (an output layer that keeps them vocab-parallel is gathered)."""
-        with torch.no_grad():
-            out = m(ids, pos, mask, decoder_input=x)
-            if out.shape[-1] != vocab and tp > 1:
-                parts = [torch.empty_like(out) for _ in range(tp)]
-                dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-                out = torch.cat(parts, dim=-1)
+        out = io.logits(m)
+        if out.shape[-1] != vocab and tp > 1:
+            parts = [torch.empty_like(out) for _ in range(tp)]
+            dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+            out = torch.cat(parts, dim=-1)
         return out
 
     def adapters(m: Any) -> dict[str, torch.Tensor]:
-        return assemble({p: m.get_parameter(p).detach() for p in table}, table, sizes)
+        """Every adapter whole, by global name, on every rank (a pipeline stage's gathered with the others')."""
+        view = global_view(chunks_of(m))
+        mine = assemble({p: view.get_parameter(p).detach() for p in table}, table, sizes)
+        return mine if case.layout.pp == 1 else merged(stage_gathered(mine)) or {}
+
+    def loss(out: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+        return (out * mine.to(out.dtype)).sum().div(b * s * vocab)
 
     def train_step_of(m: Any) -> Any:
         def step() -> None:
-            out = m(ids, pos, mask, decoder_input=x)
-            mine = probe if out.shape[-1] == vocab else probe.chunk(tp, dim=-1)[tp_rank]  # a vocab-parallel output
-            (out * mine.to(out.dtype)).sum().div(b * s * vocab).backward()
-            _ddp_reduce(m, table, case.layout, ctx.world_size)
-            trainable = [p for p in m.parameters() if p.requires_grad and p.grad is not None]
-            torch.optim.SGD(trainable, lr=LR).step()
+            chunks = chunks_of(m)
+            if case.layout.pp == 1:
+                out = chunks[0](io.ids, io.pos, io.mask, decoder_input=io.x)
+                mine = probe if out.shape[-1] == vocab else probe.chunk(tp, dim=-1)[tp_rank]  # vocab-parallel
+                loss(out, mine).backward()
+            else:
+                run_schedule(chunks, padded([{"x": io.x, "probe": probe}], case.layout), io.forward,
+                             lambda out, batch: loss(out, batch["probe"]), seq_length=s, micro_batch_size=b)
+            view = global_view(chunks)
+            _ddp_reduce(view, table, case.layout, ctx.world_size)
+            trainable = [p for c in chunks for p in c.parameters() if p.requires_grad and p.grad is not None]
+            if trainable:  # a pipeline stage may hold no adapter
+                torch.optim.SGD(trainable, lr=LR).step()
         return step
 
     return logits, adapters, train_step_of
 
 
 def _record(ctx: Any, sizes: dict[str, int], table: Any, extras: Any) -> RankRecord:
-    """This rank's record: the adapters are whole already, so every partition is replicated; the adapters no
-    loaded entry reached, by global name, from every rank of the world."""
+    """This rank's record: the adapters are whole already, so every partition is replicated (every stage's,
+    under a pipeline); the adapters no loaded entry reached, by global name, from every rank of the world."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -95,21 +96,25 @@ def _record(ctx: Any, sizes: dict[str, int], table: Any, extras: Any) -> RankRec
         everyone = [tuple(extras.not_loaded)]
     extras = dataclasses.replace(extras, not_loaded=tuple(sorted({n for names in everyone for n in names})))
     full = {info.global_name: None for info in table.values()}
+    partitions = full_partitions(table, extras.adapters or full)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        partitions = merged(stage_gathered(partitions)) or {}
     return RankRecord(rank=ctx.rank, tp_rank=sizes["tp_rank"], tp_size=sizes["tp_size"],
                       dp_rank=ps.get_data_parallel_rank(), output=None, input_grad=None, adapter_grads={},
-                      initial_adapters={}, partitions=full_partitions(table, extras.adapters or full), extras=extras)
+                      initial_adapters={}, partitions=partitions, extras=extras)
 
 
 def _names(table: Any) -> Any:
     """Each local adapter parameter's global name, by ``id`` (what ``load_side`` reports as not loaded)."""
     def names(m: Any) -> dict[int, str]:
-        return {id(m.get_parameter(p)): info.global_name for p, info in table.items()}
+        view = global_view(chunks_of(m))
+        return {id(view.get_parameter(p)): info.global_name for p, info in table.items()}
     return names
 
 
 def run_moe_checkpoint_save(ctx: Any, case: MoECase) -> RankRecord:
     """Train one step at the case's layout, record, save (``harness.tasks.checkpoint.save_side``)."""
-    peft, model, sizes, table, broken = _built(ctx, case, case.seed)
+    peft, model, view, sizes, table, broken = _built(ctx, case, case.seed)
     if broken is not None:
         return broken
     logits, adapters, train_step_of = _io(ctx, case, sizes, table)
@@ -125,7 +130,7 @@ def run_moe_checkpoint_save(ctx: Any, case: MoECase) -> RankRecord:
 def run_moe_checkpoint_load(ctx: Any, case: MoECase) -> RankRecord:
     """A fresh model at the case's layout (other adapter values) loads what the save task saved at the case's
     ``load_layout`` (``harness.tasks.checkpoint.load_side``)."""
-    peft, model, sizes, table, broken = _built(ctx, case, case.seed + 1)
+    peft, model, view, sizes, table, broken = _built(ctx, case, case.seed + 1)
     if broken is not None:
         return broken
     logits, adapters, _ = _io(ctx, case, sizes, table)

@@ -1,4 +1,6 @@
-"""The MoE recompute task: the case's MoE GPTModel trained one forward and backward without and with each recompute setting."""
+"""The MoE recompute task: the case's MoE GPTModel trained one forward and backward without and with each recompute
+setting; at a pipeline layout this rank's stage through megatron-core's schedule, its adapters' gradients by
+global name."""
 
 from __future__ import annotations
 
@@ -6,14 +8,12 @@ from typing import Any
 
 import torch
 
-from harness import cpu
 from harness.evidence import RankRecord
-from harness.families.gpt.model import causal_mask
 from harness.families.moe.case import MoECase
-from harness.families.moe.tasks import base_model, load_seeded_adapters
-from harness.rules.adapters import moe_adapter_table
+from harness.families.moe.stage import adapted_moe_stage, moe_io
+from harness.pipeline import chunks_of, padded, run_schedule, stage_gathered
 from harness.sharding import seeded_tensor
-from harness.tasks.common import checked_table, cpu64
+from harness.tasks.common import cpu64
 from harness.tasks.recompute import BrokenTable, adapter_gradients, probe_backward, recompute_evidence
 
 __all__ = ["run_moe_recompute_case"]
@@ -24,9 +24,7 @@ def run_moe_recompute_case(ctx: Any, case: MoECase) -> RankRecord:
     from megatron.core import parallel_state as ps
 
     layout = case.layout
-    s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
-    ids = torch.zeros(b, s, dtype=torch.long)
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    s, b = case.shape.seq_length, case.shape.micro_batch_size
     sizes: dict[str, int] = {}
 
     # Every model stays alive until the task ends: no two runs of one example share an id()
@@ -34,22 +32,22 @@ def run_moe_recompute_case(ctx: Any, case: MoECase) -> RankRecord:
     alive: list[Any] = []
 
     def run(overrides: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        impl, got, model = base_model(ctx, case, **overrides)
-        sizes.update(got)
-        tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
-        full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(case.model_dtype)
-        x = full_x.chunk(tp, dim=0)[tp_rank] if layout.sp else full_x
-        cpu.manual_seed(case.seed)
-        model = impl.LoRA(**case.lora_kwargs())(model, training=True)
-        table, broken = checked_table(lambda: moe_adapter_table(model, case, sizes), ctx.rank, tp_rank, tp)
-        if broken is not None:
-            raise BrokenTable(broken)
-        load_seeded_adapters(model, table, case, sizes)
-        out = model(ids, pos, causal_mask(s), decoder_input=x)
-        probe = seeded_tensor(case.seed, "probe", tuple(out.shape)).to(dtype=out.dtype)
-        probe_backward(out, probe)
-        alive.append(model)
-        return cpu64(out), adapter_gradients(model)
+        built = adapted_moe_stage(ctx, case, training=True, **overrides)
+        sizes.update(built.sizes)
+        if built.broken is not None:
+            raise BrokenTable(built.broken)
+        io = moe_io(case, built.sizes)
+        probe = seeded_tensor(case.seed, "probe", (b, s, case.shape.vocab_size))
+        alive.append(built.model)
+        if layout.pp == 1:
+            out = built.model(io.ids, io.pos, io.mask, decoder_input=io.x)
+            probe_backward(out, probe.to(dtype=out.dtype))
+            return cpu64(out), adapter_gradients(built.model)
+        # Under a pipeline megatron's schedule runs backward (as the dense task's).
+        outs = run_schedule(chunks_of(built.model), padded([{"x": io.x, "probe": probe}], layout), io.forward,
+                            lambda o, batch: (o * batch["probe"].to(o.dtype)).sum(), seq_length=s, micro_batch_size=b)
+        out = next(o for o in stage_gathered(cpu64(outs[0]) if outs else None) if o is not None)
+        return out, adapter_gradients(built.view)
 
     try:
         extras = recompute_evidence("moe", run, case)

@@ -1,4 +1,5 @@
-"""The MoE adapter switch task: the base MoE GPTModel's logits, then the adapted model's through switching off and on."""
+"""The MoE adapter switch task: the base MoE GPTModel's logits, then the adapted model's through switching off and
+on; at a pipeline layout this rank's stage, its logits through megatron-core's schedule."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import torch
 
 from harness import cpu
 from harness.evidence import RankRecord
-from harness.families.gpt.model import causal_mask
 from harness.families.moe.case import MoECase
-from harness.families.moe.tasks import base_model, load_seeded_adapters
+from harness.families.moe.stage import moe_io, moe_stage
+from harness.families.moe.tasks import load_seeded_adapters
+from harness.pipeline import chunks_of, global_view, handed_over
 from harness.rules.adapters import moe_adapter_table
-from harness.sharding import seeded_tensor
 from harness.tasks.common import checked_table
 from harness.tasks.switch import switch_evidence
 
@@ -24,27 +25,24 @@ def run_moe_switch_case(ctx: Any, case: MoECase) -> RankRecord:
     from megatron.core import parallel_state as ps
 
     layout = case.layout
-    impl, sizes, model = base_model(ctx, case)
+    impl, sizes, chunks = moe_stage(ctx, case)
     tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
-    s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
-    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(case.model_dtype)
-    x = full_x.chunk(tp, dim=0)[tp_rank] if layout.sp else full_x
-    ids = torch.zeros(b, s, dtype=torch.long)
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    forward = lambda m: m(ids, pos, causal_mask(s), decoder_input=x)  # noqa: E731
-    model.eval()
-    with torch.no_grad():
-        base = forward(model).detach().to(dtype=torch.float64)
+    io = moe_io(case, sizes)
+    for chunk in chunks:
+        chunk.eval()
+    base = io.logits(handed_over(chunks, layout)).detach().to(dtype=torch.float64)
     cpu.manual_seed(case.seed)
     peft = impl.LoRA(**case.lora_kwargs())
-    model = peft(model, training=case.training)
-    table, broken = checked_table(lambda: moe_adapter_table(model, case, sizes), ctx.rank, tp_rank, tp)
+    model = peft(handed_over(chunks, layout), training=case.training)
+    view = global_view(chunks_of(model))
+    table, broken = checked_table(lambda: moe_adapter_table(view, case, sizes), ctx.rank, tp_rank, tp)
     if broken is not None:
         return broken
-    load_seeded_adapters(model, table, case, sizes)
-    model.eval()
+    load_seeded_adapters(view, table, case, sizes)
+    for chunk in chunks_of(model):
+        chunk.eval()
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=ps.get_data_parallel_rank(),
         output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions={},
-        extras=switch_evidence(peft, model, forward, base),
+        extras=switch_evidence(peft, model, io.logits, base, named=lambda m: global_view(chunks_of(m))),
     )

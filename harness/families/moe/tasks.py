@@ -305,10 +305,21 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
     etp = layout.etp_size
     findings: list[Finding] = []
 
-    def fresh_model() -> torch.nn.Module:
-        return build_moe_gpt(shape, **layout_sizes(layout), params_dtype=case.model_dtype,
-                             parallel_output=not output_layer_gathers(case.contract))
+    def fresh_model() -> Any:
+        """The model as megatron hands it over: at a pipeline layout this rank's stage."""
+        from harness.families.moe.model import build_moe_stage
+        from harness.pipeline import handed_over
 
+        if layout.pp == 1:
+            return build_moe_gpt(shape, **layout_sizes(layout), params_dtype=case.model_dtype,
+                                 parallel_output=not output_layer_gathers(case.contract))
+        return handed_over(build_moe_stage(case, parallel_output=not output_layer_gathers(case.contract)), layout)
+
+    # Errors name modules by the whole model's names: a stage's first router is its first layer's.
+    from harness.pipeline import chunks_of, global_view
+
+    view = global_view(chunks_of(fresh_model()))
+    first = min(int(k) for k in view.get_submodule("decoder.layers")._modules)
     expect = error_expecter(case.contract, findings)
 
     topk = shape.moe_router_topk
@@ -327,10 +338,10 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
             lambda: impl.LoRA(target_modules=["*.experts.*linear_fc1"], dim=dim)(fresh_model()),
         )
     router_point = contract_point("router_target")
-    router = "decoder.layers.0.mlp.router"
+    router = f"decoder.layers.{first}.mlp.router"
     expect(
         "router_target", "target_modules=['*.mlp.router'] selecting the router, which has no adapter",
-        router_point.strict_errors, router_point.bridge_errors, [router, type(fresh_model().get_submodule(router)).__name__],
+        router_point.strict_errors, router_point.bridge_errors, [router, type(view.get_submodule(router)).__name__],
         lambda: impl.LoRA(target_modules=["*.mlp.router"], dim=math.lcm(layout.tp, etp) * topk)(fresh_model()),
     )
     return ErrorRecord(rank=ctx.rank, tp_rank=ps.get_tensor_model_parallel_rank(), findings=findings)

@@ -14,15 +14,14 @@ from typing import Any
 
 import torch
 
-from harness import cpu
 from harness.evidence import Partitioned, RankRecord
 from harness.families.gpt.model import causal_mask
 from harness.families.gpt.training import seeded_batches
 from harness.families.moe.case import MoECase
-from harness.families.moe.tasks import assemble, base_model, full_partitions, load_seeded_adapters
-from harness.rules.adapters import moe_adapter_table
-from harness.tasks.common import checked_table
-from harness.tasks.training import megatron_training, reference_training, replica_key
+from harness.families.moe.stage import adapted_moe_stage
+from harness.families.moe.tasks import assemble, full_partitions
+from harness.pipeline import merged, padded, run_schedule, stage_gathered, stage_input, stage_logits
+from harness.tasks.training import loss_of, megatron_training, reference_training, replica_key
 from harness.training import loop_overrides, recompute_overrides
 
 __all__ = ["run_moe_training_case"]
@@ -38,14 +37,12 @@ def run_moe_training_case(ctx: Any, case: MoECase) -> RankRecord:
     is_reference = ctx.world_size == 1 and loop.replicas is not None
     overrides = {} if is_reference else {**recompute_overrides(loop, "moe", case.shape.add_bias_linear),
                                          **loop_overrides(loop)}
-    impl, sizes, model = base_model(ctx, case, **overrides)
+    built = adapted_moe_stage(ctx, case, training=True, **overrides)
+    if built.broken is not None:
+        return built.broken
+    model, view, table, sizes = built.model, built.view, built.table, built.sizes
     tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
-    cpu.manual_seed(case.seed)
-    model = impl.LoRA(**case.lora_kwargs())(model, training=True)
-    table, broken = checked_table(lambda: moe_adapter_table(model, case, sizes), ctx.rank, tp_rank, tp)
-    if broken is not None:
-        return broken
-    load_seeded_adapters(model, table, case, sizes)
+    layout = case.layout
     s, b = case.shape.seq_length, case.shape.micro_batch_size
     ids = torch.zeros(b, s, dtype=torch.long)
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
@@ -57,10 +54,25 @@ def run_moe_training_case(ctx: Any, case: MoECase) -> RankRecord:
     batches, heldout = seeded_batches(case, tp, tp_rank, (b, s, case.shape.vocab_size), torch.device("cpu"))
 
     def adapters() -> dict[str, torch.Tensor]:
-        return assemble({p: model.get_parameter(p).detach() for p in table}, table, sizes)
+        return assemble({p: view.get_parameter(p).detach() for p in table}, table, sizes)
 
     def raw() -> dict[str, torch.Tensor]:
-        return {p: model.get_parameter(p).detach() for p in table}
+        return {p: view.get_parameter(p).detach() for p in table}
+
+    def whole(recorded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The whole model's adapters on every rank of a pipeline group (a stage holds its own)."""
+        return recorded if layout.pp == 1 else merged(stage_gathered(recorded)) or {}
+
+    def pipeline(ddps: list[Any], micro_batches: Any, held: Any = None) -> Any:
+        """megatron's schedule over this stage's DDP-wrapped chunks (as the dense task's)."""
+        stage_forward = stage_input(ids, pos, mask)
+        if micro_batches is None:
+            return stage_logits(ddps, stage_forward, held, (b, s, case.shape.vocab_size), layout)
+        rows = [{"x": x, "probe": probe, "divisor": divisor} for x, probe, divisor in micro_batches]
+        run_schedule(ddps, padded(rows, layout), stage_forward,
+                     lambda o, batch: loss_of(o, batch["probe"], batch.get("divisor", 1)), seq_length=s,
+                     micro_batch_size=b)
+        return None
 
     initial = adapters()
     if is_reference:
@@ -70,8 +82,11 @@ def run_moe_training_case(ctx: Any, case: MoECase) -> RankRecord:
                                *((sizes["etp_rank"], sizes["etp_size"]) if info.group == "etp" else (tp_rank, tp)))
                 for p, info in table.items()}
         extras = megatron_training(model, loop, case.model_dtype, ps.get_data_parallel_rank(), batches, heldout,
-                                   forward, adapters, keys, raw=raw)
+                                   forward, adapters, keys, raw=raw, pipeline=pipeline if layout.pp > 1 else None,
+                                   whole=whole)
     partitions: dict[str, Partitioned] = full_partitions(table, initial)
+    if layout.pp > 1:
+        partitions = merged(stage_gathered(partitions)) or {}
     return RankRecord(
         rank=ctx.rank, tp_rank=tp_rank, tp_size=tp, dp_rank=ps.get_data_parallel_rank(),
         output=None, input_grad=None, adapter_grads={}, initial_adapters={}, partitions=partitions, extras=extras,
