@@ -1,10 +1,12 @@
 """The MoE family: megatron-core's GPTModel with an MoE layer (router, dispatcher, routed and shared experts).
 
-Files: ``model.py`` (MoEShape, the model builder, a torch grouped linear for
-TEGroupedMLP on CPU, routing counters), ``case.py``, ``strategy.py``,
-``layouts.py`` (TP x EP x ETP with SP), ``design.py``, ``tasks.py`` (the
-forward/backward task with the expert adapter table and the bad-input
-task), ``init.py``.
+Files: ``model.py`` (MoEShape, the model and stage builders, a torch grouped
+linear for TEGroupedMLP on CPU, routing counters), ``case.py``, ``strategy.py``,
+``layouts.py`` (TP x EP x ETP with SP, and EP x PP), ``design.py``, ``tasks.py``
+(the forward/backward task with the expert adapter table and the bad-input
+task), ``pipeline.py`` (the forward/backward task at a pipeline layout),
+``stage.py`` (the adapted model or stage the other tasks start from),
+``switch.py``, ``recompute.py``, ``training.py``, ``checkpoint.py``, ``init.py``.
 """
 
 from typing import Any, Optional
