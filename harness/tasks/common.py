@@ -19,6 +19,7 @@ from harness.evidence import RankRecord
 from harness.errors import SpecViolation
 
 __all__ = [
+    "stage_record",
     "setup", "any_rank", "checked_table", "violation_record", "cpu64", "replicated_masks", "merge_evidence",
     "sequence_gathered", "state_findings", "reapply_findings", "idempotence_findings", "error_expecter", "BRIDGE_SILENT",
 ]
@@ -311,3 +312,28 @@ def stage_local_findings(chunks: list[torch.nn.Module], view: torch.nn.Module, l
         f"names: adapted {sorted(got - whole)[:3]}, left {sorted(whole - got)[:3]}. megatron-core numbers each "
         "stage's layers from 0 (decoder.layers.0 on every stage); a layer index in a pattern names the whole "
         "model's layer (SPEC: Pipeline stages)", "stage_local_names")]
+
+
+def stage_record(ctx: Any, tp_rank: int, tp: int, stages: list[dict[str, Any]], findings: list[Finding],
+                 extras: Any) -> RankRecord:
+    """A rank's record at a pipeline layout from every stage's evidence (``harness.pipeline.stage_gathered`` of
+    dicts with ``output``, ``input_grad``, ``grads``, ``initial`` and ``partitions``): the last stage's output,
+    the first's input gradient, the stages' adapters together by global name, as a PP=1 rank's record reads."""
+    from megatron.core import parallel_state
+
+    from harness.pipeline import merged
+
+    return RankRecord(
+        rank=ctx.rank,
+        tp_rank=tp_rank,
+        tp_size=tp,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        output=next((st["output"] for st in stages if st["output"] is not None), None),
+        input_grad=next((st["input_grad"] for st in stages if st["input_grad"] is not None), None),
+        adapter_grads=merged([st["grads"] for st in stages]) or {},
+        initial_adapters=merged([st["initial"] for st in stages]) or {},
+        partitions=merged([st["partitions"] for st in stages]) or {},
+        findings=findings,
+        extras=extras,
+    )
+

@@ -44,7 +44,8 @@ from harness.tasks.common import cpu64
 from harness.tasks.recompute import require_grad_fn
 from harness.training import ADAM_BETAS, ADAM_EPS, LR, SGD_MOMENTUM, TrainingLoop
 
-__all__ = ["megatron_training", "reference_training", "replica_key", "loss_of", "Batches", "token_mask", "finalize"]
+__all__ = ["megatron_training", "reference_training", "replica_key", "loss_of", "Batches", "token_mask", "finalize",
+           "schedule_hooks"]
 
 #: (step, replica, micro-batch) -> (this rank's model input, the probe over the full logits, zero at the
 #: micro-batch's masked tokens, and the number of its valid tokens).
@@ -273,3 +274,32 @@ def reference_training(
         recorded = {n: cpu64(main_of[n] if loop.bf16 else t) for n, t in adapters().items()}
         steps.append(TrainingStep(logits=logits, adapters=recorded))
     return TrainingExtras(steps=steps, optimizer=type(optimizer).__name__, initial=initial)
+
+
+def schedule_hooks(layout: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                   logits_shape: tuple[int, ...]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(whole, pipeline)`` for ``megatron_training`` at a pipeline layout (a GPTModel's stages, dense or MoE).
+
+    ``whole(recorded)``: the whole model's adapters on every rank of a pipeline group (a stage holds its own);
+    ``pipeline(ddps, micro_batches, held)``: megatron's schedule over this stage's DDP-wrapped chunks, a step's
+    forward and backward (each micro-batch's own loss divisor rides with it; padding micro-batches under
+    virtual stages add zeros), or with ``micro_batches`` None the held-out logits (the last stage's, on every
+    rank)."""
+    from harness.pipeline import merged, padded, run_schedule, stage_gathered, stage_input, stage_logits
+
+    b, s = logits_shape[0], logits_shape[1]
+
+    def whole(recorded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return recorded if layout.pp == 1 else merged(stage_gathered(recorded)) or {}
+
+    def pipeline(ddps: list[Any], micro_batches: Any, held: Any = None) -> Any:
+        stage_forward = stage_input(ids, pos, mask)
+        if micro_batches is None:
+            return stage_logits(ddps, stage_forward, held, tuple(logits_shape), layout)
+        rows = [{"x": x, "probe": probe, "divisor": divisor} for x, probe, divisor in micro_batches]
+        run_schedule(ddps, padded(rows, layout), stage_forward,
+                     lambda o, batch: loss_of(o, batch["probe"], batch.get("divisor", 1)), seq_length=s,
+                     micro_batch_size=b)
+        return None
+
+    return whole, pipeline

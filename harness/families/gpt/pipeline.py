@@ -56,6 +56,7 @@ from harness.tasks.common import (
     sequence_gathered,
     setup,
     stage_local_findings,
+    stage_record,
     state_findings,
 )
 
@@ -127,24 +128,13 @@ def run_gpt_pipeline_case(ctx: Any, case: GPTCase) -> RankRecord:
         "stepped": stepped,
     }
     stages = stage_gathered(mine)
-    return RankRecord(
-        rank=ctx.rank,
-        tp_rank=tp_rank,
-        tp_size=tp,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        output=next((st["output"] for st in stages if st["output"] is not None), None),
-        input_grad=next((st["input_grad"] for st in stages if st["input_grad"] is not None), None),
-        adapter_grads=merged([st["grads"] for st in stages]) or {},
-        initial_adapters=merged([st["initial"] for st in stages]) or {},
-        partitions=merged([st["partitions"] for st in stages]) or {},
-        findings=findings,
-        extras=DenseExtras(
-            dropout=DropoutStats.of(dropout_log),
-            merge=merge,
-            stepped_adapters=merged([st["stepped"] for st in stages]),
-            dropout_masks=masks,
-        ),
+    extras = DenseExtras(
+        dropout=DropoutStats.of(dropout_log),
+        merge=merge,
+        stepped_adapters=merged([st["stepped"] for st in stages]),
+        dropout_masks=masks,
     )
+    return stage_record(ctx, tp_rank, tp, stages, findings, extras)
 
 
 def pipeline_merge_evidence(chunks: list[Any], view: Any, impl: Any, table: Optional[dict[str, Any]], alpha: float,

@@ -20,17 +20,10 @@ from harness.families.gpt.case import GPTCase
 from harness.families.gpt.model import causal_mask
 from harness.families.gpt.stage import adapted_stage
 from harness.families.gpt.tasks import _grid, _round_to_grid
-from harness.pipeline import (
-    merged,
-    padded,
-    run_schedule,
-    stage_gathered,
-    stage_input,
-    stage_logits,
-)
+from harness.pipeline import merged, stage_gathered
 from harness.sharding import seeded_tensor
 from harness.tasks.common import setup
-from harness.tasks.training import loss_of, megatron_training, reference_training, replica_key, token_mask
+from harness.tasks.training import megatron_training, reference_training, replica_key, schedule_hooks, token_mask
 from harness.training import loop_overrides, recompute_overrides
 
 __all__ = ["run_gpt_training_case", "seeded_batches"]
@@ -91,22 +84,7 @@ def run_gpt_training_case(ctx: Any, case: GPTCase) -> RankRecord:
     def own() -> dict[str, torch.Tensor]:
         return {p: view.get_parameter(p).detach() for p in table}
 
-    def whole(recorded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The whole model's adapters on every rank of a pipeline group (a stage holds its own)."""
-        return recorded if layout.pp == 1 else merged(stage_gathered(recorded)) or {}
-
-    def pipeline(ddps: list[Any], micro_batches: Any, held: Any = None) -> Any:
-        """megatron's schedule over this stage's DDP-wrapped chunks: a step's forward and backward, or the
-        held-out logits (from the last stage, on every rank)."""
-        stage_forward = stage_input(ids, pos, mask)
-        if micro_batches is None:
-            return stage_logits(ddps, stage_forward, held, (b, s, case.shape.vocab_size), layout)
-        # Each micro-batch's own divisor rides with it; padding micro-batches (virtual stages) add zeros.
-        rows = [{"x": x, "probe": probe, "divisor": divisor} for x, probe, divisor in micro_batches]
-        run_schedule(ddps, padded(rows, layout), stage_forward,
-                     lambda o, batch: loss_of(o, batch["probe"], batch.get("divisor", 1)), seq_length=s,
-                     micro_batch_size=b)
-        return None
+    whole, pipeline = schedule_hooks(layout, ids, pos, mask, (b, s, case.shape.vocab_size))
 
     if is_reference:
         extras = reference_training(model, loop, batches, heldout, forward, own)

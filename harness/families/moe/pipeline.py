@@ -46,6 +46,7 @@ from harness.tasks.common import (
     reapply_findings,
     sequence_gathered,
     stage_local_findings,
+    stage_record,
     state_findings,
 )
 
@@ -153,16 +154,4 @@ def run_moe_pipeline_case(ctx: Any, case: MoECase) -> RankRecord:
                        ep_rank=sizes["ep_rank"], etp_rank=sizes["etp_rank"],
                        expert_tokens=merged([st["tokens"] for st in stages]) or {}, shared_created=created,
                        shared_stepped=shared_stepped, stepped_output=stepped_output)
-    return RankRecord(
-        rank=ctx.rank,
-        tp_rank=tp_rank,
-        tp_size=tp,
-        dp_rank=ps.get_data_parallel_rank(),
-        output=next((st["output"] for st in stages if st["output"] is not None), None),
-        input_grad=next((st["input_grad"] for st in stages if st["input_grad"] is not None), None),
-        adapter_grads=merged([st["grads"] for st in stages]) or {},
-        initial_adapters=merged([st["initial"] for st in stages]) or {},
-        partitions=merged([st["partitions"] for st in stages]) or {},
-        findings=findings,
-        extras=extras,
-    )
+    return stage_record(ctx, tp_rank, tp, stages, findings, extras)

@@ -20,8 +20,8 @@ from harness.families.gpt.training import seeded_batches
 from harness.families.moe.case import MoECase
 from harness.families.moe.stage import adapted_moe_stage
 from harness.families.moe.tasks import assemble, full_partitions
-from harness.pipeline import merged, padded, run_schedule, stage_gathered, stage_input, stage_logits
-from harness.tasks.training import loss_of, megatron_training, reference_training, replica_key
+from harness.pipeline import merged, stage_gathered
+from harness.tasks.training import megatron_training, reference_training, replica_key, schedule_hooks
 from harness.training import loop_overrides, recompute_overrides
 
 __all__ = ["run_moe_training_case"]
@@ -59,20 +59,7 @@ def run_moe_training_case(ctx: Any, case: MoECase) -> RankRecord:
     def raw() -> dict[str, torch.Tensor]:
         return {p: view.get_parameter(p).detach() for p in table}
 
-    def whole(recorded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The whole model's adapters on every rank of a pipeline group (a stage holds its own)."""
-        return recorded if layout.pp == 1 else merged(stage_gathered(recorded)) or {}
-
-    def pipeline(ddps: list[Any], micro_batches: Any, held: Any = None) -> Any:
-        """megatron's schedule over this stage's DDP-wrapped chunks (as the dense task's)."""
-        stage_forward = stage_input(ids, pos, mask)
-        if micro_batches is None:
-            return stage_logits(ddps, stage_forward, held, (b, s, case.shape.vocab_size), layout)
-        rows = [{"x": x, "probe": probe, "divisor": divisor} for x, probe, divisor in micro_batches]
-        run_schedule(ddps, padded(rows, layout), stage_forward,
-                     lambda o, batch: loss_of(o, batch["probe"], batch.get("divisor", 1)), seq_length=s,
-                     micro_batch_size=b)
-        return None
+    whole, pipeline = schedule_hooks(layout, ids, pos, mask, (b, s, case.shape.vocab_size))
 
     initial = adapters()
     if is_reference:
