@@ -68,3 +68,13 @@ def test_a_shared_expert_adapter_saved_by_every_ep_rank_is_refused_before_the_sa
     assert _failing_checks(outcome) == {"checkpoint_save"}, outcome.error
     assert "sharding validation" in outcome.error
     assert outcome.minimal_case.shape.grouped and outcome.minimal_case.lora["share_expert_adapters"]
+
+
+def test_a_shared_expert_adapter_saved_from_one_ep_rank_loads_another_model(_ep2):
+    """Megatron-Bridge #5379's class: each EP rank trained its own copy of the shared adapter; the checkpoint
+    keeps rank 0's, so the loaded model's logits are not those of the model that was saved."""
+    outcome = _outcome("tests.wrong_impls.ckpt_shared_expert_one_ep_rank")
+    assert outcome.verdict.failing, outcome.error
+    assert "checkpoint_logits" in _failing_checks(outcome), outcome.error
+    minimal = outcome.minimal_case
+    assert minimal.shape.grouped and minimal.lora["share_expert_adapters"]
