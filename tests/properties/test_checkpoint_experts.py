@@ -78,3 +78,36 @@ def test_a_shared_expert_adapter_saved_from_one_ep_rank_loads_another_model(_ep2
     assert "checkpoint_logits" in _failing_checks(outcome), outcome.error
     minimal = outcome.minimal_case
     assert minimal.shape.grouped and minimal.lora["share_expert_adapters"]
+
+
+def test_deep_seed_1400_s_false_alarms_are_gone(_ep2):
+    """Deep seed 1400 charged lora.megatron twice: (a) biased grouped experts with a gated fc1 crashed
+    ``sharded_state_dict`` in megatron's SwiGLU factory (the harness's CPU grouped linear had no
+    ``sharded_state_dict``, so megatron's default made its 1-D bias a replicated tensor without the expert
+    axis TEGroupedMLP expects); (b) a normalised expert rank of 1 was loaded at ETP=2, which cannot split it."""
+    from harness.checkpoint import holds
+    from harness.families.moe.case import MoECase
+    from harness.families.moe.model import MoEShape
+
+    from harness.cases import case_from_json
+    from harness.driver import judge_example
+    from harness.properties import get_property
+    from harness.runs import Executor
+
+    case = case_from_json({
+        "contract": "strict", "family": "moe", "impl": "lora.megatron", "layout": "tp2-ep1-etp1-pp1-sp",
+        "load_layout": "tp2-ep1-etp1-pp1-sp", "lora": {"alpha": 1, "dim": 2, "dropout": 0.0, "dropout_position": "pre",
+        "exclude_modules": [], "lora_A_init_method": "xavier", "lora_B_init_method": "xavier", "normalize_moe_lora": False,
+        "share_expert_adapters": True, "target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]},
+        "lora_dtype": None, "micro_batches": 1, "model_dtype": "float64", "seed": 0, "shape": {"add_bias_linear": True,
+        "dispatcher": "allgather", "ffn_hidden_size": 4, "gated_linear_unit": True, "grouped": True, "hidden_size": 8,
+        "micro_batch_size": 1, "moe_ffn_hidden_size": 2, "moe_router_topk": 1, "num_attention_heads": 2,
+        "num_experts": 2, "num_layers": 1, "num_query_groups": 2, "seq_length": 10, "shared_expert_ffn_hidden_size": None,
+        "shared_expert_overlap": False, "vocab_size": 4}, "training": True, "value_grid": None})
+    record = judge_example(get_property("checkpoint_roundtrip"), case, Executor())
+    assert record.verdict is Verdict.PASS, record.findings
+    normalised = MoECase(shape=MoEShape(num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=2,
+                                        ffn_hidden_size=2, vocab_size=4, seq_length=8, num_experts=4, moe_router_topk=2,
+                                        moe_ffn_hidden_size=4),
+                         lora=dict(dim=2, alpha=1, normalize_moe_lora=True), seed=1, layout=EP2)
+    assert not holds(normalised, ParallelLayout(tp=2, sp=True)) and holds(normalised, ParallelLayout(tp=2, etp=1, sp=True))

@@ -45,6 +45,15 @@ class MoECase(GPTCase):
                 f"moe case: normalize_moe_lora=True needs dim divisible by moe_router_topk, "
                 f"but dim={dim} and moe_router_topk={topk}"
             )
+        expert_rank = dim // topk if lora.get("normalize_moe_lora") else dim
+        etp = layout.etp_size
+        if isinstance(dim, int) and etp > 1 and expert_rank % etp:
+            # SPEC's ValueError for such a rank is errors_follow_spec's to draw, not every property's.
+            raise CaseError(
+                f"moe case at layout {layout}: the experts' rank {expert_rank} (dim={dim}"
+                f"{f' / moe_router_topk={topk}' if lora.get('normalize_moe_lora') else ''}) must be divisible by "
+                f"ETP={etp} (a column-parallel expert linear splits A along the rank over the expert-TP group)"
+            )
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "MoECase":

@@ -251,6 +251,38 @@ class TorchGroupedLinear(nn.Module):
         """Weight gradients are computed in the ordinary backward (no delayed wgrad)."""
         return None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict[str, Any]:
+        """megatron's distributed-checkpoint view, as megatron-core's TEGroupedLinear gives TE's: local expert i's
+        weight (and bias) is the piece of ``<prefix>weight`` (``bias``) at its global expert index, split over
+        the expert-TP group (column: rows of weight and bias; row: the weight's columns, the bias whole) and
+        replicated over expert data parallelism. TEGroupedMLP builds on that layout (its SwiGLU factory for a
+        gated fc1 adds the expert axis to ``weight<i>`` and ``bias<i>``); without it megatron's default took
+        every tensor for replicated, and a gated fc1's 1-D bias broke that factory."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+        edp_rank = ps.get_expert_data_parallel_rank()
+        n = self.num_gemms
+        out: dict[str, Any] = {}
+        for i in range(n):
+            state = {f"{i}.weight": self._parameters[f"weight{i}"]}
+            if self.use_bias:
+                state[f"{i}.bias"] = self._parameters[f"bias{i}"]
+            axes = {f"{i}.weight": 0, f"{i}.bias": 0} if self.parallel_mode == "column" else {f"{i}.weight": 1}
+            offsets = (*sharded_offsets, (len(sharded_offsets), ep_rank * n + i, ep * n))
+            sub = make_sharded_tensors_for_checkpoint(state, "", axes, offsets, tp_group=self.tp_group,
+                                                      dp_cp_group=metadata["dp_cp_group"])
+            replace_prefix_for_sharding(sub, f"{i}.", prefix)
+            out[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
+            if self.use_bias:
+                out[f"{prefix}bias{i}"] = sub[f"{i}.bias"]
+        for sh in out.values():
+            sh.replica_id = (*sh.replica_id[:2], edp_rank)
+        return out
+
     def extra_repr(self) -> str:
         return f"{self.parallel_mode}, experts={self.num_gemms}, in={self.in_features}, out={self.out_features}, bias={self.use_bias}"
 
