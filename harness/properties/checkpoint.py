@@ -157,8 +157,11 @@ def _check(ev: Any) -> Check:
         return result
     for rec in load:
         if rec.extras.not_loaded:
-            result.fail(f"rank {rec.rank} at {loaded_at}: no loaded entry reached {_shown(rec.extras.not_loaded)}",
-                        kind="contract", check="checkpoint_load")
+            # load_state_dict(strict=False) ignores keys the model lacks: name them, they are where those went.
+            stray = tuple(getattr(rec.extras, "unexpected", ()) or ())
+            where = (f"; the loaded state dict's keys the model does not have: {_shown(stray)}" if stray else "")
+            result.fail(f"rank {rec.rank} at {loaded_at}: no loaded entry reached {_shown(rec.extras.not_loaded)}"
+                        f"{where}", kind="contract", check="checkpoint_load")
             break
     # What was loaded is what was trained, put back together over each side's own TP groups.
     trained = replicas(save, saved_at, lambda rec: rec.extras.adapters)

@@ -123,3 +123,15 @@ def test_a_load_layout_the_example_cannot_use_is_never_drawn():
     assert not holds(_case(saved, num_attention_heads=1, num_query_groups=1), TP2)
     assert not holds(_case(saved, seq_length=5), ParallelLayout(tp=2, sp=True))
     assert holds(_case(saved, seq_length=5), TP2)
+
+
+def test_a_load_that_misses_adapters_names_them_and_the_keys_that_went_astray():
+    from harness.properties.checkpoint import check
+    from harness.runs import Evidence, Executor
+
+    result = check(Evidence(Executor(), _case(ParallelLayout(), ParallelLayout())
+                            .with_(impl="tests.wrong_impls.ckpt_state_dict_keys_renamed")))
+    assert result.verdict is Verdict.CONTRACT
+    [finding] = [f for f in result.findings if f.check == "checkpoint_load"]
+    assert "no loaded entry reached" in finding.message and "linear_in.weight" in finding.message
+    assert "keys the model does not have" in finding.message and "lin_in.weight" in finding.message
