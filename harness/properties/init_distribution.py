@@ -282,16 +282,8 @@ def _method_of(case: Any, pname: str) -> str:
     return case.lora.get("lora_B_init_method", "zero")
 
 
-def _applies(layout, capabilities):
-    if layout.pp > 1:
-        return ("the draws are checked on a one-layer model, which no pipeline splits (a stage draws its "
-                "adapters with the same code as a model without stages)")
-    return None
-
-
 PROPERTY = register(Property(
     pipeline=True,
-    applies=_applies,
     name=NAME,
     check=check,
     needs=("init",),

@@ -333,3 +333,18 @@ def test_megatron_bridge_matches_a_stage_s_local_names_and_the_harness_says_so()
     assert named.verdict is Verdict.CONTRACT
     assert any(f.check == "stage_local_names" and "decoder.layers.1.self_attention.linear_qkv" in f.message
                for f in named.findings)
+
+
+def test_init_distributions_are_checked_on_every_stage():
+    """The init model has one layer per stage; each stage's draws are gathered by global name and tested."""
+    from hypothesis import settings
+
+    from harness.driver import check_property
+
+    one = settings(max_examples=1, database=None, deadline=None)
+    good = check_property("init_follows_distribution", PP2, "lora.megatron", settings=one, family="gpt", seed=3,
+                          designed=False)
+    assert good.verdict is Verdict.PASS, good.error
+    bad = check_property("init_follows_distribution", PP2, "tests.wrong_impls.init_wrong_distribution", settings=one,
+                         family="gpt", seed=3, designed=False, shrink_budget=1)
+    assert bad.verdict.failing, bad.error

@@ -11,7 +11,8 @@ from harness import cpu
 from harness.contract import DEFAULT_TARGET_MODULES
 from harness.evidence import InitExtras, ZeroForward
 from harness.families.gpt.case import GPTCase
-from harness.families.gpt.model import GPTShape, build_gpt, causal_mask, output_layer_gathers
+from harness.families.gpt.model import GPTShape, build_stage, causal_mask
+from harness.pipeline import chunks_of, global_view, handed_over, merged, stage_gathered, stage_input, stage_logits
 from harness.evidence import Partitioned, RankRecord
 from harness.rules.adapters import adapter_modules, adapter_table
 from harness.sharding import initial_adapters, seeded_tensor
@@ -22,11 +23,12 @@ __all__ = ["run_init_case", "init_shape"]
 
 
 def init_shape(case: Any) -> GPTShape:
-    """The init run's model for ``case``: fixed widths, the case's gated MLP and bias flags."""
+    """The init run's model for ``case``: fixed widths, the case's gated MLP and bias flags; one layer per
+    pipeline stage and chunk (one without a pipeline)."""
     tp = case.layout.tp
     heads, groups = max(8, tp), max(4, tp)
     return GPTShape(
-        num_layers=1,
+        num_layers=case.layout.stages,
         hidden_size=INIT_HIDDEN,
         num_attention_heads=heads,
         num_query_groups=groups,
@@ -56,32 +58,39 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
     pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     mask = causal_mask(s).to(device)
 
-    def forward(model: torch.nn.Module) -> torch.Tensor:
-        with torch.no_grad():
-            return model(ids, pos, mask, decoder_input=x).detach().cpu()
+    layout = case.layout
 
-    def adapted(lora_kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Optional[torch.Tensor]]:
+    def forward(model: Any) -> torch.Tensor:
+        """The logits (under a pipeline the last stage's, on every rank, through megatron's schedule)."""
+        chunks = chunks_of(model)
+        if layout.pp > 1:
+            return stage_logits(chunks, stage_input(ids, pos, mask), x, (b, s, shape.vocab_size), layout)
+        with torch.no_grad():
+            return chunks[0](ids, pos, mask, decoder_input=x).detach().cpu()
+
+    def adapted(lora_kwargs: dict[str, Any]) -> tuple[Any, Optional[torch.Tensor]]:
         cpu.manual_seed(case.seed)
-        model = build_gpt(shape, tp=tp, sequence_parallel=case.layout.sp, params_dtype=case.model_dtype,
-                          parallel_output=not output_layer_gathers(case.contract))
-        model.train(case.training)
-        before = forward(model) if zero else None
+        chunks = build_stage(case.with_(shape=shape), tp)
+        for chunk in chunks:
+            chunk.train(case.training)
+        before = forward(handed_over(chunks, layout)) if zero else None
         # The seed right before the walk, as run_gpt_case has it.
         cpu.manual_seed(case.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = impl.LoRA(**lora_kwargs)(model, training=case.training)
+            model = impl.LoRA(**lora_kwargs)(handed_over(chunks, layout), training=case.training)
         return model, before
 
     lora_kwargs = dict(case.lora_kwargs(), dim=dim)
     targets = "case"
     model, before = adapted(lora_kwargs)
-    if any_rank(not adapter_modules(model)):
+    if any_rank(not adapter_modules(global_view(chunks_of(model)))):
         targets = "default"
         lora_kwargs.update(target_modules=list(DEFAULT_TARGET_MODULES), exclude_modules=[])
         model, before = adapted(lora_kwargs)
-    initial = initial_adapters(model)
-    table, broken = checked_table(lambda: adapter_table(model, tp_rank, tp, dim), ctx.rank, tp_rank, tp)
+    view = global_view(chunks_of(model))
+    initial = initial_adapters(view)
+    table, broken = checked_table(lambda: adapter_table(view, tp_rank, tp, dim, layout.pp > 1), ctx.rank, tp_rank, tp)
     if broken is not None:
         return broken
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -99,7 +108,8 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
         output=None,
         input_grad=None,
         adapter_grads={},
-        initial_adapters={p: initial.get(p) for p in table},
-        partitions={p: Partitioned(w, part.dim, part.gated, shape) for p, (w, part, shape) in table.items()},
+        initial_adapters=merged(stage_gathered({p: initial.get(p) for p in table})) or {},
+        partitions=merged(stage_gathered({p: Partitioned(w, part.dim, part.gated, full)
+                                          for p, (w, part, full) in table.items()})) or {},
         extras=InitExtras(init_shape=shape.to_dict(), dim=dim, targets=targets, zero_forward=zero_forward),
     )

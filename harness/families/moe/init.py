@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 
 from harness import cpu
 from harness.contract import DEFAULT_TARGET_MODULES, load_impl
@@ -37,7 +36,7 @@ def moe_init_case(case: Any) -> Any:
     dim = -(-INIT_DIM * (topk if case.lora.get("normalize_moe_lora") else 1) // unit) * unit
     big = dataclasses.replace(
         shape,
-        num_layers=1,
+        num_layers=layout.stages,  # one layer per pipeline stage
         hidden_size=INIT_HIDDEN,
         num_attention_heads=max(8, tp),
         num_query_groups=max(4, tp),
@@ -56,8 +55,9 @@ def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
     """
     from megatron.core import parallel_state as ps
 
-    from harness.families.moe.model import build_moe_gpt, expert_sizes, layout_sizes
+    from harness.families.moe.model import build_moe_stage, expert_sizes
     from harness.families.moe.tasks import assemble, full_partitions
+    from harness.pipeline import chunks_of, global_view, handed_over, merged, stage_gathered
 
     big = moe_init_case(case)
     layout = big.layout
@@ -67,13 +67,13 @@ def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
     lora_kwargs = big.lora_kwargs()
     targets = "case"
 
-    def adapted(kwargs: dict[str, Any]) -> torch.nn.Module:
-        fresh = build_moe_gpt(big.shape, **layout_sizes(layout), params_dtype=case.model_dtype,
-                              parallel_output=not output_layer_gathers(case.contract)).to(case.model_dtype)
+    def adapted(kwargs: dict[str, Any]) -> Any:
+        """The init model adapted, under the whole model's names (at a pipeline layout this rank's stage)."""
+        fresh = build_moe_stage(big, parallel_output=not output_layer_gathers(case.contract))
         cpu.manual_seed(case.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return impl.LoRA(**kwargs)(fresh, training=case.training)
+            return global_view(chunks_of(impl.LoRA(**kwargs)(handed_over(fresh, layout), training=case.training)))
 
     model = adapted(lora_kwargs)
     if any_rank(not adapter_modules(model)):
@@ -84,11 +84,14 @@ def run_moe_init_case(ctx: Any, case: Any) -> RankRecord:
     table, broken = checked_table(lambda: moe_adapter_table(model, big, sizes), ctx.rank, sizes["tp_rank"], sizes["tp_size"])
     if broken is not None:
         return broken
-    initial = assemble({p: model.get_parameter(p) for p in table}, table, sizes)
+    mine = assemble({p: model.get_parameter(p) for p in table}, table, sizes)
+    stages = stage_gathered((mine, full_partitions(table, mine)))
+    initial = merged([st[0] for st in stages]) or {}
+    partitions = merged([st[1] for st in stages]) or {}
     return RankRecord(
         rank=ctx.rank, tp_rank=sizes["tp_rank"], tp_size=sizes["tp_size"], dp_rank=ps.get_data_parallel_rank(),
         output=None, input_grad=None, adapter_grads={},
         initial_adapters=initial,
-        partitions=full_partitions(table, initial),
+        partitions=partitions,
         extras=InitExtras(init_shape=big.shape.to_dict(), dim=big.lora["dim"], targets=targets),
     )
