@@ -100,6 +100,9 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
         same = after.shape == before.shape and after.dtype == before.dtype and torch.equal(after, before)
         diff = float((after.double() - before.double()).abs().max()) if after.shape == before.shape else float("inf")
         zero_forward = ZeroForward(equal=bool(same), max_abs=diff)
+    # Every stage's adapters, by global name, on every rank of the pipeline group (one gather).
+    stages = stage_gathered(({p: initial.get(p) for p in table},
+                             {p: Partitioned(w, part.dim, part.gated, full) for p, (w, part, full) in table.items()}))
     return RankRecord(
         rank=ctx.rank,
         tp_rank=tp_rank,
@@ -108,8 +111,7 @@ def run_init_case(ctx: Any, case: GPTCase) -> RankRecord:
         output=None,
         input_grad=None,
         adapter_grads={},
-        initial_adapters=merged(stage_gathered({p: initial.get(p) for p in table})) or {},
-        partitions=merged(stage_gathered({p: Partitioned(w, part.dim, part.gated, full)
-                                          for p, (w, part, full) in table.items()})) or {},
+        initial_adapters=merged([st[0] for st in stages]) or {},
+        partitions=merged([st[1] for st in stages]) or {},
         extras=InitExtras(init_shape=shape.to_dict(), dim=dim, targets=targets, zero_forward=zero_forward),
     )

@@ -29,30 +29,19 @@ __all__ = ["run_moe_checkpoint_save", "run_moe_checkpoint_load"]
 
 
 def _built(ctx: Any, case: MoECase, adapter_seed: int) -> Any:
-    """(LoRA object, adapted model as the implementation returned it, its whole-model view, sizes, adapter
-    table, violation record or None) at the case's layout: seeded base, the implementation's LoRA, adapters
-    loaded with ``adapter_seed``'s values; at a pipeline layout this rank's stage."""
+    """(LoRA object, adapted model as the implementation returned it, sizes, adapter table, violation record or
+    None) at the case's layout: seeded base, the implementation's LoRA, adapters loaded with ``adapter_seed``'s
+    values; at a pipeline layout this rank's stage."""
     built = adapted_moe_stage(ctx, case, training=True, adapter_seed=adapter_seed)
-    return built.peft, built.model, built.view, built.sizes, built.table, built.broken
+    return built.peft, built.model, built.sizes, built.table, built.broken
 
 
 def _io(ctx: Any, case: MoECase, sizes: dict[str, int], table: Any) -> tuple[Any, Any, Any]:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
+    """(held-out logits, whole adapters, the training step) of a model; the logits come back whole on every
+    rank (the model gathers a vocab-parallel output itself: ``gpt_model_from_layer_spec``)."""
     s, b, vocab = case.shape.seq_length, case.shape.micro_batch_size, case.shape.vocab_size
     io = moe_io(case, sizes)
     probe = seeded_tensor(case.seed, "checkpoint-probe", (b, s, vocab))
-
-    def logits(m: Any) -> torch.Tensor:
-        """The held-out logits, whole on every rank (an output layer that keeps them vocab-parallel is gathered)."""
-        out = io.logits(m)
-        if out.shape[-1] != vocab and tp > 1:
-            parts = [torch.empty_like(out) for _ in range(tp)]
-            dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-            out = torch.cat(parts, dim=-1)
-        return out
 
     def adapters(m: Any) -> dict[str, torch.Tensor]:
         """Every adapter whole, by global name, on every rank (a pipeline stage's gathered with the others')."""
@@ -67,9 +56,7 @@ def _io(ctx: Any, case: MoECase, sizes: dict[str, int], table: Any) -> tuple[Any
         def step() -> None:
             chunks = chunks_of(m)
             if case.layout.pp == 1:
-                out = chunks[0](io.ids, io.pos, io.mask, decoder_input=io.x)
-                mine = probe if out.shape[-1] == vocab else probe.chunk(tp, dim=-1)[tp_rank]  # vocab-parallel
-                loss(out, mine).backward()
+                loss(chunks[0](io.ids, io.pos, io.mask, decoder_input=io.x), probe).backward()
             else:
                 run_schedule(chunks, padded([{"x": io.x, "probe": probe}], case.layout), io.forward,
                              lambda out, batch: loss(out, batch["probe"]), seq_length=s, micro_batch_size=b)
@@ -80,7 +67,7 @@ def _io(ctx: Any, case: MoECase, sizes: dict[str, int], table: Any) -> tuple[Any
                 torch.optim.SGD(trainable, lr=LR).step()
         return step
 
-    return logits, adapters, train_step_of
+    return io.logits, adapters, train_step_of
 
 
 def _record(ctx: Any, sizes: dict[str, int], table: Any, extras: Any) -> RankRecord:
@@ -114,7 +101,7 @@ def _names(table: Any) -> Any:
 
 def run_moe_checkpoint_save(ctx: Any, case: MoECase) -> RankRecord:
     """Train one step at the case's layout, record, save (``harness.tasks.checkpoint.save_side``)."""
-    peft, model, view, sizes, table, broken = _built(ctx, case, case.seed)
+    peft, model, sizes, table, broken = _built(ctx, case, case.seed)
     if broken is not None:
         return broken
     logits, adapters, train_step_of = _io(ctx, case, sizes, table)
@@ -130,7 +117,7 @@ def run_moe_checkpoint_save(ctx: Any, case: MoECase) -> RankRecord:
 def run_moe_checkpoint_load(ctx: Any, case: MoECase) -> RankRecord:
     """A fresh model at the case's layout (other adapter values) loads what the save task saved at the case's
     ``load_layout`` (``harness.tasks.checkpoint.load_side``)."""
-    peft, model, view, sizes, table, broken = _built(ctx, case, case.seed + 1)
+    peft, model, sizes, table, broken = _built(ctx, case, case.seed + 1)
     if broken is not None:
         return broken
     logits, adapters, _ = _io(ctx, case, sizes, table)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-
 from harness import cpu
 from harness.contract import DEFAULT_TARGET_MODULES, load_impl
 from harness.evidence import InitExtras

@@ -18,28 +18,23 @@ from typing import Any
 import torch
 
 from harness import cpu
-from harness.contract import load_impl
 from harness.dropout import keyed_dropout
 from harness.evidence import DropoutStats, MoEExtras, RankRecord
-from harness.families.gpt.model import causal_mask, output_layer_gathers
 from harness.families.gpt.pipeline import pipeline_merge_evidence
 from harness.families.moe.case import MoECase
-from harness.families.moe.model import build_moe_stage, expert_sizes
-from harness.families.moe.tasks import SGD_LR, _ddp_reduce, assemble, full_partitions, load_seeded_adapters
-from harness.pipeline import (
-    chunks_of,
-    global_view,
-    handed_over,
-    merged,
-    padded,
-    run_schedule,
-    stage_gathered,
-    stage_input,
-    stage_logits,
+from harness.families.moe.stage import moe_io, moe_stage
+from harness.families.moe.tasks import (
+    SGD_LR,
+    _ddp_reduce,
+    assemble,
+    counting_expert_tokens,
+    full_partitions,
+    load_seeded_adapters,
 )
+from harness.pipeline import chunks_of, global_view, handed_over, merged, padded, run_schedule, stage_gathered
 from harness.results import Finding
 from harness.rules.adapters import moe_adapter_table
-from harness.sharding import load_full_base_weights, seeded_tensor
+from harness.sharding import seeded_tensor
 from harness.tasks.common import (
     checked_table,
     cpu64,
@@ -58,11 +53,7 @@ def run_moe_pipeline_case(ctx: Any, case: MoECase) -> RankRecord:
     from megatron.core import parallel_state as ps
 
     layout = case.layout
-    layout.initialize_megatron(ctx.world_size, seed=case.seed)
-    impl = load_impl(case.impl)
-    sizes = dict(expert_sizes(), world=ctx.world_size)
-    chunks = build_moe_stage(case, parallel_output=not output_layer_gathers(case.contract))
-    load_full_base_weights(global_view(chunks), case.seed, **{k: v for k, v in sizes.items() if k != "world"})
+    impl, sizes, chunks = moe_stage(ctx, case)
     lora_kwargs = case.lora_kwargs()
     cpu.manual_seed(case.seed)
     model = impl.LoRA(**lora_kwargs)(handed_over(chunks, layout), training=case.training)
@@ -79,46 +70,23 @@ def run_moe_pipeline_case(ctx: Any, case: MoECase) -> RankRecord:
     initial = assemble({p: view.get_parameter(p) for p in table}, table, sizes)
 
     tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
-    s, b, h, vocab = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size, case.shape.vocab_size
-    full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(case.model_dtype)
-    ids = torch.zeros(b, s, dtype=torch.long)
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    forward = stage_input(ids, pos, causal_mask(s))
-
-    def x_shard() -> torch.Tensor:
-        return full_x.chunk(tp, dim=0)[tp_rank] if layout.sp else full_x
-
-    def logits(model_chunks: list[Any]) -> torch.Tensor:
-        return stage_logits(model_chunks, forward, x_shard(), (b, s, vocab), layout)
-
+    s, b, vocab = case.shape.seq_length, case.shape.micro_batch_size, case.shape.vocab_size
+    io = moe_io(case, sizes)
     tokens: dict[str, list[int]] = {}
-
-    def count_tokens(name: str) -> Any:
-        def hook(module: Any, args: Any) -> None:
-            counts = args[1]
-            counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
-            tokens[name] = [a + int(c) for a, c in zip(tokens.get(name, [0] * len(counts)), counts)]
-        return hook
-
-    def counting() -> list[Any]:
-        return [m.register_forward_pre_hook(count_tokens(n)) for n, m in view.named_modules() if n.endswith("mlp.experts")]
 
     # Value-keyed dropout masks (harness.dropout), as at PP=1; a dropping call in eval counts against
     # the first chunk's mode (every chunk's, when they agree).
     with keyed_dropout(chunks[0]) as dropout_log:
-        own_output = logits(chunks)
+        own_output = io.logits(chunks)
         load_seeded_adapters(view, table, case, sizes)
         findings = state_findings(view, {p: (i.name.split(".adapter.")[0],) for p, i in table.items()}, case)
         findings += stage_local_findings(chunks, view, lora_kwargs)
-        x = x_shard().clone().requires_grad_(True)
+        x = io.x.clone().requires_grad_(True)
         probe = seeded_tensor(case.seed, "probe", (b, s, vocab))
-        handles = counting()
-        tokens.clear()
-        outputs = run_schedule(chunks, padded([{"x": x, "probe": probe}], layout), forward,
-                               lambda out, batch: (out * batch["probe"].to(out.dtype)).sum(),
-                               seq_length=s, micro_batch_size=b)
-        for handle in handles:
-            handle.remove()
+        with counting_expert_tokens(view, tokens):
+            outputs = run_schedule(chunks, padded([{"x": x, "probe": probe}], layout), io.forward,
+                                   lambda out, batch: (out * batch["probe"].to(out.dtype)).sum(),
+                                   seq_length=s, micro_batch_size=b)
         if outputs and outputs[0].dtype != case.model_dtype:
             findings.append(Finding(
                 "contract", f"logits dtype {outputs[0].dtype}, the base model computes in {case.model_dtype} "
@@ -132,7 +100,7 @@ def run_moe_pipeline_case(ctx: Any, case: MoECase) -> RankRecord:
                 for pname in table:
                     p = view.get_parameter(pname)
                     p.sub_(SGD_LR * p.grad.to(p.dtype))
-            stepped_output = logits(chunks)
+            stepped_output = io.logits(chunks)
             shared_stepped = {p: view.get_parameter(p).detach().clone().cpu() for p in shared}
         else:
             grads = assemble(grads_local, table, sizes)
@@ -140,7 +108,7 @@ def run_moe_pipeline_case(ctx: Any, case: MoECase) -> RankRecord:
     input_grad = (sequence_gathered(x.grad) if layout.sp else x.grad) if first_stage else None
     findings += reapply_findings(view, impl, lora_kwargs, case.training, case.contract,
                                  handed=handed_over(chunks, layout), names=lambda m: global_view(chunks_of(m)))
-    merge = pipeline_merge_evidence(chunks, view, impl, None, lora_kwargs.get("alpha", 32), layout, logits)
+    merge = pipeline_merge_evidence(chunks, view, impl, None, lora_kwargs.get("alpha", 32), layout, io.logits)
     mine = {
         "output": cpu64(outputs[0]) if outputs else None,
         "input_grad": cpu64(input_grad),

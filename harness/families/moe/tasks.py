@@ -30,8 +30,9 @@ received.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,9 +47,9 @@ from harness.results import Finding
 from harness.evidence import Partitioned, RankRecord
 from harness.tasks.common import checked_table, cpu64, error_expecter, merge_evidence, reapply_findings, sequence_gathered, state_findings
 from harness.rules.adapters import AdapterParam, moe_adapter_table
-from harness.sharding import Partition, gather_full, load_full_base_weights, seeded_tensor, shard
+from harness.sharding import Partition, gather_full, seeded_tensor, shard
 
-__all__ = ["run_moe_case", "base_model", "load_seeded_adapters", "SGD_LR"]
+__all__ = ["run_moe_case", "load_seeded_adapters", "counting_expert_tokens", "SGD_LR"]
 
 #: The learning rate of the one plain SGD step the task takes on the adapters.
 SGD_LR = 0.1
@@ -151,18 +152,23 @@ def full_partitions(table: dict[str, AdapterParam], full: dict[str, Any]) -> dic
 
 
 
-def base_model(ctx: Any, case: MoECase, **config_overrides: Any) -> tuple[Any, dict[str, int], torch.nn.Module]:
-    """(the implementation, the layout's sizes, the case's MoE model at its layout with the seeded full base weights;
-    ``config_overrides`` go to megatron's TransformerConfig)."""
-    from harness.families.moe.model import build_moe_gpt, expert_sizes, layout_sizes
+@contextlib.contextmanager
+def counting_expert_tokens(model: torch.nn.Module, tokens: dict[str, list[int]]) -> Iterator[dict[str, list[int]]]:
+    """Inside the block, add to ``tokens[<...mlp.experts>]`` how many tokens each local expert of that module
+    receives (the token counts the experts' forward is given)."""
+    def hook_for(name: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            counts = args[1]
+            counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+            tokens[name] = [a + int(c) for a, c in zip(tokens.get(name, [0] * len(counts)), counts)]
+        return hook
 
-    case.layout.initialize_megatron(ctx.world_size, seed=case.seed)
-    impl = load_impl(case.impl)
-    sizes = dict(expert_sizes(), world=ctx.world_size)
-    model = build_moe_gpt(case.shape, **layout_sizes(case.layout), params_dtype=case.model_dtype,
-                          parallel_output=not output_layer_gathers(case.contract), **config_overrides).to(case.model_dtype)
-    load_full_base_weights(model, case.seed, **{k: v for k, v in sizes.items() if k != "world"})
-    return impl, sizes, model
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    try:
+        yield tokens
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def load_seeded_adapters(model: torch.nn.Module, table: dict[str, AdapterParam], case: MoECase, sizes: dict[str, int],
@@ -185,32 +191,20 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
         from harness.families.moe.pipeline import run_moe_pipeline_case
 
         return run_moe_pipeline_case(ctx, case)
+    from harness.families.moe.stage import moe_stage
+
     layout = case.layout
-    impl, sizes, model = base_model(ctx, case)
+    impl, sizes, chunks = moe_stage(ctx, case)
     lora_kwargs = case.lora_kwargs()
     cpu.manual_seed(case.seed)
-    model = impl.LoRA(**lora_kwargs)(model, training=case.training)
+    model = impl.LoRA(**lora_kwargs)(chunks[0], training=case.training)
     table, broken = checked_table(lambda: moe_adapter_table(model, case, sizes), ctx.rank, sizes["tp_rank"], sizes["tp_size"])
     if broken is not None:
         return broken
     shared = sorted(p for p, i in table.items() if i.shared)
     created = {p: model.get_parameter(p).detach().clone().cpu() for p in shared}
     initial = assemble({p: model.get_parameter(p) for p in table}, table, sizes)
-
     tokens: dict[str, list[int]] = {}
-
-    def count_tokens(name: str):
-        def hook(module: Any, args: Any) -> None:
-            counts = args[1]
-            counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
-            tokens[name] = [a + int(b) for a, b in zip(tokens.get(name, [0] * len(counts)), counts)]
-        return hook
-
-    handles = [
-        m.register_forward_pre_hook(count_tokens(n))
-        for n, m in model.named_modules()
-        if n.endswith("mlp.experts")
-    ]
     tp, tp_rank = sizes["tp_size"], sizes["tp_rank"]
     s, b, h = case.shape.seq_length, case.shape.micro_batch_size, case.shape.hidden_size
     full_x = seeded_tensor(case.seed, "input", (s, b, h)).to(case.model_dtype)
@@ -226,19 +220,14 @@ def run_moe_case(ctx: Any, case: MoECase) -> RankRecord:
     with keyed_dropout(model) as dropout_log:
         with torch.no_grad():
             own_output = model(ids, pos, mask, decoder_input=x_shard())
-        for h_ in handles:
-            h_.remove()
 
         # The harness's own adapter values: seeded full matrices by global name, B non-zero.
         load_seeded_adapters(model, table, case, sizes)
         findings = state_findings(model, {p: (i.name.split(".adapter.")[0],) for p, i in table.items()}, case)
 
         x = x_shard().clone().requires_grad_(True)
-        handles = [m.register_forward_pre_hook(count_tokens(n)) for n, m in model.named_modules() if n.endswith("mlp.experts")]
-        tokens.clear()
-        out = model(ids, pos, mask, decoder_input=x)
-        for h_ in handles:
-            h_.remove()
+        with counting_expert_tokens(model, tokens):
+            out = model(ids, pos, mask, decoder_input=x)
         if out.dtype != case.model_dtype:
             findings.append(Finding(
                 "contract", f"logits dtype {out.dtype}, the base model computes in {case.model_dtype} "
@@ -295,8 +284,9 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
     from megatron.core import parallel_state as ps
 
     from harness.contract import contract_point
-    from harness.families.moe.model import build_moe_gpt, layout_sizes
     from harness.evidence import ErrorRecord
+    from harness.families.moe.model import build_moe_stage
+    from harness.pipeline import chunks_of, global_view, handed_over
 
     layout = case.layout
     layout.initialize_megatron(ctx.world_size, seed=case.seed)
@@ -307,17 +297,9 @@ def run_moe_error_case(ctx: Any, case: MoECase) -> Any:
 
     def fresh_model() -> Any:
         """The model as megatron hands it over: at a pipeline layout this rank's stage."""
-        from harness.families.moe.model import build_moe_stage
-        from harness.pipeline import handed_over
-
-        if layout.pp == 1:
-            return build_moe_gpt(shape, **layout_sizes(layout), params_dtype=case.model_dtype,
-                                 parallel_output=not output_layer_gathers(case.contract))
         return handed_over(build_moe_stage(case, parallel_output=not output_layer_gathers(case.contract)), layout)
 
     # Errors name modules by the whole model's names: a stage's first router is its first layer's.
-    from harness.pipeline import chunks_of, global_view
-
     view = global_view(chunks_of(fresh_model()))
     first = min(int(k) for k in view.get_submodule("decoder.layers")._modules)
     expect = error_expecter(case.contract, findings)

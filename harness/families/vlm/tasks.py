@@ -132,8 +132,9 @@ def _one_combo(impl: Any, case: VLMCase, flags: dict[str, bool], training: bool,
 
         # The step runs through megatron's schedule: every stage takes it, or none (a stage that raised, or a
         # combination that trains nothing on any stage, ends it on all of them).
-        stepping = not any_rank(error is not None) and none_part is None
-        stepping = any_rank(stepping and error is None and any(p.requires_grad for p in inner.parameters())) and stepping
+        failed = any_rank(error is not None)
+        trains = any_rank(error is None and any(p.requires_grad for p in inner.parameters()))
+        stepping = not failed and trains and none_part is None
     if error is not None:
         return VLMCombo(**made, error=error)
     param_names, module_names = _names(inner, pipeline)
