@@ -29,6 +29,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -70,8 +71,10 @@ def pytest_runtest_logreport(report):
 
 
 def pipeline_flags(impl: str) -> list[str]:
-    """A pipeline bug (``pp_*``) exists only at pipeline layouts: its runs add ``--pp 2``."""
-    return ["--pp", "2"] if impl.startswith("pp_") else []
+    """A pipeline bug exists only at pipeline layouts: its runs add ``--pp 2``. Such a module is named
+    ``pp_*`` or says ``PIPELINE_BUG = True``."""
+    source = (ROOT / "tests" / "wrong_impls" / f"{impl}.py").read_text()
+    return ["--pp", "2"] if impl.startswith("pp_") or re.search(r"^PIPELINE_BUG = True", source, re.M) else []
 
 
 def run_once(impl: str, seed: int, workers: str, timeout: float) -> dict:

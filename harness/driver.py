@@ -45,7 +45,7 @@ from harness.strategies import cases_for
 from harness.errors import PropertyFailure
 
 __all__ = [
-    "PropertyFailure", "check_property", "require_property", "run_example", "judge_example", "control_impl",
+    "PropertyFailure", "CellSearch", "check_property", "require_property", "run_example", "judge_example", "control_impl",
     "default_executor", "replay_command", "CONTROL_IMPL", "SINGLE_RANK_CONTROL_IMPL",
 ]
 
@@ -156,105 +156,181 @@ def _lead(record: ExampleRecord) -> str:
 DEFAULT_SHRINK_BUDGET = 20
 
 
-def check_property(
-    prop: str | Property,
-    layout: ParallelLayout,
-    impl: str = "lora.megatron",
-    *,
-    settings: Optional[hsettings] = None,
-    executor: Optional[Executor] = None,
-    capabilities: Optional[Capabilities] = None,
-    regressions: Optional[str | RegressionStore] = None,
-    seed: Optional[int] = None,
-    max_faults: int = 3,
-    family: str = "gpt",
-    progress: Optional[Progress] = None,
-    shrink_budget: int = DEFAULT_SHRINK_BUDGET,
-    designed: bool = True,
-) -> PropertyOutcome:
-    """Run one property for one layout: stored regressions first, then hypothesis draws.
+class CellSearch:
+    """One property at one layout for one implementation, as a search that can be run in steps.
 
-    ``settings`` defaults to the active hypothesis profile; ``capabilities``
-    to what ``impl`` declares (``harness.contract.capabilities_of``). A
-    failure carries the minimal case (``minimal_case``), hypothesis's report
-    (``falsifying_example``) and a ``replay_command``; with ``regressions``
-    the minimal case is stored there.
-
-    Shrinking is bounded by ``shrink_budget`` example runs after the first
-    failure, a failing candidate's control run included (each run costs a
-    rank-pool task, and hypothesis would try hundreds); the case reported
-    is the smallest failing one found within it.
+    ``check_property`` runs it whole: stored regressions, then the designed
+    examples (``harness.design``), then the drawn ones. The steps exist so
+    that a run may go through the designed examples of several cells row by
+    row (``designed_step``), each cell's first designed example before any
+    cell's second, and finish each cell later (``finish``) without running
+    anything twice: the examples and their order within a cell, and so the
+    cell's outcome, do not depend on how the steps were taken.
     """
-    prop = prop if isinstance(prop, Property) else get_property(prop)
-    executor = executor or default_executor()
-    caps = capabilities_of(impl, capabilities)
-    store = regressions if isinstance(regressions, RegressionStore) or regressions is None else RegressionStore(regressions)
-    cell = get_family(family).cell(layout)
-    outcome = PropertyOutcome(prop=prop.name, layout=cell, impl=impl, family=family)
-    skip = prop.skip_reason(family, layout, caps)
-    if skip is None and layout.sp and not caps.sequence_parallel:
-        skip = f"{impl} does not declare sequence_parallel support"
-    if skip is None:
-        missing = get_family(family).requires(caps)
-        skip = f"{impl} {missing}" if missing else None
-    if skip:
-        outcome.verdict, outcome.skipped_reason = Verdict.SKIPPED, skip
-        return outcome
-    started = time.monotonic()
 
-    def note(record: ExampleRecord) -> None:
-        outcome.records.append(record)
-        outcome.examples += 1
-        if progress is not None:
-            progress(outcome, record)
+    def __init__(
+        self,
+        prop: str | Property,
+        layout: ParallelLayout,
+        impl: str = "lora.megatron",
+        *,
+        settings: Optional[hsettings] = None,
+        executor: Optional[Executor] = None,
+        capabilities: Optional[Capabilities] = None,
+        regressions: Optional[str | RegressionStore] = None,
+        seed: Optional[int] = None,
+        max_faults: int = 3,
+        family: str = "gpt",
+        progress: Optional[Progress] = None,
+        shrink_budget: int = DEFAULT_SHRINK_BUDGET,
+        designed: bool = True,
+    ) -> None:
+        self.prop = prop if isinstance(prop, Property) else get_property(prop)
+        self.layout, self.impl, self.family = layout, impl, family
+        self.executor = executor or default_executor()
+        self.caps = capabilities_of(impl, capabilities)
+        self.store = regressions if isinstance(regressions, RegressionStore) or regressions is None else RegressionStore(regressions)
+        self.seed, self.max_faults, self.progress, self.shrink_budget = seed, max_faults, progress, shrink_budget
+        self.cell = get_family(family).cell(layout)
+        self.outcome = PropertyOutcome(prop=self.prop.name, layout=self.cell, impl=impl, family=family)
+        #: True once the cell has its verdict (skipped, failed, or every example ran).
+        self.ended = False
+        self.seconds = 0.0
+        skip = self.prop.skip_reason(family, layout, self.caps)
+        if skip is None and layout.sp and not self.caps.sequence_parallel:
+            skip = f"{impl} does not declare sequence_parallel support"
+        if skip is None:
+            missing = get_family(family).requires(self.caps)
+            skip = f"{impl} {missing}" if missing else None
+        if skip:
+            self.outcome.verdict, self.outcome.skipped_reason = Verdict.SKIPPED, skip
+            self.ended = True
+            return
+        self.harness_defects: dict[str, tuple[ExampleRecord, Any]] = {}
+        self.outcome.control_impl = control_impl(impl, layout) or ""
+        base = settings if settings is not None else hsettings()
+        self.run_settings = hsettings(base, deadline=None, suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+        self.faulted: dict[str, ExampleRecord] = {}
+        self.failed: dict[str, ExampleRecord] = {}
+        self.last_failure: dict[str, Any] = {}
+        self.passed: set[str] = set()
+        self.runs_after_failure = 0
+        self.digest = f"{self.prop.name}|{self.cell}|{impl}"
+        # Properties that train through the training loop draw one with each example (harness.training).
+        self.reads_loop = bool({"training", "training_reference"} & set(self.prop.needs))
+        # The checkpoint property draws the layout it loads at (harness.checkpoint).
+        self.reads_load = "checkpoint_load" in self.prop.needs
+        self.rows: list[dict[str, Any]] = []
+        if designed and self.prop.designed:
+            only = (self.prop.design_factors or {}).get(family)
+            self.rows = designed_rows(family, layout, self.caps, only=only)
+        self.next_row = 0
+        self._replayed = False
 
-    def conclude(record: ExampleRecord, case: Any, exception: Optional[BaseException]) -> None:
+    @property
+    def failing(self) -> bool:
+        """Whether the cell ended with a verdict charged to the implementation."""
+        return self.ended and self.outcome.verdict.failing
+
+    def _timed(self, step: Callable[[], bool]) -> bool:
+        started = time.monotonic()
+        try:
+            return step()
+        finally:
+            self.seconds += time.monotonic() - started
+            self.outcome.seconds = self.seconds
+
+    def _note(self, record: ExampleRecord) -> None:
+        self.outcome.records.append(record)
+        self.outcome.examples += 1
+        if self.progress is not None:
+            self.progress(self.outcome, record)
+
+    def _conclude(self, record: ExampleRecord, case: Any, exception: Optional[BaseException]) -> None:
+        outcome = self.outcome
         outcome.verdict = record.verdict
         outcome.minimal_case = case
         outcome.error = record.error or _lead(record)
         outcome.exception = exception
         path = None
-        if store is not None:
-            saved = store.save(prop.name, case, record.verdict.value, _lead(record))
+        if self.store is not None:
+            saved = self.store.save(self.prop.name, case, record.verdict.value, _lead(record))
             path = None if saved is None else str(saved)  # a read-only store keeps nothing
             outcome.regression_file = path or ""
-        outcome.replay_command = replay_command(prop.name, case, path)
+        outcome.replay_command = replay_command(self.prop.name, case, path)
+        self.ended = True
 
-    harness_defects: dict[str, tuple[ExampleRecord, Any]] = {}
-    outcome.control_impl = control_impl(impl, layout) or ""
+    def replay_regressions(self) -> bool:
+        """1. Stored failures, replayed with this implementation before any draw; True when one fails."""
+        if self.ended or self._replayed:
+            return self.ended
+        self._replayed = True
+        return self._timed(self._replay)
 
-    # 1. Stored failures, replayed with this implementation before any draw.
-    if store is not None:
-        for path, stored in store.cases(prop.name, layout.describe()):
-            if stored.family != family:
+    def _replay(self) -> bool:
+        if self.store is None:
+            return False
+        for path, stored in self.store.cases(self.prop.name, self.layout.describe()):
+            if stored.family != self.family:
                 continue
-            case = stored.with_(impl=impl, contract=caps.contract, layout=layout)
-            if not _inside(case, caps):
+            case = stored.with_(impl=self.impl, contract=self.caps.contract, layout=self.layout)
+            if not _inside(case, self.caps):
                 continue
-            record = judge_example(prop, case, executor, source="regression")
-            outcome.regressions_replayed += 1
-            note(record)
+            record = judge_example(self.prop, case, self.executor, source="regression")
+            self.outcome.regressions_replayed += 1
+            self._note(record)
             if record.verdict is Verdict.HARNESS:
-                harness_defects.setdefault(repr(case), (record, case))
+                self.harness_defects.setdefault(repr(case), (record, case))
                 continue
             if record.verdict.failing:
-                conclude(record, case, PropertyFailure(f"stored regression {path} fails: {_lead(record)}"))
-                outcome.falsifying_example = f"stored regression case {path}"
-                outcome.seconds = time.monotonic() - started
-                return outcome
+                self._conclude(record, case, PropertyFailure(f"stored regression {path} fails: {_lead(record)}"))
+                self.outcome.falsifying_example = f"stored regression case {path}"
+                return True
+        return False
 
-    # 2. The designed examples (harness.design), then 3. new draws, all under hypothesis.
-    base = settings if settings is not None else hsettings()
-    run_settings = hsettings(base, deadline=None, suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
-    faulted: dict[str, ExampleRecord] = {}
-    failed: dict[str, ExampleRecord] = {}
-    last_failure: dict[str, Any] = {}
-    passed: set[str] = set()
-    runs_after_failure = [0]
+    def designed_step(self) -> bool:
+        """2. The next designed example (after the stored failures); True when the cell has ended.
 
-    def search(strategy: Any, search_settings: hsettings, search_seed: Optional[int], digest: str, source: str) -> bool:
+        Each designed row is a one-example search over a strategy with the
+        row's features fixed: hypothesis's first example is the row's
+        plainest case (the same for every implementation), and a failure
+        shrinks inside the row and is stored like a drawn one.
+        """
+        if self.replay_regressions() or self.ended:
+            return True
+        if self.next_row >= len(self.rows):
+            return False
+        i = self.next_row
+        self.next_row += 1
+        self.outcome.designed += 1
+        one = hsettings(self.run_settings, max_examples=1, database=None, phases=(Phase.generate, Phase.shrink))
+        strategy = cases_for(self.family, self.layout, self.impl, self.caps, row=self.rows[i], loop=self.reads_loop,
+                             checkpoint=self.reads_load)
+        return self._timed(lambda: self._search(strategy, one, 0, f"{self.digest}|designed{i}", "designed"))
+
+    @property
+    def designed_left(self) -> int:
+        return 0 if self.ended else len(self.rows) - self.next_row
+
+    def finish(self) -> PropertyOutcome:
+        """The rest of the cell: its remaining designed examples, then 3. new draws; the outcome."""
+        while not self.ended and self.designed_left:
+            self.designed_step()
+        if self.replay_regressions() or self.ended:
+            return self.outcome
+        if self.run_settings.max_examples > 0:
+            strategy = cases_for(self.family, self.layout, self.impl, self.caps, loop=self.reads_loop, checkpoint=self.reads_load)
+            if self._timed(lambda: self._search(strategy, self.run_settings, self.seed, self.digest, "drawn")):
+                return self.outcome
+        _conclude_without_failure(self.outcome, self.harness_defects)
+        self.ended = True
+        return self.outcome
+
+    def _search(self, strategy: Any, search_settings: hsettings, search_seed: Optional[int], digest: str, source: str) -> bool:
         """One hypothesis search; True when it ended the cell (a failure, or an error of its own)."""
-        runs_after_failure[0] = 0
+        self.runs_after_failure = 0
+        prop, impl, layout, outcome = self.prop, self.impl, self.layout, self.outcome
+        faulted, failed, passed, last_failure = self.faulted, self.failed, self.passed, self.last_failure
 
         @search_settings
         @given(case=strategy)
@@ -268,23 +344,23 @@ def check_property(
                 # Hypothesis may replay a case it saw pass; rejecting it now
                 # (the budget is spent) would be an inconsistent result.
                 return
-            elif len(faulted) >= max_faults:
+            elif len(faulted) >= self.max_faults:
                 reject()
-            elif failed and runs_after_failure[0] >= shrink_budget:
+            elif failed and self.runs_after_failure >= self.shrink_budget:
                 # Shrinking is bounded: the smallest failure found so far stands.
                 reject()
             else:
                 if failed:
-                    runs_after_failure[0] += 1
-                record = judge_example(prop, case, executor, source=source)
-                note(record)
+                    self.runs_after_failure += 1
+                record = judge_example(prop, case, self.executor, source=source)
+                self._note(record)
                 if failed and record.control is not None:
                     # The budget is in example runs: a control run counts too.
-                    runs_after_failure[0] += 1
+                    self.runs_after_failure += 1
                 if record.verdict is Verdict.HARNESS:
                     # Not the implementation's: hypothesis sees a pass, so it
                     # never shrinks towards such cases.
-                    harness_defects.setdefault(key, (record, case))
+                    self.harness_defects.setdefault(key, (record, case))
                     passed.add(key)
                 elif record.verdict in (Verdict.HANG, Verdict.CRASH):
                     faulted[key] = record
@@ -311,9 +387,10 @@ def check_property(
             notes = getattr(exc, "__notes__", [])
             outcome.falsifying_example = "\n".join(n for n in notes if n and "reproduce_failure" not in n)
             if last_failure:
-                conclude(last_failure["record"], last_failure["case"], exc)
+                self._conclude(last_failure["record"], last_failure["case"], exc)
             else:  # pragma: no cover - every failure goes through _property
                 outcome.verdict, outcome.error, outcome.exception = Verdict.CRASH, str(exc), exc
+                self.ended = True
             return True
         except Exception as exc:  # noqa: BLE001 - a harness or hypothesis error is reported, not hidden
             notes = getattr(exc, "__notes__", [])
@@ -321,33 +398,29 @@ def check_property(
             outcome.verdict, outcome.error, outcome.exception = Verdict.CRASH, f"{type(exc).__name__}: {exc}", exc
             if last_failure:
                 outcome.minimal_case = last_failure["case"]
+            self.ended = True
             return True
         return False
 
-    digest = f"{prop.name}|{cell}|{impl}"
-    ended = False
-    # Properties that train through the training loop draw one with each example (harness.training).
-    reads_loop = bool({"training", "training_reference"} & set(prop.needs))
-    # The checkpoint property draws the layout it loads at (harness.checkpoint).
-    reads_load = "checkpoint_load" in prop.needs
-    if designed and prop.designed:
-        # Each designed row is a one-example search over a strategy with the
-        # row's features fixed: hypothesis's first example is the row's
-        # plainest case (the same for every implementation), and a failure
-        # shrinks inside the row and is stored like a drawn one.
-        one = hsettings(run_settings, max_examples=1, database=None, phases=(Phase.generate, Phase.shrink))
-        only = (prop.design_factors or {}).get(family)
-        for i, row in enumerate(designed_rows(family, layout, caps, only=only)):
-            outcome.designed += 1
-            if search(cases_for(family, layout, impl, caps, row=row, loop=reads_loop, checkpoint=reads_load), one, 0, f"{digest}|designed{i}", "designed"):
-                ended = True
-                break
-    if not ended and run_settings.max_examples > 0:
-        ended = search(cases_for(family, layout, impl, caps, loop=reads_loop, checkpoint=reads_load), run_settings, seed, digest, "drawn")
-    if not ended:
-        _conclude_without_failure(outcome, harness_defects)
-    outcome.seconds = time.monotonic() - started
-    return outcome
+
+def check_property(prop: str | Property, layout: ParallelLayout, impl: str = "lora.megatron", **kw: Any) -> PropertyOutcome:
+    """Run one property for one layout: stored regressions first, then the designed examples, then hypothesis draws.
+
+    Keywords (``CellSearch``): ``settings`` defaults to the active
+    hypothesis profile; ``capabilities`` to what ``impl`` declares
+    (``harness.contract.capabilities_of``); ``executor``, ``regressions``
+    (a store or its directory), ``seed``, ``max_faults``, ``family``,
+    ``progress``, ``shrink_budget``, ``designed``. A failure carries the
+    minimal case (``minimal_case``), hypothesis's report
+    (``falsifying_example``) and a ``replay_command``; with ``regressions``
+    the minimal case is stored there.
+
+    Shrinking is bounded by ``shrink_budget`` example runs after the first
+    failure, a failing candidate's control run included (each run costs a
+    rank-pool task, and hypothesis would try hundreds); the case reported
+    is the smallest failing one found within it.
+    """
+    return CellSearch(prop, layout, impl, **kw).finish()
 
 
 def _conclude_without_failure(outcome: PropertyOutcome, harness_defects: dict[str, tuple[ExampleRecord, Any]]) -> None:

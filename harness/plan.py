@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the property registry imports torch: a plan made at start-u
     from harness.properties import Property
 from harness.errors import PlanError
 
-__all__ = ["Plan", "Cell", "PlanError", "cell_order", "property_order", "layout_seed", "summary_lines"]
+__all__ = ["Plan", "Cell", "PlanError", "cell_order", "lead_layouts", "property_order", "layout_seed", "summary_lines"]
 
 
 @dataclass(frozen=True)
@@ -76,20 +76,16 @@ def _parallel_score(family: str, layout: ParallelLayout) -> int:
             + bool(dp) + (layout.pp > 1) + (layout.vpp is not None))
 
 
-def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, ParallelLayout]]:
-    """(family, layout) pairs in the order their cells run: cheap and sensitive first, all of them.
+def _expert_dp_apart(layout: ParallelLayout) -> bool:
+    """Whether a MoE layout's expert data parallelism differs from its dense data parallelism, so a
+    gradient reduced over the wrong one of the two groups shows."""
+    expert_dp = layout.min_world_size // max(1, layout.ep * layout.etp_size * layout.pp)
+    return expert_dp > 1 and expert_dp != (layout.data_parallel or 1)
 
-    First, per family (dense, then MoE), the layout with the most kinds of
-    parallelism per rank among those with TP or EP > 1 (``--tp 2 --ep 2``:
-    gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where most sharding bugs
-    show; then MoE with expert TP > 1 on the fewest ranks (moe tp2-sp) and
-    dense TP without sequence parallelism (gpt tp2, where activations are
-    replicated over TP); then the pipeline layout with virtual stages on the
-    fewest ranks (gpt tp1-pp2-vpp2 with ``--pp 2``: stage-local names and
-    chunks); then VLM's multi-rank layout; then the others by
-    parallelism per rank; layouts of one rank (which only the non-sharding
-    checks can fail) last.
-    """
+
+def lead_layouts(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, ParallelLayout]]:
+    """The (family, layout) pairs ``cell_order`` puts first, in that order: the layouts where a kind of
+    bug shows on the fewest ranks (see ``cell_order``)."""
     family_rank = {f: i for i, f in enumerate(registered_families())}
 
     def density(cell: tuple[str, ParallelLayout]) -> tuple:
@@ -104,18 +100,48 @@ def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Paral
         if best is not None:
             first.append(best)
     # Then MoE with expert tensor parallelism (ETP > 1, fewest ranks), where
-    # expert shards are split and reduced; and dense TP without sequence
-    # parallelism: activations replicated over TP, where a per-rank dropout
-    # RNG or a missing broadcast shows.
-    etp = min((c for c in rest if c[0] == "moe" and c[1].etp_size > 1), key=lambda c: c[1].min_world_size, default=None)
+    # expert shards are split and reduced; MoE whose expert data parallelism
+    # differs from its dense one, where a gradient reduced over the other
+    # group shows; and dense TP without sequence parallelism: activations
+    # replicated over TP, where a per-rank dropout RNG or a missing
+    # broadcast shows.
+    moe = [c for c in rest if c[0] == "moe" and c[1].pp == 1]
+    etp = min((c for c in moe if c[1].etp_size > 1), key=lambda c: c[1].min_world_size, default=None)
+    edp = min((c for c in moe if _expert_dp_apart(c[1])), key=lambda c: c[1].min_world_size, default=None)
     plain = next((c for c in rest if c[0] == "gpt" and c[1].tp > 1 and not c[1].sp and c[1].ep == 1 and c[1].pp == 1), None)
     pipe = min((c for c in rest if c[1].pp > 1), key=lambda c: (c[1].vpp is None, c[1].min_world_size), default=None)
     # And the VLM family's largest layout: its freezing rules fail at any TP.
     vlm = next((c for c in rest if c[0] == "vlm" and c[1].min_world_size > 1), None)
-    for cell in (etp, plain, pipe, vlm):
+    for cell in (etp, edp, plain, pipe, vlm):
         if cell is not None and cell not in first:
             first.append(cell)
-    return first + [c for c in rest if c not in first]
+    return first
+
+
+def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, ParallelLayout]]:
+    """(family, layout) pairs in the order their cells run: cheap and sensitive first, all of them.
+
+    First (``lead_layouts``), per family (dense, then MoE), the layout with
+    the most kinds of parallelism per rank among those with TP or EP > 1
+    (``--tp 2 --ep 2``: gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where
+    most sharding bugs show; then MoE with expert TP > 1 on the fewest ranks
+    (moe tp2-sp), MoE whose expert data parallelism differs from the dense
+    one (moe tp2-ep1-etp1-sp: expert DP 2, dense DP 1) and dense TP without
+    SP (gpt tp2, where activations are replicated over TP); then the
+    pipeline layout with virtual stages on the fewest ranks (gpt
+    tp1-pp2-vpp2 with ``--pp 2``: stage-local names and chunks); then VLM's
+    multi-rank layout; then the others by parallelism per rank; layouts of
+    one rank (which only the non-sharding checks can fail) last.
+    """
+    family_rank = {f: i for i, f in enumerate(registered_families())}
+
+    def density(cell: tuple[str, ParallelLayout]) -> tuple:
+        family, layout = cell
+        world = layout.min_world_size
+        return (world == 1, -_parallel_score(family, layout) / world, world, family_rank.get(family, 99), layout.sort_key)
+
+    first = lead_layouts(cells)
+    return first + [c for c in sorted(cells, key=density) if c not in first]
 
 
 def property_order(props: dict[str, "Property"]) -> list[tuple[str, "Property"]]:
@@ -243,16 +269,21 @@ class Plan:
     def seed_for(self, cell: Cell) -> int:
         return layout_seed(self.seed, cell.layout, cell.family.name)
 
-    def check(self, cell: Cell, impl: str, capabilities: Any, *, executor: Any, store: Any = None,
-              progress: Any = None) -> Any:
-        """Run one cell for ``impl``; the ``PropertyOutcome`` whatever the verdict."""
-        from harness.driver import check_property
+    def search(self, cell: Cell, impl: str, capabilities: Any, *, executor: Any, store: Any = None,
+               progress: Any = None) -> Any:
+        """One cell for ``impl`` as a ``harness.driver.CellSearch``, to be run in steps (nothing runs yet)."""
+        from harness.driver import CellSearch
 
-        return check_property(
+        return CellSearch(
             cell.prop, cell.layout, impl, settings=self.settings_for(cell.family.name, cell.prop), executor=executor,
             capabilities=capabilities, regressions=store, seed=self.seed_for(cell), progress=progress,
             family=cell.family.name, designed=self.designed,
         )
+
+    def check(self, cell: Cell, impl: str, capabilities: Any, *, executor: Any, store: Any = None,
+              progress: Any = None) -> Any:
+        """Run one cell for ``impl``; the ``PropertyOutcome`` whatever the verdict."""
+        return self.search(cell, impl, capabilities, executor=executor, store=store, progress=progress).finish()
 
     # -- what it says ------------------------------------------------------------
 

@@ -54,6 +54,7 @@ malformed file in the regression store) is one ``pytest.UsageError``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import pickle
@@ -229,6 +230,10 @@ class HarnessSession:
     #: it is read-only, stored in); None: no store.
     store: Any = None
     plan: Any = None
+    #: The collected property cells (``CollectedCell``), in run order; set at the end of collection
+    #: (``pytest_collection_finish``).
+    collected: list = field(default_factory=list)
+    _rounds: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -259,17 +264,94 @@ class HarnessSession:
         contract = self.config.getoption("lora_contract")
         return caps.with_contract(contract) if contract and contract != caps.contract else caps
 
-    def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None, family: str = "gpt") -> Any:
+    def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None, family: str = "gpt",
+              defer: bool = False) -> Any:
+        """One cell's ``PropertyOutcome``.
+
+        Under ``-x`` (``--maxfail 1``) the first cell of a scheduling scope
+        first takes every cell of that scope (the tests this process runs
+        there, ``scope_round``) through its stored regressions and
+        ``FIRST_ROUNDS`` designed examples, in cell order, before finishing
+        itself. A cell that fails there has its verdict at once; with
+        ``defer`` (a test's ``require``), a cell before it then ends as
+        skipped, so the failing cell reports next instead of after every
+        example of the cells before it. Nothing is run twice and nothing is
+        left out when nothing fails: each cell goes on from where the round
+        left it.
+        """
+        from harness.families import get_family
+        from harness.plan import Cell
+        from harness.properties import get_property
+        from harness.results import Verdict
+
+        # check_property resolves the capabilities (capabilities_of(impl, capabilities)).
+        cell = Cell(get_family(family), layout, get_property(prop))
+        key = (family, str(layout), prop)
+        search = None
+        if self.exitfirst:
+            searches = self.scope_round(key, impl, capabilities)
+            search = searches.get(key)
+            failing = [f"{other.outcome.prop} at {other.outcome.layout}" for k, other in searches.items()
+                       if other.failing and k != key]
+            if defer and search is not None and not search.failing and failing:
+                outcome = search.outcome
+                outcome.verdict = Verdict.SKIPPED
+                outcome.skipped_reason = (
+                    f"not finished: {', '.join(failing)} failed on a stored or designed example, and the run "
+                    f"stops at the first failure (-x); without -x every cell runs whole")
+                return self._keep(outcome, capabilities)
+        if search is None:
+            search = self.plan.search(cell, impl, capabilities, executor=self.executor, store=self.store)
+        return self._keep(search.finish(), capabilities)
+
+    def _keep(self, outcome: Any, capabilities: Any) -> Any:
+        outcome.exception = None  # outcomes travel between xdist processes
+        self.outcomes.append((outcome, capabilities))
+        return outcome
+
+    @property
+    def exitfirst(self) -> bool:
+        """Whether the run stops at its first failure (``-x``, ``--maxfail 1``)."""
+        return getattr(getattr(self.config, "option", None), "maxfail", 0) == 1
+
+    @functools.cached_property
+    def lead_scopes(self) -> dict[str, int]:
+        """Under ``-x``: the scheduling group of each lead layout (``harness.plan.lead_layouts``) -> its
+        index. ``cell_scope`` deals these out to the workers, so each worker's first scope holds several
+        of them and ``scope_round`` takes the first examples of all their cells before any finishes."""
+        if not self.exitfirst:
+            return {}
+        from harness.plan import lead_layouts
+
+        pairs = [(family, layout) for family, layouts in self.plan.layouts.items() for layout in layouts]
+        return {f"lora-{family}-{layout}": i for i, (family, layout) in enumerate(lead_layouts(pairs))}
+
+    def scope_round(self, key: tuple, impl: str, capabilities: Any) -> dict:
+        """The searches of the collected cells that share ``key``'s scheduling scope, implementation and
+        capabilities (by (family, layout, property)), taken through the first round the first time the
+        scope is asked for (``check``); empty for a cell that was not collected."""
+        scope = next((c.scope for c in self.collected if (c.family, str(c.layout), c.name) == key), None)
+        if scope is None:
+            return {}
+        mine = (scope, impl, repr(capabilities))
+        if mine in self._rounds:
+            return self._rounds[mine]
         from harness.families import get_family
         from harness.plan import Cell
         from harness.properties import get_property
 
-        # check_property resolves the capabilities (capabilities_of(impl, capabilities)).
-        cell = Cell(get_family(family), layout, get_property(prop))
-        outcome = self.plan.check(cell, impl, capabilities, executor=self.executor, store=self.store)
-        outcome.exception = None  # outcomes travel between xdist processes
-        self.outcomes.append((outcome, capabilities))
-        return outcome
+        searches = {
+            (c.family, str(c.layout), c.name): self.plan.search(
+                Cell(get_family(c.family), c.layout, get_property(c.name)), impl, capabilities,
+                executor=self.executor, store=self.store)
+            for c in self.collected if c.scope == scope and c.impl == impl and repr(c.capabilities) == repr(capabilities)
+        }
+        self._rounds[mine] = searches
+        for _ in range(FIRST_ROUNDS):
+            for search in searches.values():
+                if search.designed_step() and search.failing:
+                    return searches
+        return searches
 
 
 @dataclass(frozen=True)
@@ -291,7 +373,7 @@ class BoundProperty:
         """Run it; skip if it does not apply here, fail with the minimal case and replay command if it fails."""
         from harness.results import Verdict
 
-        outcome = self.check()
+        outcome = self.session.check(self.name, self.layout, self.impl, self.capabilities, self.family, defer=True)
         if outcome.verdict is Verdict.SKIPPED:
             pytest.skip(outcome.skipped_reason)
         if outcome.verdict is Verdict.VACUOUS:
@@ -307,12 +389,20 @@ class BoundProperty:
 _CELL_ID = re.compile(r"\[(?:([a-z0-9_]+)-)?[a-z0-9_]+-(tp\d+-ep\d+-etp\d+-pp\d+(?:-vpp\d+)?(?:-dp\d+)?(?:-sp)?)\]")
 
 
-def cell_scope(nodeid: str) -> str:
+def cell_scope(nodeid: str, lead: Optional[dict[str, int]] = None, workers: int = 1) -> str:
     """The xdist scope of a test: ``lora-<family>-<layout>`` for a property cell, xdist's own
-    group where the id carries one, else the test itself."""
+    group where the id carries one, else the test itself.
+
+    ``lead`` (under ``-x``: ``HarnessSession.lead_scopes``): the lead layouts' cells go to
+    ``lora-lead-<i % workers>`` instead, so that each of the ``workers`` starts with a scope
+    holding several lead layouts.
+    """
     match = _CELL_ID.search(nodeid)
     if match:
-        return f"lora-{match.group(1) or 'gpt'}-{match.group(2)}"
+        scope = f"lora-{match.group(1) or 'gpt'}-{match.group(2)}"
+        if lead and scope in lead:
+            return f"lora-lead-{lead[scope] % max(1, workers)}"
+        return scope
     if nodeid.rfind("@") > nodeid.rfind("]"):
         return nodeid.split("@")[-1]
     return nodeid
@@ -336,9 +426,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     # the scopes with the most tests first (MoE layouts, ten properties each).
     config.option.loadscopereorder = False
 
+    session: Optional[HarnessSession] = getattr(config, "_lora_harness", None)
+    lead = session.lead_scopes if session is not None else {}
+
     class LayoutScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return cell_scope(nodeid)
+            return cell_scope(nodeid, lead, self.numnodes)
 
     return LayoutScheduling(config, log)
 
@@ -415,6 +508,41 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines.append(f"lora-harness: impl {name or 'lora.megatron (unless a test module sets LORA_IMPL)'} ({caps.describe()})")
     lines += [f"lora-harness: skipped: {line}" for line in caps.skipped()]
     return lines
+
+
+#: Designed examples per cell that ``HarnessSession.layout_round`` runs for every cell of a layout,
+#: in cell order, before the first cell finishes (under ``-x`` only). The rows run in
+#: ``harness.design``'s order, the most telling first (``row_priority``).
+FIRST_ROUNDS = 1
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Note the property cells this process may run, in order, with their scheduling scope
+    (``HarnessSession.scope_round``)."""
+    harness_session: Optional[HarnessSession] = getattr(session.config, "_lora_harness", None)
+    if harness_session is None:
+        return
+    worker = getattr(session.config, "workerinput", None)
+    workers = int(worker.get("workercount", 1)) if worker is not None else 1
+    cells = []
+    for item in session.items:
+        bound = getattr(getattr(item, "callspec", None), "params", {}).get("lora_property")
+        if isinstance(bound, BoundProperty):
+            cells.append(CollectedCell(bound.family, bound.layout, bound.name, bound.impl, bound.capabilities,
+                                       cell_scope(item.nodeid, harness_session.lead_scopes, workers)))
+    harness_session.collected = cells
+
+
+@dataclass(frozen=True)
+class CollectedCell:
+    """A collected property cell and its scheduling scope (``cell_scope``)."""
+
+    family: str
+    layout: Any
+    name: str
+    impl: str
+    capabilities: Any
+    scope: str
 
 
 _WORKER_KEY = "lora_harness_outcomes"

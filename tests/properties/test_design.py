@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 
 from harness.contract import Capabilities
-from harness.design import coverage_of, designed_rows, factors, row_of_case
+from harness.design import coverage_of, designed_rows, factors, row_of_case, row_priority
 from harness.families import get_family
 from harness.driver import check_property
 from harness.layouts import ParallelLayout
@@ -44,6 +44,16 @@ def test_every_feasible_pair_and_triple_appears(family, lay, caps_name):
         want = {tuple(r[n] for n in inter) for r in feasible}
         got = {tuple(r[n] for n in inter) for r in rows}
         assert want <= got, f"{family} {layout} {caps_name}: {inter} misses {sorted(map(repr, want - got))[:3]}"
+    # Each triple also in a row that does not train with dropout (where gradients are judged exactly).
+    def steady(r):
+        return r.get("dropout", "none") == "none" or not r.get("training", True)
+
+    for inter in get_family(family).design.triples:
+        want = {tuple(r[n] for n in inter) for r in feasible if steady(r)}
+        got = {tuple(r[n] for n in inter) for r in rows if steady(r)}
+        assert want <= got, f"{family} {layout} {caps_name}: {inter} without dropout misses {sorted(map(repr, want - got))[:3]}"
+    # Run order: the most telling rows first (harness.design.row_priority).
+    assert [row_priority(r) for r in rows] == sorted((row_priority(r) for r in rows), reverse=True)
     # Far fewer rows than the product, and every value of every feature appears.
     assert len(rows) <= 40 < len(feasible) or len(feasible) <= 40
     for f in fs:
@@ -131,14 +141,16 @@ def test_an_expert_combination_bug_is_caught_by_design():
 
 def test_cells_start_cheap_and_sensitive_and_a_layout_stays_in_one_worker():
     from harness.properties import registry
-    from harness.plan import cell_order, property_order
+    from harness.plan import cell_order, lead_layouts, property_order
     from harness.pytest_plugin import cell_scope
 
     cells = [(f, lay) for f in family_names() for lay in layout_set(2, 2, f)]
     order = cell_order(cells)
     assert sorted(map(repr, order)) == sorted(map(repr, cells))
-    assert [(f, lay.describe()) for f, lay in order[:4]] == [
-        ("gpt", "tp2-ep1-etp2-pp1-sp"), ("moe", "tp2-ep2-etp1-pp1-sp"), ("moe", "tp2-ep1-etp2-pp1-sp"), ("gpt", "tp2-ep1-etp2-pp1")]
+    lead = [("gpt", "tp2-ep1-etp2-pp1-sp"), ("moe", "tp2-ep2-etp1-pp1-sp"), ("moe", "tp2-ep1-etp2-pp1-sp"),
+            ("moe", "tp2-ep1-etp1-pp1-sp"), ("gpt", "tp2-ep1-etp2-pp1"), ("vlm", "tp2-ep1-etp2-pp1")]
+    assert [(f, lay.describe()) for f, lay in order[:6]] == lead
+    assert [(f, lay.describe()) for f, lay in lead_layouts(cells)] == lead
     assert all(lay.min_world_size == 1 for _, lay in order[-3:])
     names = [n for n, _ in property_order(registry())]
     assert names[:2] == ["forward_matches", "backward_matches"]
@@ -151,6 +163,12 @@ def test_cells_start_cheap_and_sensitive_and_a_layout_stays_in_one_worker():
         "t.py::test_lora[forward_matches-tp2-ep1-etp2-pp1-sp]")
     assert cell_scope("tests/test_x.py::test_y") == "tests/test_x.py::test_y"
     assert cell_scope("tests/test_x.py::test_y@lora-world4") == "lora-world4"
+    # Under -x the lead layouts are dealt to the workers as whole scopes (HarnessSession.lead_scopes).
+    deal = {f"lora-{f}-{lay}": i for i, (f, lay) in enumerate(lead)}
+    scopes = [cell_scope(f"t.py::test_lora[{'' if f == 'gpt' else f + '-'}forward_matches-{lay}]", deal, 2) for f, lay in lead]
+    assert scopes == ["lora-lead-0", "lora-lead-1"] * 3
+    assert {cell_scope(f"t.py::test_lora[{'' if f == 'gpt' else f + '-'}merge_matches-{lay}]", deal, 1) for f, lay in lead} == {"lora-lead-0"}
+    assert cell_scope("t.py::test_lora[moe-forward_matches-tp2-ep2-etp1-pp1-dp2-sp]", deal, 2) == "lora-moe-tp2-ep2-etp1-pp1-dp2-sp"
 
 
 def test_a_qkv_layout_bug_is_caught_by_design():

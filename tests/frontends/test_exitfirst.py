@@ -1,0 +1,69 @@
+"""``pytest -x`` with the README's file: every cell of a layout takes its first designed example
+before any cell finishes, so a bug only a later property sees reports without waiting for the
+earlier cells' other examples; without ``-x`` every cell runs whole.
+
+The wrong implementation here (``merge_ignores_tp``) passes every property at ``tp2`` but
+``merge_matches``, which runs after ``forward_matches`` and the other cells that share its runs.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.frontends.test_downstream import readme_test_file
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.xdist_group(name="lora-world4")
+
+# One layout, the cells up to and including merge_matches (cell order: harness.plan.property_order).
+SELECT = "(forward_matches or backward_matches or adapters_follow_spec or merge_matches) and tp2-ep1-etp2-pp1] and not moe"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, max_tp):
+    if max_tp < 2:
+        pytest.skip("needs --tp 2")
+    root = tmp_path_factory.mktemp("exitfirst")
+    (root / "mypkg").mkdir()
+    (root / "mypkg" / "__init__.py").write_text("")
+    (root / "mypkg" / "lora.py").write_text("from lora.megatron import LoRA, LoRAMerge, VLMLoRA  # noqa: F401\n")
+    (root / "test_my_lora.py").write_text(readme_test_file())
+    return root
+
+
+def _pytest(root, *args):
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{ROOT}")
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", "-v", "test_my_lora.py", "--tp", "2",
+           "--lora-seed", "3", "--lora-impl", "tests.wrong_impls.merge_ignores_tp", "-k", SELECT, *args]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, env=env)
+
+
+def _verdicts(out: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in re.finditer(r"test_lora\[([a-z_]+)-tp2-ep1-etp2-pp1\] (PASSED|FAILED|SKIPPED)", out)}
+
+
+def test_exitfirst_reports_a_later_cells_failure_first(project):
+    run = _pytest(project, "-x")
+    out = run.stdout
+    assert run.returncode == 1, out[-4000:] + run.stderr[-2000:]
+    verdicts = _verdicts(out)
+    # The cells before merge_matches end as skipped, with the reason; merge_matches fails with its minimal case.
+    assert verdicts == {"forward_matches": "SKIPPED", "backward_matches": "SKIPPED", "adapters_follow_spec": "SKIPPED",
+                        "merge_matches": "FAILED"}, out[-4000:]
+    assert "not finished: merge_matches at tp2-ep1-etp2-pp1 failed" in out
+    assert "merge_matches at tp2-ep1-etp2-pp1 for tests.wrong_impls.merge_ignores_tp" in out
+    assert "minimal case: {" in out
+
+
+def test_without_exitfirst_every_cell_runs_whole(project):
+    run = _pytest(project)
+    out = run.stdout
+    assert run.returncode == 1, out[-4000:] + run.stderr[-2000:]
+    verdicts = _verdicts(out)
+    assert verdicts == {"forward_matches": "PASSED", "backward_matches": "PASSED", "adapters_follow_spec": "PASSED",
+                        "merge_matches": "FAILED"}, out[-4000:]
+    assert "not finished" not in out
