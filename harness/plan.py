@@ -100,19 +100,18 @@ def lead_layouts(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Par
         if best is not None:
             first.append(best)
     # Then MoE with expert tensor parallelism (ETP > 1, fewest ranks), where
-    # expert shards are split and reduced; MoE whose expert data parallelism
-    # differs from its dense one, where a gradient reduced over the other
-    # group shows; and dense TP without sequence parallelism: activations
-    # replicated over TP, where a per-rank dropout RNG or a missing
-    # broadcast shows.
+    # expert shards are split and reduced; VLM; MoE whose expert data
+    # parallelism differs from its dense one, where a gradient reduced over
+    # the other group shows; pipeline stages; and dense TP without sequence
+    # parallelism: activations replicated over TP, where a per-rank dropout
+    # RNG or a missing broadcast shows.
     moe = [c for c in rest if c[0] == "moe" and c[1].pp == 1]
     etp = min((c for c in moe if c[1].etp_size > 1), key=lambda c: c[1].min_world_size, default=None)
     edp = min((c for c in moe if _expert_dp_apart(c[1])), key=lambda c: c[1].min_world_size, default=None)
     plain = next((c for c in rest if c[0] == "gpt" and c[1].tp > 1 and not c[1].sp and c[1].ep == 1 and c[1].pp == 1), None)
     pipe = min((c for c in rest if c[1].pp > 1), key=lambda c: (c[1].vpp is None, c[1].min_world_size), default=None)
-    # And the VLM family's largest layout: its freezing rules fail at any TP.
     vlm = next((c for c in rest if c[0] == "vlm" and c[1].min_world_size > 1), None)
-    for cell in (etp, edp, plain, pipe, vlm):
+    for cell in (etp, vlm, edp, pipe, plain):
         if cell is not None and cell not in first:
             first.append(cell)
     return first
@@ -125,13 +124,14 @@ def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Paral
     the most kinds of parallelism per rank among those with TP or EP > 1
     (``--tp 2 --ep 2``: gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where
     most sharding bugs show; then MoE with expert TP > 1 on the fewest ranks
-    (moe tp2-sp), MoE whose expert data parallelism differs from the dense
-    one (moe tp2-ep1-etp1-sp: expert DP 2, dense DP 1) and dense TP without
-    SP (gpt tp2, where activations are replicated over TP); then the
-    pipeline layout with virtual stages on the fewest ranks (gpt
-    tp1-pp2-vpp2 with ``--pp 2``: stage-local names and chunks); then VLM's
-    multi-rank layout; then the others by parallelism per rank; layouts of
-    one rank (which only the non-sharding checks can fail) last.
+    (moe tp2-sp); VLM's multi-rank layout (its freezing rules fail at any
+    TP, and only there); MoE whose expert data parallelism differs from the
+    dense one (moe tp2-ep1-etp1-sp: expert DP 2, dense DP 1); the pipeline
+    layout with virtual stages on the fewest ranks (gpt tp1-pp2-vpp2 with
+    ``--pp 2``: stage-local names and chunks); dense TP without SP (gpt
+    tp2, where activations are replicated over TP); then the others by
+    parallelism per rank; layouts of one rank (which only the
+    non-sharding checks can fail) last.
     """
     family_rank = {f: i for i, f in enumerate(registered_families())}
 

@@ -54,7 +54,6 @@ malformed file in the regression store) is one ``pytest.UsageError``.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import pickle
@@ -268,9 +267,9 @@ class HarnessSession:
               defer: bool = False) -> Any:
         """One cell's ``PropertyOutcome``.
 
-        Under ``-x`` (``--maxfail 1``) the first cell of a scheduling scope
-        first takes every cell of that scope (the tests this process runs
-        there, ``scope_round``) through its stored regressions and
+        Under ``-x`` (``--maxfail 1``) the first cell of a family and layout
+        (a scheduling scope, ``cell_scope``) first takes every cell there
+        (``scope_round``) through its stored regressions and
         ``FIRST_ROUNDS`` designed examples, in cell order, before finishing
         itself. A cell that fails there has its verdict at once; with
         ``defer`` (a test's ``require``), a cell before it then ends as
@@ -313,18 +312,6 @@ class HarnessSession:
     def exitfirst(self) -> bool:
         """Whether the run stops at its first failure (``-x``, ``--maxfail 1``)."""
         return getattr(getattr(self.config, "option", None), "maxfail", 0) == 1
-
-    @functools.cached_property
-    def lead_scopes(self) -> dict[str, int]:
-        """Under ``-x``: the scheduling group of each lead layout (``harness.plan.lead_layouts``) -> its
-        index. ``cell_scope`` deals these out to the workers, so each worker's first scope holds several
-        of them and ``scope_round`` takes the first examples of all their cells before any finishes."""
-        if not self.exitfirst:
-            return {}
-        from harness.plan import lead_layouts
-
-        pairs = [(family, layout) for family, layouts in self.plan.layouts.items() for layout in layouts]
-        return {f"lora-{family}-{layout}": i for i, (family, layout) in enumerate(lead_layouts(pairs))}
 
     def scope_round(self, key: tuple, impl: str, capabilities: Any) -> dict:
         """The searches of the collected cells that share ``key``'s scheduling scope, implementation and
@@ -389,20 +376,12 @@ class BoundProperty:
 _CELL_ID = re.compile(r"\[(?:([a-z0-9_]+)-)?[a-z0-9_]+-(tp\d+-ep\d+-etp\d+-pp\d+(?:-vpp\d+)?(?:-dp\d+)?(?:-sp)?)\]")
 
 
-def cell_scope(nodeid: str, lead: Optional[dict[str, int]] = None, workers: int = 1) -> str:
+def cell_scope(nodeid: str) -> str:
     """The xdist scope of a test: ``lora-<family>-<layout>`` for a property cell, xdist's own
-    group where the id carries one, else the test itself.
-
-    ``lead`` (under ``-x``: ``HarnessSession.lead_scopes``): the lead layouts' cells go to
-    ``lora-lead-<i % workers>`` instead, so that each of the ``workers`` starts with a scope
-    holding several lead layouts.
-    """
+    group where the id carries one, else the test itself."""
     match = _CELL_ID.search(nodeid)
     if match:
-        scope = f"lora-{match.group(1) or 'gpt'}-{match.group(2)}"
-        if lead and scope in lead:
-            return f"lora-lead-{lead[scope] % max(1, workers)}"
-        return scope
+        return f"lora-{match.group(1) or 'gpt'}-{match.group(2)}"
     if nodeid.rfind("@") > nodeid.rfind("]"):
         return nodeid.split("@")[-1]
     return nodeid
@@ -426,12 +405,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     # the scopes with the most tests first (MoE layouts, ten properties each).
     config.option.loadscopereorder = False
 
-    session: Optional[HarnessSession] = getattr(config, "_lora_harness", None)
-    lead = session.lead_scopes if session is not None else {}
-
     class LayoutScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return cell_scope(nodeid, lead, self.numnodes)
+            return cell_scope(nodeid)
 
     return LayoutScheduling(config, log)
 
@@ -522,14 +498,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     harness_session: Optional[HarnessSession] = getattr(session.config, "_lora_harness", None)
     if harness_session is None:
         return
-    worker = getattr(session.config, "workerinput", None)
-    workers = int(worker.get("workercount", 1)) if worker is not None else 1
     cells = []
     for item in session.items:
         bound = getattr(getattr(item, "callspec", None), "params", {}).get("lora_property")
         if isinstance(bound, BoundProperty):
             cells.append(CollectedCell(bound.family, bound.layout, bound.name, bound.impl, bound.capabilities,
-                                       cell_scope(item.nodeid, harness_session.lead_scopes, workers)))
+                                       cell_scope(item.nodeid)))
     harness_session.collected = cells
 
 
