@@ -270,9 +270,9 @@ class HarnessSession:
         Under ``-x`` (``--maxfail 1``) the first cell of a family and layout
         (a scheduling scope, ``cell_scope``) first takes every cell there
         (``scope_round``), in cell order, through its stored regressions and
-        designed examples: all of them for a cell that reads only the runs
-        the first cell makes (``SHARED_RUNS``), the first ``FIRST_ROUNDS``
-        for the others; then it finishes itself. A cell that fails there has its verdict at once; with
+        first ``FIRST_ROUNDS`` designed examples, then the cells that read
+        only the runs the first cell makes (``SHARED_RUNS``) through their
+        other designed examples, row by row; then it finishes itself. A cell that fails there has its verdict at once; with
         ``defer`` (a test's ``require``), a cell before it then ends as
         skipped, so the failing cell reports next instead of after every
         example of the cells before it. Nothing is run twice and nothing is
@@ -335,17 +335,18 @@ class HarnessSession:
             for c in self.collected if c.scope == scope and c.impl == impl and repr(c.capabilities) == repr(capabilities)
         }
         self._rounds[mine] = searches
-        for search in searches.values():
-            # A cell that reads only the runs the first cell makes costs nothing more: all its designed
-            # examples; the others their first FIRST_ROUNDS.
-            steps = search.designed_left if set(search.prop.needs) <= SHARED_RUNS else FIRST_ROUNDS
-            if search.replay_regressions() and search.failing:
-                return searches
-            for _ in range(steps):
-                if search.designed_step():
-                    if search.failing:
-                        return searches
-                    break
+        # Every cell's stored regressions and first FIRST_ROUNDS designed examples, in cell order ...
+        for _ in range(FIRST_ROUNDS):
+            for search in searches.values():
+                if search.designed_step() and search.failing:
+                    return searches
+        # ... then the other designed examples of the cells that read only the runs the first cell
+        # makes, row by row: one example's runs serve all of them, so each judges it at no cost.
+        shared = [s for s in searches.values() if set(s.prop.needs) <= SHARED_RUNS]
+        while any(s.designed_left for s in shared):
+            for search in shared:
+                if search.designed_left and search.designed_step() and search.failing:
+                    return searches
         return searches
 
 
@@ -495,9 +496,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 #: Designed examples per cell that ``HarnessSession.scope_round`` runs for every cell of a layout,
-#: in cell order, before the first cell finishes (under ``-x`` only); a cell that reads only
-#: ``SHARED_RUNS`` runs all of its designed examples there. The rows run in ``harness.design``'s
-#: order, the most telling first (``row_priority``).
+#: in cell order, before the first cell finishes (under ``-x`` only); then the cells that read only
+#: ``SHARED_RUNS`` run their other designed examples there, row by row. The rows run in
+#: ``harness.design``'s order, the most telling first (``row_priority``).
 FIRST_ROUNDS = 1
 #: The runs the first cell of a layout makes for every example (``Property.needs``), and the
 #: float64 reference (one world-size-1 run; the first cell makes it too for 16-bit examples).
