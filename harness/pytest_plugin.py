@@ -63,6 +63,7 @@ from typing import Any, Optional
 
 import pytest
 
+from harness.exitfirst import FirstRounds
 from harness.settings import DEFAULT_PROFILE, PROFILES, layout_set, register_profiles
 
 
@@ -229,10 +230,8 @@ class HarnessSession:
     #: it is read-only, stored in); None: no store.
     store: Any = None
     plan: Any = None
-    #: The collected property cells (``CollectedCell``), in run order; set at the end of collection
-    #: (``pytest_collection_finish``).
-    collected: list = field(default_factory=list)
-    _rounds: dict = field(default_factory=dict)
+    #: Under ``-x``: the collected cells and each layout's first round (``harness.exitfirst``).
+    first_rounds: FirstRounds = field(default_factory=FirstRounds)
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -265,42 +264,24 @@ class HarnessSession:
 
     def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None, family: str = "gpt",
               defer: bool = False) -> Any:
-        """One cell's ``PropertyOutcome``.
-
-        Under ``-x`` (``--maxfail 1``) the first cell of a family and layout
-        (a scheduling scope, ``cell_scope``) first takes every cell there
-        (``scope_round``), in cell order, through its stored regressions and
-        first ``FIRST_ROUNDS`` designed examples, then the cells that read
-        only the runs the first cell makes (``SHARED_RUNS``) through their
-        other designed examples, row by row; then it finishes itself. A cell that fails there has its verdict at once; with
-        ``defer`` (a test's ``require``), a cell before it then ends as
-        skipped, so the failing cell reports next instead of after every
-        example of the cells before it. Nothing is run twice and nothing is
-        left out when nothing fails: each cell goes on from where the round
-        left it.
-        """
+        """One cell's ``PropertyOutcome``. Under ``-x`` (``--maxfail 1``) the first cell of a family and
+        layout first runs that layout's first round (``harness.exitfirst``); with ``defer`` (a test's
+        ``require``) a cell before one that failed there ends as skipped, so that failure reports next."""
         from harness.families import get_family
         from harness.plan import Cell
         from harness.properties import get_property
         from harness.results import Verdict
 
-        # check_property resolves the capabilities (capabilities_of(impl, capabilities)).
-        cell = Cell(get_family(family), layout, get_property(prop))
-        key = (family, str(layout), prop)
         search = None
         if self.exitfirst:
-            searches = self.scope_round(key, impl, capabilities)
-            search = searches.get(key)
-            failing = [f"{other.outcome.prop} at {other.outcome.layout}" for k, other in searches.items()
-                       if other.failing and k != key]
-            if defer and search is not None and not search.failing and failing:
-                outcome = search.outcome
-                outcome.verdict = Verdict.SKIPPED
-                outcome.skipped_reason = (
-                    f"not finished: {', '.join(failing)} failed on a stored or designed example, and the run "
-                    f"stops at the first failure (-x); without -x every cell runs whole")
-                return self._keep(outcome, capabilities)
+            search, reason = self.first_rounds.search(self.plan, (family, str(layout), prop), impl, capabilities,
+                                                      executor=self.executor, store=self.store)
+            if defer and reason:
+                search.outcome.verdict, search.outcome.skipped_reason = Verdict.SKIPPED, reason
+                return self._keep(search.outcome, capabilities)
         if search is None:
+            # check_property resolves the capabilities (capabilities_of(impl, capabilities)).
+            cell = Cell(get_family(family), layout, get_property(prop))
             search = self.plan.search(cell, impl, capabilities, executor=self.executor, store=self.store)
         return self._keep(search.finish(), capabilities)
 
@@ -313,41 +294,6 @@ class HarnessSession:
     def exitfirst(self) -> bool:
         """Whether the run stops at its first failure (``-x``, ``--maxfail 1``)."""
         return getattr(getattr(self.config, "option", None), "maxfail", 0) == 1
-
-    def scope_round(self, key: tuple, impl: str, capabilities: Any) -> dict:
-        """The searches of the collected cells that share ``key``'s scheduling scope, implementation and
-        capabilities (by (family, layout, property)), taken through the first round the first time the
-        scope is asked for (``check``); empty for a cell that was not collected."""
-        scope = next((c.scope for c in self.collected if (c.family, str(c.layout), c.name) == key), None)
-        if scope is None:
-            return {}
-        mine = (scope, impl, repr(capabilities))
-        if mine in self._rounds:
-            return self._rounds[mine]
-        from harness.families import get_family
-        from harness.plan import Cell
-        from harness.properties import get_property
-
-        searches = {
-            (c.family, str(c.layout), c.name): self.plan.search(
-                Cell(get_family(c.family), c.layout, get_property(c.name)), impl, capabilities,
-                executor=self.executor, store=self.store)
-            for c in self.collected if c.scope == scope and c.impl == impl and repr(c.capabilities) == repr(capabilities)
-        }
-        self._rounds[mine] = searches
-        # Every cell's stored regressions and first FIRST_ROUNDS designed examples, in cell order ...
-        for _ in range(FIRST_ROUNDS):
-            for search in searches.values():
-                if search.designed_step() and search.failing:
-                    return searches
-        # ... then the other designed examples of the cells that read only the runs the first cell
-        # makes, row by row: one example's runs serve all of them, so each judges it at no cost.
-        shared = [s for s in searches.values() if set(s.prop.needs) <= SHARED_RUNS]
-        while any(s.designed_left for s in shared):
-            for search in shared:
-                if search.designed_left and search.designed_step() and search.failing:
-                    return searches
-        return searches
 
 
 @dataclass(frozen=True)
@@ -495,41 +441,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
-#: Designed examples per cell that ``HarnessSession.scope_round`` runs for every cell of a layout,
-#: in cell order, before the first cell finishes (under ``-x`` only); then the cells that read only
-#: ``SHARED_RUNS`` run their other designed examples there, row by row. The rows run in
-#: ``harness.design``'s order, the most telling first (``row_priority``).
-FIRST_ROUNDS = 1
-#: The runs the first cell of a layout makes for every example (``Property.needs``), and the
-#: float64 reference (one world-size-1 run; the first cell makes it too for 16-bit examples).
-SHARED_RUNS = frozenset({"impl", "reference", "reference64"})
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Note the property cells this process may run, in order, with their scheduling scope
-    (``HarnessSession.scope_round``)."""
+    """Note the property cells this process may run, in order, with their scheduling scope (``-x``'s first round)."""
     harness_session: Optional[HarnessSession] = getattr(session.config, "_lora_harness", None)
-    if harness_session is None:
-        return
-    cells = []
-    for item in session.items:
-        bound = getattr(getattr(item, "callspec", None), "params", {}).get("lora_property")
-        if isinstance(bound, BoundProperty):
-            cells.append(CollectedCell(bound.family, bound.layout, bound.name, bound.impl, bound.capabilities,
-                                       cell_scope(item.nodeid)))
-    harness_session.collected = cells
-
-
-@dataclass(frozen=True)
-class CollectedCell:
-    """A collected property cell and its scheduling scope (``cell_scope``)."""
-
-    family: str
-    layout: Any
-    name: str
-    impl: str
-    capabilities: Any
-    scope: str
+    if harness_session is not None:
+        bound = [(item.nodeid, getattr(getattr(item, "callspec", None), "params", {}).get("lora_property"))
+                 for item in session.items]
+        harness_session.first_rounds.note([(cell_scope(n), b) for n, b in bound if isinstance(b, BoundProperty)])
 
 
 _WORKER_KEY = "lora_harness_outcomes"

@@ -1,5 +1,6 @@
 """Import megatron-core with ``torch.compile``'s own imports deferred to a compiled function's first call.
 
+Its one job: megatron-core's import in the fork server, made cheaper without changing what runs.
 Rank processes start from a fork server that imports megatron-core once
 (``harness.runs``'s preload names this module in its place). megatron-core
 decorates its fused kernels with ``torch.compile`` at import

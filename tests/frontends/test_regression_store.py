@@ -134,7 +134,7 @@ def test_the_plugin_passes_a_read_only_store_and_no_file_name(monkeypatch, tmp_p
 
     prop = Property(name="planted", check=planted, needs=(), doc="fails every example")
     seen = {}
-    real = driver.check_property
+    real = driver.CellSearch
 
     def spy(p, layout, impl, **kwargs):
         seen["store"] = kwargs["regressions"]
@@ -145,7 +145,7 @@ def test_the_plugin_passes_a_read_only_store_and_no_file_name(monkeypatch, tmp_p
         def getoption(self, name):
             return None
 
-    monkeypatch.setattr(driver, "check_property", spy)
+    monkeypatch.setattr(driver, "CellSearch", spy)
     store = RegressionStore(tmp_path / "never-written", writable=False)
     session = HarnessSession(Config(), seed=1, store=store)
     # lora.megatron at a two-rank layout: no independent control, so the planted failure is charged.

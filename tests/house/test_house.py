@@ -29,7 +29,7 @@ LAYERS = (
     (3, ("harness.runner", "harness.pool", "harness.runs")),
     (4, ("harness.properties",)),
     (5, ("harness.driver", "harness.regressions")),
-    (6, ("harness.plan",)),
+    (6, ("harness.plan", "harness.exitfirst")),
     (7, ("harness.report",)),
     (8, ("harness.cli", "harness.pytest_plugin", "harness.launch")),
 )
