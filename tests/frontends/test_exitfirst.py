@@ -1,9 +1,9 @@
 """``pytest -x`` with the README's file: every cell of a layout takes its first designed example
-before any cell finishes, so a bug only a later property sees reports without waiting for the
-earlier cells' other examples; without ``-x`` every cell runs whole.
+before any cell finishes (harness.exitfirst), so a bug only a later property sees reports without
+waiting for the earlier cells' other examples; without ``-x`` there is no such round.
 
-The wrong implementation here (``merge_ignores_tp``) passes every property at ``tp2`` but
-``merge_matches``, which runs after ``forward_matches`` and the other cells that share its runs.
+The wrong implementation here (``merge_ignores_tp``) passes ``forward_matches`` at ``tp2`` and
+fails ``merge_matches``, which runs after it.
 """
 
 import os
@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.layouts import ParallelLayout
 from tests.frontends.test_downstream import readme_test_file
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.xdist_group(name="lora-world4")
 
-# One layout, the cells up to and including merge_matches (cell order: harness.plan.property_order).
-SELECT = "(forward_matches or backward_matches or adapters_follow_spec or merge_matches) and tp2-ep1-etp2-pp1] and not moe"
+# One layout: forward_matches, then (after cells that share its runs) merge_matches (harness.plan.property_order).
+SELECT = "(forward_matches or merge_matches) and tp2-ep1-etp2-pp1] and not moe"
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +51,32 @@ def test_exitfirst_reports_a_later_cells_failure_first(project):
     run = _pytest(project, "-x")
     out = run.stdout
     assert run.returncode == 1, out[-4000:] + run.stderr[-2000:]
-    verdicts = _verdicts(out)
-    # The cells before merge_matches end as skipped, with the reason; merge_matches fails with its minimal case.
-    assert verdicts == {"forward_matches": "SKIPPED", "backward_matches": "SKIPPED", "adapters_follow_spec": "SKIPPED",
-                        "merge_matches": "FAILED"}, out[-4000:]
+    # forward_matches (first) ends as skipped, with the reason; merge_matches fails with its minimal case.
+    assert _verdicts(out) == {"forward_matches": "SKIPPED", "merge_matches": "FAILED"}, out[-4000:]
     assert "not finished: merge_matches at tp2-ep1-etp2-pp1 failed" in out
     assert "merge_matches at tp2-ep1-etp2-pp1 for tests.wrong_impls.merge_ignores_tp" in out
     assert "minimal case: {" in out
 
 
-def test_without_exitfirst_every_cell_runs_whole(project):
-    run = _pytest(project)
-    out = run.stdout
-    assert run.returncode == 1, out[-4000:] + run.stderr[-2000:]
-    verdicts = _verdicts(out)
-    assert verdicts == {"forward_matches": "PASSED", "backward_matches": "PASSED", "adapters_follow_spec": "PASSED",
-                        "merge_matches": "FAILED"}, out[-4000:]
-    assert "not finished" not in out
+def test_without_exitfirst_there_is_no_round():
+    """Without -x a cell runs whole on its own (the suite and test_downstream.py run that way); the
+    plugin never asks for a round."""
+    from harness.exitfirst import FirstRounds
+    from harness.pytest_plugin import HarnessSession
+
+    class Config:
+        def __init__(self, maxfail):
+            self.option = type("Option", (), {"maxfail": maxfail})()
+
+        def getoption(self, name, default=None):
+            return default
+
+    assert HarnessSession(Config(1), seed=1).exitfirst and not HarnessSession(Config(0), seed=1).exitfirst
+
+    class Refuses(FirstRounds):
+        def search(self, *a, **k):  # pragma: no cover - the point is that it is never called
+            raise AssertionError("a first round without -x")
+
+    session = HarnessSession(Config(0), seed=1, first_rounds=Refuses())
+    outcome = session.check("adapters_follow_spec", ParallelLayout(), "lora.megatron", defer=True)
+    assert outcome.passed and outcome.examples > 0
