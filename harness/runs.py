@@ -44,7 +44,7 @@ RUN_KINDS = {
 }
 
 # The built-in families' rank tasks, imported once in the fork server ranks start from.
-_POOL_PRELOAD = ("harness._quiet", "torch", "harness.pool.megatron_import", "harness.families.gpt.tasks", "harness.families.gpt.init",
+_POOL_PRELOAD = ("harness._quiet", "torch", "megatron.core", "harness.families.gpt.tasks", "harness.families.gpt.init",
                  "harness.families.moe.tasks", "harness.families.moe.init", "harness.families.vlm.tasks",
                  "harness.families.gpt.switch", "harness.families.moe.switch", "harness.families.gpt.recompute",
                  "harness.families.moe.recompute", "harness.families.gpt.training",
