@@ -15,25 +15,13 @@ from pathlib import Path
 import pytest
 
 from harness.layouts import ParallelLayout
-from tests.frontends.test_downstream import readme_test_file
+from tests.frontends.test_downstream import downstream  # noqa: F401  (a fixture: the README file and mypkg.lora)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.xdist_group(name="lora-world4")
 
 # One layout: forward_matches, then (after cells that share its runs) merge_matches (harness.plan.property_order).
 SELECT = "(forward_matches or merge_matches) and tp2-ep1-etp2-pp1] and not moe"
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, max_tp):
-    if max_tp < 2:
-        pytest.skip("needs --tp 2")
-    root = tmp_path_factory.mktemp("exitfirst")
-    (root / "mypkg").mkdir()
-    (root / "mypkg" / "__init__.py").write_text("")
-    (root / "mypkg" / "lora.py").write_text("from lora.megatron import LoRA, LoRAMerge, VLMLoRA  # noqa: F401\n")
-    (root / "test_my_lora.py").write_text(readme_test_file())
-    return root
 
 
 def _pytest(root, *args):
@@ -47,8 +35,8 @@ def _verdicts(out: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in re.finditer(r"test_lora\[([a-z_]+)-tp2-ep1-etp2-pp1\] (PASSED|FAILED|SKIPPED)", out)}
 
 
-def test_exitfirst_reports_a_later_cells_failure_first(project):
-    run = _pytest(project, "-x")
+def test_exitfirst_reports_a_later_cells_failure_first(downstream):  # noqa: F811
+    run = _pytest(downstream, "-x")
     out = run.stdout
     assert run.returncode == 1, out[-4000:] + run.stderr[-2000:]
     # forward_matches (first) ends as skipped, with the reason; merge_matches fails with its minimal case.
