@@ -76,6 +76,14 @@ def _parallel_score(family: str, layout: ParallelLayout) -> int:
             + bool(dp) + (layout.pp > 1) + (layout.vpp is not None))
 
 
+def _density(cell: tuple[str, ParallelLayout]) -> tuple:
+    """Sort key of a (family, layout) pair: one-rank layouts last, then most kinds of parallelism per rank first."""
+    family, layout = cell
+    world = layout.min_world_size
+    family_rank = {f: i for i, f in enumerate(registered_families())}
+    return (world == 1, -_parallel_score(family, layout) / world, world, family_rank.get(family, 99), layout.sort_key)
+
+
 def _expert_dp_apart(layout: ParallelLayout) -> bool:
     """Whether a MoE layout's expert data parallelism differs from its dense data parallelism, so a
     gradient reduced over the wrong one of the two groups shows."""
@@ -86,14 +94,7 @@ def _expert_dp_apart(layout: ParallelLayout) -> bool:
 def lead_layouts(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, ParallelLayout]]:
     """The (family, layout) pairs ``cell_order`` puts first, in that order: the layouts where a kind of
     bug shows on the fewest ranks (see ``cell_order``)."""
-    family_rank = {f: i for i, f in enumerate(registered_families())}
-
-    def density(cell: tuple[str, ParallelLayout]) -> tuple:
-        family, layout = cell
-        world = layout.min_world_size
-        return (world == 1, -_parallel_score(family, layout) / world, world, family_rank.get(family, 99), layout.sort_key)
-
-    rest = sorted(cells, key=density)
+    rest = sorted(cells, key=_density)
     first = []
     for family in ("gpt", "moe"):
         best = next((c for c in rest if c[0] == family and c[1].min_world_size > 1 and c[1].pp == 1), None)
@@ -133,15 +134,8 @@ def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Paral
     parallelism per rank; layouts of one rank (which only the
     non-sharding checks can fail) last.
     """
-    family_rank = {f: i for i, f in enumerate(registered_families())}
-
-    def density(cell: tuple[str, ParallelLayout]) -> tuple:
-        family, layout = cell
-        world = layout.min_world_size
-        return (world == 1, -_parallel_score(family, layout) / world, world, family_rank.get(family, 99), layout.sort_key)
-
     first = lead_layouts(cells)
-    return first + [c for c in sorted(cells, key=density) if c not in first]
+    return first + [c for c in sorted(cells, key=_density) if c not in first]
 
 
 def property_order(props: dict[str, "Property"]) -> list[tuple[str, "Property"]]:
