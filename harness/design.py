@@ -205,10 +205,10 @@ def _cover(family: str, fs: tuple[Factor, ...]) -> tuple[dict[str, Any], ...]:
         if "training" in names:
             training = fs[names.index("training")]
             dropping &= np.array([bool(training.levels[i]) for i in rows[:, names.index("training")]], dtype=bool)
+        # The triples' columns follow the pairs'; in a dropping row they all name one id never wanted.
         dummy = offset
         offset += 1
-        for j in range(len(interactions) - len(fs) * (len(fs) - 1) // 2):
-            ids[dropping, len(fs) * (len(fs) - 1) // 2 + j] = dummy
+        ids[dropping, len(fs) * (len(fs) - 1) // 2:] = dummy
     wanted = np.zeros(offset, dtype=bool)
     wanted[ids.ravel()] = True  # only combinations some valid row has
     if "dropout" in names:
