@@ -13,7 +13,7 @@ import os
 from harness.pool import lifecycle
 from harness.pool.pool import RankPool
 from harness.pool.rank import refuse_inside_rank
-from harness.pool.timeouts import ERROR_GRACE_S, ceiling_of, seconds
+from harness.pool.timeouts import ERROR_GRACE_S, QUIET_S, ceiling_of, quiet_setting, seconds
 
 __all__ = ["get_pool"]
 
@@ -26,13 +26,15 @@ def get_pool(world_size: int, backend: str = "gloo", **kw) -> RankPool:
     ``initializer``/``preload``/``timeout`` (``None`` and
     ``DEFAULT_TIMEOUT_S`` are the same), since its ranks would run tasks in
     the wrong environment or with the wrong process-group timeout.
-    ``error_grace`` only concerns the owner, so a live pool just takes the
-    value of the latest call (default ``ERROR_GRACE_S``).
+    ``error_grace`` and ``quiet`` only concern the owner, so a live pool
+    just takes the values of the latest call (defaults ``ERROR_GRACE_S``,
+    ``QUIET_S``).
     """
     refuse_inside_rank()
     key = (world_size, backend)
     wanted = (kw.get("initializer"), tuple(kw.get("preload", ("torch",))), ceiling_of(kw.get("timeout")))
     grace = seconds("error_grace", kw.get("error_grace", ERROR_GRACE_S), allow_zero=True)
+    quiet = quiet_setting(kw.get("quiet", QUIET_S))
     with lifecycle._pools_lock:
         pools = lifecycle._pools
         pool = pools.get(key)
@@ -48,4 +50,5 @@ def get_pool(world_size: int, backend: str = "gloo", **kw) -> RankPool:
             pools[key] = pool
         else:
             pool.error_grace = grace
+            pool.quiet = quiet
         return pool

@@ -90,6 +90,7 @@ def fault_report(
     dead: Optional[dict[int, int]] = None,
     pids: Optional[list] = None,
     trailer: Optional[str] = None,
+    quiet: Optional[float] = None,
 ) -> str:
     """The report of a fault in ``label`` ("task ... on N ranks (gloo)").
 
@@ -99,7 +100,9 @@ def fault_report(
     rank printed during the task. ``limit``: the timeout the task had;
     ``grace``: how long silent ranks were given after the first fault;
     ``hang_note``: the sentence after a hang's headline (how the timeout
-    was chosen). ``pids``: each rank's pid, named beside its rank where
+    was chosen). ``quiet``: set when the hang was called before the timeout
+    because every pending rank slept, using no CPU, for that many seconds.
+    ``pids``: each rank's pid, named beside its rank where
     known. ``trailer``: a last line (what became of the world).
     """
     dead = dead or {}
@@ -120,10 +123,18 @@ def fault_report(
         )
     else:
         reported = [r for r in range(world_size) if r not in pending]
-        lines.append(
-            f"RankHang in {label}: rank(s) {pending} did not report within {limit:.3g} s"
-            f" (reported: {reported or 'none'}). {hang_note}"
-        )
+        if quiet is not None:
+            lines.append(
+                f"RankHang in {label}: rank(s) {pending} did not report and were asleep, using no CPU, "
+                f"for {quiet:.3g} s (reported: {reported or 'none'}). Nothing in the task can wake them but "
+                f"a timer: a deadlock, such as a collective that not every rank entered or an event no rank "
+                f"sets. Called before the {limit:.3g} s timeout; a pool's quiet=None waits for the timeout instead."
+            )
+        else:
+            lines.append(
+                f"RankHang in {label}: rank(s) {pending} did not report within {limit:.3g} s"
+                f" (reported: {reported or 'none'}). {hang_note}"
+            )
     for rank, e in sorted(errors.items()):
         lines.append(f"--- {who(rank)} raised {e.exc_type}: {e.message}")
         lines.append(indent(e.traceback or "<no traceback>"))

@@ -28,8 +28,11 @@ fault, raised as a ``RankPoolFault`` whose ``str()`` is the full report
 * ``RankCrash`` - a rank process exited (``os._exit``, a signal, ...).
   Detected at once through the process sentinels, not by timing out.
 * ``RankHang`` - not every rank reported within the timeout
-  (``harness.pool.timeouts``). The report carries the Python stacks of
-  *all* ranks, dumped by ``faulthandler`` on ``SIGUSR1``.
+  (``harness.pool.timeouts``), or every rank that had not reported was
+  asleep, using no CPU, for the pool's ``quiet`` seconds (default
+  ``QUIET_S`` = 10 s; a deadlock is reported then, not at the timeout).
+  The report carries the Python stacks of *all* ranks, dumped by
+  ``faulthandler`` on ``SIGUSR1``.
 
 Any fault retires the pool: every rank process is killed and reaped, so a
 failed task never leaves a half-broken process group behind and never turns
@@ -62,7 +65,17 @@ from harness.pool.forkserver import forkserver_lock, prepare_forkserver, short_s
 from harness.pool.messages import Reply, RemoteError, RunTask, Stop, TaskRaised, task_name
 from harness.pool.output import RankFiles
 from harness.pool.rank import RANK_NAME_PREFIX, STORE_HOST, RankSpec, rank_main, refuse_inside_rank
-from harness.pool.timeouts import ERROR_GRACE_S, adaptive_policy, ceiling_of, record_success, seconds, task_timeout
+from harness.pool.timeouts import (
+    ERROR_GRACE_S,
+    QUIET_S,
+    QuietWatch,
+    adaptive_policy,
+    ceiling_of,
+    quiet_setting,
+    record_success,
+    seconds,
+    task_timeout,
+)
 
 __all__ = ["RankPool", "process_memory", "SHUTDOWN_JOIN_S"]
 
@@ -76,6 +89,7 @@ class _Outcome:
     dead: dict  # rank -> exitcode
     pending: list  # ranks neither reported nor dead
     elapsed: float
+    quiet: bool = False  # ended because every pending rank was asleep for the pool's ``quiet`` seconds
 
 
 class RankPool:
@@ -87,7 +101,10 @@ class RankPool:
     the process-group timeout. ``error_grace`` is how long, after a rank's
     error, the ranks that have not reported yet may take before they are
     declared blocked (default ``ERROR_GRACE_S``; not waited when every rank
-    has reported). ``initializer`` is ``"module:function"``, called as
+    has reported). ``quiet`` is how long every rank that has not reported
+    may sleep without using CPU before the task is a hang without waiting
+    for its timeout (default ``QUIET_S``; ``None``: only the timeout).
+    ``initializer`` is ``"module:function"``, called as
     ``function(ctx)`` on every rank once the process group exists. A task
     cannot take a keyword argument named ``timeout``: ``run`` consumes it.
 
@@ -104,12 +121,14 @@ class RankPool:
         preload=("torch",),
         timeout: float | None = None,
         error_grace: float = ERROR_GRACE_S,
+        quiet: float | None = QUIET_S,
     ):
         refuse_inside_rank()
         if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         self._ceiling = ceiling_of(timeout)
         self.error_grace = seconds("error_grace", error_grace, allow_zero=True)
+        self.quiet = quiet_setting(quiet)
         self.world_size = world_size
         self.backend = backend
         self.initializer = initializer
@@ -319,6 +338,8 @@ class RankPool:
         closed: set[int] = set()  # ranks whose pipe hit EOF: wait for the sentinel
         fault_at: float | None = None
         grace = self.error_grace
+        watch = QuietWatch(self.quiet)
+        quiet = False
 
         def take(rank: int, data: bytes) -> None:
             nonlocal fault_at
@@ -336,9 +357,13 @@ class RankPool:
             limit = deadline if fault_at is None else min(deadline, fault_at + grace)
             if now >= limit:
                 break
+            if fault_at is None and watch.sample([self._procs[r].pid for r in pending], now):
+                quiet = True
+                break
+            wake = limit if fault_at is not None else min(limit, watch.next_look(now) or limit)
             waitables = [self._conns[r] for r in pending if r not in closed]
             waitables += [self._procs[r].sentinel for r in pending]
-            for obj in multiprocessing.connection.wait(waitables, timeout=limit - now):
+            for obj in multiprocessing.connection.wait(waitables, timeout=max(0.0, wake - now)):
                 if obj in by_conn:
                     rank = by_conn[obj]
                     if rank not in pending:
@@ -364,7 +389,7 @@ class RankPool:
                     pending.discard(rank)
                     if fault_at is None:
                         fault_at = time.monotonic()
-        return _Outcome(reports, dead, sorted(pending), time.monotonic() - started)
+        return _Outcome(reports, dead, sorted(pending), time.monotonic() - started, quiet)
 
     def _raise_if_fault(self, outcome: _Outcome, label: str, limit: float, policy: str) -> list:
         errors: dict[int, RemoteError] = {}
@@ -403,6 +428,7 @@ class RankPool:
             pending=outcome.pending,
             output=output,
             hang_note=f"Timeout policy: {policy}.",
+            quiet=self.quiet if outcome.quiet else None,
             dead=outcome.dead,
             pids=pids,
             trailer=(

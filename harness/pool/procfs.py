@@ -1,8 +1,9 @@
-"""The one job: read the process table from ``/proc`` (live processes, their parent and session).
+"""The one job: read the process table from ``/proc`` (live processes, their parent and session, their activity).
 
 The fork server asks which children a process still has; the tests ask
-whether a process, or any process of a session, is still alive. Zombies
-(``Z``) and dead entries (``X``) count as gone.
+whether a process, or any process of a session, is still alive; a pool
+asks whether its silent ranks are doing anything at all (:func:`activity`).
+Zombies (``Z``) and dead entries (``X``) count as gone.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Iterator, Optional
 
-__all__ = ["available", "stat_fields", "live_processes", "children_of", "session_members", "is_running"]
+__all__ = ["available", "stat_fields", "live_processes", "children_of", "session_members", "is_running", "activity"]
 
 
 def available() -> bool:
@@ -19,8 +20,12 @@ def available() -> bool:
 
 def stat_fields(pid: int) -> Optional[list[str]]:
     """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, pgrp, session, ...); None if gone."""
+    return _fields(f"/proc/{pid}/stat")
+
+
+def _fields(path: str) -> Optional[list[str]]:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
@@ -49,3 +54,29 @@ def is_running(pid: int) -> bool:
     """Whether ``pid`` is a live (non-zombie) process."""
     fields = stat_fields(pid)
     return fields is not None and fields[0] not in ("Z", "X")
+
+
+def activity(pid: int) -> Optional[tuple[int, bool]]:
+    """``(CPU clock ticks used so far, whether any thread is awake)`` of ``pid``; None if unknown.
+
+    The ticks are user plus system time of all its threads (``/proc/<pid>/stat``
+    fields 14 and 15). A thread is awake unless it sleeps interruptibly
+    (``S``) or is idle (``I``): running or runnable (``R``), in an
+    uninterruptible wait such as disk I/O (``D``), stopped or traced
+    (``T``, ``t``) all count as awake, so a process starved of CPU, paging or
+    held in a debugger is never taken for a blocked one.
+    """
+    fields = stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    try:
+        ticks = int(fields[11]) + int(fields[12])
+        awake = False
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            thread = _fields(f"/proc/{pid}/task/{tid}/stat")
+            if thread is not None and thread[0] not in ("S", "I", "Z", "X"):
+                awake = True
+                break
+    except (OSError, ValueError, IndexError):
+        return None
+    return ticks, awake

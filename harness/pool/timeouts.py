@@ -23,6 +23,17 @@ Settings are arguments, never environment variables.
   ceiling.
 * After the first rank error, the ranks still silent get ``ERROR_GRACE_S``
   (a pool's ``error_grace``) to report before they are declared blocked.
+* A task need not wait for its timeout to be called a hang: when every rank
+  that has not reported has been asleep, using no CPU, for ``QUIET_S``
+  (a pool's ``quiet``; ``None`` turns it off), nothing in the task can wake
+  them but a timer, and the task is a ``RankHang`` at once (a deadlock: one
+  rank waits in a collective, or on an event, that no rank will complete).
+  "Asleep" is read from ``/proc`` (``harness.pool.procfs.activity``): no
+  thread running, runnable, in disk I/O or stopped, and at most
+  ``QUIET_TICKS_PER_S`` clock ticks of CPU per second (idle threads take
+  one now and then). A rank starved of CPU by a loaded machine is runnable,
+  so it is never taken for a blocked one. Without ``/proc`` only the
+  timeout applies.
 
 The torchrun executor applies the same formula (:func:`adaptive_timeout`)
 to its ``--rank-timeout`` ceiling and its own slowest task.
@@ -38,6 +49,9 @@ __all__ = [
     "ADAPTIVE_FLOOR_S",
     "ADAPTIVE_FACTOR",
     "ERROR_GRACE_S",
+    "QUIET_S",
+    "QUIET_SAMPLE_S",
+    "QUIET_TICKS_PER_S",
     "default_timeout",
     "seconds",
     "ceiling_of",
@@ -56,6 +70,17 @@ ADAPTIVE_FACTOR = 10.0
 # otherwise sit there until the gloo timeout. Not waited at all once every
 # rank has reported. The default of RankPool(error_grace=...).
 ERROR_GRACE_S = 0.5
+# How long every silent rank must have been asleep, using no CPU, before a
+# task is a hang without waiting for its timeout; the default of
+# RankPool(quiet=...). Ten seconds: far longer than any wait of a working
+# task on its peers (a peer that computes is awake), short next to the
+# first task's 60 s ceiling.
+QUIET_S = 10.0
+# How often the silent ranks are looked at, and the CPU an asleep rank may
+# still take per second (clock ticks: 1 of 100 = 1 %): an idle process's
+# housekeeping threads take a tick now and then.
+QUIET_SAMPLE_S = 1.0
+QUIET_TICKS_PER_S = 1.0
 
 # Slowest successful task per (world_size, backend) in this process; survives
 # pool replacement so a replacement pool does not fall back to the ceiling.
@@ -113,3 +138,64 @@ def adaptive_policy(world_size: int, backend: str, ceiling: float) -> str:
         f"{_slowest_ok_s.get((world_size, backend), 0.0):.3f} s)); "
         f"raise it with run(..., timeout=) or the pool's timeout="
     )
+
+
+def quiet_setting(quiet) -> Optional[float]:
+    """A pool's ``quiet=`` argument: ``None`` (off) or a positive number of seconds."""
+    return None if quiet is None else seconds("quiet", quiet)
+
+
+class QuietWatch:
+    """Whether every silent rank has been asleep, using no CPU, for ``quiet`` seconds (module docstring).
+
+    ``sample(pids, now)`` is called as often as the owner likes; it reads
+    ``/proc`` at most every ``QUIET_SAMPLE_S`` and returns True once the
+    processes ``pids`` (the ranks that have not reported) were asleep at
+    every look for at least ``quiet`` seconds, over at least three looks (a
+    machine suspended between two looks is not a quiet task). A change in
+    ``pids`` starts over. ``quiet=None`` never returns True.
+    """
+
+    def __init__(self, quiet: Optional[float]):
+        self.quiet = quiet
+        self._pids: tuple = ()
+        self._last: Optional[tuple[float, dict]] = None  # (when, {pid: ticks})
+        self._since: Optional[float] = None
+        self._looks = 0
+
+    def next_look(self, now: float) -> Optional[float]:
+        """When the next look is due (None: never), so the owner's wait can wake for it."""
+        if self.quiet is None:
+            return None
+        return now if self._last is None else self._last[0] + QUIET_SAMPLE_S
+
+    def sample(self, pids, now: float) -> bool:
+        if self.quiet is None or not pids:
+            return False
+        from harness.pool import procfs  # /proc only; no torch
+
+        pids = tuple(sorted(pids))
+        if pids != self._pids:
+            self._pids, self._last, self._since, self._looks = pids, None, None, 0
+        if self._last is not None and now - self._last[0] < QUIET_SAMPLE_S:
+            return False
+        ticks: dict = {}
+        asleep = True
+        for pid in pids:
+            seen = procfs.activity(pid)
+            if seen is None:  # gone, or no /proc: the sentinels and the timeout decide
+                asleep = False
+                break
+            ticks[pid], awake = seen
+            asleep = asleep and not awake
+        if asleep and self._last is not None:
+            allowed = QUIET_TICKS_PER_S * (now - self._last[0]) + 1
+            asleep = all(ticks[p] - self._last[1].get(p, ticks[p]) <= allowed for p in pids)
+        self._last = (now, ticks)
+        if not asleep:
+            self._since, self._looks = None, 0
+            return False
+        if self._since is None:
+            self._since = now
+        self._looks += 1
+        return self._looks >= 3 and now - self._since >= self.quiet

@@ -174,7 +174,10 @@ def test_vlm_shape_check_names_the_field():
 def test_drawn_vlm_cases_are_valid_and_reach_every_part(vlm_layout):
     seen = set()
 
-    @settings(max_examples=40, database=None, suppress_health_check=list(HealthCheck), deadline=None)
+    # Derandomised: which parts 40 draws reach is then fixed, not a matter of
+    # luck (random draws missed the projection about one run in fifteen).
+    @settings(max_examples=40, database=None, suppress_health_check=list(HealthCheck), deadline=None,
+              derandomize=True)
     @given(vlm_cases(vlm_layout))
     def drawn(case):
         case.validate()

@@ -240,3 +240,26 @@ def start_nested_pool(ctx):
     from harness.pool import get_pool
 
     get_pool(1)
+
+
+def planted_deadlock_on_rank_1(ctx):
+    """Rank 1 waits for an event nobody sets (asleep, no CPU); rank 0 then waits for it in a collective."""
+    if ctx.rank == 1:
+        import threading
+
+        threading.Event().wait()
+    t = torch.tensor([1.0])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def busy_rank_1_then_all_reduce(ctx, seconds):
+    """Rank 1 computes for ``seconds`` while rank 0 waits for it in a collective: slow, not a hang."""
+    if ctx.rank == 1:
+        end = time.monotonic() + seconds
+        x = 0
+        while time.monotonic() < end:
+            x += 1
+    t = torch.tensor([1.0])
+    dist.all_reduce(t)
+    return t.item()

@@ -270,6 +270,41 @@ def test_hang_on_rank_1_reports_stacks_of_all_ranks_within_the_timeout():
     assert get_pool(2, **KW).run(T.all_reduce_ranks) == [1.0, 1.0]
 
 
+def test_a_deadlock_is_a_hang_once_every_silent_rank_sleeps_for_quiet_seconds():
+    # Rank 1 waits for an event nobody sets, rank 0 for rank 1 in a
+    # collective: both asleep, so the hang is called after `quiet`, not at
+    # the 60 s timeout.
+    pool = get_pool(2, quiet=3, **KW)
+    started = time.monotonic()
+    with pytest.raises(RankHang) as info:
+        pool.run(T.planted_deadlock_on_rank_1, timeout=60)
+    elapsed = time.monotonic() - started
+    assert 3 <= elapsed < 20
+    assert info.value.pending == [0, 1]
+    assert "asleep, using no CPU, for 3 s" in str(info.value)
+    assert "before the 60 s timeout" in str(info.value)
+    assert "planted_deadlock_on_rank_1" in info.value.stacks[1]
+    assert _still_running(pool.pids) == []
+
+
+def test_a_rank_that_computes_is_never_quiet_so_a_slow_task_is_not_a_hang():
+    # Rank 0 sleeps in the collective for longer than `quiet`, but rank 1
+    # is awake, computing: the task completes.
+    pool = get_pool(2, quiet=1, **KW)
+    assert pool.run(T.busy_rank_1_then_all_reduce, 4, timeout=60) == [2.0, 2.0]
+
+
+def test_quiet_none_waits_for_the_timeout():
+    pool = get_pool(2, quiet=None, **KW)
+    started = time.monotonic()
+    with pytest.raises(RankHang) as info:
+        pool.run(T.planted_deadlock_on_rank_1, timeout=4)
+    assert time.monotonic() - started >= 4
+    assert "did not report within 4 s" in str(info.value)
+    with pytest.raises(ValueError, match="quiet must be a finite number of seconds > 0, got -1"):
+        get_pool(2, quiet=-1, **KW)
+
+
 def test_hang_in_a_collective_only_rank_0_enters():
     pool = get_pool(2, **KW)
     with pytest.raises(RankHang) as info:
