@@ -26,6 +26,7 @@ import signal
 from typing import Any, Optional
 
 from harness.pool.messages import RemoteError
+from harness.pool.timeouts import QUIET_CPU
 from harness.errors import RankCrash, RankHang, RankPoolFault, RankTaskError
 
 __all__ = [
@@ -101,7 +102,7 @@ def fault_report(
     ``grace``: how long silent ranks were given after the first fault;
     ``hang_note``: the sentence after a hang's headline (how the timeout
     was chosen). ``quiet``: set when the hang was called before the timeout
-    because every pending rank slept, using no CPU, for that many seconds.
+    because every pending rank slept for that many seconds.
     ``pids``: each rank's pid, named beside its rank where
     known. ``trailer``: a last line (what became of the world).
     """
@@ -125,8 +126,8 @@ def fault_report(
         reported = [r for r in range(world_size) if r not in pending]
         if quiet is not None:
             lines.append(
-                f"RankHang in {label}: rank(s) {pending} did not report and were asleep, using no CPU, "
-                f"for {quiet:.3g} s (reported: {reported or 'none'}). Nothing in the task can wake them but "
+                f"RankHang in {label}: rank(s) {pending} did not report and were asleep (main thread "
+                f"sleeping, under {QUIET_CPU:.0%} of a core) for {quiet:.3g} s (reported: {reported or 'none'}). Nothing in the task can wake them but "
                 f"a timer: a deadlock, such as a collective that not every rank entered or an event no rank "
                 f"sets. Called before the {limit:.3g} s timeout; a pool's quiet=None waits for the timeout instead."
             )

@@ -57,26 +57,21 @@ def is_running(pid: int) -> bool:
 
 
 def activity(pid: int) -> Optional[tuple[int, bool]]:
-    """``(CPU clock ticks used so far, whether any thread is awake)`` of ``pid``; None if unknown.
+    """``(CPU clock ticks used so far, whether its main thread is awake)`` of ``pid``; None if unknown.
 
     The ticks are user plus system time of all its threads (``/proc/<pid>/stat``
-    fields 14 and 15). A thread is awake unless it sleeps interruptibly
-    (``S``) or is idle (``I``): running or runnable (``R``), in an
-    uninterruptible wait such as disk I/O (``D``), stopped or traced
+    fields 14 and 15). The main thread is awake unless it sleeps
+    interruptibly (``S``) or is idle (``I``): running or runnable (``R``), in
+    an uninterruptible wait such as disk I/O (``D``), stopped or traced
     (``T``, ``t``) all count as awake, so a process starved of CPU, paging or
-    held in a debugger is never taken for a blocked one.
+    held in a debugger is never taken for a blocked one. Helper threads
+    (gloo's loops, say) wake now and then by themselves, so only their CPU
+    time is counted, not their state.
     """
     fields = stat_fields(pid)
     if fields is None or fields[0] in ("Z", "X"):
         return None
     try:
-        ticks = int(fields[11]) + int(fields[12])
-        awake = False
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            thread = _fields(f"/proc/{pid}/task/{tid}/stat")
-            if thread is not None and thread[0] not in ("S", "I", "Z", "X"):
-                awake = True
-                break
-    except (OSError, ValueError, IndexError):
+        return int(fields[11]) + int(fields[12]), fields[0] not in ("S", "I")
+    except (ValueError, IndexError):
         return None
-    return ticks, awake

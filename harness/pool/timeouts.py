@@ -24,16 +24,17 @@ Settings are arguments, never environment variables.
 * After the first rank error, the ranks still silent get ``ERROR_GRACE_S``
   (a pool's ``error_grace``) to report before they are declared blocked.
 * A task need not wait for its timeout to be called a hang: when every rank
-  that has not reported has been asleep, using no CPU, for ``QUIET_S``
-  (a pool's ``quiet``; ``None`` turns it off), nothing in the task can wake
-  them but a timer, and the task is a ``RankHang`` at once (a deadlock: one
-  rank waits in a collective, or on an event, that no rank will complete).
-  "Asleep" is read from ``/proc`` (``harness.pool.procfs.activity``): no
-  thread running, runnable, in disk I/O or stopped, and at most
-  ``QUIET_TICKS_PER_S`` clock ticks of CPU per second (idle threads take
-  one now and then). A rank starved of CPU by a loaded machine is runnable,
-  so it is never taken for a blocked one. Without ``/proc`` only the
-  timeout applies.
+  that has not reported has been asleep for ``QUIET_S`` (a pool's
+  ``quiet``; ``None`` turns it off), nothing in the task can wake them but
+  a timer, and the task is a ``RankHang`` at once (a deadlock: one rank
+  waits in a collective, or on an event, that no rank will complete).
+  "Asleep" is read from ``/proc`` (``harness.pool.procfs.activity``): the
+  main thread, which runs the task, sleeping at every look (once a
+  second), and the whole process using at most ``QUIET_CPU`` of a core
+  over the window (gloo's helper threads wake by themselves and take 2-3 %).
+  A rank that computes, or a rank starved of CPU by a loaded machine, is
+  running or runnable, so it is never taken for a blocked one; nor is one
+  waiting for it. Without ``/proc`` only the timeout applies.
 
 The torchrun executor applies the same formula (:func:`adaptive_timeout`)
 to its ``--rank-timeout`` ceiling and its own slowest task.
@@ -42,6 +43,7 @@ to its ``--rank-timeout`` ceiling and its own slowest task.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 __all__ = [
@@ -51,7 +53,7 @@ __all__ = [
     "ERROR_GRACE_S",
     "QUIET_S",
     "QUIET_SAMPLE_S",
-    "QUIET_TICKS_PER_S",
+    "QUIET_CPU",
     "default_timeout",
     "seconds",
     "ceiling_of",
@@ -76,11 +78,11 @@ ERROR_GRACE_S = 0.5
 # task on its peers (a peer that computes is awake), short next to the
 # first task's 60 s ceiling.
 QUIET_S = 10.0
-# How often the silent ranks are looked at, and the CPU an asleep rank may
-# still take per second (clock ticks: 1 of 100 = 1 %): an idle process's
-# housekeeping threads take a tick now and then.
+# How often the silent ranks are looked at, and the share of a core an
+# asleep rank may still use over the window: its helper threads (gloo's
+# loops, one set per process group) wake by themselves, 2-3 % in all here.
 QUIET_SAMPLE_S = 1.0
-QUIET_TICKS_PER_S = 1.0
+QUIET_CPU = 0.10
 
 # Slowest successful task per (world_size, backend) in this process; survives
 # pool replacement so a replacement pool does not fall back to the ceiling.
@@ -146,28 +148,29 @@ def quiet_setting(quiet) -> Optional[float]:
 
 
 class QuietWatch:
-    """Whether every silent rank has been asleep, using no CPU, for ``quiet`` seconds (module docstring).
+    """Whether every silent rank has been asleep for ``quiet`` seconds (module docstring).
 
     ``sample(pids, now)`` is called as often as the owner likes; it reads
     ``/proc`` at most every ``QUIET_SAMPLE_S`` and returns True once the
-    processes ``pids`` (the ranks that have not reported) were asleep at
-    every look for at least ``quiet`` seconds, over at least three looks (a
-    machine suspended between two looks is not a quiet task). A change in
-    ``pids`` starts over. ``quiet=None`` never returns True.
+    processes ``pids`` (the ranks that have not reported) had their main
+    thread asleep at every look for at least ``quiet`` seconds, over at
+    least three looks (a machine suspended between two looks is not a quiet
+    task), each using at most ``QUIET_CPU`` of a core since the first of
+    them. A change in ``pids`` starts over. ``quiet=None`` never returns True.
     """
 
     def __init__(self, quiet: Optional[float]):
         self.quiet = quiet
         self._pids: tuple = ()
-        self._last: Optional[tuple[float, dict]] = None  # (when, {pid: ticks})
-        self._since: Optional[float] = None
+        self._last_look: Optional[float] = None
+        self._since: Optional[tuple[float, dict]] = None  # (first asleep look, {pid: ticks then})
         self._looks = 0
 
     def next_look(self, now: float) -> Optional[float]:
         """When the next look is due (None: never), so the owner's wait can wake for it."""
         if self.quiet is None:
             return None
-        return now if self._last is None else self._last[0] + QUIET_SAMPLE_S
+        return now if self._last_look is None else self._last_look + QUIET_SAMPLE_S
 
     def sample(self, pids, now: float) -> bool:
         if self.quiet is None or not pids:
@@ -176,26 +179,33 @@ class QuietWatch:
 
         pids = tuple(sorted(pids))
         if pids != self._pids:
-            self._pids, self._last, self._since, self._looks = pids, None, None, 0
-        if self._last is not None and now - self._last[0] < QUIET_SAMPLE_S:
+            self._pids, self._last_look, self._since, self._looks = pids, None, None, 0
+        if self._last_look is not None and now - self._last_look < QUIET_SAMPLE_S:
             return False
+        self._last_look = now
         ticks: dict = {}
-        asleep = True
         for pid in pids:
             seen = procfs.activity(pid)
-            if seen is None:  # gone, or no /proc: the sentinels and the timeout decide
-                asleep = False
-                break
-            ticks[pid], awake = seen
-            asleep = asleep and not awake
-        if asleep and self._last is not None:
-            allowed = QUIET_TICKS_PER_S * (now - self._last[0]) + 1
-            asleep = all(ticks[p] - self._last[1].get(p, ticks[p]) <= allowed for p in pids)
-        self._last = (now, ticks)
-        if not asleep:
-            self._since, self._looks = None, 0
-            return False
+            if seen is None or seen[1]:  # gone or unknown (the sentinels and the timeout decide), or awake
+                self._since, self._looks = None, 0
+                return False
+            ticks[pid] = seen[0]
+        if self._since is not None:
+            start, before = self._since
+            budget = QUIET_CPU * (now - start) * _TICKS_PER_S + 2
+            if any(ticks[p] - before[p] > budget for p in pids):
+                self._since, self._looks = None, 0
         if self._since is None:
-            self._since = now
+            self._since = (now, ticks)
         self._looks += 1
-        return self._looks >= 3 and now - self._since >= self.quiet
+        return self._looks >= 3 and now - self._since[0] >= self.quiet
+
+
+def _clock_ticks_per_s() -> int:
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        return 100
+
+
+_TICKS_PER_S = _clock_ticks_per_s()
