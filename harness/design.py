@@ -137,7 +137,7 @@ def _design(family: str, layout: ParallelLayout, caps: Capabilities,
 
 
 #: Feature values that add a path to an example (the last key of ``row_priority``).
-_RICH = (("gated", True), ("bias", True), ("query_groups", 2), ("micro_batches", 2),
+_RICH = (("targets", "names"), ("gated", True), ("bias", True), ("query_groups", 2), ("micro_batches", 2),
          ("shared_experts", True), ("expert_kind", "grouped"), ("dispatcher", "alltoall"), ("overlap_grad_reduce", True),
          ("distributed_optimizer", True), ("per_token_loss", True))
 _SIXTEEN_BIT = ("bfloat16", "float16")
@@ -151,7 +151,8 @@ def row_priority(row: Mapping[str, Any]) -> tuple[int, ...]:
     wider); an adapter whose delta is not zero from the start (no ``zero``
     init); a path only some layouts have (a2a under sequence parallelism:
     what the layout is for); no dropout (dropout examples are judged more
-    loosely); then the number of feature values that add a path (gated
+    loosely); then the number of feature values that add a path (every
+    default target by name: dense attention, MLPs and experts at once; gated
     MLP, biases, two query groups per rank, two micro-batches, shared
     experts, grouped experts, the all-to-all dispatcher, overlapped
     reduction, the distributed optimizer, per-token loss, recompute). The
