@@ -200,6 +200,8 @@ PROPERTY = register(Property(
     "adapter once in the checkpoint, and compute the same logits; load_state_dict(state_dict()) too",
     applies=_applies,
     example_share=0.2,
+    # MoE designs the targets level and the shared expert too: dense, routed-expert and shared-expert
+    # adapters each have their own sharded keys and replica owners (4 -> 6 rows per layout).
     design_factors={"gpt": ("targets", "gated", "load_layout"),
-                    "moe": ("expert_kind", "share_expert_adapters", "load_layout")},
+                    "moe": ("expert_kind", "share_expert_adapters", "load_layout", "targets", "shared_experts")},
 ))
