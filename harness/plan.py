@@ -84,11 +84,12 @@ def _density(cell: tuple[str, ParallelLayout]) -> tuple:
     return (world == 1, -_parallel_score(family, layout) / world, world, family_rank.get(family, 99), layout.sort_key)
 
 
-def _expert_dp_apart(layout: ParallelLayout) -> bool:
-    """Whether a MoE layout's expert data parallelism differs from its dense data parallelism, so a
-    gradient reduced over the wrong one of the two groups shows."""
-    expert_dp = layout.min_world_size // max(1, layout.ep * layout.etp_size * layout.pp)
-    return expert_dp > 1 and expert_dp != (layout.data_parallel or 1)
+def _groups_apart(layout: ParallelLayout) -> bool:
+    """Whether a MoE layout's expert data parallelism differs from its dense data parallelism (one
+    of them > 1), so a gradient reduced over the wrong one of the two groups shows."""
+    world = layout.min_world_size
+    dense, expert = layout.dp(world), layout.expert_dp(world)
+    return dense != expert and max(dense, expert) > 1
 
 
 def lead_layouts(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, ParallelLayout]]:
@@ -100,15 +101,19 @@ def lead_layouts(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Par
         best = next((c for c in rest if c[0] == family and c[1].min_world_size > 1 and c[1].pp == 1), None)
         if best is not None:
             first.append(best)
-    # Then MoE with expert tensor parallelism (ETP > 1, fewest ranks), where
-    # expert shards are split and reduced; VLM; MoE whose expert data
-    # parallelism differs from its dense one, where a gradient reduced over
-    # the other group shows; pipeline stages; and dense TP without sequence
-    # parallelism: activations replicated over TP, where a per-rank dropout
-    # RNG or a missing broadcast shows.
+    # Then MoE with expert tensor parallelism (ETP > 1), where expert shards
+    # are split and reduced, preferring a layout whose expert data
+    # parallelism differs from its dense one (a gradient reduced over the
+    # other group shows there), then the fewest ranks; VLM; such a MoE layout
+    # of its own if the first had the groups alike; pipeline stages; and
+    # dense TP without sequence parallelism: activations replicated over TP,
+    # where a per-rank dropout RNG or a missing broadcast shows.
     moe = [c for c in rest if c[0] == "moe" and c[1].pp == 1]
-    etp = min((c for c in moe if c[1].etp_size > 1), key=lambda c: c[1].min_world_size, default=None)
-    edp = min((c for c in moe if _expert_dp_apart(c[1])), key=lambda c: c[1].min_world_size, default=None)
+    etp = min((c for c in moe if c[1].etp_size > 1), key=lambda c: (not _groups_apart(c[1]), c[1].min_world_size),
+              default=None)
+    edp = None
+    if etp is None or not _groups_apart(etp[1]):
+        edp = min((c for c in moe if _groups_apart(c[1])), key=lambda c: c[1].min_world_size, default=None)
     plain = next((c for c in rest if c[0] == "gpt" and c[1].tp > 1 and not c[1].sp and c[1].ep == 1 and c[1].pp == 1), None)
     pipe = min((c for c in rest if c[1].pp > 1), key=lambda c: (c[1].vpp is None, c[1].min_world_size), default=None)
     vlm = next((c for c in rest if c[0] == "vlm" and c[1].min_world_size > 1), None)
@@ -124,10 +129,13 @@ def cell_order(cells: list[tuple[str, ParallelLayout]]) -> list[tuple[str, Paral
     First (``lead_layouts``), per family (dense, then MoE), the layout with
     the most kinds of parallelism per rank among those with TP or EP > 1
     (``--tp 2 --ep 2``: gpt tp2-sp, moe tp2-ep2-etp1-sp on two ranks), where
-    most sharding bugs show; then MoE with expert TP > 1 on the fewest ranks
-    (moe tp2-sp); VLM's multi-rank layout (its freezing rules fail at any
-    TP, and only there); MoE whose expert data parallelism differs from the
-    dense one (moe tp2-ep1-etp1-sp: expert DP 2, dense DP 1); the pipeline
+    most sharding bugs show; then MoE with expert TP > 1 whose expert data
+    parallelism differs from the dense one (moe tp2-ep2-etp2-sp on four
+    ranks: dense DP 2, expert DP 1; a DDP bucket bug that reduces dense
+    adapters over the expert group, or the reverse, shows there too); VLM's
+    multi-rank layout (its freezing rules fail at any TP, and only there);
+    where the first had the two data-parallel groups alike, a MoE layout
+    where they differ; the pipeline
     layout with virtual stages on the fewest ranks (gpt tp1-pp2-vpp2 with
     ``--pp 2``: stage-local names and chunks); dense TP without SP (gpt
     tp2, where activations are replicated over TP); then the others by

@@ -161,6 +161,21 @@ def test_expert_adapters_reduced_over_dense_dp_where_etp_differs_from_tp_drift_a
     assert training.verdict is Verdict.NUMERIC, training.error
 
 
+def test_dense_adapters_reduced_over_the_expert_group_in_a_moe_model_are_caught_by_design(max_tp):
+    """At moe TP=2, EP=1, ETP=1 dense DP is 1 and expert DP is the TP pair: a dense adapter flagged as
+    an expert parameter is averaged over it. Only rows with dense targets can show that; the MoE
+    training rows once adapted routed experts alone, so only a drawn example caught it."""
+    if max_tp < 2:
+        pytest.skip("needs --tp 2")
+    layout = ParallelLayout(tp=2, ep=1, etp=1, sp=True)
+    outcome = check_property("training_matches", layout, "tests.wrong_impls.ddp_dense_as_expert",
+                             settings=DESIGNED_ONLY, family="moe", seed=5, shrink_budget=2)
+    assert outcome.verdict is Verdict.NUMERIC, outcome.error
+    first = next(r for r in outcome.records if r.verdict.failing)
+    assert first.source == "designed" and outcome.records.index(first) == 0  # the first designed row
+    assert outcome.minimal_case.lora["target_modules"] != ["*.experts.*linear_fc1", "*.experts.*linear_fc2"]
+
+
 def test_the_paths_line_names_the_training_loops_the_examples_ran():
     from harness.design import coverage_of
 
