@@ -28,11 +28,9 @@ fault, raised as a ``RankPoolFault`` whose ``str()`` is the full report
 * ``RankCrash`` - a rank process exited (``os._exit``, a signal, ...).
   Detected at once through the process sentinels, not by timing out.
 * ``RankHang`` - not every rank reported within the timeout
-  (``harness.pool.timeouts``), or every rank that had not reported was
-  asleep, using no CPU, for the pool's ``quiet`` seconds (default
-  ``QUIET_S`` = 10 s; a deadlock is reported then, not at the timeout).
-  The report carries the Python stacks of *all* ranks, dumped by
-  ``faulthandler`` on ``SIGUSR1``.
+  (``harness.pool.timeouts``), or every silent rank slept for ``quiet``
+  seconds (a deadlock). The report carries the Python stacks of *all*
+  ranks, dumped by ``faulthandler`` on ``SIGUSR1``.
 
 Any fault retires the pool: every rank process is killed and reaped, so a
 failed task never leaves a half-broken process group behind and never turns
@@ -65,17 +63,8 @@ from harness.pool.forkserver import forkserver_lock, prepare_forkserver, short_s
 from harness.pool.messages import Reply, RemoteError, RunTask, Stop, TaskRaised, task_name
 from harness.pool.output import RankFiles
 from harness.pool.rank import RANK_NAME_PREFIX, STORE_HOST, RankSpec, rank_main, refuse_inside_rank
-from harness.pool.timeouts import (
-    ERROR_GRACE_S,
-    QUIET_S,
-    QuietWatch,
-    adaptive_policy,
-    ceiling_of,
-    quiet_setting,
-    record_success,
-    seconds,
-    task_timeout,
-)
+from harness.pool.timeouts import (ERROR_GRACE_S, QUIET_S, QuietWatch, adaptive_policy, ceiling_of, quiet_setting,
+                                   record_success, seconds, task_timeout)
 
 __all__ = ["RankPool", "process_memory", "SHUTDOWN_JOIN_S"]
 
