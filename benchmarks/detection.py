@@ -97,17 +97,35 @@ def run_once(impl: str, seed: int, workers: str, timeout: float) -> dict:
         if stamp.exists():
             at, _, node = stamp.read_text().partition(" ")
             first = float(at) - started
-        verdicts = []
+        verdicts, source = [], ""
         results = report / "results.json"
         if results.exists():
-            verdicts = [c["verdict"] for c in json.loads(results.read_text()).get("cells", [])
+            data = json.loads(results.read_text())
+            verdicts = [c["verdict"] for c in data.get("cells", [])
                         if c["verdict"] in ("numeric", "contract", "crash", "hang")]
+            source = first_source(data, node)
         harness = "harness defect" in out.lower() or " hbug " in out.lower()
         # pytest exits 1 when a test failed; under -x with xdist it may report the stop as
         # an interruption (2). Either way the first failed report is the verdict.
         caught = rc in (1, 2) and first is not None and not harness
         return {"impl": impl, "seed": seed, "rc": rc, "seconds": seconds, "first_failure_s": first, "cell": node.strip(),
-                "caught": caught, "verdicts": verdicts, "tail": "" if caught else out[-1500:]}
+                "caught": caught, "by": source, "verdicts": verdicts, "tail": "" if caught else out[-1500:]}
+
+
+def first_source(results: dict, node: str) -> str:
+    """Where the first failing example of the failing cell ``node`` came from (``designed``, ``drawn``,
+    ``stored``), from the report's examples; "" if unknown. A designed example exists at every seed
+    (its drawn remainder, sizes and values, does not), a drawn one only at this seed."""
+    m = re.search(r"\[(?:(moe|vlm)-)?([a-z_]+)-(.*)\]", node)
+    if not m:
+        return ""
+    family, prop, layout = m.group(1) or "gpt", m.group(2), m.group(3)
+    for ex in results.get("examples", []):
+        lay = ex.get("layout", "")
+        if ex.get("property") == prop and lay.split(":")[-1] == layout and lay.startswith(f"{family}:") == (family != "gpt") \
+                and ex.get("verdict") in ("numeric", "contract", "crash", "hang"):
+            return ex.get("source", "")
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     impls = args.impl or wrong_impls()
     runs: list[dict] = []
-    print(f"{'implementation':<34} {'caught':>7} {'median s':>9} {'worst s':>8}  first failing cell (last run)", flush=True)
+    print(f"{'implementation':<34} {'caught':>7} {'median s':>9} {'worst s':>8}  {'by':<9} first failing cell (last run)",
+          flush=True)
     for impl in impls:
         mine = []
         for i in range(args.seeds):
@@ -135,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         times = [r["first_failure_s"] for r in mine if r["caught"]]
         med = statistics.median(times) if times else float("nan")
         worst = max(times) if times else float("nan")
-        print(f"{impl:<34} {sum(r['caught'] for r in mine):>3}/{len(mine):<3} {med:9.1f} {worst:8.1f}  {mine[-1]['cell']}",
-              flush=True)
+        by = "/".join(sorted({r["by"] for r in mine if r["caught"] and r["by"]})) or "-"
+        print(f"{impl:<34} {sum(r['caught'] for r in mine):>3}/{len(mine):<3} {med:9.1f} {worst:8.1f}  {by:<9} "
+              f"{mine[-1]['cell']}", flush=True)
     caught = [r for r in runs if r["caught"]]
     times = [r["first_failure_s"] for r in caught]
     print()
