@@ -127,9 +127,10 @@ def fault_report(
         if quiet is not None:
             lines.append(
                 f"RankHang in {label}: rank(s) {pending} did not report and were asleep (main thread "
-                f"sleeping, under {QUIET_CPU:.0%} of a core) for {quiet:.3g} s (reported: {reported or 'none'}). Nothing in the task can wake them but "
-                f"a timer: a deadlock, such as a collective that not every rank entered or an event no rank "
-                f"sets. Called before the {limit:.3g} s timeout; a pool's quiet=None waits for the timeout instead."
+                f"sleeping, under {QUIET_CPU:.0%} of a core) for {quiet:.3g} s (reported: {reported or 'none'}). "
+                f"Nothing in the task can wake them but a timer: a deadlock, such as a collective that not "
+                f"every rank entered or an event no rank sets. Called before the {limit:.3g} s timeout; a "
+                f"pool's quiet=None waits for the timeout instead."
             )
         else:
             lines.append(

@@ -20,12 +20,8 @@ def available() -> bool:
 
 def stat_fields(pid: int) -> Optional[list[str]]:
     """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, pgrp, session, ...); None if gone."""
-    return _fields(f"/proc/{pid}/stat")
-
-
-def _fields(path: str) -> Optional[list[str]]:
     try:
-        with open(path) as f:
+        with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None

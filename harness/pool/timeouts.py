@@ -46,6 +46,8 @@ import math
 import os
 from typing import Optional
 
+from harness.pool import procfs
+
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "ADAPTIVE_FLOOR_S",
@@ -175,8 +177,6 @@ class QuietWatch:
     def sample(self, pids, now: float) -> bool:
         if self.quiet is None or not pids:
             return False
-        from harness.pool import procfs  # /proc only; no torch
-
         pids = tuple(sorted(pids))
         if pids != self._pids:
             self._pids, self._last_look, self._since, self._looks = pids, None, None, 0
