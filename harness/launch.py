@@ -159,6 +159,9 @@ class TorchrunWorld:
             device = torch.device("cuda", local)
         else:
             device = torch.device("cpu")
+        from harness.gloo import share_one_device
+
+        share_one_device()  # one gloo loop thread per rank, not one per group (harness.gloo)
         dist.init_process_group(self.backend, store=dist.PrefixStore("pg/", self.store), rank=rank,
                                 world_size=world_size, timeout=td)
         # The control path: its own gloo group, untouched by the groups tasks build.

@@ -229,6 +229,9 @@ def rank_main(spec: RankSpec, conn) -> None:
             importlib.import_module(name)
         import torch.distributed as dist
 
+        from harness.gloo import share_one_device
+
+        share_one_device()  # before any group: one gloo loop thread per rank, not one per group
         timeout = datetime.timedelta(seconds=spec.pg_timeout_s)
         store = dist.TCPStore(STORE_HOST, spec.store_port, None, False, timeout)
         if spec.backend == "nccl":

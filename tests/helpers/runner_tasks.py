@@ -263,3 +263,20 @@ def busy_rank_1_then_all_reduce(ctx, seconds):
     t = torch.tensor([1.0])
     dist.all_reduce(t)
     return t.item()
+
+
+def gloo_groups_and_loop_threads(ctx, groups=12):
+    """Make ``groups`` gloo groups over the world, all-reduce in each; (loop threads, the sums, backend types)."""
+    from harness.gloo import loop_threads
+
+    made = [dist.new_group(list(range(ctx.world_size)), backend="gloo") for _ in range(groups)]
+    sums = []
+    for i, group in enumerate(made):
+        t = torch.tensor([float(ctx.rank + 1), float(i)])
+        dist.all_reduce(t, group=group)
+        sums.append(t.tolist())
+    kinds = {type(g._get_backend(torch.device("cpu"))).__name__ for g in made}
+    threads = loop_threads()
+    for group in made:
+        dist.destroy_process_group(group)
+    return {"threads": threads, "sums": sums, "kinds": sorted(kinds)}
