@@ -23,7 +23,7 @@ import threading
 
 from harness.pool import procfs
 
-__all__ = ["forkserver_lock", "short_socket_dir", "prepare_forkserver"]
+__all__ = ["forkserver_lock", "short_socket_dir", "socket_dir", "prepare_forkserver"]
 
 # What the running fork server imported, when we started it; None if we did
 # not (not started yet, or started by other code with unknown preload).
@@ -47,6 +47,17 @@ def short_socket_dir() -> None:
     short = tempfile.mkdtemp(prefix="pymp-", dir="/tmp" if os.path.isdir("/tmp") else None)
     config["tempdir"] = short
     util.Finalize(None, shutil.rmtree, args=[short], kwargs={"ignore_errors": True}, exitpriority=-100)
+
+
+def socket_dir() -> str | None:
+    """This process's multiprocessing temporary directory (the fork server's socket is in it), if made.
+
+    multiprocessing removes it at a normal exit; after a SIGTERM or SIGKILL of
+    this process its handler and its ranks do (``lifecycle``, ``rank``).
+    """
+    from multiprocessing import process
+
+    return process.current_process()._config.get("tempdir")
 
 
 def prepare_forkserver(preload: tuple) -> None:

@@ -37,6 +37,8 @@ import threading
 import weakref
 from typing import Any
 
+from harness.pool import forkserver
+
 __all__ = ["track", "untrack", "shutdown_all"]
 
 # get_pool's cache: the live pool per (world_size, backend) (harness.pool.cache).
@@ -131,3 +133,7 @@ def _kill_everything_now() -> None:
     for pool in pools:
         if pool._dir:
             shutil.rmtree(pool._dir, ignore_errors=True)
+    # The fork server's socket directory: this process dies by SIGTERM next, and
+    # multiprocessing's own clean-up runs only at a normal exit.
+    if pools and forkserver.socket_dir():
+        shutil.rmtree(forkserver.socket_dir(), ignore_errors=True)

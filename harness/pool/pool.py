@@ -59,7 +59,7 @@ from typing import Callable
 
 from harness.pool import lifecycle
 from harness.pool.faults import RankPoolFault, make_fault
-from harness.pool.forkserver import forkserver_lock, prepare_forkserver, short_socket_dir
+from harness.pool.forkserver import forkserver_lock, prepare_forkserver, short_socket_dir, socket_dir
 from harness.pool.messages import Reply, RemoteError, RunTask, Stop, TaskRaised, task_name
 from harness.pool.output import RankFiles
 from harness.pool.rank import RANK_NAME_PREFIX, STORE_HOST, RankSpec, rank_main, refuse_inside_rank
@@ -224,6 +224,7 @@ class RankPool:
                 stack_file=self._files.stack_path(rank),
                 output_file=self._files.output_path(rank),
                 pool_dir=self._dir,
+                socket_dir=socket_dir(),
             )
             parent_end, child_end = ctx.Pipe(duplex=True)
             proc = ctx.Process(

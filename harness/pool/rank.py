@@ -44,6 +44,7 @@ import time
 from typing import Any
 
 from harness.pool.faults import MAIN_GUARD_EXIT_CODE, MAIN_GUARD_MESSAGE, WATCHDOG_EXIT_CODE
+from harness.pool import procfs
 from harness.pool.messages import RemoteError, Stop, TaskDone, TaskRaised, dumps, resolve
 from harness.errors import MainGuardError as _MainGuardError
 
@@ -92,9 +93,14 @@ class RankSpec:
     stack_file: str
     output_file: str
     pool_dir: str
+    socket_dir: str | None = None  # the owner's multiprocessing temp dir (forkserver.socket_dir)
 
 
 # ------------------------------------------------------------ owner gone ----
+
+
+#: The owner of this rank's pool: its pid and multiprocessing temp dir (set by ``rank_main``).
+_owner: dict = {"pid": 0, "socket_dir": None}
 
 
 def _owner_gone(pool_dir: str) -> None:
@@ -107,6 +113,10 @@ def _owner_gone(pool_dir: str) -> None:
     """
     try:
         shutil.rmtree(pool_dir, ignore_errors=True)
+        # The owner's fork-server socket directory, only once the owner is dead (an owner
+        # that dropped this rank still forks from it); a killed owner cannot remove it.
+        if _owner["socket_dir"] and not procfs.is_running(_owner["pid"]):
+            shutil.rmtree(_owner["socket_dir"], ignore_errors=True)
     finally:
         os._exit(WATCHDOG_EXIT_CODE)
 
@@ -204,6 +214,7 @@ def rank_main(spec: RankSpec, conn) -> None:
     """Body of one rank process: init the world, then serve tasks until told to stop."""
     global _IN_RANK
     _IN_RANK = True
+    _owner.update(pid=spec.owner_pid, socket_dir=spec.socket_dir)
     # Ctrl-C belongs to the owner, which kills the pool; a KeyboardInterrupt
     # inside a rank would only race it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Layers, bottom first: (layer, module prefixes). The longest matching prefix decides.
 LAYERS = (
     (0, ("harness._quiet", "harness._plugins", "harness.errors", "harness.layouts", "harness.compare", "harness.stats",
-         "harness.dropout", "harness.cpu", "harness.megatron_state", "harness.results", "harness.contract", "harness.sharding", "harness.rules",
+         "harness.dropout", "harness.cpu", "harness.gloo", "harness.megatron_state", "harness.results", "harness.contract", "harness.sharding", "harness.rules",
          "harness.bridge", "harness.evidence", "harness.report.environment", "harness.report.model", "harness.pipeline")),
     (1, ("harness.settings", "harness.cases", "harness.strategies", "harness.design", "harness.tasks", "harness.training",
          "harness.checkpoint")),
