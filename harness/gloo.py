@@ -7,8 +7,8 @@ groups per layout, so each rank runs 20-60 such threads; with four ranks of
 one pool and the idle ranks of other pools on a 2-core machine that was
 400+ threads, and they took over a quarter of the machine's CPU in the
 downstream matrix (``perf``: 27 % of samples in ``gloo_tcp_loop`` threads).
-With one device per rank the matrix took 161-186 s instead of 199-214 s
-(three runs each, alternated; README, "Suite time").
+With one device per rank the matrix took 161-186 s instead of 199-310 s
+(three runs each, alternated; README, "Where a rank task's time goes").
 
 ``share_one_device()`` makes every gloo group this process creates from
 then on use one device (one such thread), created like torch's own: from

@@ -1,7 +1,5 @@
 """One gloo device per rank (harness.gloo): every group a rank makes shares one loop thread, and computes as before."""
 
-import pytest
-
 from harness.gloo import loop_threads, share_one_device
 from harness.pool import RankPool
 from tests.helpers import runner_tasks as T
