@@ -135,5 +135,6 @@ def _kill_everything_now() -> None:
             shutil.rmtree(pool._dir, ignore_errors=True)
     # The fork server's socket directory: this process dies by SIGTERM next, and
     # multiprocessing's own clean-up runs only at a normal exit.
-    if pools and forkserver.socket_dir():
-        shutil.rmtree(forkserver.socket_dir(), ignore_errors=True)
+    socket_dir = forkserver.socket_dir()
+    if pools and socket_dir:
+        shutil.rmtree(socket_dir, ignore_errors=True)
