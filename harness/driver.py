@@ -285,6 +285,7 @@ class CellSearch:
             if record.verdict.failing:
                 self._conclude(record, case, PropertyFailure(f"stored regression {path} fails: {_lead(record)}"))
                 self.outcome.falsifying_example = f"stored regression case {path}"
+                self.outcome.found_by = "a stored regression"
                 return True
         return False
 
@@ -306,7 +307,10 @@ class CellSearch:
         one = hsettings(self.run_settings, max_examples=1, database=None, phases=(Phase.generate, Phase.shrink))
         strategy = cases_for(self.family, self.layout, self.impl, self.caps, row=self.rows[i], loop=self.reads_loop,
                              checkpoint=self.reads_load)
-        return self._timed(lambda: self._search(strategy, one, 0, f"{self.digest}|designed{i}", "designed"))
+        ended = self._timed(lambda: self._search(strategy, one, 0, f"{self.digest}|designed{i}", "designed"))
+        if ended and self.outcome.verdict.failing:
+            self.outcome.found_by = f"designed example {i + 1} of {len(self.rows)}"
+        return ended
 
     @property
     def designed_left(self) -> int:
@@ -321,6 +325,8 @@ class CellSearch:
         if self.run_settings.max_examples > 0:
             strategy = cases_for(self.family, self.layout, self.impl, self.caps, loop=self.reads_loop, checkpoint=self.reads_load)
             if self._timed(lambda: self._search(strategy, self.run_settings, self.seed, self.digest, "drawn")):
+                if self.outcome.verdict.failing:
+                    self.outcome.found_by = "a drawn example"
                 return self.outcome
         _conclude_without_failure(self.outcome, self.harness_defects)
         self.ended = True

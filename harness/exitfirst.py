@@ -8,13 +8,22 @@ without ``-x``.
 A user's CI stops at the first failure, so what counts there is how soon
 the first failing verdict comes. The cells of a layout run one after
 another, each through all its examples, so a bug only the eighth cell sees
-would wait for the seven before it. Instead, the first cell of a layout
-first takes every collected cell of it (its xdist scope; cells are
-``harness.driver.CellSearch``es, run in steps), in cell order, through
+would wait for the seven before it; and a layout's cells all run before
+the next layout's start, so a bug only the fifth layout shows would wait
+for four whole layouts. Instead, the first cell of an xdist scope first
+takes every collected cell of it (cells are
+``harness.driver.CellSearch``es, run in steps), layout by layout in cell
+order, through
 
 1. its stored regressions and first ``FIRST_ROUNDS`` designed examples;
-2. then, row by row, the other designed examples of the cells that read
-   only ``SHARED_RUNS``: one example's runs serve all of them.
+2. then, row by row, the other designed examples of that layout's cells
+   that read only ``SHARED_RUNS``: one example's runs serve all of them.
+
+A scope is one family and layout, except the lead layouts
+(``harness.plan.lead_layouts``), which the pytest plugin deals out to the
+workers under ``-x`` (``lead_scopes``): each worker's first scope holds
+every n-th of them, so the first rounds of all lead layouts come before
+any of them runs its remaining examples.
 
 A cell that fails there is reported next; the cells before it end as
 skipped (``defer_reason``). When nothing fails, every cell goes on from
@@ -27,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["FIRST_ROUNDS", "SHARED_RUNS", "CollectedCell", "FirstRounds", "first_round", "defer_reason"]
+__all__ = ["FIRST_ROUNDS", "SHARED_RUNS", "CollectedCell", "FirstRounds", "first_round", "defer_reason", "lead_scopes"]
 
 #: Designed examples per cell the first round runs for every cell of a layout, in cell order. The
 #: rows run in ``harness.design``'s order, the most telling first (``row_priority``).
@@ -80,8 +89,8 @@ class FirstRounds:
 
 def first_round(plan: Any, cells: list[CollectedCell], impl: str, capabilities: Any, *, executor: Any,
                 store: Any) -> dict[tuple, Any]:
-    """Each cell's ``CellSearch`` (by (family, layout text, property)), taken through the first round;
-    it stops at the first cell that fails."""
+    """Each cell's ``CellSearch`` (by (family, layout text, property)), taken through the first round,
+    one layout after another in the order of ``cells``; it stops at the first cell that fails."""
     from harness.families import get_family
     from harness.plan import Cell
     from harness.properties import get_property
@@ -91,16 +100,32 @@ def first_round(plan: Any, cells: list[CollectedCell], impl: str, capabilities: 
                                                         capabilities, executor=executor, store=store)
         for c in cells
     }
-    for _ in range(FIRST_ROUNDS):
-        for search in searches.values():
-            if search.designed_step() and search.failing:
-                return searches
-    shared = [s for s in searches.values() if set(s.prop.needs) <= SHARED_RUNS]
-    while any(s.designed_left for s in shared):
-        for search in shared:
-            if search.designed_left and search.designed_step() and search.failing:
-                return searches
+    layouts: dict[tuple, list] = {}
+    for (family, layout, _), search in searches.items():
+        layouts.setdefault((family, layout), []).append(search)
+    for mine in layouts.values():
+        for _ in range(FIRST_ROUNDS):
+            for search in mine:
+                if search.designed_step() and search.failing:
+                    return searches
+        shared = [s for s in mine if set(s.prop.needs) <= SHARED_RUNS]
+        while any(s.designed_left for s in shared):
+            for search in shared:
+                if search.designed_left and search.designed_step() and search.failing:
+                    return searches
     return searches
+
+
+def lead_scopes(plan: Any, workers: int) -> dict[str, str]:
+    """Under ``-x``: the scheduling scope of each lead layout's cells (``lora-<family>-<layout>``) ->
+    the scope they run in instead, ``lora-lead-<i mod workers>`` for the i-th lead layout, so that
+    each of the ``workers`` starts with a scope that holds several of them (its first round takes
+    each of them through their first examples before any finishes)."""
+    from harness.plan import lead_layouts
+
+    pairs = [(family, layout) for family, layouts in plan.layouts.items() for layout in layouts]
+    return {f"lora-{family}-{layout}": f"lora-lead-{i % max(1, workers)}"
+            for i, (family, layout) in enumerate(lead_layouts(pairs))}
 
 
 def defer_reason(searches: dict[tuple, Any], key: tuple) -> str:

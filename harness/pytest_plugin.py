@@ -232,6 +232,7 @@ class HarnessSession:
     plan: Any = None
     #: Under ``-x``: the collected cells and each layout's first round (``harness.exitfirst``).
     first_rounds: FirstRounds = field(default_factory=FirstRounds)
+    _lead: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -290,6 +291,17 @@ class HarnessSession:
         self.outcomes.append((outcome, capabilities))
         return outcome
 
+    def lead_scopes(self, workers: int) -> dict[str, str]:
+        """Under ``-x``: each lead layout's scope -> the scope it runs in, dealt out to ``workers``
+        (``harness.exitfirst.lead_scopes``); without ``-x`` every layout keeps its own."""
+        if not self.exitfirst:
+            return {}
+        if workers not in self._lead:
+            from harness.exitfirst import lead_scopes
+
+            self._lead[workers] = lead_scopes(self.plan, workers)
+        return self._lead[workers]
+
     @property
     def exitfirst(self) -> bool:
         """Whether the run stops at its first failure (``-x``, ``--maxfail 1``)."""
@@ -331,12 +343,14 @@ class BoundProperty:
 _CELL_ID = re.compile(r"\[(?:([a-z0-9_]+)-)?[a-z0-9_]+-(tp\d+-ep\d+-etp\d+-pp\d+(?:-vpp\d+)?(?:-dp\d+)?(?:-sp)?)\]")
 
 
-def cell_scope(nodeid: str) -> str:
+def cell_scope(nodeid: str, lead: Optional[dict[str, str]] = None) -> str:
     """The xdist scope of a test: ``lora-<family>-<layout>`` for a property cell, xdist's own
-    group where the id carries one, else the test itself."""
+    group where the id carries one, else the test itself. ``lead`` (under ``-x``:
+    ``HarnessSession.lead_scopes``): the scope a lead layout's cells run in instead."""
     match = _CELL_ID.search(nodeid)
     if match:
-        return f"lora-{match.group(1) or 'gpt'}-{match.group(2)}"
+        scope = f"lora-{match.group(1) or 'gpt'}-{match.group(2)}"
+        return (lead or {}).get(scope, scope)
     if nodeid.rfind("@") > nodeid.rfind("]"):
         return nodeid.split("@")[-1]
     return nodeid
@@ -360,9 +374,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     # the scopes with the most tests first (MoE layouts, ten properties each).
     config.option.loadscopereorder = False
 
+    session: Optional[HarnessSession] = getattr(config, "_lora_harness", None)
+
     class LayoutScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return cell_scope(nodeid)
+            return cell_scope(nodeid, session.lead_scopes(self.numnodes) if session is not None else None)
 
     return LayoutScheduling(config, log)
 
@@ -447,7 +463,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if harness_session is not None:
         bound = [(item.nodeid, getattr(getattr(item, "callspec", None), "params", {}).get("lora_property"))
                  for item in session.items]
-        harness_session.first_rounds.note([(cell_scope(n), b) for n, b in bound if isinstance(b, BoundProperty)])
+        worker = getattr(session.config, "workerinput", None)
+        lead = harness_session.lead_scopes(int(worker.get("workercount", 1)) if worker is not None else 1)
+        harness_session.first_rounds.note([(cell_scope(n, lead), b) for n, b in bound if isinstance(b, BoundProperty)])
 
 
 _WORKER_KEY = "lora_harness_outcomes"

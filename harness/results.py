@@ -352,6 +352,9 @@ class PropertyOutcome:
     family: str = "gpt"
     control_impl: str = ""  # the known-good implementation failures were checked against ("" if none)
     designed: int = 0  # designed examples run (harness.design), before the drawn ones
+    #: Where the failing example came from, when the cell failed: "designed example <i> of <n>"
+    #: (harness.design: the same rows at every seed), "a drawn example" or "a stored regression".
+    found_by: str = ""
 
     @property
     def passed(self) -> bool:
@@ -409,6 +412,7 @@ class PropertyOutcome:
             "undecided_checks": self.undecided_checks,
             "control_impl": self.control_impl,
             "designed_examples": self.designed,
+            "found_by": self.found_by,
         }
 
 
@@ -509,6 +513,10 @@ def failure_text(outcome: Any, *, head: bool = True) -> str:
         lines.append(line)
     if outcome.records and outcome.records[-1].source == "regression":
         lines.append(f"{outcome.falsifying_example} (replayed before any new draw)")
+    elif outcome.found_by.startswith("designed"):
+        lines.append(f"found by {outcome.found_by} (harness.design: the same rows run at every seed, before any draw)")
+    elif outcome.found_by:
+        lines.append(f"found by {outcome.found_by}")
     lines.append(outcome.error)
     if outcome.minimal_case is not None:
         lines.append("minimal case: " + json.dumps(outcome.minimal_case.to_json(), sort_keys=True))

@@ -45,6 +45,7 @@ def _expect_failure(prop, impl, layout=TP2, shrink=SHRINK, **kw):
     assert outcome.replay_command.startswith("lora-harness replay ") and "--case-json" in outcome.replay_command
     case = outcome.minimal_case
     assert case is not None and case.impl == impl and case.layout == layout
+    assert outcome.found_by == "a drawn example"
     return outcome
 
 
