@@ -64,7 +64,7 @@ def wrong_impls() -> list[str]:
 
 
 PLUGIN = '''
-import json, os, re, time
+import json, os, time
 
 
 def pytest_runtest_logreport(report):
@@ -74,11 +74,15 @@ def pytest_runtest_logreport(report):
         text = getattr(report, "longreprtext", "") or ""
         head = next((line for line in text.splitlines() if " at " in line and " for " in line), "")
         found = next((line for line in text.splitlines() if line.startswith("found by ")), "")
+        path = os.environ["LORA_FIRST_FAILURE_FILE"]
+        part = f"{path}.{os.getpid()}"
+        with open(part, "w") as f:
+            json.dump({"at": time.time(), "node": report.nodeid, "head": head, "found_by": found}, f)
         try:
-            with open(os.environ["LORA_FIRST_FAILURE_FILE"], "x") as f:
-                json.dump({"at": time.time(), "node": report.nodeid, "head": head, "found_by": found}, f)
+            os.link(part, path)  # whole, and only the first
         except FileExistsError:
             pass
+        os.unlink(part)
 '''
 
 #: The verdicts charged to an implementation, as the first line of a failure says them.

@@ -1,9 +1,9 @@
-"""Under ``pytest -x``: the first round of a layout, so that a bug a later cell sees reports next.
+"""Under ``pytest -x``: the first round of a scope, so that a bug a later cell or layout sees reports next.
 
-Its one job: decide what runs before the first cell of a family and layout
-finishes, when the run stops at its first failure. The pytest plugin
-(``HarnessSession.check``, ``FirstRounds``) asks for it; nothing here runs
-without ``-x``.
+Its one job: decide what runs before the first cell of a scheduling scope
+(one family and layout, or several lead layouts) finishes, when the run
+stops at its first failure. The pytest plugin (``HarnessSession.check``,
+``FirstRounds``) asks for it; nothing here runs without ``-x``.
 
 A user's CI stops at the first failure, so what counts there is how soon
 the first failing verdict comes. The cells of a layout run one after
@@ -72,7 +72,7 @@ class FirstRounds:
 
     def search(self, plan: Any, key: tuple, impl: str, capabilities: Any, *, executor: Any,
                store: Any) -> tuple[Optional[Any], str]:
-        """The cell ``key`` (family, layout text, property)'s search, its layout's first round run
+        """The cell ``key`` (family, layout text, property)'s search, its scope's first round run
         (the first time it is asked for), and why it ends as skipped (``defer_reason``); (None, "")
         for a cell that was not collected."""
         scope = next((c.scope for c in self.collected if (c.family, str(c.layout), c.name) == key), None)

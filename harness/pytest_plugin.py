@@ -230,7 +230,7 @@ class HarnessSession:
     #: it is read-only, stored in); None: no store.
     store: Any = None
     plan: Any = None
-    #: Under ``-x``: the collected cells and each layout's first round (``harness.exitfirst``).
+    #: Under ``-x``: the collected cells and each scope's first round (``harness.exitfirst``).
     first_rounds: FirstRounds = field(default_factory=FirstRounds)
     _lead: dict = field(default_factory=dict)
 
@@ -265,8 +265,8 @@ class HarnessSession:
 
     def check(self, prop: str, layout: Any, impl: str, capabilities: Any = None, family: str = "gpt",
               defer: bool = False) -> Any:
-        """One cell's ``PropertyOutcome``. Under ``-x`` (``--maxfail 1``) the first cell of a family and
-        layout first runs that layout's first round (``harness.exitfirst``); with ``defer`` (a test's
+        """One cell's ``PropertyOutcome``. Under ``-x`` (``--maxfail 1``) the first cell of a scheduling
+        scope first runs that scope's first round (``harness.exitfirst``); with ``defer`` (a test's
         ``require``) a cell before one that failed there ends as skipped, so that failure reports next."""
         from harness.families import get_family
         from harness.plan import Cell
