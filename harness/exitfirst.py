@@ -33,6 +33,7 @@ cell's examples and outcome are those of a run without ``-x``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -116,11 +117,13 @@ def first_round(plan: Any, cells: list[CollectedCell], impl: str, capabilities: 
     return searches
 
 
+@functools.lru_cache(maxsize=None)
 def lead_scopes(plan: Any, workers: int) -> dict[str, str]:
     """Under ``-x``: the scheduling scope of each lead layout's cells (``lora-<family>-<layout>``) ->
     the scope they run in instead, ``lora-lead-<i mod workers>`` for the i-th lead layout, so that
     each of the ``workers`` starts with a scope that holds several of them (its first round takes
-    each of them through their first examples before any finishes)."""
+    each of them through their first examples before any finishes). Made once per plan and worker
+    count (the xdist scheduler asks for every test it schedules); callers share the dict."""
     from harness.plan import lead_layouts
 
     pairs = [(family, layout) for family, layouts in plan.layouts.items() for layout in layouts]

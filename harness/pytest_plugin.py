@@ -232,7 +232,6 @@ class HarnessSession:
     plan: Any = None
     #: Under ``-x``: the collected cells and each scope's first round (``harness.exitfirst``).
     first_rounds: FirstRounds = field(default_factory=FirstRounds)
-    _lead: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -294,13 +293,9 @@ class HarnessSession:
     def lead_scopes(self, workers: int) -> dict[str, str]:
         """Under ``-x``: each lead layout's scope -> the scope it runs in, dealt out to ``workers``
         (``harness.exitfirst.lead_scopes``); without ``-x`` every layout keeps its own."""
-        if not self.exitfirst:
-            return {}
-        if workers not in self._lead:
-            from harness.exitfirst import lead_scopes
+        from harness.exitfirst import lead_scopes
 
-            self._lead[workers] = lead_scopes(self.plan, workers)
-        return self._lead[workers]
+        return lead_scopes(self.plan, workers) if self.exitfirst else {}
 
     @property
     def exitfirst(self) -> bool:

@@ -35,22 +35,8 @@ from typing import Any, Optional
 
 from harness.compare import ErrorStats, Tolerance
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "Verdict",
-    "Location",
-    "Comparison",
-    "Finding",
-    "Note",
-    "Check",
-    "ExampleRecord",
-    "PropertyOutcome",
-    "RunResults",
-    "case_features",
-    "coverage",
-    "json_number",
-    "number_from_json",
-]
+__all__ = ["SCHEMA_VERSION", "Verdict", "Location", "Comparison", "Finding", "Note", "Check", "ExampleRecord",
+           "PropertyOutcome", "RunResults", "case_features", "coverage", "json_number", "number_from_json"]
 
 SCHEMA_VERSION = 1
 # Findings spelled out in a failure message; every one is in the records.
@@ -352,9 +338,7 @@ class PropertyOutcome:
     family: str = "gpt"
     control_impl: str = ""  # the known-good implementation failures were checked against ("" if none)
     designed: int = 0  # designed examples run (harness.design), before the drawn ones
-    #: Where the failing example came from, when the cell failed: "designed example <i> of <n>"
-    #: (harness.design: the same rows at every seed), "a drawn example" or "a stored regression".
-    found_by: str = ""
+    found_by: str = ""  # a failing cell's example: "designed example <i> of <n>", "a drawn example", "a stored regression"
 
     @property
     def passed(self) -> bool:
@@ -513,10 +497,9 @@ def failure_text(outcome: Any, *, head: bool = True) -> str:
         lines.append(line)
     if outcome.records and outcome.records[-1].source == "regression":
         lines.append(f"{outcome.falsifying_example} (replayed before any new draw)")
-    elif outcome.found_by.startswith("designed"):
-        lines.append(f"found by {outcome.found_by} (harness.design: the same rows run at every seed, before any draw)")
     elif outcome.found_by:
-        lines.append(f"found by {outcome.found_by}")
+        why = " (harness.design: the same rows run at every seed, before any draw)" if outcome.found_by.startswith("designed") else ""
+        lines.append(f"found by {outcome.found_by}{why}")
     lines.append(outcome.error)
     if outcome.minimal_case is not None:
         lines.append("minimal case: " + json.dumps(outcome.minimal_case.to_json(), sort_keys=True))
