@@ -134,7 +134,9 @@ def _kill_everything_now() -> None:
         if pool._dir:
             shutil.rmtree(pool._dir, ignore_errors=True)
     # The fork server's socket directory: this process dies by SIGTERM next, and
-    # multiprocessing's own clean-up runs only at a normal exit.
+    # multiprocessing's own clean-up runs only at a normal exit. Also when no pool is
+    # live any more (the handler exists because this process had one): a CI job
+    # cancelled with SIGTERM to its process group often catches a worker between pools.
     socket_dir = forkserver.socket_dir()
-    if pools and socket_dir:
+    if socket_dir:
         shutil.rmtree(socket_dir, ignore_errors=True)

@@ -897,6 +897,33 @@ def test_nothing_outlives_the_owner_killed_by_a_signal(sig, tmp_path):
         _reap(proc)
 
 
+IDLE_OWNER_SCRIPT = textwrap.dedent(
+    """
+    import json, multiprocessing.process, signal, time
+    from harness.pool import get_pool, shutdown_all
+    from tests.helpers import runner_tasks as T
+    assert get_pool(2, timeout=60).run(T.all_reduce_ranks) == [1.0, 1.0]
+    shutdown_all()  # no live pool left, the fork server still up
+    print(json.dumps({"socket_dir": multiprocessing.process.current_process()._config.get("tempdir")}), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_sigterm_between_pools_removes_the_socket_dir(tmp_path):
+    """An owner whose pools are all shut down (a pytest-xdist worker between layouts, when a CI job is
+    cancelled with SIGTERM to its process group) still removes the fork server's socket directory."""
+    proc = _spawn(IDLE_OWNER_SCRIPT, tmp_path)
+    try:
+        socket_dir = json.loads(_read_line(proc, 120))["socket_dir"]
+        assert socket_dir and os.path.isdir(socket_dir)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == -signal.SIGTERM
+        assert not os.path.exists(socket_dir)
+    finally:
+        _reap(proc)
+
+
 WORKER_SCRIPT = textwrap.dedent(
     """
     import json, sys
