@@ -46,8 +46,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
 from false_alarms import downstream_file  # noqa: E402  (the README's file, as printed)
+from harness.pool import procfs  # noqa: E402  (the run is a session of its own: its members are its processes)
 
 TARGET_MEDIAN_S = 15.0
 TARGET_WORST_S = 60.0
@@ -120,8 +122,8 @@ def run_once(impl: str, seed: int, workers: str, timeout: float, to_the_end: boo
             data = json.loads(stamp.read_text())
             first, node, head, found = data["at"] - started, data["node"], data["head"], data["found_by"]
         verdict = head.rpartition(": ")[2].split(" ")[0] if head else ""
-        by = found.removeprefix("found by ").split(" ")[0]
-        by = {"a": found.removeprefix("found by a ").split(" ")[0]}.get(by, by)
+        match = re.match(r"found by (?:a )?(\w+)", found)  # designed / drawn / stored
+        by = match.group(1) if match else ""
         results = report / "results.json"
         if not by and results.exists():
             by = first_source(json.loads(results.read_text()), node)
@@ -134,7 +136,7 @@ def run_once(impl: str, seed: int, workers: str, timeout: float, to_the_end: boo
 def run_until(cmd: list[str], cwd: str, env: dict, timeout: float, stamp: "Path | None") -> tuple[int, str, int]:
     """Run ``cmd`` in a process group of its own until it exits, ``timeout`` passes, or (``stamp``
     given) that file appears, when the group gets SIGTERM. Returns the exit status (negative: the
-    signal), what it printed, and how many processes of the group were still there 20 s later
+    signal), what it printed, and how many processes of its session were still there 20 s later
     (0 expected: the harness's rank processes leave with their owner; any left are then killed)."""
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -145,9 +147,9 @@ def run_until(cmd: list[str], cwd: str, env: dict, timeout: float, stamp: "Path 
         if proc.poll() is None:
             _signal_group(proc.pid, signal.SIGTERM)
         end = time.monotonic() + 20
-        while (proc.poll() is None or _group_size(proc.pid)) and time.monotonic() < end:
+        while (proc.poll() is None or len(procfs.session_members(proc.pid))) and time.monotonic() < end:
             time.sleep(0.2)
-        left = _group_size(proc.pid)
+        left = len(procfs.session_members(proc.pid))
         if left or proc.poll() is None:
             _signal_group(proc.pid, signal.SIGKILL)
         rc = proc.wait()
@@ -160,19 +162,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
-
-
-def _group_size(pgid: int) -> int:
-    """Processes (not zombies) whose process group is ``pgid``."""
-    n = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            n += 1
-    return n
 
 
 def first_source(results: dict, node: str) -> str:
